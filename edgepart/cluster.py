@@ -1,0 +1,143 @@
+"""The group of devices a model is compiled for: devices, links, and the source device.
+
+A cluster is a complete networkx graph: nodes are devices (speed, memory, address),
+edges are links (bandwidth in Mbit/s, latency in ms). The *source* device is where
+requests arrive and results are returned (usually the end device holding the camera).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import yaml
+
+from edgepart.errors import ClusterError
+
+DEFAULT_LINK = {"bandwidth_mbps": 100.0, "latency_ms": 1.0}
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    speed: float = 1.0          # relative compute speed (1.0 = this machine, one thread)
+    memory_mb: float = 4096.0
+    address: str | None = None  # host:port of its worker, if known
+
+
+class Cluster:
+    def __init__(self, devices: list[Device], default_link: dict | None = None,
+                 overrides: list[dict] | None = None, source: str | None = None,
+                 shared_medium: bool = False):
+        if not devices:
+            raise ClusterError("a cluster needs at least one device")
+        names = [d.name for d in devices]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ClusterError(f"device names must be unique; repeated: {sorted(dup)}")
+        for d in devices:
+            if not d.speed > 0:
+                raise ClusterError(f"device {d.name!r}: speed must be > 0, got {d.speed}")
+        self.devices = list(devices)
+        self.default_link = {**DEFAULT_LINK, **(default_link or {})}
+        self.overrides = [dict(o) for o in (overrides or [])]
+        self.source = source or devices[0].name
+        if self.source not in names:
+            raise ClusterError(f"source device {self.source!r} is not one of the devices {names}")
+        self.shared_medium = bool(shared_medium)
+        self.graph = nx.Graph()
+        for d in devices:
+            self.graph.add_node(d.name, device=d)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                self.graph.add_edge(a, b, **self.default_link)
+        for o in self.overrides:
+            a, b = o.get("a"), o.get("b")
+            if a not in names or b not in names or a == b:
+                raise ClusterError(f"link override {o} must name two different devices of {names}")
+            for key in ("bandwidth_mbps", "latency_ms"):
+                if key in o:
+                    self.graph.edges[a, b][key] = float(o[key])
+        for a, b, attrs in self.graph.edges(data=True):
+            if not attrs["bandwidth_mbps"] > 0:
+                raise ClusterError(f"link {a}-{b}: bandwidth_mbps must be > 0")
+
+    # --- construction ------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Cluster":
+        if not isinstance(d, dict) or "devices" not in d:
+            raise ClusterError("a cluster description needs a 'devices' list, e.g. "
+                               "{devices: [{name: a, speed: 1.0}], links: {default: {bandwidth_mbps: 100}}}")
+        devices = []
+        for i, dev in enumerate(d["devices"]):
+            if not isinstance(dev, dict) or "name" not in dev:
+                raise ClusterError(f"devices[{i}] needs a 'name'")
+            unknown = set(dev) - {"name", "speed", "memory_mb", "address"}
+            if unknown:
+                raise ClusterError(f"device {dev['name']!r}: unknown keys {sorted(unknown)}")
+            devices.append(Device(name=str(dev["name"]), speed=float(dev.get("speed", 1.0)),
+                                  memory_mb=float(dev.get("memory_mb", 4096.0)), address=dev.get("address")))
+        links = d.get("links", {}) or {}
+        return cls(devices, links.get("default"), links.get("overrides"), d.get("source"),
+                   d.get("shared_medium", False))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Cluster":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ClusterError(f"cannot read cluster file {path}: {e}") from e
+        try:
+            return cls.from_dict(data)
+        except ClusterError as e:
+            raise ClusterError(f"{path}: {e}") from e
+
+    @classmethod
+    def homogeneous(cls, n: int, bandwidth_mbps: float = 100.0, latency_ms: float = 1.0,
+                    speed: float = 1.0) -> "Cluster":
+        return cls([Device(f"d{i}", speed) for i in range(n)],
+                   {"bandwidth_mbps": bandwidth_mbps, "latency_ms": latency_ms})
+
+    @classmethod
+    def heterogeneous(cls, speeds: list[float], bandwidth_mbps: float = 100.0,
+                      latency_ms: float = 1.0) -> "Cluster":
+        return cls([Device(f"d{i}", s) for i, s in enumerate(speeds)],
+                   {"bandwidth_mbps": bandwidth_mbps, "latency_ms": latency_ms})
+
+    def to_dict(self) -> dict:
+        devs = []
+        for d in self.devices:
+            e = {"name": d.name, "speed": d.speed, "memory_mb": d.memory_mb}
+            if d.address:
+                e["address"] = d.address
+            devs.append(e)
+        return {"source": self.source, "shared_medium": self.shared_medium, "devices": devs,
+                "links": {"default": dict(self.default_link), "overrides": copy.deepcopy(self.overrides)}}
+
+    # --- queries -----------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return [d.name for d in self.devices]
+
+    def device(self, name: str) -> Device:
+        for d in self.devices:
+            if d.name == name:
+                return d
+        raise ClusterError(f"no device named {name!r}; devices are {self.names}")
+
+    def fastest(self) -> str:
+        return max(self.devices, key=lambda d: d.speed).name
+
+    def link(self, a: str, b: str) -> dict:
+        if a == b:
+            return {"bandwidth_mbps": float("inf"), "latency_ms": 0.0}
+        return self.graph.edges[a, b]
+
+    def __len__(self) -> int:
+        return len(self.devices)
+
+    def __repr__(self) -> str:
+        return f"Cluster({', '.join(f'{d.name}×{d.speed:g}' for d in self.devices)}, source={self.source})"

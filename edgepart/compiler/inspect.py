@@ -1,0 +1,56 @@
+"""Human-readable views of a bundle's plan (``edgepart inspect``)."""
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def stage_rows(manifest: dict) -> list[dict]:
+    """Per stage: kind, devices with their rows, MACs, bytes received by the stage."""
+    costs = manifest.get("node_costs", {})
+    moved: dict[int, int] = {}
+    for t in manifest.get("transfers", []):
+        moved[t[6]] = moved.get(t[6], 0) + t[5]
+    out = []
+    for i, st in enumerate(manifest["plan"]["stages"]):
+        macs = sum(costs.get(n, {}).get("macs", 0) for n in st["nodes"])
+        if st["kind"] == "whole":
+            where = st["device"]
+        else:
+            where = " ".join(f"{d}[{a}:{b})" for d, a, b in st["slices"])
+        nodes = st["nodes"]
+        label = nodes[0] if len(nodes) == 1 else f"{nodes[0]} … {nodes[-1]} ({len(nodes)})"
+        out.append({"stage": i, "kind": st["kind"], "nodes": label, "devices": where, "macs": macs,
+                    "bytes_in": moved.get(i, 0)})
+    return out
+
+
+def plan_table(manifest: dict) -> str:
+    table = Table(title=f"{manifest['model']}: plan '{manifest['plan'].get('strategy')}' on "
+                        f"{len(manifest['cluster']['devices'])} devices (source {manifest['source_device']})")
+    for col in ("stage", "kind", "nodes", "devices / rows", "MMACs", "bytes in"):
+        table.add_column(col, justify="right" if col in ("stage", "MMACs", "bytes in") else "left")
+    for r in stage_rows(manifest):
+        table.add_row(str(r["stage"]), r["kind"], r["nodes"], r["devices"], f"{r['macs'] / 1e6:.1f}",
+                      _fmt_bytes(r["bytes_in"]))
+    final = sum(t[5] for t in manifest.get("transfers", []) if t[6] == len(manifest["plan"]["stages"]))
+    total = sum(t[5] for t in manifest.get("transfers", []))
+    buf = io.StringIO()
+    console = Console(file=buf, width=140, force_terminal=False)
+    console.print(table)
+    rep = manifest.get("report", {})
+    console.print(f"total {rep.get('macs', 0) / 1e9:.3f} GMACs; {len(manifest.get('transfers', []))} transfers, "
+                  f"{_fmt_bytes(total)} moved ({_fmt_bytes(final)} to return the output)")
+    for u in rep.get("unknown_ops", []):
+        console.print(f"note: {u['node']} ({u['op']}) is not known to edgepart: runs whole on one device")
+    return buf.getvalue()

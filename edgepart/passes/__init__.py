@@ -1,0 +1,20 @@
+"""Analysis passes over a traced fx.GraphModule; each annotates node.meta and returns the module."""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from edgepart.passes.flops import annotate_flops
+from edgepart.passes.ops import annotate_ops
+from edgepart.passes.rowmap import annotate_rowmaps
+from edgepart.passes.shapes import annotate_shapes
+
+__all__ = ["analyse", "annotate_shapes", "annotate_ops", "annotate_rowmaps", "annotate_flops"]
+
+
+def analyse(gm: fx.GraphModule, cluster=None) -> fx.GraphModule:
+    """Run every analysis pass in order (shapes → ops → row maps → FLOPs)."""
+    annotate_shapes(gm)
+    annotate_ops(gm)
+    annotate_rowmaps(gm)
+    annotate_flops(gm)
+    return gm

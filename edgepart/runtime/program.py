@@ -1,0 +1,218 @@
+"""One device's part of a bundle: its generated program, weights and actions.
+
+The generated module defines ``stage_<i>(ctx, W, M)`` functions. ``ctx`` hands
+each node the rows of its inputs the manifest says it needs (border padding
+included) and stores the rows it computes; the row numbers come from the
+manifest, so a new plan changes data, not code.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from edgepart.errors import BundleError
+from edgepart.runtime.rowops import pad_rows
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8,
+          "int8": torch.int8, "bool": torch.bool}
+
+
+class RowStore:
+    """Row intervals of tensors one device holds for one request."""
+
+    def __init__(self, device: str = "?"):
+        self.device = device
+        self._chunks: dict[str, list[tuple[int, int, Any]]] = {}
+
+    def put(self, tensor: str, a: int, b: int, value: Any) -> None:
+        self._chunks.setdefault(tensor, []).append((a, b, value))
+
+    def has(self, tensor: str) -> bool:
+        return tensor in self._chunks
+
+    def get(self, tensor: str, a: int, b: int) -> Any:
+        """Rows [a, b) of ``tensor`` (a view when one chunk holds them all)."""
+        chunks = self._chunks.get(tensor)
+        if not chunks:
+            raise KeyError(f"device {self.device!r} holds no rows of {tensor!r} (wanted [{a}, {b}))")
+        for ca, cb, v in chunks:
+            if ca <= a and b <= cb:
+                if not isinstance(v, torch.Tensor) or v.dim() != 4:
+                    return v
+                return v[:, :, a - ca:b - ca]
+        pieces, at = [], a
+        for ca, cb, v in sorted(chunks, key=lambda c: (c[0], -c[1])):
+            if ca <= at < cb:
+                hi = min(b, cb)
+                pieces.append(v[:, :, at - ca:hi - ca])
+                at = hi
+                if at >= b:
+                    break
+        if at < b:
+            held = sorted((ca, cb) for ca, cb, _ in chunks)
+            raise KeyError(f"device {self.device!r} holds rows {held} of {tensor!r}, not all of [{a}, {b})")
+        return torch.cat(pieces, dim=2)
+
+    def drop(self, tensor: str) -> None:
+        self._chunks.pop(tensor, None)
+
+
+class StageContext:
+    """What a generated stage function sees: its rows of each node, via the store."""
+
+    def __init__(self, table: dict[str, dict], store: RowStore):
+        self.table = table
+        self.store = store
+
+    def rows(self, node: str, producer: str, fill: float | None = None):
+        lo, hi, top, bottom = self.table[node]["in"][producer]
+        x = self.store.get(producer, lo, hi)
+        if top or bottom:
+            if fill is None:
+                raise RuntimeError(f"node {node!r}: window of {producer!r} needs {top}+{bottom} padding rows "
+                                   "but the op has no padding value")
+            x = pad_rows(x, top, bottom, fill)
+        return x
+
+    def window(self, node: str, producer: str):
+        """The real rows of ``producer`` that ``node`` needs, without border padding."""
+        lo, hi, _, _ = self.table[node]["in"][producer]
+        return self.store.get(producer, lo, hi)
+
+    def nrows(self, node: str) -> int:
+        a, b = self.table[node]["out"]
+        return b - a
+
+    def border(self, node: str, producer: str) -> tuple[int, int]:
+        _, _, top, bottom = self.table[node]["in"][producer]
+        return top, bottom
+
+    def span(self, node: str, producer: str) -> tuple[int, int]:
+        lo, hi, _, _ = self.table[node]["in"][producer]
+        return lo, hi
+
+    def out(self, node: str) -> tuple[int, int]:
+        a, b = self.table[node]["out"]
+        return a, b
+
+    def put(self, node: str, value) -> None:
+        a, b = self.table[node]["out"]
+        if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[2] != b - a:
+            raise RuntimeError(f"node {node!r} produced {value.shape[2]} rows, expected rows [{a}, {b})")
+        self.store.put(node, a, b, value)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_module(class_path: str, kwargs: dict) -> torch.nn.Module:
+    """Rebuild a torch.nn module edgepart has no kernel for, from its class and settings."""
+    module_name, _, cls_name = class_path.rpartition(".")
+    if not module_name.startswith("torch.nn"):
+        raise BundleError(f"refusing to build {class_path}: only torch.nn modules are rebuilt from a manifest")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls(**kwargs)
+
+
+class DeviceProgram:
+    def __init__(self, manifest: dict, device: str, source: str, weights: dict[str, torch.Tensor]):
+        if device not in manifest["devices"]:
+            raise BundleError(f"device {device!r} is not in this bundle (devices: {list(manifest['devices'])})")
+        self.manifest = manifest
+        self.device = device
+        self.spec = manifest["devices"][device]
+        self.actions: list[dict] = self.spec["actions"]
+        self.rows_by_stage = {int(k): v for k, v in self.spec["rows"].items()}
+        self.weights = weights
+        self.module = types.ModuleType(f"edgepart_device_{device}")
+        self.module.__file__ = f"<bundle:{device}.py>"
+        exec(compile(source, self.module.__file__, "exec"), self.module.__dict__)
+        self.modules: dict[str, torch.nn.Module] = {}
+        for name, (class_path, kwargs, keys) in getattr(self.module, "MODULES", {}).items():
+            m = build_module(class_path, kwargs)
+            m.load_state_dict({k.split(name + ".", 1)[1]: weights[k] for k in keys}, strict=True)
+            self.modules[name] = m.eval()
+        self.stages = getattr(self.module, "STAGES", {})
+        self.constants = {name: weights[key] for name, key in self.spec.get("constants", {}).items()}
+
+    @classmethod
+    def from_bundle(cls, bundle_dir, device: str, manifest: dict | None = None) -> "DeviceProgram":
+        bundle_dir = Path(bundle_dir)
+        if manifest is None:
+            from edgepart.compiler.bundle import read_manifest
+            manifest = read_manifest(bundle_dir)
+        if device not in manifest["devices"]:
+            raise BundleError(f"{bundle_dir}: no device {device!r} in manifest (devices: {list(manifest['devices'])})")
+        files = manifest["devices"][device]["files"]
+        for rel in files:
+            verify_file(bundle_dir, rel, manifest)
+        prog_rel, weights_rel = manifest["devices"][device]["program"], manifest["devices"][device]["weights"]
+        source = (bundle_dir / prog_rel).read_text()
+        weights = load_file(str(bundle_dir / weights_rel)) if weights_rel else {}
+        return cls(manifest, device, source, weights)
+
+    def new_store(self) -> RowStore:
+        store = RowStore(self.device)
+        for name, value in self.constants.items():
+            store.put(name, 0, value.shape[2] if value.dim() == 4 else 1, value)
+        return store
+
+    def run_stage(self, stage: int, store: RowStore) -> None:
+        fn = self.stages.get(stage)
+        if fn is None:
+            raise BundleError(f"device {self.device!r} has no code for stage {stage}")
+        with torch.no_grad():
+            fn(StageContext(self.rows_by_stage[stage], store), self.weights, self.modules)
+
+    def piece_spec(self, tensor: str, a: int, b: int) -> tuple[torch.dtype, tuple[int, ...]]:
+        meta = self.manifest["tensors"].get(tensor)
+        if meta is None or meta["shape"] is None:
+            raise KeyError(f"unknown tensor {tensor!r}")
+        shape = list(meta["shape"])
+        if len(shape) == 4:
+            shape[2] = b - a
+        return DTYPES[meta["dtype"]], tuple(shape)
+
+    def make_output(self, store: RowStore):
+        def build(s):
+            if "tensor" in s:
+                t = s["tensor"]
+                return store.get(t, 0, self.manifest["tensors"][t]["rows"]).contiguous() \
+                    if t in self.manifest["tensors"] else store.get(t, 0, 1)
+            if "tuple" in s:
+                return tuple(build(x) for x in s["tuple"])
+            if "list" in s:
+                return [build(x) for x in s["list"]]
+            if "dict" in s:
+                return {k: build(v) for k, v in s["dict"].items()}
+            return s.get("const")
+        return build(self.manifest["output"])
+
+
+def verify_file(bundle_dir: Path, rel: str, manifest: dict) -> None:
+    path = Path(bundle_dir) / rel
+    expected = manifest["files"].get(rel)
+    if expected is None:
+        raise BundleError(f"{path}: not listed in manifest.json; the bundle is inconsistent, compile it again")
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; the bundle is incomplete, copy it again or compile it again")
+    if sha256_file(path) != expected:
+        raise BundleError(f"{path}: sha256 does not match manifest.json; the file was modified or corrupted — "
+                          "refusing to load it (recompile or copy the bundle again)")
+
+
+def manifest_json(manifest: dict) -> str:
+    return json.dumps(manifest, indent=1, sort_keys=False)
