@@ -1,0 +1,70 @@
+"""The one cost model: predicted compute time of a node's rows on a device, and of a transfer.
+
+The planners (and the OFPM solver) optimise with these functions and the simulator
+reports with them, so a plan's predicted latency can be checked against both.
+A device with a fitted FCPM profile uses it; one without falls back to
+FLOPs ÷ (its declared speed × REFERENCE_FLOPS) and the model says so.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Protocol
+
+from edgepart.cluster import Cluster
+
+# FLOP/s of a device with speed 1.0 when no profile is known (one core of a
+# laptop-class CPU running PyTorch convolutions, roughly).
+REFERENCE_FLOPS = 20e9
+
+
+class DeviceProfile(Protocol):
+    def predict(self, op: dict, rows: int, load: float = 0.0) -> float: ...
+
+
+def node_info(node) -> dict[str, Any]:
+    """What the cost model needs to know of a node: from an fx node or a manifest entry."""
+    if isinstance(node, dict):
+        return node
+    spec = node.meta["op"]
+    return {"name": node.name, "kind": spec.kind, "params": spec.params, "macs": node.meta.get("macs", 0),
+            "flops": node.meta.get("flops", 0), "rows": node.meta.get("rows", 1),
+            "shape": node.meta.get("shape"), "bytes": node.meta.get("bytes", 0),
+            "in_shape": spec.input.meta.get("shape") if spec.input is not None else None}
+
+
+class CostModel:
+    def __init__(self, cluster: Cluster, profiles: dict[str, DeviceProfile] | None = None,
+                 loads: dict[str, float] | None = None, reference_flops: float = REFERENCE_FLOPS):
+        self.cluster = cluster
+        self.profiles = dict(profiles or {})
+        self.loads = dict(loads or {})
+        self.reference_flops = reference_flops
+        self.fallback_devices = [d for d in cluster.names if d not in self.profiles]
+        self._warned = False
+
+    def warn_fallback(self) -> None:
+        if self.fallback_devices and self.profiles and not self._warned:
+            warnings.warn(f"no FCPM profile for devices {self.fallback_devices}: their compute time is "
+                          "estimated as FLOPs ÷ declared speed", stacklevel=2)
+            self._warned = True
+
+    def compute_time(self, node, device: str, rows: int | None = None) -> float:
+        """Seconds for ``device`` to compute ``rows`` output rows of ``node`` (all rows if None)."""
+        info = node_info(node)
+        total_rows = max(1, info.get("rows", 1))
+        rows = total_rows if rows is None else rows
+        if rows <= 0:
+            return 0.0
+        prof = self.profiles.get(device)
+        if prof is not None:
+            return prof.predict(info, rows, self.loads.get(device, 0.0))
+        self.warn_fallback()
+        speed = self.cluster.device(device).speed * max(1e-3, 1.0 - self.loads.get(device, 0.0))
+        return info.get("flops", 0) * rows / total_rows / (speed * self.reference_flops)
+
+    def transfer_time(self, nbytes: int, src: str, dst: str) -> float:
+        """Seconds to move ``nbytes`` from src to dst over their link (latency + size / bandwidth)."""
+        if src == dst or nbytes <= 0:
+            return 0.0
+        link = self.cluster.link(src, dst)
+        return link["latency_ms"] / 1e3 + nbytes * 8 / (link["bandwidth_mbps"] * 1e6)
