@@ -121,7 +121,9 @@ class NodeEmitter:
             if pl != pr:
                 inp = f"F.pad({inp}, ({pl}, {pr}))"
                 pl = 0
-            expr = (f"F.conv2d({inp}, {w(p['weight'])}, {w(p['bias'])}, {p['stride']}, (0, {pl}), "
+            weight = rows(p["weight_node"]) if p.get("weight_node") is not None else w(p["weight"])
+            bias = rows(p["bias_node"]) if p.get("bias_node") is not None else w(p["bias"])
+            expr = (f"F.conv2d({inp}, {weight}, {bias}, {p['stride']}, (0, {pl}), "
                     f"{p['dilation']}, {p['groups']})")
         elif k == "max_pool2d":
             crop = f"[:, :, :ctx.nrows({v!r})]" if p["ceil_mode"] else ""

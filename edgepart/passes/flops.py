@@ -28,10 +28,10 @@ def node_macs_flops(node: fx.Node) -> tuple[int, int]:
     if spec.kind == "conv2d":
         kh, kw = p["kernel"]
         macs = out * (p["in_channels"] // p["groups"]) * kh * kw
-        return macs, 2 * macs + (out if p["bias"] else 0)
+        return macs, 2 * macs + (out if p.get("bias") or p.get("bias_node") is not None else 0)
     if spec.kind == "linear":
         macs = out * p["in_features"]
-        return macs, 2 * macs + (out if p["bias"] else 0)
+        return macs, 2 * macs + (out if p.get("bias") or p.get("bias_node") is not None else 0)
     if spec.kind in ("max_pool2d", "avg_pool2d"):
         kh, kw = p["kernel"]
         return 0, out * kh * kw

@@ -73,23 +73,35 @@ def _submodule(gm: fx.GraphModule, target: str) -> nn.Module:
     return gm.get_submodule(target)
 
 
+def _conv_padding(padding, kernel, dilation) -> tuple[int, int, int, int]:
+    (kh, kw), (dh, dw) = kernel, dilation
+    if isinstance(padding, str):
+        if padding == "valid":
+            return 0, 0, 0, 0
+        th, tw = dh * (kh - 1), dw * (kw - 1)   # "same": PyTorch puts the odd extra row/column at the end
+        return th // 2, th - th // 2, tw // 2, tw - tw // 2
+    ph, pw = _pair(padding)
+    return ph, ph, pw, pw
+
+
+def _functional_conv_spec(n: fx.Node, a: dict) -> OpSpec:
+    weight, bias = a["weight"], a.get("bias")
+    wshape = weight.meta.get("shape") if isinstance(weight, fx.Node) else None
+    if wshape is None or len(wshape) != 4 or (bias is not None and not isinstance(bias, fx.Node)):
+        return OpSpec("generic_function", {}, None, False, "conv2d with unusual arguments", "conv2d")
+    kernel, stride, dilation = (wshape[2], wshape[3]), _pair(a.get("stride", 1)), _pair(a.get("dilation", 1))
+    groups = int(a.get("groups", 1))
+    params = dict(weight=None, bias=None, weight_node=weight, bias_node=bias, kernel=kernel, stride=stride,
+                  dilation=dilation, groups=groups, pad=_conv_padding(a.get("padding", 0), kernel, dilation),
+                  in_channels=wshape[1] * groups, out_channels=wshape[0])
+    return OpSpec("conv2d", params, a["input"], True, label=f"conv2d(kernel={kernel}, stride={stride})")
+
+
 def _conv_spec(n: fx.Node, m: nn.Conv2d) -> OpSpec:
-    kh, kw = m.kernel_size
-    dh, dw = m.dilation
-    sh, sw = m.stride
-    if isinstance(m.padding, str):
-        if m.padding == "valid":
-            pt = pb = pl = pr = 0
-        else:  # "same": PyTorch puts the odd extra row/column at the end
-            th, tw = dh * (kh - 1), dw * (kw - 1)
-            pt, pb, pl, pr = th // 2, th - th // 2, tw // 2, tw - tw // 2
-    else:
-        ph, pw = m.padding
-        pt = pb = ph
-        pl = pr = pw
     params = dict(weight=f"{n.target}.weight", bias=f"{n.target}.bias" if m.bias is not None else None,
-                  kernel=(kh, kw), stride=(sh, sw), dilation=(dh, dw), groups=m.groups,
-                  pad=(pt, pb, pl, pr), in_channels=m.in_channels, out_channels=m.out_channels)
+                  kernel=tuple(m.kernel_size), stride=tuple(m.stride), dilation=tuple(m.dilation), groups=m.groups,
+                  pad=_conv_padding(m.padding, m.kernel_size, m.dilation), in_channels=m.in_channels,
+                  out_channels=m.out_channels)
     if m.padding_mode != "zeros":
         return OpSpec("generic", {"module": n.target}, n.args[0], False,
                       f"Conv2d with padding_mode={m.padding_mode!r} is not row-sliced", repr(m))
@@ -110,6 +122,22 @@ def _interp_spec(x: fx.Node, size, scale_factor, mode, align_corners, recompute)
     if mode not in INTERP_MODES:
         return OpSpec("generic_interpolate", spec, x, False, f"interpolation mode {mode!r} is not row-sliced", label)
     return OpSpec("interpolate", spec, x, True, label=label)
+
+
+CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+def _bind(gm: fx.GraphModule, n: fx.Node, target) -> dict:
+    """Arguments of a functional call by name ({} when they cannot be matched)."""
+    if target is F.conv2d:   # a builtin with two schemas: fx cannot normalise it
+        if len(n.args) > len(CONV2D_ARGS):
+            return {}
+        return {**dict(zip(CONV2D_ARGS, n.args)), **n.kwargs}
+    try:
+        kw = n.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
+    except Exception:  # noqa: BLE001 — unmatched schemas: treat the call as generic
+        return {}
+    return dict(kw.kwargs) if kw is not None else {}
 
 
 def recognise(gm: fx.GraphModule, n: fx.Node) -> OpSpec:
@@ -173,9 +201,10 @@ def recognise(gm: fx.GraphModule, n: fx.Node) -> OpSpec:
 
     if n.op == "call_function":
         target = INPLACE_FUNCTIONS.get(n.target, n.target)
-        if target in (F.max_pool2d, F.avg_pool2d, F.interpolate, F.pad):
-            kw = n.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
-            a = kw.kwargs if kw is not None else {}
+        if target in (F.max_pool2d, F.avg_pool2d, F.interpolate, F.pad, F.conv2d):
+            a = _bind(gm, n, target)
+            if target is F.conv2d and a:
+                return _functional_conv_spec(n, a)
             if target is F.max_pool2d and a and not a.get("return_indices"):
                 k, s, p, d = _pool_params(a["kernel_size"], a.get("stride"), a.get("padding", 0), a.get("dilation", 1))
                 return OpSpec("max_pool2d", dict(kernel=k, stride=s, padding=p, dilation=d,

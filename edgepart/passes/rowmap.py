@@ -64,7 +64,7 @@ def input_windows(node: fx.Node, a: int, b: int) -> dict[str, Window]:
         elif p is spec.input and geometry(spec) is not None:
             k_eff, s, top = geometry(spec)
             out[p.name] = clip_window(a * s - top, (b - 1) * s - top + k_eff, rows)
-        elif _same_rows(p, node):
+        elif (spec.kind == "pointwise" or p is spec.input) and _same_rows(p, node):
             out[p.name] = (a, b, 0, 0)
         else:   # broadcast operand (one row, e.g. an SE scale of shape (N, C, 1, 1))
             out[p.name] = (0, rows, 0, 0)
@@ -94,7 +94,7 @@ def _why_not_splittable(node: fx.Node) -> str:
         if spec.input is p and spec.kind in ("interpolate", "conv2d", "max_pool2d", "avg_pool2d", "pad"):
             if p.meta.get("shape") is None or len(p.meta["shape"]) != 4:
                 return f"input {p.name!r} is not a 4-D tensor"
-        elif not (_same_rows(p, node) or _broadcasts_over_rows(p, node)):
+        elif spec.kind == "pointwise" and not (_same_rows(p, node) or _broadcasts_over_rows(p, node)):
             return f"input {p.name!r} has shape {p.meta.get('shape')} which neither matches nor broadcasts over rows"
     return ""
 
@@ -119,6 +119,6 @@ def _row_local_inputs_ok(node: fx.Node) -> bool:
         if spec.input is p and spec.kind != "pointwise":
             if p.meta.get("shape") is None or len(p.meta["shape"]) != 4:
                 return False
-        elif not (_same_rows(p, node) or _broadcasts_over_rows(p, node) or p.meta.get("rows") == 1):
+        elif spec.kind == "pointwise" and not (_same_rows(p, node) or _broadcasts_over_rows(p, node) or p.meta.get("rows") == 1):
             return False
     return True

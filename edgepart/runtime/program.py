@@ -68,13 +68,22 @@ class RowStore:
 class StageContext:
     """What a generated stage function sees: its rows of each node, via the store."""
 
-    def __init__(self, table: dict[str, dict], store: RowStore):
+    def __init__(self, table: dict[str, dict], store: RowStore, tensors: dict[str, dict]):
         self.table = table
         self.store = store
+        self.tensors = tensors
+
+    def _get(self, producer: str, lo: int, hi: int):
+        if hi <= lo:   # a window entirely in the border padding: no real rows at all
+            meta = self.tensors[producer]
+            shape = list(meta["shape"])
+            shape[2] = 0
+            return torch.zeros(shape, dtype=DTYPES[meta["dtype"]])
+        return self.store.get(producer, lo, hi)
 
     def rows(self, node: str, producer: str, fill: float | None = None):
         lo, hi, top, bottom = self.table[node]["in"][producer]
-        x = self.store.get(producer, lo, hi)
+        x = self._get(producer, lo, hi)
         if top or bottom:
             if fill is None:
                 raise RuntimeError(f"node {node!r}: window of {producer!r} needs {top}+{bottom} padding rows "
@@ -85,7 +94,7 @@ class StageContext:
     def window(self, node: str, producer: str):
         """The real rows of ``producer`` that ``node`` needs, without border padding."""
         lo, hi, _, _ = self.table[node]["in"][producer]
-        return self.store.get(producer, lo, hi)
+        return self._get(producer, lo, hi)
 
     def nrows(self, node: str) -> int:
         a, b = self.table[node]["out"]
@@ -175,7 +184,7 @@ class DeviceProgram:
         if fn is None:
             raise BundleError(f"device {self.device!r} has no code for stage {stage}")
         with torch.no_grad():
-            fn(StageContext(self.rows_by_stage[stage], store), self.weights, self.modules)
+            fn(StageContext(self.rows_by_stage[stage], store, self.manifest["tensors"]), self.weights, self.modules)
 
     def piece_spec(self, tensor: str, a: int, b: int) -> tuple[torch.dtype, tuple[int, ...]]:
         meta = self.manifest["tensors"].get(tensor)
