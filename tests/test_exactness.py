@@ -149,14 +149,21 @@ def random_plan(draw, gm, cluster) -> Plan:
     cuts = sorted(draw(st.sets(st.integers(1, max(1, n - 1)), max_size=n - 1))) if n > 1 else []
     bounds = [0] + [c for c in cuts if c < n] + [n]
     stages = []
-    for lo, hi in zip(bounds, bounds[1:]):
-        group = nodes[lo:hi]
-        if not group:
-            continue
+    groups = []
+    for lo, hi in zip(bounds, bounds[1:]):   # then cut each group where splittability changes
+        run = []
+        for x in nodes[lo:hi]:
+            if run and run[-1].meta["splittable"] != x.meta["splittable"]:
+                groups.append(run)
+                run = []
+            run.append(x)
+        if run:
+            groups.append(run)
+    for group in groups:
         names = [x.name for x in group]
         rows = group[-1].meta["rows"]
-        if all(x.meta["splittable"] for x in group) and rows >= 2 and draw(st.booleans() | st.just(True)):
-            k = draw(st.integers(1, min(len(cluster), rows)))
+        if all(x.meta["splittable"] for x in group) and rows >= 2 and draw(st.integers(0, 4)) > 0:
+            k = draw(st.integers(2, min(len(cluster), rows)))
             inner = sorted(draw(st.sets(st.integers(1, rows - 1), min_size=k - 1, max_size=k - 1))) if k > 1 else []
             edges = [0] + inner + [rows]
             devs = draw(st.permutations(cluster.names))[:k]
