@@ -20,6 +20,7 @@ def assert_close(y, ref, rel=1e-4):
             assert_close(y[k], ref[k], rel)
         return
     assert y.shape == ref.shape, (y.shape, ref.shape)
+    y, ref = y.detach(), ref.detach()
     scale = max(float(ref.abs().max()), 1e-12)
     err = float((y - ref).abs().max())
     assert err <= rel * scale, f"max abs error {err:.3g} > {rel} x {scale:.3g}"
