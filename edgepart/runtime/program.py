@@ -154,7 +154,7 @@ class DeviceProgram:
             m = build_module(class_path, kwargs)
             m.load_state_dict({k.split(name + ".", 1)[1]: weights[k] for k in keys}, strict=True)
             self.modules[name] = m.eval()
-        self.stages = getattr(self.module, "STAGES", {})
+        self.nodes = getattr(self.module, "NODES", {})
         self.constants = {name: weights[key] for name, key in self.spec.get("constants", {}).items()}
 
     @classmethod
@@ -180,11 +180,17 @@ class DeviceProgram:
         return store
 
     def run_stage(self, stage: int, store: RowStore) -> None:
-        fn = self.stages.get(stage)
-        if fn is None:
-            raise BundleError(f"device {self.device!r} has no code for stage {stage}")
+        table = self.rows_by_stage.get(stage)
+        if table is None:
+            raise BundleError(f"device {self.device!r} has no part in stage {stage}")
+        ctx = StageContext(table, store, self.manifest["tensors"])
         with torch.no_grad():
-            fn(StageContext(self.rows_by_stage[stage], store, self.manifest["tensors"]), self.weights, self.modules)
+            for node in table:               # the manifest lists a stage's nodes in execution order
+                fn = self.nodes.get(node)
+                if fn is None:
+                    raise BundleError(f"device {self.device!r} has no code for node {node!r} (stage {stage}); "
+                                      "this plan needs a new deploy")
+                fn(ctx, self.weights, self.modules)
 
     def piece_spec(self, tensor: str, a: int, b: int) -> tuple[torch.dtype, tuple[int, ...]]:
         meta = self.manifest["tensors"].get(tensor)
