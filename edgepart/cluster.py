@@ -7,6 +7,7 @@ requests arrive and results are returned (usually the end device holding the cam
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ class Device:
     speed: float = 1.0          # relative compute speed (1.0 = this machine, one thread)
     memory_mb: float = 4096.0
     address: str | None = None  # host:port of its worker, if known
+    profile: str | None = None  # path of its FCPM profile JSON (edgepart profile), if any
 
 
 class Cluster:
@@ -74,11 +76,12 @@ class Cluster:
         for i, dev in enumerate(d["devices"]):
             if not isinstance(dev, dict) or "name" not in dev:
                 raise ClusterError(f"devices[{i}] needs a 'name'")
-            unknown = set(dev) - {"name", "speed", "memory_mb", "address"}
+            unknown = set(dev) - {"name", "speed", "memory_mb", "address", "profile"}
             if unknown:
                 raise ClusterError(f"device {dev['name']!r}: unknown keys {sorted(unknown)}")
             devices.append(Device(name=str(dev["name"]), speed=float(dev.get("speed", 1.0)),
-                                  memory_mb=float(dev.get("memory_mb", 4096.0)), address=dev.get("address")))
+                                  memory_mb=float(dev.get("memory_mb", 4096.0)), address=dev.get("address"),
+                                  profile=str(dev["profile"]) if dev.get("profile") else None))
         links = d.get("links", {}) or {}
         return cls(devices, links.get("default"), links.get("overrides"), d.get("source"),
                    d.get("shared_medium", False))
@@ -91,9 +94,15 @@ class Cluster:
         except (OSError, yaml.YAMLError) as e:
             raise ClusterError(f"cannot read cluster file {path}: {e}") from e
         try:
-            return cls.from_dict(data)
+            cluster = cls.from_dict(data)
         except ClusterError as e:
             raise ClusterError(f"{path}: {e}") from e
+        # a relative FCPM profile path is relative to the cluster file
+        cluster.devices = [d if not d.profile or Path(d.profile).is_absolute()
+                           else dataclasses.replace(d, profile=str(path.parent / d.profile)) for d in cluster.devices]
+        for d in cluster.devices:
+            cluster.graph.nodes[d.name]["device"] = d
+        return cluster
 
     @classmethod
     def homogeneous(cls, n: int, bandwidth_mbps: float = 100.0, latency_ms: float = 1.0,
@@ -113,6 +122,8 @@ class Cluster:
             e = {"name": d.name, "speed": d.speed, "memory_mb": d.memory_mb}
             if d.address:
                 e["address"] = d.address
+            if d.profile:
+                e["profile"] = d.profile
             devs.append(e)
         return {"source": self.source, "shared_medium": self.shared_medium, "devices": devs,
                 "links": {"default": dict(self.default_link), "overrides": copy.deepcopy(self.overrides)}}

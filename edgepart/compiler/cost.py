@@ -26,10 +26,14 @@ def node_info(node) -> dict[str, Any]:
     if isinstance(node, dict):
         return node
     spec = node.meta["op"]
+    tensor_inputs = [a for a in node.all_input_nodes if a.meta.get("shape") is not None and a.op != "get_attr"]
     return {"name": node.name, "kind": spec.kind, "params": spec.params, "macs": node.meta.get("macs", 0),
             "flops": node.meta.get("flops", 0), "rows": node.meta.get("rows", 1),
             "shape": node.meta.get("shape"), "bytes": node.meta.get("bytes", 0),
-            "in_shape": spec.input.meta.get("shape") if spec.input is not None else None}
+            "in_shape": spec.input.meta.get("shape") if spec.input is not None else None,
+            # for the FCPM (edgepart.fcpm): which function, and how much it reads
+            "label": spec.label, "n_inputs": len(tensor_inputs),
+            "in_shapes": [tuple(a.meta["shape"]) for a in tensor_inputs]}
 
 
 class CostModel:
@@ -37,6 +41,10 @@ class CostModel:
                  loads: dict[str, float] | None = None, reference_flops: float = REFERENCE_FLOPS):
         self.cluster = cluster
         self.profiles = dict(profiles or {})
+        for d in cluster.devices:   # FCPM profiles named in the cluster description (device key "profile")
+            if d.name not in self.profiles and getattr(d, "profile", None):
+                from edgepart.fcpm import DeviceProfile
+                self.profiles[d.name] = DeviceProfile.load(d.profile)
         self.loads = dict(loads or {})
         self.reference_flops = reference_flops
         self.fallback_devices = [d for d in cluster.names if d not in self.profiles]

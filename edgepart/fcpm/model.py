@@ -1,0 +1,508 @@
+"""The FCPM: per-device, per-op-type latency models fitted from profiling, saved as JSON.
+
+For every op family (conv, dwconv, maxpool, bn, act, binary, cat, linear, ...)
+three candidates are fitted and the one with the most held-out predictions within
+±10 % is kept (ties: lower RMSPE):
+
+* ``flops``      — the published baseline (Neurosurgeon): latency = a + b·FLOPs,
+                   one fit per profiled load level, linear in between;
+* ``loglinear``  — log latency = ridge regression on log FLOPs, log bytes in/out,
+                   log weights, log rows, log width, channels, kernel, stride,
+                   groups, activation class, load and load interactions;
+* ``gbm``        — the log-linear model plus gradient-boosted trees (scikit-learn)
+                   on its log residual; the trees are written to JSON here (arrays of
+                   children, features, thresholds, leaf values), never pickled.
+
+Predictions for a load between two profiled levels interpolate the predictions at
+those levels; beyond the highest level the time grows like 1 / (1 - load).
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from edgepart.fcpm.features import FEATURES, design_row, features
+from edgepart.fcpm.ops import CHEAP_ACTS
+
+FORMAT = "edgepart-fcpm/1"
+# A family with no fitted model borrows one of these, in order.
+FALLBACKS = {"dwconv": ["conv"], "avgpool": ["maxpool", "bn"], "maxpool": ["avgpool", "bn"],
+             "gap": ["bn", "act:relu"], "cat": ["binary", "act:relu"], "binary": ["act:relu", "bn"],
+             "bn": ["act:relu", "binary"], "pad": ["cat", "act:relu"], "upsample": ["binary", "act:relu"],
+             "generic": ["binary", "act:relu", "bn"], "trivial": [], "linear": ["conv"], "conv": ["dwconv"]}
+TRIVIAL_TIME = 2e-6
+
+
+# --------------------------------------------------------------------------- metrics
+
+def metrics(pred: Iterable[float], meas: Iterable[float]) -> dict[str, float]:
+    """±10 % accuracy (share of predictions within 10 % of measured), RMSPE, Spearman ρ, mean |err|."""
+    p, m = np.asarray(list(pred), float), np.asarray(list(meas), float)
+    if len(p) == 0:
+        return {"n": 0, "acc10": float("nan"), "rmspe": float("nan"), "spearman": float("nan"), "mape": float("nan")}
+    rel = (p - m) / m
+    out = {"n": int(len(p)), "acc10": float(np.mean(np.abs(rel) <= 0.10)), "rmspe": float(np.sqrt(np.mean(rel ** 2))),
+           "mape": float(np.mean(np.abs(rel)))}
+    if len(p) > 2 and np.ptp(m) > 0:
+        from scipy.stats import spearmanr
+        out["spearman"] = float(spearmanr(p, m).statistic)
+    else:
+        out["spearman"] = float("nan")
+    return out
+
+
+# --------------------------------------------------------------------------- candidate models
+
+_LOAD = FEATURES.index("load")
+
+
+KNOTS = (1 << 20, 8 << 20, 32 << 20)   # bytes: about L2, a quarter of L3 and L3 of a laptop/edge CPU
+
+
+def _spline(v: np.ndarray) -> list[np.ndarray]:
+    """Piecewise-linear basis of a byte count: slopes may change at the cache-size knots."""
+    out, lo = [], 0.0
+    for k in KNOTS:
+        out.append(np.clip(v - lo, 0, k - lo))
+        lo = k
+    out.append(np.maximum(v - lo, 0))
+    return out
+
+
+def _quantities(X: np.ndarray) -> np.ndarray:
+    """Columns [1, FLOPs, padded FLOPs, weight bytes (3 pieces), bytes moved (3 pieces)] from the log features."""
+    X = np.atleast_2d(X)
+    ex = lambda k: np.exp(X[:, FEATURES.index(k)])  # noqa: E731
+    io = ex("lin") + ex("lout")
+    return np.stack([np.ones(len(X)), ex("lflops"), ex("lpflops"), *_spline(ex("lwgt") - 1.0), *_spline(io)], 1)
+
+
+class _PerLevel:
+    """A linear model of latency in some columns of ``_quantities``, one fit per profiled load level."""
+    type = "?"
+    cols: tuple[int, ...] = ()
+
+    def __init__(self, levels: dict[float, list[float]]):
+        self.levels = dict(sorted(levels.items()))
+        self._lv = np.asarray(list(self.levels))
+        self._coef = np.asarray(list(self.levels.values()), float)
+
+    @classmethod
+    def _fit_level(cls, Q: np.ndarray, t: np.ndarray) -> list[float]:
+        raise NotImplementedError
+
+    @classmethod
+    def fit(cls, X: np.ndarray, t: np.ndarray):
+        Q = _quantities(X)[:, cls.cols]
+        loads = np.round(X[:, _LOAD], 4)
+        return cls({float(L): cls._fit_level(Q[loads == L], t[loads == L]) for L in np.unique(loads)})
+
+    def predict_log(self, X: np.ndarray) -> np.ndarray:
+        X = np.atleast_2d(X)
+        Q = _quantities(X)[:, self.cols]
+        li = np.abs(X[:, _LOAD][:, None] - self._lv[None, :]).argmin(1)
+        return np.log(np.maximum((Q * self._coef[li]).sum(1), 1e-7))
+
+    def to_json(self) -> dict:
+        return {"type": self.type, "levels": [[L, *c] for L, c in self.levels.items()]}
+
+    @classmethod
+    def from_json(cls, d: dict):
+        return cls({float(r[0]): [float(v) for v in r[1:]] for r in d["levels"]})
+
+
+def _nnls_relative(Q: np.ndarray, t: np.ndarray) -> list[float]:
+    """Non-negative least squares on relative error (rows weighted by 1/t), columns rescaled."""
+    from scipy.optimize import nnls
+    if len(t) == 0:
+        return [0.0] * Q.shape[1]
+    scale = np.abs(Q).max(0)
+    scale[scale <= 0] = 1.0
+    w = 1.0 / t
+    c, _ = nnls((Q / scale) * w[:, None], t * w)
+    c = c / scale
+    if not np.any(c > 0):
+        c[0] = float(np.median(t))
+    return c.tolist()
+
+
+class FlopsModel(_PerLevel):
+    """The baseline: latency = a + b × FLOPs per load level (Neurosurgeon's linear model per layer type)."""
+    type = "flops"
+    cols = (0, 1)
+
+    @classmethod
+    def _fit_level(cls, Q, t):
+        return _nnls_relative(Q, t)
+
+
+class AdditiveModel(_PerLevel):
+    """latency = a + b·FLOPs + c·padded FLOPs + piecewise-linear(weight bytes) + piecewise-linear(bytes in+out),
+    all coefficients non-negative, per load level."""
+    type = "additive"
+    cols = tuple(range(11))
+
+    @classmethod
+    def _fit_level(cls, Q, t):
+        return _nnls_relative(Q, t)
+
+
+class LogLinearModel:
+    """log latency = ridge regression on standardised log features and load interactions."""
+    type = "loglinear"
+
+    def __init__(self, mean, scale, coef, intercept):
+        self.mean, self.scale = np.asarray(mean, float), np.asarray(scale, float)
+        self.coef, self.intercept = np.asarray(coef, float), float(intercept)
+
+    @classmethod
+    def fit(cls, X: np.ndarray, t: np.ndarray, alpha: float = 1e-2) -> "LogLinearModel":
+        Z = design_row(X)
+        mean, scale = Z.mean(0), Z.std(0)
+        scale[scale < 1e-9] = 1.0
+        Zs = (Z - mean) / scale
+        y = np.log(t)
+        ym = y.mean()
+        A = Zs.T @ Zs + alpha * len(y) * 1e-3 * np.eye(Zs.shape[1])
+        coef = np.linalg.solve(A, Zs.T @ (y - ym))
+        return cls(mean, scale, coef, ym)
+
+    def predict_log(self, X: np.ndarray) -> np.ndarray:
+        Z = (design_row(np.atleast_2d(X)) - self.mean) / self.scale
+        return Z @ self.coef + self.intercept
+
+    def to_json(self) -> dict:
+        return {"type": self.type, "mean": self.mean.tolist(), "scale": self.scale.tolist(),
+                "coef": self.coef.tolist(), "intercept": self.intercept}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "LogLinearModel":
+        return cls(d["mean"], d["scale"], d["coef"], d["intercept"])
+
+
+class Forest:
+    """Sum of regression trees stored as flat arrays; evaluates all trees at once with numpy."""
+
+    def __init__(self, trees: list[dict], learning_rate: float, init: float):
+        self.trees = trees
+        self.learning_rate = float(learning_rate)
+        self.init = float(init)
+        left, right, feat, thr, val, roots = [], [], [], [], [], []
+        off = 0
+        for tr in trees:
+            n = len(tr["feature"])
+            roots.append(off)
+            left += [c + off if c >= 0 else -1 for c in tr["left"]]
+            right += [c + off if c >= 0 else -1 for c in tr["right"]]
+            feat += tr["feature"]
+            thr += tr["threshold"]
+            val += tr["value"]
+            off += n
+        self._left, self._right = np.asarray(left, np.int64), np.asarray(right, np.int64)
+        self._feat = np.maximum(np.asarray(feat, np.int64), 0)
+        self._leaf = np.asarray(left, np.int64) < 0
+        self._thr, self._val = np.asarray(thr, float), np.asarray(val, float)
+        self._roots = np.asarray(roots, np.int64)
+        self._depth = max((tr.get("depth", 32) for tr in trees), default=0)
+
+    @classmethod
+    def from_sklearn(cls, gbm) -> "Forest":
+        trees = []
+        for est in gbm.estimators_[:, 0]:
+            t = est.tree_
+            trees.append({"left": t.children_left.tolist(), "right": t.children_right.tolist(),
+                          "feature": t.feature.tolist(), "threshold": t.threshold.tolist(),
+                          "value": t.value[:, 0, 0].tolist(), "depth": int(t.max_depth)})
+        init = float(np.ravel(gbm.init_.constant_)[0]) if hasattr(gbm.init_, "constant_") else 0.0
+        return cls(trees, gbm.learning_rate, init)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        X = np.atleast_2d(np.asarray(X, float)).astype(np.float32).astype(float)  # sklearn compares in float32
+        rows = np.arange(len(X))[:, None]
+        idx = np.broadcast_to(self._roots, (len(X), len(self._roots))).copy()
+        for _ in range(self._depth + 1):
+            leaf = self._leaf[idx]
+            if leaf.all():
+                break
+            go_left = X[rows, self._feat[idx]] <= self._thr[idx]
+            idx = np.where(leaf, idx, np.where(go_left, self._left[idx], self._right[idx]))
+        return self.init + self.learning_rate * self._val[idx].sum(1)
+
+    def to_json(self) -> dict:
+        return {"learning_rate": self.learning_rate, "init": self.init, "trees": self.trees}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Forest":
+        return cls(d["trees"], d["learning_rate"], d["init"])
+
+
+class GBMModel:
+    """A base model (log-linear or additive) times exp(gradient-boosted trees on its log residual)."""
+    type = "gbm"
+
+    def __init__(self, base, forest: Forest):
+        self.base, self.forest = base, forest
+
+    @classmethod
+    def fit(cls, X: np.ndarray, t: np.ndarray, base: str = "loglinear", seed: int = 0, n_estimators: int = 300,
+            max_depth: int = 4, learning_rate: float = 0.05) -> "GBMModel":
+        from sklearn.ensemble import GradientBoostingRegressor
+        b = (AdditiveModel if base == "additive" else LogLinearModel).fit(X, t)
+        resid = np.log(t) - b.predict_log(X)
+        gbm = GradientBoostingRegressor(n_estimators=n_estimators, max_depth=max_depth, learning_rate=learning_rate,
+                                        subsample=0.8, min_samples_leaf=3, random_state=seed)
+        gbm.fit(X, resid)
+        forest = Forest.from_sklearn(gbm)
+        check = forest.predict(X[: min(len(X), 20)])
+        assert np.allclose(check, gbm.predict(X[: len(check)]), atol=1e-6), "tree export does not match sklearn"
+        return cls(b, forest)
+
+    @property
+    def name(self) -> str:
+        return f"{self.base.type}+gbm"
+
+    def predict_log(self, X: np.ndarray) -> np.ndarray:
+        return self.base.predict_log(X) + self.forest.predict(X)
+
+    def to_json(self) -> dict:
+        return {"type": self.type, "base": self.base.to_json(), "forest": self.forest.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "GBMModel":
+        return cls(model_from_json(d["base"]), Forest.from_json(d["forest"]))
+
+
+MODEL_TYPES = {m.type: m for m in (FlopsModel, AdditiveModel, LogLinearModel, GBMModel)}
+
+
+def model_from_json(d: dict):
+    return MODEL_TYPES[d["type"]].from_json(d)
+
+
+def model_name(m) -> str:
+    return m.name if isinstance(m, GBMModel) else m.type
+
+
+# --------------------------------------------------------------------------- family models
+
+class FamilyModel:
+    """The chosen model of one op family plus the FLOPs baseline, both fitted on the same data."""
+
+    def __init__(self, family: str, chosen, baseline: FlopsModel, levels: list[float], validation: dict | None = None):
+        self.family, self.chosen, self.baseline = family, chosen, baseline
+        self.levels = sorted(levels)
+        self.validation = validation or {}
+
+    def _at(self, X: np.ndarray, level: float, which: str) -> np.ndarray:
+        m = self.baseline if which == "baseline" else self.chosen
+        X = np.array(X, float, ndmin=2)
+        X[:, _LOAD] = level
+        return np.exp(m.predict_log(X))
+
+    def predict(self, X, load: float, which: str = "fcpm") -> np.ndarray:
+        """Seconds for each feature row of ``X`` at background ``load`` (interpolating between levels)."""
+        levels = self.levels
+        load = max(0.0, float(load))
+        if load <= levels[0]:
+            return self._at(X, levels[0], which)
+        if load >= levels[-1]:
+            t = self._at(X, levels[-1], which)
+            return t * (1 - min(levels[-1], 0.95)) / (1 - min(load, 0.95)) if load > levels[-1] else t
+        hi = next(i for i, L in enumerate(levels) if L >= load)
+        L0, L1 = levels[hi - 1], levels[hi]
+        if L1 == load:
+            return self._at(X, L1, which)
+        w = (load - L0) / (L1 - L0)
+        return (1 - w) * self._at(X, L0, which) + w * self._at(X, L1, which)
+
+    def to_json(self) -> dict:
+        return {"chosen": self.chosen.to_json(), "baseline": self.baseline.to_json(), "levels": self.levels,
+                "validation": self.validation}
+
+    @classmethod
+    def from_json(cls, family: str, d: dict) -> "FamilyModel":
+        return cls(family, model_from_json(d["chosen"]), FlopsModel.from_json(d["baseline"]), d["levels"],
+                   d.get("validation"))
+
+
+CANDIDATES = ("flops", "additive", "loglinear", "additive+gbm", "loglinear+gbm")
+
+
+def _fit_candidate(name: str, X: np.ndarray, t: np.ndarray, seed: int = 0):
+    if name == "flops":
+        return FlopsModel.fit(X, t)
+    if name == "additive":
+        return AdditiveModel.fit(X, t)
+    if name == "loglinear":
+        return LogLinearModel.fit(X, t)
+    return GBMModel.fit(X, t, base=name.split("+")[0], seed=seed)
+
+
+def _usable(name: str, n: int) -> bool:
+    return name in ("flops", "additive") or (name == "loglinear" and n >= 12) or n >= 40
+
+
+def fit_family(family: str, X: np.ndarray, t: np.ndarray, groups: np.ndarray, seed: int = 0,
+               val_share: float = 0.25, candidates=CANDIDATES) -> FamilyModel:
+    """Fit the candidates on part of the configurations, keep the best on the rest, refit it on all."""
+    levels = sorted({round(float(L), 4) for L in X[:, _LOAD]})
+    rng = np.random.default_rng(seed)
+    uniq = np.unique(groups)
+    validation: dict[str, Any] = {}
+    best = "additive"
+    if len(uniq) >= 6:
+        val_groups = set(rng.choice(uniq, size=max(2, int(round(val_share * len(uniq)))), replace=False).tolist())
+        val = np.array([g in val_groups for g in groups])
+        tr = ~val
+        scores = {}
+        for name in candidates:
+            if not _usable(name, int(tr.sum())):
+                continue
+            m = _fit_candidate(name, X[tr], t[tr], seed)
+            met = metrics(np.exp(m.predict_log(X[val])), t[val])
+            validation[name] = met
+            scores[name] = (round(met["acc10"], 6), -met["rmspe"])
+        best = max(scores, key=lambda k: scores[k])
+    chosen = _fit_candidate(best, X, t, seed)
+    validation["chosen"] = best
+    return FamilyModel(family, chosen, FlopsModel.fit(X, t), levels, validation)
+
+
+# --------------------------------------------------------------------------- the device profile
+
+class DeviceProfile:
+    """A device's fitted FCPM: ``predict(info, rows, load)`` → seconds for those rows of the node."""
+
+    def __init__(self, families: dict[str, FamilyModel], meta: dict | None = None,
+                 measurements: dict | None = None):
+        self.families = families
+        self.meta = dict(meta or {})
+        self.measurements = measurements
+        self._cache: dict = {}
+        self._warned: set[str] = set()
+
+    # -- fitting ----------------------------------------------------------
+    @classmethod
+    def fit(cls, configs: list[dict], records: list[dict], meta: dict | None = None, seed: int = 0,
+            keep_measurements: bool = True, families: Iterable[str] | None = None) -> "DeviceProfile":
+        """Fit from profiler output: ``configs`` [{cid, info}], ``records`` [{cid, rows, load, t}]."""
+        infos = {c["cid"]: c["info"] for c in configs}
+        data: dict[str, list] = {}
+        for r in records:
+            info = infos[r["cid"]]
+            fam, x, fl = features(info, r["rows"], r["load"])
+            if families is not None and fam not in families:
+                continue
+            data.setdefault(fam, []).append((x, r["t"], r["cid"]))
+        fams = {}
+        for fam, rows in sorted(data.items()):
+            if fam == "trivial":
+                continue
+            X = np.asarray([r[0] for r in rows], float)
+            t = np.asarray([r[1] for r in rows], float)
+            g = np.asarray([r[2] for r in rows])
+            fams[fam] = fit_family(fam, X, t, g, seed=seed)
+        meas = {"configs": configs, "records": records} if keep_measurements else None
+        return cls(fams, meta, meas)
+
+    # -- prediction -------------------------------------------------------
+    def _family_model(self, fam: str) -> FamilyModel | None:
+        if fam in self.families:
+            return self.families[fam]
+        alts = list(FALLBACKS.get(fam, []))
+        if fam.startswith("act"):
+            alts = ["act:relu" if fam.split(":")[-1] in CHEAP_ACTS else "act:sigmoid", "act:relu",
+                    *sorted(f for f in self.families if f.startswith("act:")), "binary", "bn"]
+        for alt in alts:
+            if alt in self.families:
+                if fam not in self._warned:
+                    self._warned.add(fam)
+                    warnings.warn(f"FCPM profile has no model for op type {fam!r}; using the {alt!r} model",
+                                  stacklevel=3)
+                return self.families[alt]
+        return None
+
+    def predict(self, info: dict, rows: int | None = None, load: float = 0.0, which: str = "fcpm") -> float:
+        """Seconds to compute ``rows`` output rows of the node ``info`` under background ``load`` (0..1).
+
+        ``which="baseline"`` gives the FLOPs-only model's prediction instead. For a node with
+        several rows the predictions for 1..H rows are computed once (cached) and made
+        non-decreasing in rows, so a planner never sees a slice that gets cheaper as it grows.
+        """
+        total = max(1, int(info.get("rows", 1) or 1))
+        r = total if rows is None else max(1, min(int(rows), total))
+        fam, x_full, _ = features(info, total, load)
+        if fam == "trivial":
+            return TRIVIAL_TIME
+        key = (fam, tuple(x_full), float(load), which, total)
+        curve = self._cache.get(key)
+        if curve is None:
+            curve = self._curve(info, fam, total, load, which)
+            if len(self._cache) > 20_000:
+                self._cache.clear()
+            self._cache[key] = curve
+        return float(curve[r - 1])
+
+    def _curve(self, info: dict, fam: str, total: int, load: float, which: str) -> np.ndarray:
+        m = self._family_model(fam)
+        if total == 1:
+            rows_list = [1]
+        else:
+            rows_list = list(range(1, total + 1))
+        X = np.asarray([features(info, rr, load)[1] for rr in rows_list], float)
+        if m is None:
+            fl = np.exp(X[:, FEATURES.index("lflops")])
+            raw = fl / self.meta.get("conv_flops_per_s", 5e10) + TRIVIAL_TIME
+        else:
+            raw = m.predict(X, load, which)
+        raw = np.maximum(raw, 1e-7)
+        if len(raw) > 1:   # monotone envelope: mean of the running max from below and running min from above
+            raw = 0.5 * (np.maximum.accumulate(raw) + np.minimum.accumulate(raw[::-1])[::-1])
+        return raw
+
+    def predict_baseline(self, info: dict, rows: int | None = None, load: float = 0.0) -> float:
+        return self.predict(info, rows, load, which="baseline")
+
+    # -- persistence ------------------------------------------------------
+    def to_json(self) -> dict:
+        d = {"format": FORMAT, "meta": self.meta, "features": FEATURES,
+             "models": {f: m.to_json() for f, m in self.families.items()}}
+        if self.measurements is not None:
+            d["measurements"] = self.measurements
+        return d
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), separators=(",", ":")))
+        return path
+
+    @classmethod
+    def from_json(cls, d: dict) -> "DeviceProfile":
+        if d.get("format") != FORMAT:
+            raise ValueError(f"not an FCPM profile (format {d.get('format')!r}, expected {FORMAT!r})")
+        if d.get("features") != FEATURES:
+            raise ValueError("FCPM profile was written with a different feature set; re-run `edgepart profile`")
+        fams = {f: FamilyModel.from_json(f, m) for f, m in d["models"].items()}
+        return cls(fams, d.get("meta"), d.get("measurements"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DeviceProfile":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read FCPM profile {path}: {e}") from e
+        return cls.from_json(d)
+
+    def summary(self) -> dict[str, str]:
+        return {f: m.validation.get("chosen", model_name(m.chosen)) for f, m in sorted(self.families.items())}
+
+    def __repr__(self) -> str:
+        return f"DeviceProfile({self.meta.get('device', '?')}: {self.summary()})"
