@@ -63,24 +63,35 @@ _LOAD = FEATURES.index("load")
 
 
 KNOTS = (1 << 20, 8 << 20, 32 << 20)   # bytes: about L2, a quarter of L3 and L3 of a laptop/edge CPU
+_BASE_COLS = 3                          # [1, FLOPs, padded FLOPs], then weight bytes, then bytes moved
 
 
-def _spline(v: np.ndarray) -> list[np.ndarray]:
+def _spline(v: np.ndarray, knots=KNOTS) -> list[np.ndarray]:
     """Piecewise-linear basis of a byte count: slopes may change at the cache-size knots."""
     out, lo = [], 0.0
-    for k in KNOTS:
+    for k in knots:
         out.append(np.clip(v - lo, 0, k - lo))
         lo = k
     out.append(np.maximum(v - lo, 0))
     return out
 
 
-def _quantities(X: np.ndarray) -> np.ndarray:
-    """Columns [1, FLOPs, padded FLOPs, weight bytes (3 pieces), bytes moved (3 pieces)] from the log features."""
+def _raw(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     X = np.atleast_2d(X)
     ex = lambda k: np.exp(X[:, FEATURES.index(k)])  # noqa: E731
-    io = ex("lin") + ex("lout")
-    return np.stack([np.ones(len(X)), ex("lflops"), ex("lpflops"), *_spline(ex("lwgt") - 1.0), *_spline(io)], 1)
+    base = np.stack([np.ones(len(X)), ex("lflops"), ex("lpflops")], 1)
+    return base, ex("lwgt") - 1.0, ex("lin") + ex("lout")
+
+
+def _quantities(X: np.ndarray, wknots=KNOTS, ioknots=KNOTS) -> np.ndarray:
+    """Columns [1, FLOPs, padded FLOPs, weight bytes (pieces), bytes moved (pieces)] from the log features."""
+    base, w, io = _raw(X)
+    return np.column_stack([base, *_spline(w, wknots), *_spline(io, ioknots)])
+
+
+def _supported_knots(v: np.ndarray, min_beyond: int = 6) -> list[float]:
+    """The knots with enough data beyond them to fit the slope there (else that slope stays the last one)."""
+    return [k for k in KNOTS if int(np.sum(v > k)) >= min_beyond]
 
 
 class _PerLevel:
@@ -142,15 +153,39 @@ class FlopsModel(_PerLevel):
         return _nnls_relative(Q, t)
 
 
-class AdditiveModel(_PerLevel):
+class AdditiveModel:
     """latency = a + b·FLOPs + c·padded FLOPs + piecewise-linear(weight bytes) + piecewise-linear(bytes in+out),
-    all coefficients non-negative, per load level."""
+    all coefficients non-negative, one fit per load level; a knot (cache size) is used only where the
+    profile has data beyond it, so the slopes never extrapolate from nothing."""
     type = "additive"
-    cols = tuple(range(11))
+
+    def __init__(self, levels: dict[float, list[float]], wknots, ioknots):
+        self.levels = dict(sorted(levels.items()))
+        self.wknots, self.ioknots = [float(k) for k in wknots], [float(k) for k in ioknots]
+        self._lv = np.asarray(list(self.levels))
+        self._coef = np.asarray(list(self.levels.values()), float)
 
     @classmethod
-    def _fit_level(cls, Q, t):
-        return _nnls_relative(Q, t)
+    def fit(cls, X: np.ndarray, t: np.ndarray) -> "AdditiveModel":
+        _, w, io = _raw(X)
+        wk, ik = _supported_knots(w), _supported_knots(io)
+        Q = _quantities(X, wk, ik)
+        loads = np.round(X[:, _LOAD], 4)
+        return cls({float(L): _nnls_relative(Q[loads == L], t[loads == L]) for L in np.unique(loads)}, wk, ik)
+
+    def predict_log(self, X: np.ndarray) -> np.ndarray:
+        X = np.atleast_2d(X)
+        Q = _quantities(X, self.wknots, self.ioknots)
+        li = np.abs(X[:, _LOAD][:, None] - self._lv[None, :]).argmin(1)
+        return np.log(np.maximum((Q * self._coef[li]).sum(1), 1e-7))
+
+    def to_json(self) -> dict:
+        return {"type": self.type, "wknots": self.wknots, "ioknots": self.ioknots,
+                "levels": [[L, *c] for L, c in self.levels.items()]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "AdditiveModel":
+        return cls({float(r[0]): [float(v) for v in r[1:]] for r in d["levels"]}, d["wknots"], d["ioknots"])
 
 
 class LogLinearModel:

@@ -115,7 +115,7 @@ ACT_TEMPLATES = {"ReLU()": "F.relu({x})", "ReLU6()": "F.relu6({x})", "LeakyReLU(
 
 # configurations per family in the default sweep (quick: about a sixth)
 COUNTS = {"conv": 380, "gconv": 24, "dwconv": 60, "maxpool": 40, "avgpool": 24, "bn": 40, "act": 90, "binary": 40,
-          "cat": 20, "linear": 20, "upsample": 24, "gap": 16, "pad": 10, "trivial": 3}
+          "cat": 20, "linear": 30, "upsample": 24, "gap": 16, "pad": 10, "trivial": 3}
 MAX_FLOPS = 3.5e9
 
 
@@ -200,6 +200,8 @@ def design_sweep(quick: bool = False, seed: int = 0, counts: dict[str, int] | No
     for _ in range(counts.get("act", 0)):
         h, c = _stage(rng)
         a = str(rng.choice(ACTS))
+        if rng.random() < 0.15:   # squeeze-and-excitation style: one value per channel
+            h, c = 1, _channels_like(rng, c * 2)
         if rng.random() < 0.3:   # a function call (pointwise node) rather than a module
             add(eltwise_info("pointwise", c, h, h, ACT_TEMPLATES[a].split("(")[0].split(".")[-1], 1, 1))
         else:
