@@ -42,6 +42,15 @@ def test_profile_json_round_trip_no_pickle(quick):
             assert prof.predict(info, rows, load) == pytest.approx(again.predict(info, rows, load), rel=1e-12)
 
 
+def test_in_network_correction_fitted_and_saved(quick):
+    prof = DeviceProfile.load(quick)
+    assert prof.sequence is not None and len(prof.sequence["coef"]) == 3
+    assert all(c >= 0 for c in prof.sequence["coef"])
+    assert json.loads(quick.read_text())["measurements"]["nets"]["records"]
+    info = conv_info(64, 64, 28, 28, 3)
+    assert prof.predict(info, 10, 0.0) >= prof.predict(info, 10, 0.0, context="isolated")
+
+
 def test_predictions_positive_and_monotone(quick):
     prof = DeviceProfile.load(quick)
     for info in (conv_info(32, 64, 56, 56, 3, 1), conv_info(64, 64, 28, 28, 3, 1, groups=64),

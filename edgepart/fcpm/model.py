@@ -28,7 +28,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from edgepart.fcpm.features import FEATURES, design_row, features
-from edgepart.fcpm.ops import CHEAP_ACTS
+from edgepart.fcpm.ops import CHEAP_ACTS, geometry
 
 FORMAT = "edgepart-fcpm/1"
 # A family with no fitted model borrows one of these, in order.
@@ -411,6 +411,12 @@ def fit_family(family: str, X: np.ndarray, t: np.ndarray, groups: np.ndarray, se
 
 # --------------------------------------------------------------------------- the device profile
 
+def sequence_terms(info: dict, rows: int | None) -> np.ndarray:
+    """[1, weight bytes, input bytes] of a node's rows: what running it inside a network adds to."""
+    g = geometry(info, rows)
+    return np.asarray([1.0, g.weight_elems * 4.0, g.in_elems * 4.0])
+
+
 class DeviceProfile:
     """A device's fitted FCPM: ``predict(info, rows, load)`` → seconds for those rows of the node."""
 
@@ -419,6 +425,7 @@ class DeviceProfile:
         self.families = families
         self.meta = dict(meta or {})
         self.measurements = measurements
+        self.sequence: dict | None = None    # per-node correction when nodes run in sequence (see fit_sequences)
         self._cache: dict = {}
         self._warned: set[str] = set()
 
@@ -463,13 +470,24 @@ class DeviceProfile:
                 return self.families[alt]
         return None
 
-    def predict(self, info: dict, rows: int | None = None, load: float = 0.0, which: str = "fcpm") -> float:
+    def predict(self, info: dict, rows: int | None = None, load: float = 0.0, which: str = "fcpm",
+                context: str = "sequence") -> float:
         """Seconds to compute ``rows`` output rows of the node ``info`` under background ``load`` (0..1).
 
-        ``which="baseline"`` gives the FLOPs-only model's prediction instead. For a node with
-        several rows the predictions for 1..H rows are computed once (cached) and made
-        non-decreasing in rows, so a planner never sees a slice that gets cheaper as it grows.
+        ``context="sequence"`` (the default, what a device program does) adds the per-node cost
+        of running inside a network — weights and inputs no longer hot in cache, the call
+        overhead — fitted from whole synthetic networks; ``"isolated"`` is the layer alone,
+        timed repeatedly. ``which="baseline"`` gives the FLOPs-only model's prediction instead
+        (never corrected). For a node with several rows the predictions for 1..H rows are
+        computed once (cached) and made non-decreasing in rows, so a planner never sees a
+        slice that gets cheaper as it grows.
         """
+        t = self._predict_isolated(info, rows, load, which)
+        if context == "sequence" and which == "fcpm" and self.sequence:
+            t += float(np.dot(self.sequence["coef"], sequence_terms(info, rows)))
+        return t
+
+    def _predict_isolated(self, info: dict, rows: int | None, load: float, which: str) -> float:
         total = max(1, int(info.get("rows", 1) or 1))
         r = total if rows is None else max(1, min(int(rows), total))
         fam, x_full, _ = features(info, total, load)
@@ -504,10 +522,40 @@ class DeviceProfile:
     def predict_baseline(self, info: dict, rows: int | None = None, load: float = 0.0) -> float:
         return self.predict(info, rows, load, which="baseline")
 
+    def fit_sequences(self, sequences: list[dict]) -> dict:
+        """Fit the in-network correction from whole networks timed end to end.
+
+        ``sequences``: [{"infos": [node info, ...], "load": L, "t": seconds}]. The correction per
+        node is c0 + c1 × weight bytes + c2 × input bytes (non-negative), chosen so that the sum of
+        isolated predictions plus corrections matches the networks' measured times (relative error).
+        """
+        if not sequences:
+            return {}
+        self.sequence = None
+        A, b, before = [], [], []
+        for sq in sequences:
+            iso = sum(self.predict(i, None, sq["load"], context="isolated") for i in sq["infos"])
+            terms = np.sum([sequence_terms(i, None) for i in sq["infos"]], axis=0)
+            A.append(terms / sq["t"])
+            b.append((sq["t"] - iso) / sq["t"])
+            before.append(iso / sq["t"] - 1)
+        A, b = np.asarray(A), np.asarray(b)
+        scale = np.abs(A).max(0)
+        scale[scale <= 0] = 1.0
+        from scipy.optimize import nnls
+        coef, _ = nnls(A / scale, b)
+        coef = coef / scale
+        after = A @ coef - b
+        self.sequence = {"coef": coef.tolist(), "terms": ["per node", "weight bytes", "input bytes"],
+                         "n": len(sequences), "rmspe_isolated": float(np.sqrt(np.mean(np.square(before)))),
+                         "rmspe_corrected": float(np.sqrt(np.mean(np.square(after))))}
+        self._cache.clear()
+        return self.sequence
+
     # -- persistence ------------------------------------------------------
     def to_json(self) -> dict:
         d = {"format": FORMAT, "meta": self.meta, "features": FEATURES,
-             "models": {f: m.to_json() for f, m in self.families.items()}}
+             "models": {f: m.to_json() for f, m in self.families.items()}, "sequence": self.sequence}
         if self.measurements is not None:
             d["measurements"] = self.measurements
         return d
@@ -525,7 +573,9 @@ class DeviceProfile:
         if d.get("features") != FEATURES:
             raise ValueError("FCPM profile was written with a different feature set; re-run `edgepart profile`")
         fams = {f: FamilyModel.from_json(f, m) for f, m in d["models"].items()}
-        return cls(fams, d.get("meta"), d.get("measurements"))
+        prof = cls(fams, d.get("meta"), d.get("measurements"))
+        prof.sequence = d.get("sequence")
+        return prof
 
     @classmethod
     def load(cls, path: str | Path) -> "DeviceProfile":

@@ -286,6 +286,65 @@ def measure_sweep(configs: list[dict], loads=DEFAULT_LOADS, target_s: float = 0.
     return records
 
 
+def design_nets(n: int, seed: int = 0, max_flops: float = 4e9) -> list[tuple[torch.nn.Module, torch.Tensor]]:
+    """Small random CNNs (conv/BN/ReLU stages, depthwise blocks, pooling, a classifier) timed end to end,
+    to fit how much more a layer costs inside a network than alone (cold caches, call overhead)."""
+    from torch import nn
+    rng = np.random.default_rng(seed + 99)
+    nets = []
+    while len(nets) < n:
+        h = int(rng.choice([64, 96, 128, 160, 224]))
+        width = int(rng.choice([16, 24, 32, 48]))
+        layers, cin = [], 3
+        for s in range(int(rng.integers(3, 6))):
+            cout = min(512, width * 2 ** s)
+            for _ in range(int(rng.integers(1, 4))):
+                if s > 0 and rng.random() < 0.35:
+                    mid = cin * int(rng.choice([1, 4, 6]))
+                    layers += [nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU6(),
+                               nn.Conv2d(mid, mid, 3, 1, 1, groups=mid, bias=False), nn.BatchNorm2d(mid), nn.ReLU6(),
+                               nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+                else:
+                    k = int(rng.choice([3, 3, 3, 1, 5]))
+                    layers += [nn.Conv2d(cin, cout, k, 1, k // 2), nn.BatchNorm2d(cout), nn.ReLU()]
+                cin = cout
+            layers.append(nn.MaxPool2d(2) if rng.random() < 0.7 else nn.AvgPool2d(2))
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, int(rng.choice([10, 100, 1000])))]
+        g = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+        net = nn.Sequential(*layers).eval()
+        with torch.no_grad():
+            for prm in net.parameters():
+                prm.copy_(torch.randn(prm.shape, generator=g) * 0.05)
+        x = torch.randn(1, 3, h, h, generator=g)
+        if sum(i.get("flops", 0) for i in net_infos(net, x)) <= max_flops:
+            nets.append((net, x))
+    return nets
+
+
+def net_infos(net, x) -> list[dict]:
+    from edgepart.compiler.cost import node_info
+    from edgepart.compiler.trace import COMPUTE_OPS, trace
+    from edgepart.passes import analyse
+    gm = analyse(trace(net, (x,)))
+    return [clean_info(node_info(n)) for n in gm.graph.nodes if n.op in COMPUTE_OPS]
+
+
+def measure_nets(nets, loads, target_s: float = 0.3, passes: int = 2, progress: bool = False) -> list[dict]:
+    """End-to-end times of ``nets`` (one torch thread) at each load: [{net, load, t}]."""
+    out = []
+    torch.set_num_threads(1)
+    for L in loads:
+        with BackgroundLoad(L):
+            best = {}
+            for p in range(passes):
+                for i in (range(len(nets)) if p % 2 == 0 else reversed(range(len(nets)))):
+                    net, x = nets[i]
+                    t = time_callable(lambda: net(x), target_s=target_s, min_repeats=5, max_repeats=30)["t"]
+                    best[i] = min(best.get(i, float("inf")), t)
+            out += [{"net": i, "load": float(L), "t": t} for i, t in sorted(best.items())]
+    return out
+
+
 def _progress(enabled: bool):
     if not enabled:
         import contextlib
@@ -308,16 +367,23 @@ def profile(quick: bool = False, loads=DEFAULT_LOADS, seed: int = 0, budget_s: f
     """Run the sweep on this machine and fit the FCPM. Default: under 10 minutes; quick: under 30 s."""
     configs = design_sweep(quick=quick, seed=seed, counts=counts)
     if budget_s is None:
-        budget_s = 25.0 if quick else 540.0
+        budget_s = 20.0 if quick else 480.0
     t0 = time.perf_counter()
     records = measure_sweep(configs, list(loads), target_s=0.005 if quick else 0.03, min_repeats=3 if quick else 5,
                             budget_s=budget_s, progress=progress, seed=seed, passes=1 if quick else 2)
+    nets = design_nets(4 if quick else 16, seed)
+    net_recs = measure_nets(nets, list(loads), target_s=0.02 if quick else 0.3, passes=1 if quick else 2)
+    infos = [net_infos(n, x) for n, x in nets]
     meta = device_meta(name)
     meta.update(loads=list(map(float, loads)), quick=quick, seed=seed, profile_seconds=round(time.perf_counter() - t0, 1),
                 n_configs=len(configs), n_measurements=len(records))
     stored = [{"cid": c["cid"], "family": c["family"], "info": clean_info(c["info"]), "rows": c["rows"]}
               for c in configs]
-    return DeviceProfile.fit(stored, records, meta, seed=seed)
+    prof = DeviceProfile.fit(stored, records, meta, seed=seed)
+    prof.fit_sequences([{"infos": infos[r["net"]], "load": r["load"], "t": r["t"]} for r in net_recs])
+    if prof.measurements is not None:
+        prof.measurements["nets"] = {"infos": infos, "records": net_recs}
+    return prof
 
 
 def main(argv: list[str] | None = None) -> int:
