@@ -1,0 +1,657 @@
+"""OFPM: one MILP for vertical + horizontal partitioning (``strategy="ofpm"``).
+
+The network is a sequence of *units*: the blocks of every row-splittable run
+(``planners.blocks``: conv → BN → ReLU stay together) and every non-splittable
+run. A *cut* c lies between unit c−1 and unit c; the tensors live at a cut are
+those produced before it and used after it (skip connections included).
+
+A *layout* says where the tensors at a cut are: ``W(d)`` — whole on device d —
+or ``P(k)`` — split by rows over the k best devices (fastest first, the source
+first among equals). The MILP is a shortest path, with side constraints, over
+states (cut, layout), choosing binary arcs:
+
+- *whole arcs* (c, W(d)) → (c+1, W(d)): unit c runs on d;
+  cost Σ compute_time(node, d) (consecutive whole units on one device merge
+  into one whole stage);
+- *split arcs* (c, P(k)) → (c', P(k)) for every interval [c, c') of at most
+  ``max_fuse`` splittable units of one run: the units are fused into one split
+  stage over the devices of P(k) with integer anchor row slices; cost = the
+  stage's makespan max_d (halo exchange in + compute of d's rows, halo rows
+  recomputed). Rows per device come from the exact row maps (the demand walk of
+  ``build_schedule``), so halo recomputation is counted exactly for the chosen
+  slices; the slices are chosen per (interval, k) by a halo-aware balancing
+  (rows ∝ each device's measured rows per second over a few fixed-point steps),
+  i.e. the MILP chooses among these integer slicings;
+- *re-layout arcs* (c, μ) → (c, μ'): move every live tensor from layout μ to μ'
+  (gather, scatter, hand-off, re-split), timed with the same contention model as
+  the simulator (each sender's NIC serialises its pieces, or one shared medium).
+
+The path starts at (0, W(source)) (the input is at the source) and ends at
+(U, W(source)) (the output returns to it). Memory: for every device, the
+weights of all units it computes must fit ``memory_mb`` (a knapsack side
+constraint, which makes this a MILP rather than a plain shortest path).
+Solved with HiGHS through PuLP (CBC as fallback), with a time limit; the
+solver's MIP gap is reported.
+
+Objective vs simulator (documented gap): the MILP charges stages one after the
+other (a barrier between stages, each stage's makespan = its slowest device),
+while the runtime — and the simulator, which executes the exact schedule — lets
+a device start its next stage as soon as its own inputs arrived. The re-layout
+and halo costs also assume canonical proportional layouts at cuts. So the MILP
+objective is an estimate (usually an upper bound) of the simulated latency;
+for plans of whole stages only (vertical partitioning) the two are equal. The
+final plan is always judged by the exact schedule + simulator, and that value is
+what ``ofpm`` reports as its predicted latency. After the solve, candidates (the
+MILP plan, its exact-simulation refinement of slice boundaries, and the simple
+/ baseline plans given as ``warm_start``) are compared by simulation and the
+best is returned; ``OFPMResult.source`` says which one won.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from dataclasses import dataclass, field
+
+import pulp
+import torch.fx as fx
+
+from edgepart.cluster import Cluster
+from edgepart.compiler.cost import CostModel
+from edgepart.compiler.plan import Plan, Stage, compute_nodes
+from edgepart.compiler.planners import blocks, runs, share_rows
+from edgepart.compiler.schedule import build_schedule, proportional_partition
+from edgepart.compiler.simulator import simulate
+from edgepart.passes.rowmap import input_windows
+
+# ------------------------------------------------------------------------------------------------------------
+# the network as units and cuts
+
+
+@dataclass
+class Unit:
+    nodes: list[fx.Node]
+    splittable: bool
+    run: int                      # index of the run it belongs to
+
+    @property
+    def rows(self) -> int:
+        return self.nodes[-1].meta["rows"]
+
+
+def make_units(gm: fx.GraphModule) -> list[Unit]:
+    units: list[Unit] = []
+    for r, (splittable, run) in enumerate(runs(gm)):
+        if splittable:
+            units += [Unit(b, True, r) for b in blocks(run)]
+        else:
+            units.append(Unit(list(run), False, r))
+    return units
+
+
+def param_bytes(gm: fx.GraphModule, node: fx.Node) -> int:
+    total = 0
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        for t in list(mod.parameters()) + list(mod.buffers()):
+            total += t.numel() * t.element_size()
+    for p in node.all_input_nodes:
+        if p.op == "get_attr":
+            v = p.meta.get("value_example")
+            if hasattr(v, "numel"):
+                total += v.numel() * v.element_size()
+    return total
+
+
+# ------------------------------------------------------------------------------------------------------------
+# network contention, same rules as the simulator
+
+
+class LinkTimes:
+    """transfer_time of the cost model, memoised per link as latency + bytes × seconds-per-byte
+    (CostModel.transfer_time is affine in the bytes; checked on first use of a link)."""
+
+    def __init__(self, cost: CostModel):
+        self.cost = cost
+        self.coef: dict[tuple[str, str], tuple[float, float]] = {}
+
+    def __call__(self, nbytes: int, src: str, dst: str) -> float:
+        if nbytes <= 0 or src == dst:
+            return 0.0
+        c = self.coef.get((src, dst))
+        if c is None:
+            t1, t2 = self.cost.transfer_time(1000, src, dst), self.cost.transfer_time(2000, src, dst)
+            slope = (t2 - t1) / 1000
+            c = self.coef[(src, dst)] = (t1 - 1000 * slope, slope)
+        return c[0] + nbytes * c[1]
+
+
+def pieces_time(pieces: list[tuple[str, str, int]], ttime, shared: bool) -> dict[str, float]:
+    """Arrival time at each receiver of its last piece, all pieces ready at t=0.
+    Each sender's NIC (or the one medium) sends its pieces in list order."""
+    free: dict[str, float] = {}
+    arrive: dict[str, float] = {}
+    for src, dst, nbytes in pieces:
+        q = "medium" if shared else src
+        t = free.get(q, 0.0) + ttime(nbytes, src, dst)
+        free[q] = t
+        if t > arrive.get(dst, 0.0):
+            arrive[dst] = t
+    return arrive
+
+
+def _overlap_pieces(owners, needs, nbytes_per_row) -> list[tuple[str, str, int]]:
+    """Pieces (src, dst, bytes) that bring each need (dst, a, b) from the owners (sorted, contiguous)."""
+    out = []
+    starts = [o[1] for o in owners]
+    for dst, na, nb in needs:
+        k = max(0, bisect.bisect_right(starts, na) - 1)
+        while k < len(owners) and owners[k][1] < nb:
+            src, oa, ob = owners[k]
+            if src != dst:
+                a, b = max(na, oa), min(nb, ob)
+                if b > a:
+                    out.append((src, dst, int(nbytes_per_row * (b - a))))
+            k += 1
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Arc:
+    kind: str            # whole | split | relayout
+    c0: int
+    m0: int
+    c1: int
+    m1: int
+    cost: float
+    slices: list[tuple[str, int, int]] = field(default_factory=list)
+    device: str | None = None
+    mem: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class OFPMResult:
+    plan: Plan
+    predicted: float          # simulated latency of the returned plan (exact schedule + simulator)
+    objective: float          # MILP objective of the MILP's own plan (barrier model)
+    milp_simulated: float     # simulated latency of the MILP's own plan
+    solve_time: float         # seconds in the MILP solver
+    build_time: float         # seconds to build the model (costs of all arcs)
+    total_time: float
+    gap: float                # relative MIP gap reported by the solver (0 = proven optimal for the model)
+    status: str
+    solver: str
+    source: str               # which candidate won: milp | milp+refine | warm:<name>
+    n_vars: int = 0
+    n_constraints: int = 0
+    candidates: dict[str, float] = field(default_factory=dict)
+
+
+class OFPMModel:
+    """Precomputed arcs of the OFPM MILP for one (graph, cluster, cost model)."""
+
+    def __init__(self, gm: fx.GraphModule, cluster: Cluster, cost: CostModel | None = None,
+                 max_fuse: int = 12, ks: list[int] | None = None, whole_devices: list[str] | None = None,
+                 max_resplit: int = 4):
+        t0 = time.perf_counter()
+        self.gm, self.cluster = gm, cluster
+        self.cost = cost or CostModel(cluster)
+        self.ttime = LinkTimes(self.cost)
+        self.shared = cluster.shared_medium
+        self.max_fuse = max_fuse
+        self.max_resplit = max_resplit
+        self.units = make_units(gm)
+        self.U = len(self.units)
+        self.unit_of: dict[str, int] = {}
+        for u, unit in enumerate(self.units):
+            for n in unit.nodes:
+                self.unit_of[n.name] = u
+        self.nodes = {n.name: n for n in gm.graph.nodes}
+        self._ctime: dict[tuple, float] = {}
+        self._walks: dict[tuple, list] = {}
+        self._layouts: dict[tuple, list] = {}
+        self._live()
+        full = {d: sum(self.ctime(n, d, n.meta["rows"]) for u in self.units for n in u.nodes)
+                for d in cluster.names}
+        self.eff_speed = {d: 1.0 / max(t, 1e-12) for d, t in full.items()}
+        self._modes(ks, whole_devices)
+        self._mem()
+        self.arcs: list[Arc] = []
+        self._whole_arcs()
+        self._split_arcs()
+        self._relayout_arcs()
+        self.build_time = time.perf_counter() - t0
+
+    # --- structure ---------------------------------------------------------------------------------------
+    def _live(self) -> None:
+        """live[c]: tensors (name, bytes, rows) produced before cut c and used at or after it."""
+        U = self.U
+        first_use_after: dict[str, int] = {}
+        prod: dict[str, int] = {}
+        for n in self.gm.graph.nodes:
+            if n.op == "placeholder":
+                prod[n.name] = -1
+            elif n.name in self.unit_of:
+                prod[n.name] = self.unit_of[n.name]
+        last_use: dict[str, int] = {}
+        for n in self.gm.graph.nodes:
+            for p in n.all_input_nodes:
+                if p.name not in prod:
+                    continue
+                u = U if n.op == "output" else self.unit_of.get(n.name, U)
+                last_use[p.name] = max(last_use.get(p.name, -1), u)
+        self.live: list[list[tuple[str, int, int, bool]]] = [[] for _ in range(U + 1)]
+        for t, pu in prod.items():
+            lu = last_use.get(t)
+            if lu is None:
+                continue
+            meta = self.nodes[t].meta
+            for c in range(pu + 1, min(lu, U) + 1):
+                self.live[c].append((t, meta["bytes"], max(1, meta["rows"]), meta.get("shape") is not None))
+        del first_use_after
+
+    def _modes(self, ks, whole_devices) -> None:
+        cl = self.cluster
+        src = cl.source
+        ranked = sorted(cl.devices, key=lambda d: (-round(self.eff_speed[d.name], 9), d.name != src,
+                                                   cl.names.index(d.name)))
+        self.ranked = [d.name for d in ranked]
+        n = len(ranked)
+        if ks is None:
+            grid = (2, 3, 4, 5, 6, 7, 8, 10, 12, 16) if n <= 16 else (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+            ks = sorted({k for k in grid if k <= n} | {n})
+            ks = [k for k in ks if k >= 2]
+        self.ks = [k for k in ks if 2 <= k <= n]
+        if whole_devices is None:
+            whole_devices = self._device_classes()
+        self.whole_devices = list(whole_devices)
+        self.modes: list[tuple] = [("W", d) for d in self.whole_devices] + [("P", k) for k in self.ks]
+        self.mode_index = {m: i for i, m in enumerate(self.modes)}
+
+    def _device_classes(self) -> list[str]:
+        """One representative per class of interchangeable devices (same speed, memory, profile,
+        links), the source always its own class."""
+        cl = self.cluster
+        seen: dict[tuple, str] = {}
+        overridden = {o["a"] for o in cl.overrides} | {o["b"] for o in cl.overrides}
+        for d in cl.devices:
+            if d.name == cl.source or d.name in overridden:
+                key = ("own", d.name)
+            else:
+                key = (d.speed, d.memory_mb, d.profile)
+            seen.setdefault(key, d.name)
+        return list(seen.values())
+
+    def _mem(self) -> None:
+        self.unit_params = [sum(param_bytes(self.gm, n) for n in u.nodes) for u in self.units]
+        self.mem_cap = {d.name: d.memory_mb * 2 ** 20 for d in self.cluster.devices}
+        total = sum(self.unit_params)
+        self.mem_binding = [d for d, cap in self.mem_cap.items() if cap < total]
+
+    def P_devices(self, k: int) -> list[str]:
+        return self.ranked[:k]
+
+    # --- costs -------------------------------------------------------------------------------------------
+    def ctime(self, node: fx.Node, dev: str, rows: int) -> float:
+        key = (node.name, dev, rows)
+        v = self._ctime.get(key)
+        if v is None:
+            v = self.cost.compute_time(node, dev, rows) if rows > 0 else 0.0
+            self._ctime[key] = v
+        return v
+
+    def walk(self, j: int, a: int, b: int) -> list[tuple[dict, dict]]:
+        """Rows each node of units j-1, j-2, … computes for anchor rows [a, b) of unit j-1's last
+        node, as build_schedule's demand walk; per unit (backwards): ({node: (lo, hi)},
+        {input: (lo, hi)} read by the unit's nodes)."""
+        key = (j, a, b)
+        hit = self._walks.get(key)
+        if hit is not None:
+            return hit
+        anchor = self.units[j - 1].nodes[-1]
+        R = anchor.meta["rows"]
+        dem: dict[str, tuple[int, int]] = {}
+        out = []
+        u = j - 1
+        lo_unit = max(0, j - self.max_fuse)
+        while u >= lo_unit and self.units[u].splittable and self.units[u].run == self.units[j - 1].run:
+            unit_dem, unit_in = {}, {}
+            for n in reversed(self.units[u].nodes):
+                wants = []
+                external_user = False
+                for usr in n.users:
+                    uu = self.unit_of.get(usr.name)
+                    if uu is None or uu >= j:
+                        external_user = True
+                    elif usr.name in dem:
+                        lo, hi, _, _ = input_windows(usr, *dem[usr.name])[n.name]
+                        wants.append((lo, hi))
+                if n is anchor:
+                    wants.append((a, b))
+                elif external_user:
+                    rows = n.meta["rows"]
+                    wants.append(((rows * a) // R, (rows * b) // R))
+                wants = [(x, y) for x, y in wants if y > x]
+                if wants:
+                    dem[n.name] = (min(x for x, _ in wants), max(y for _, y in wants))
+                    unit_dem[n.name] = dem[n.name]
+                    for p, (lo, hi, _, _) in input_windows(n, *dem[n.name]).items():
+                        if self.nodes[p].op == "get_attr" or hi <= lo:
+                            continue
+                        if p in unit_in:
+                            unit_in[p] = (min(unit_in[p][0], lo), max(unit_in[p][1], hi))
+                        else:
+                            unit_in[p] = (lo, hi)
+            out.append((unit_dem, unit_in))
+            u -= 1
+        self._walks[key] = out
+        return out
+
+    def segment_device_cost(self, i: int, j: int, dev: str, a: int, b: int):
+        """(compute seconds, {external input: (lo, hi)}) of device dev with anchor rows [a, b)
+        in the split stage of units [i, j)."""
+        w = self.walk(j, a, b)
+        comp = 0.0
+        need: dict[str, tuple[int, int]] = {}
+        for k in range(j - i):
+            unit_dem, unit_in = w[k]
+            for name, (lo, hi) in unit_dem.items():
+                comp += self.ctime(self.nodes[name], dev, hi - lo)
+            for p, (lo, hi) in unit_in.items():
+                pu = self.unit_of.get(p, -1)
+                if i <= pu < j:
+                    continue
+                need[p] = (min(need[p][0], lo), max(need[p][1], hi)) if p in need else (lo, hi)
+        return comp, need
+
+    def split_stage_cost(self, i: int, j: int, slices: list[tuple[str, int, int]], from_mode: tuple):
+        """Makespan of a split stage of units [i, j) whose inputs are laid out by ``from_mode`` (W(d):
+        whole on d, a scatter; P(k): canonical row layout of the k best devices, so in the same
+        mode only halo rows move): pieces sent (sender NIC / medium FIFO), then compute.
+        Returns (makespan, per-device times)."""
+        return self._stage_cost([(dev,) + self.segment_device_cost(i, j, dev, a, b) for dev, a, b in slices],
+                                from_mode)
+
+    def _stage_cost(self, per_device, from_mode):
+        pieces = []
+        for dev, comp, need in per_device:
+            for p, (lo, hi) in need.items():
+                meta = self.nodes[p].meta
+                rows = max(1, meta["rows"])
+                owners = self.layout_owners(from_mode, rows)
+                pieces += _overlap_pieces(owners, [(dev, lo, hi)], meta["bytes"] / rows)
+        pieces.sort(key=lambda p: (p[0], p[1]))
+        arrive = pieces_time(pieces, self.ttime, self.shared)
+        times = {dev: arrive.get(dev, 0.0) + comp for dev, comp, _ in per_device}
+        return max(times.values()), times
+
+    # --- arcs --------------------------------------------------------------------------------------------
+    def _whole_arcs(self) -> None:
+        for c, unit in enumerate(self.units):
+            for d in self.whole_devices:
+                m = self.mode_index[("W", d)]
+                t = sum(self.ctime(n, d, n.meta["rows"]) for n in unit.nodes)
+                self.arcs.append(Arc("whole", c, m, c + 1, m, t, device=d, mem={d: self.unit_params[c]}))
+
+    def canonical_slices(self, rows: int, k: int) -> list[tuple[str, int, int]]:
+        """Layout P(k) of a tensor with ``rows`` rows: rows ∝ effective speed of the k best devices.
+        One fixed proportion per k keeps consecutive split stages aligned (only halo rows move)."""
+        devs = self.P_devices(k)
+        counts = share_rows(rows, [self.eff_speed[d] for d in devs])
+        out, at = [], 0
+        for d, c in zip(devs, counts):
+            if c > 0:
+                out.append((d, at, at + c))
+                at += c
+        return out
+
+    def _split_arcs(self) -> None:
+        for j in range(1, self.U + 1):
+            last = self.units[j - 1]
+            if not last.splittable or last.rows < 2:
+                continue
+            for i in range(j - 1, max(-1, j - 1 - self.max_fuse), -1):
+                if not self.units[i].splittable or self.units[i].run != last.run:
+                    break
+                params = sum(self.unit_params[i:j])
+                for k in self.ks:
+                    slices = self.canonical_slices(last.rows, k)
+                    if len(slices) < 2:
+                        continue
+                    m = self.mode_index[("P", k)]
+                    mem = {d: params for d, _, _ in slices}
+                    per_device = [(dev,) + self.segment_device_cost(i, j, dev, a, b) for dev, a, b in slices]
+                    for m0, mode in enumerate(self.modes):
+                        if mode[0] == "P" and mode[1] != k and (j - i > self.max_resplit or
+                                                                abs(self.ks.index(mode[1]) - self.ks.index(k)) > 1):
+                            continue
+                        span, _ = self._stage_cost(per_device, mode)
+                        self.arcs.append(Arc("split", i, m0, j, m, span, slices=slices, mem=mem))
+
+    def layout_owners(self, mode: tuple, rows: int) -> list[tuple[str, int, int]]:
+        if mode[0] == "W":
+            return [(mode[1], 0, rows)]
+        key = (mode[1], rows)
+        hit = self._layouts.get(key)
+        if hit is None:
+            hit = self._layouts[key] = self.canonical_slices(rows, mode[1])
+        return hit
+
+    def relayout_cost(self, c: int, m0: tuple, m1: tuple) -> float | None:
+        pieces = []
+        for t, nbytes, rows, movable in self.live[c]:
+            own = self.layout_owners(m0, rows)
+            need = self.layout_owners(m1, rows)
+            ps = _overlap_pieces(own, need, nbytes / rows)
+            if ps and not movable:
+                return None
+            pieces += ps
+        pieces.sort(key=lambda p: (p[0], p[1]))
+        arrive = pieces_time(pieces, self.ttime, self.shared)
+        return max(arrive.values(), default=0.0)
+
+    def _relayout_arcs(self) -> None:
+        for c in range(self.U + 1):
+            for a, m0 in enumerate(self.modes):
+                for b, m1 in enumerate(self.modes):
+                    if a == b or m1[0] != "W":    # into a split layout only through a split stage
+                        continue
+                    t = self.relayout_cost(c, m0, m1)
+                    if t is not None:
+                        self.arcs.append(Arc("relayout", c, a, c, b, t))
+
+    # --- the MILP ----------------------------------------------------------------------------------------
+    def solve(self, time_limit: float = 10.0, gap: float = 1e-4, solver: str = "highs", msg: bool = False):
+        """Solve; returns (chosen arcs in path order, objective, solve seconds, mip gap, status, solver)."""
+        prob = pulp.LpProblem("ofpm", pulp.LpMinimize)
+        x = [pulp.LpVariable(f"x{i}", cat="Binary") for i in range(len(self.arcs))]
+        prob += pulp.lpSum(a.cost * v for a, v in zip(self.arcs, x))
+        src_state = (0, self.mode_index[("W", self.cluster.source)])
+        dst_state = (self.U, self.mode_index[("W", self.cluster.source)])
+        out_arcs: dict[tuple, list] = {}
+        in_arcs: dict[tuple, list] = {}
+        for a, v in zip(self.arcs, x):
+            out_arcs.setdefault((a.c0, a.m0), []).append(v)
+            in_arcs.setdefault((a.c1, a.m1), []).append(v)
+        for s in set(out_arcs) | set(in_arcs):
+            rhs = (1 if s == src_state else 0) - (1 if s == dst_state else 0)
+            prob += (pulp.lpSum(out_arcs.get(s, [])) - pulp.lpSum(in_arcs.get(s, [])) == rhs), f"flow_{s[0]}_{s[1]}"
+        # each re-layout at most once per cut (no cycles of re-layouts)
+        for d in self.mem_binding:
+            terms = [a.mem[d] * v for a, v in zip(self.arcs, x) if a.mem.get(d)]
+            if terms:
+                prob += pulp.lpSum(terms) <= self.mem_cap[d], f"mem_{d}"
+        solvers = []
+        if solver in ("highs", "auto"):
+            solvers.append(("HiGHS", lambda: pulp.HiGHS(msg=msg, timeLimit=time_limit, gapRel=gap)))
+            solvers.append(("HiGHS_CMD", lambda: pulp.HiGHS_CMD(msg=msg, timeLimit=time_limit, gapRel=gap)))
+        solvers.append(("CBC", lambda: pulp.PULP_CBC_CMD(msg=msg, timeLimit=time_limit, gapRel=gap)))
+        t0 = time.perf_counter()
+        used, status = None, "not solved"
+        for name, make in solvers:
+            try:
+                s = make()
+                if not s.available():
+                    continue
+                prob.solve(s)
+                used = name
+                status = pulp.LpStatus[prob.status]
+                break
+            except Exception:   # noqa: BLE001 — try the next solver
+                continue
+        solve_time = time.perf_counter() - t0
+        if used is None or prob.status != pulp.LpStatusOptimal and prob.sol_status not in (1, 2):
+            raise RuntimeError(f"OFPM MILP not solved ({status})")
+        chosen = [a for a, v in zip(self.arcs, x) if (v.value() or 0) > 0.5]
+        obj = sum(a.cost for a in chosen)
+        mip_gap = _mip_gap(prob, used, obj)
+        self.n_vars, self.n_constraints = len(x), len(prob.constraints)
+        return self.order_path(chosen, src_state), obj, solve_time, mip_gap, status, used
+
+    def order_path(self, chosen: list[Arc], start) -> list[Arc]:
+        by_state: dict[tuple, list[Arc]] = {}
+        for a in chosen:
+            by_state.setdefault((a.c0, a.m0), []).append(a)
+        path, s = [], start
+        while s in by_state and by_state[s]:
+            a = by_state[s].pop()
+            path.append(a)
+            s = (a.c1, a.m1)
+        return path   # (cycles disjoint from the path have cost ≥ 0 and are dropped)
+
+    def plan_from_path(self, path: list[Arc], name: str = "ofpm") -> Plan:
+        stages: list[Stage] = []
+        for a in path:
+            if a.kind == "relayout":
+                continue
+            names = [n.name for u in self.units[a.c0:a.c1] for n in u.nodes]
+            if a.kind == "whole" or len(a.slices) < 2:
+                dev = a.device if a.kind == "whole" else a.slices[0][0]
+                if stages and stages[-1].kind == "whole" and stages[-1].device == dev:
+                    stages[-1].nodes += names
+                else:
+                    stages.append(Stage("whole", names, device=dev))
+            else:
+                stages.append(Stage("split", names, slices=list(a.slices)))
+        return Plan(stages, name)
+
+    def path_cost(self, path: list[Arc]) -> float:
+        return sum(a.cost for a in path)
+
+
+def _mip_gap(prob, used: str, obj: float) -> float:
+    """Relative MIP gap from the solver when it reports one (HiGHS), else 0 for 'Optimal'."""
+    try:
+        solver_model = getattr(prob, "solverModel", None)
+        if solver_model is not None and hasattr(solver_model, "getInfo"):
+            info = solver_model.getInfo()
+            g = getattr(info, "mip_gap", None)
+            if g is not None and math.isfinite(g):
+                return max(0.0, float(g))
+    except Exception:   # noqa: BLE001
+        pass
+    return 0.0 if pulp.LpStatus[prob.status] == "Optimal" else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# exact evaluation and refinement
+
+
+def simulated_latency(gm, plan, cluster, cost) -> float:
+    return simulate(build_schedule(gm, plan, cluster), cluster, cost, gm=gm).latency
+
+
+def refine_slices(gm, plan: Plan, cluster: Cluster, cost: CostModel, budget_s: float = 1.0) -> tuple[Plan, float]:
+    """Local search on the exact simulator: move one slice boundary of one split stage by ±1 row
+    (or more), keep a move when the simulated latency drops; stops at the time budget."""
+    best = simulated_latency(gm, plan, cluster, cost)
+    t_end = time.perf_counter() + budget_s
+    improved = True
+    stages = [Stage(s.kind, list(s.nodes), s.device, list(s.slices)) for s in plan.stages]
+    while improved and time.perf_counter() < t_end:
+        improved = False
+        for si, st in enumerate(stages):
+            if st.kind != "split":
+                continue
+            for bi in range(len(st.slices) - 1):
+                for step in (1, -1, 2, -2):
+                    if time.perf_counter() >= t_end:
+                        break
+                    sl = list(st.slices)
+                    d0, a0, b0 = sl[bi]
+                    d1, a1, b1 = sl[bi + 1]
+                    nb = b0 + step
+                    if not (a0 < nb < b1):
+                        continue
+                    sl[bi], sl[bi + 1] = (d0, a0, nb), (d1, nb, b1)
+                    trial = list(stages)
+                    trial[si] = Stage("split", st.nodes, slices=sl)
+                    lat = simulated_latency(gm, Plan(trial, plan.strategy), cluster, cost)
+                    if lat < best - 1e-12:
+                        best, stages, st = lat, trial, trial[si]
+                        improved = True
+                        break
+    return Plan(stages, plan.strategy), best
+
+
+def warm_start_plans(gm, cluster) -> dict[str, Plan]:
+    """Simple and baseline plans the MILP plan is compared against (by exact simulation)."""
+    from edgepart.compiler import planners
+    out = {}
+    for name, fn in planners.STRATEGIES.items():
+        if name == "ofpm":
+            continue
+        try:
+            out[name] = fn(gm, cluster)
+        except Exception:   # noqa: BLE001 — a strategy that cannot plan this graph is skipped
+            continue
+    return out
+
+
+def solve_ofpm(gm: fx.GraphModule, cluster: Cluster, cost: CostModel | None = None, *, time_limit: float = 10.0,
+               gap: float = 1e-4, max_fuse: int = 12, ks: list[int] | None = None, refine_s: float = 1.0,
+               warm_start: dict[str, Plan] | bool = True, solver: str = "highs") -> OFPMResult:
+    t0 = time.perf_counter()
+    cost = cost or CostModel(cluster)
+    model = OFPMModel(gm, cluster, cost, max_fuse=max_fuse, ks=ks)
+    path, obj, solve_time, mip_gap, status, used = model.solve(time_limit=time_limit, gap=gap, solver=solver)
+    milp_plan = model.plan_from_path(path)
+    milp_sim = simulated_latency(gm, milp_plan, cluster, cost)
+    cands = {"milp": (milp_plan, milp_sim)}
+    if refine_s > 0 and any(s.kind == "split" for s in milp_plan.stages):
+        rp, rl = refine_slices(gm, milp_plan, cluster, cost, refine_s)
+        cands["milp+refine"] = (rp, rl)
+    if warm_start:
+        plans = warm_start if isinstance(warm_start, dict) else warm_start_plans(gm, cluster)
+        for name, p in plans.items():
+            try:
+                cands[f"warm:{name}"] = (p, simulated_latency(gm, p, cluster, cost))
+            except Exception:   # noqa: BLE001
+                continue
+    best_name = min(cands, key=lambda k: (cands[k][1], k != "milp"))
+    plan = cands[best_name][0]
+    plan = Plan(plan.stages, "ofpm")
+    return OFPMResult(plan, cands[best_name][1], obj, milp_sim, solve_time, model.build_time,
+                      time.perf_counter() - t0, mip_gap, status, used, best_name, model.n_vars,
+                      model.n_constraints, {k: v[1] for k, v in cands.items()})
+
+
+LAST_RESULT: OFPMResult | None = None
+
+
+def plan_ofpm(gm: fx.GraphModule, cluster: Cluster) -> Plan:
+    """``strategy="ofpm"``: the MILP plan (or a better warm-start plan, by exact simulation)."""
+    global LAST_RESULT
+    LAST_RESULT = solve_ofpm(gm, cluster)
+    return LAST_RESULT.plan
+
+
+def register() -> None:
+    from edgepart.compiler.planners import register_strategy
+    register_strategy("ofpm", plan_ofpm)
+
+
+register()
