@@ -1,0 +1,212 @@
+"""A cluster of worker processes on this machine (loopback), the embedded default.
+
+    with edgepart.LocalCluster(bundle) as c:        # one worker process per device, deployed
+        y = c.infer(x)
+        ys = c.infer_many(xs)
+        c.pids                                       # {device: pid}
+
+Every worker runs in its own process group and watches this process, so nothing
+outlives the cluster: ``close()`` (also called on error, at exit, and by ``with``)
+terminates the groups, and a worker whose parent vanished exits by itself.
+``emulate=True`` shapes CPU and links from the manifest's cluster (see emulate.py).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from pathlib import Path
+
+from edgepart.errors import EdgepartError
+from edgepart.runtime.client import Session, bundle_dir_of
+from edgepart.runtime.protocol import as_key
+
+_REPO_ROOT = str(Path(__file__).resolve().parents[2])
+_live: "weakref.WeakSet[LocalCluster]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for c in list(_live):
+        try:
+            c.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class LocalCluster:
+    def __init__(self, bundle_or_dir, emulate: bool = False, key=None, threads: int = 1,
+                 startup_timeout: float = 60.0, log_dir: str | os.PathLike | None = None, **session_kw):
+        from edgepart.compiler.bundle import read_manifest
+        self.dir, self._tmp_bundle = bundle_dir_of(bundle_or_dir)
+        self.manifest = read_manifest(self.dir)
+        self.devices = list(self.manifest["devices"])
+        self.key = as_key(key) if key is not None else os.urandom(32)
+        self.threads = threads
+        self.startup_timeout = startup_timeout
+        self.session_kw = session_kw
+        self.tmp = Path(tempfile.mkdtemp(prefix="edgepart-local-"))
+        self.log_dir = Path(log_dir) if log_dir else self.tmp / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.key_file = self.tmp / "key"
+        fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.key.hex())
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.endpoints: dict[str, str] = {}
+        self.session: Session | None = None
+        self.emulator = None
+        self.closed = False
+        _live.add(self)
+        try:
+            if emulate:
+                from edgepart.runtime.emulate import Emulator
+                self.emulator = Emulator(self.manifest)
+            for d in self.devices:
+                self._spawn(d, 0)
+            self.session = self.connect()
+        except BaseException:
+            self.close()
+            raise
+
+    # --- processes -----------------------------------------------------------------------
+    def _spawn(self, device: str, port: int) -> None:
+        host = self.emulator.host(device) if self.emulator else "127.0.0.1"
+        cmd = [sys.executable, "-m", "edgepart.runtime.worker", "--listen", f"{host}:{port}",
+               "--key-file", str(self.key_file), "--workdir", str(self.tmp / "work" / device),
+               "--threads", str(self.threads), "--exit-with-parent", str(os.getpid())]
+        if self.emulator:
+            cmd = self.emulator.wrap(device, cmd)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = _REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.setdefault("OMP_NUM_THREADS", str(self.threads))
+        log = open(self.log_dir / f"{device}.log", "ab")
+        try:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True)
+        finally:
+            log.close()
+        self.procs[device] = proc
+        line = b""
+        deadline = time.monotonic() + self.startup_timeout
+        while not line.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or proc.poll() is not None:
+                break
+            r, _, _ = select.select([proc.stdout], [], [], min(left, 0.5))
+            if r:
+                ch = proc.stdout.read1(4096) if hasattr(proc.stdout, "read1") else proc.stdout.read(1)
+                if not ch:
+                    break
+                line += ch
+        proc.stdout.close()
+        text = line.decode(errors="replace").strip()
+        if not text.startswith("edgepart worker listening on "):
+            tail = (self.log_dir / f"{device}.log").read_text(errors="replace")[-2000:]
+            raise EdgepartError(f"worker for device {device!r} did not start (exit code {proc.poll()}); "
+                                f"its log:\n{tail}")
+        self.endpoints[device] = text.rsplit(" ", 1)[1]
+        if self.emulator:
+            self.emulator.attach(device, proc.pid)
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {d: p.pid for d, p in self.procs.items()}
+
+    def connect(self, **kw) -> Session:
+        """A new session (client) to this cluster's workers; deploys idempotently."""
+        peer = self.emulator.peer_endpoints(self.endpoints) if self.emulator else None
+        return Session(self.dir, self.endpoints, self.key, peer_endpoints=peer, **{**self.session_kw, **kw})
+
+    def kill(self, device: str, sig: int = signal.SIGKILL) -> None:
+        """Kill one device's worker (for failure tests)."""
+        proc = self.procs[device]
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+
+    def restart(self, device: str) -> None:
+        """Start the device's worker again on the same address (the session redeploys it on its next request)."""
+        proc = self.procs.get(device)
+        if proc is not None and proc.poll() is None:
+            self.kill(device)
+        port = int(self.endpoints[device].rsplit(":", 1)[1])
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self._spawn(device, port)
+                return
+            except EdgepartError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    # --- requests --------------------------------------------------------------------------
+    def infer(self, *inputs, **kw):
+        return self.session.infer(*inputs, **kw)
+
+    def infer_many(self, xs, **kw):
+        return self.session.infer_many(xs, **kw)
+
+    def submit(self, *inputs):
+        return self.session.submit(*inputs)
+
+    def stats(self) -> dict:
+        return self.session.stats()
+
+    # --- teardown ----------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.session is not None:
+            try:
+                self.session.close()
+            except Exception:  # noqa: BLE001
+                pass
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 3.0
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(5)
+        if self.emulator is not None:
+            self.emulator.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self._tmp_bundle:
+            shutil.rmtree(self._tmp_bundle, ignore_errors=True)
+        _live.discard(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
