@@ -195,7 +195,7 @@ class OFPMModel:
 
     def __init__(self, gm: fx.GraphModule, cluster: Cluster, cost: CostModel | None = None,
                  max_fuse: int = 12, ks: list[int] | None = None, whole_devices: list[str] | None = None,
-                 max_resplit: int = 4):
+                 max_resplit: int = 4, build: bool = True):
         t0 = time.perf_counter()
         self.gm, self.cluster = gm, cluster
         self.cost = cost or CostModel(cluster)
@@ -220,9 +220,10 @@ class OFPMModel:
         self._modes(ks, whole_devices)
         self._mem()
         self.arcs: list[Arc] = []
-        self._whole_arcs()
-        self._split_arcs()
-        self._relayout_arcs()
+        if build:
+            self._whole_arcs()
+            self._split_arcs()
+            self._relayout_arcs()
         self.build_time = time.perf_counter() - t0
 
     # --- structure ---------------------------------------------------------------------------------------
@@ -542,6 +543,52 @@ class OFPMModel:
         return sum(a.cost for a in path)
 
 
+def dag_shortest_path(model: OFPMModel) -> tuple[list[Arc], float]:
+    """Exact shortest path over the model's arcs by dynamic programming (ignores memory constraints).
+    Cut by cut: split-layout states first, then re-layouts among whole layouts relaxed to a fixed
+    point (they may chain), then the arcs leaving the cut. The reference the MILP is checked
+    against, and AOFL's DP."""
+    out: dict[tuple, list[Arc]] = {}
+    for a in model.arcs:
+        out.setdefault((a.c0, a.m0), []).append(a)
+    src = (0, model.mode_index[("W", model.cluster.source)])
+    dst = (model.U, model.mode_index[("W", model.cluster.source)])
+    best: dict[tuple, float] = {src: 0.0}
+    back: dict[tuple, Arc] = {}
+
+    def relax(a: Arc) -> bool:
+        s, t = (a.c0, a.m0), (a.c1, a.m1)
+        if s not in best:
+            return False
+        v = best[s] + a.cost
+        if v < best.get(t, math.inf) - 1e-15:
+            best[t], back[t] = v, a
+            return True
+        return False
+
+    P = [m for m, mode in enumerate(model.modes) if mode[0] == "P"]
+    W = [m for m, mode in enumerate(model.modes) if mode[0] == "W"]
+    for c in range(model.U + 1):
+        for m in P:
+            for a in out.get((c, m), []):
+                relax(a)
+        for _ in range(len(W)):
+            if not any([relax(a) for m in W for a in out.get((c, m), []) if a.kind == "relayout"]):
+                break
+        for m in W:
+            for a in out.get((c, m), []):
+                if a.kind != "relayout":
+                    relax(a)
+    if dst not in best:
+        raise RuntimeError("no path through the OFPM state graph")
+    path, s = [], dst
+    while s != src:
+        a = back[s]
+        path.append(a)
+        s = (a.c0, a.m0)
+    return path[::-1], best[dst]
+
+
 def _mip_gap(prob, used: str, obj: float) -> float:
     """Relative MIP gap from the solver when it reports one (HiGHS), else 0 for 'Optimal'."""
     try:
@@ -599,7 +646,7 @@ def refine_slices(gm, plan: Plan, cluster: Cluster, cost: CostModel, budget_s: f
 
 def warm_start_plans(gm, cluster) -> dict[str, Plan]:
     """Simple and baseline plans the MILP plan is compared against (by exact simulation)."""
-    from edgepart.compiler import planners
+    from edgepart.compiler import baselines, planners  # noqa: F401 — registers the baselines
     out = {}
     for name, fn in planners.STRATEGIES.items():
         if name == "ofpm":

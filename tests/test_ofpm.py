@@ -1,0 +1,191 @@
+"""OFPM MILP: optimum == brute force, prediction == simulator, memory limits, scale."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import edgepart.compiler.baselines  # noqa: F401 — registers the baselines (warm start)
+from edgepart.cluster import Cluster, Device
+from edgepart.compiler.cost import CostModel
+from edgepart.compiler.ofpm import OFPMModel, dag_shortest_path, simulated_latency, solve_ofpm
+from edgepart.compiler.plan import Plan, Stage
+from edgepart.compiler.schedule import build_schedule
+from edgepart.compiler.simulator import simulate
+from edgepart.compiler.trace import trace
+from edgepart.passes import analyse
+
+
+class Tiny(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, c, 3, padding=1)
+        self.c2 = nn.Conv2d(c, c, 3, padding=1)
+        self.p = nn.MaxPool2d(2)
+        self.c3 = nn.Conv2d(c, 4, 3, padding=1)
+        self.gap = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(4 * 2 * 2, 5)
+
+    def forward(self, x):
+        y = self.p(torch.relu(self.c2(torch.relu(self.c1(x)))))
+        return self.fc(torch.flatten(self.gap(self.c3(y)), 1))
+
+
+def tiny_graph(rows=8, c=8):
+    torch.manual_seed(0)
+    m = Tiny(c).eval()
+    x = torch.randn(1, 3, rows, rows)
+    gm = trace(m, (x,))
+    analyse(gm)
+    return gm
+
+
+def brute_force_paths(model: OFPMModel) -> float:
+    """Enumerate every path from (0, W(source)) to (U, W(source)) in the state graph (two re-layouts
+    in a row are never needed with uniform links: a direct move is never slower)."""
+    out = {}
+    for a in model.arcs:
+        out.setdefault((a.c0, a.m0), []).append(a)
+    src = (0, model.mode_index[("W", model.cluster.source)])
+    dst = (model.U, model.mode_index[("W", model.cluster.source)])
+    best = math.inf
+    stack = [(src, 0.0, False)]
+    while stack:
+        s, cost, relaid = stack.pop()
+        if s == dst:
+            best = min(best, cost)
+        for a in out.get(s, []):
+            if a.kind == "relayout" and relaid:
+                continue
+            stack.append(((a.c1, a.m1), cost + a.cost, a.kind == "relayout"))
+    return best
+
+
+CLUSTERS = [
+    lambda: Cluster.homogeneous(2, bandwidth_mbps=100),
+    lambda: Cluster.heterogeneous([1.0, 3.0], bandwidth_mbps=10),
+    lambda: Cluster.heterogeneous([1.0, 2.0, 4.0], bandwidth_mbps=1000, latency_ms=0.1),
+    lambda: Cluster([Device("a", 1.0), Device("b", 2.0), Device("c", 2.0)],
+                    {"bandwidth_mbps": 50, "latency_ms": 0.5}, shared_medium=True),
+]
+
+
+@pytest.mark.parametrize("make", CLUSTERS)
+def test_milp_optimum_equals_brute_force(make):
+    gm = tiny_graph()
+    cl = make()
+    model = OFPMModel(gm, cl, max_fuse=3)
+    path, obj, _, gap, status, _ = model.solve(time_limit=20)
+    assert status == "Optimal"
+    bf = brute_force_paths(model)
+    dp_path, dp = dag_shortest_path(model)
+    assert obj == pytest.approx(bf, rel=1e-9, abs=1e-12)
+    assert dp == pytest.approx(bf, rel=1e-9, abs=1e-12)
+    assert model.path_cost(path) == pytest.approx(obj, rel=1e-9)
+
+
+def all_plans(gm, cl, model: OFPMModel):
+    """Every plan of the OFPM plan space on a tiny graph: segmentations of the units, each segment
+    whole on any device or split over the k best devices with the canonical slices."""
+    U = model.U
+    for cuts in itertools.product([0, 1], repeat=U - 1):
+        bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [U]
+        segs = list(zip(bounds, bounds[1:]))
+        options = []
+        for i, j in segs:
+            names = [n.name for u in model.units[i:j] for n in u.nodes]
+            opts = [Stage("whole", names, device=d) for d in cl.names]
+            if all(u.splittable for u in model.units[i:j]) and model.units[j - 1].rows >= 2:
+                for k in model.ks:
+                    sl = model.canonical_slices(model.units[j - 1].rows, k)
+                    if len(sl) >= 2:
+                        opts.append(Stage("split", names, slices=sl))
+            options.append(opts)
+        for combo in itertools.product(*options):
+            yield Plan([Stage(s.kind, list(s.nodes), s.device, list(s.slices)) for s in combo])
+
+
+@pytest.mark.parametrize("make", CLUSTERS[:3])
+def test_ofpm_close_to_exhaustive_search_by_simulation(make):
+    """Exhaustive search of the plan space with the simulator: ofpm (MILP + refinement + warm
+    start) is within 10 % of the best plan there, and never worse than the best whole-stage plan."""
+    gm = tiny_graph()
+    cl = make()
+    cost = CostModel(cl)
+    model = OFPMModel(gm, cl, max_fuse=3, build=False)
+    best = math.inf
+    best_vertical = math.inf
+    for plan in all_plans(gm, cl, model):
+        lat = simulated_latency(gm, plan, cl, cost)
+        best = min(best, lat)
+        if all(s.kind == "whole" for s in plan.stages):
+            best_vertical = min(best_vertical, lat)
+    res = solve_ofpm(gm, cl, cost, max_fuse=3)
+    assert res.predicted <= best_vertical + 1e-12
+    assert res.predicted <= best * 1.10
+
+
+@pytest.mark.parametrize("make", CLUSTERS)
+def test_predicted_equals_simulator(make):
+    gm = tiny_graph(16)
+    cl = make()
+    cost = CostModel(cl)
+    res = solve_ofpm(gm, cl, cost)
+    sim = simulate(build_schedule(gm, res.plan, cl), cl, cost, gm=gm)
+    assert res.predicted == pytest.approx(sim.latency, rel=1e-12)
+    assert res.milp_simulated >= res.predicted - 1e-12
+
+
+def test_objective_equals_simulator_for_vertical_plans():
+    """Whole stages only (offloading to a fast server over a slow link): no barrier, no layout
+    approximation — the MILP objective is exactly the simulated latency of its plan."""
+    gm = tiny_graph(16, c=16)
+    cl = Cluster.heterogeneous([0.05, 4.0], bandwidth_mbps=20, latency_ms=0.5)
+    cost = CostModel(cl)
+    model = OFPMModel(gm, cl, ks=[])           # no split layouts: vertical partitioning only
+    path, obj, *_ = model.solve()
+    plan = model.plan_from_path(path)
+    assert all(s.kind == "whole" for s in plan.stages)
+    assert {s.device for s in plan.stages} == {"d0", "d1"} or len(plan.stages) == 1
+    assert obj == pytest.approx(simulated_latency(gm, plan, cl, cost), rel=1e-9)
+
+
+def test_objective_close_to_simulator_on_split_plans():
+    gm = tiny_graph(32, c=16)
+    cl = Cluster.homogeneous(3, bandwidth_mbps=1000, latency_ms=0.05, speed=0.02)
+    cost = CostModel(cl)
+    model = OFPMModel(gm, cl)
+    path, obj, *_ = model.solve()
+    plan = model.plan_from_path(path)
+    assert any(s.kind == "split" for s in plan.stages)
+    sim = simulated_latency(gm, plan, cl, cost)
+    assert abs(obj - sim) / sim < 0.15
+
+
+def test_memory_limit_respected():
+    gm = tiny_graph(16, c=32)
+    fast_small = Device("d1", speed=50.0, memory_mb=0.02)     # 20 KiB: cannot hold c2's weights
+    cl = Cluster([Device("d0", 1.0), fast_small], {"bandwidth_mbps": 1000, "latency_ms": 0.01})
+    model = OFPMModel(gm, cl)
+    assert "d1" in model.mem_binding
+    path, *_ = model.solve()
+    used = sum(model.unit_params[u] for a in path for u in range(a.c0, a.c1)
+               if a.kind != "relayout" and (a.device == "d1" or any(d == "d1" for d, _, _ in a.slices)))
+    assert used <= 0.02 * 2 ** 20
+
+
+def test_resnet50_8_heterogeneous_gap_and_time():
+    from edgepart import models
+    m, (x,) = models.get("resnet50")
+    gm = trace(m, (x,))
+    analyse(gm)
+    cl = Cluster.heterogeneous([1.0, 2.0, 4.0, 1.5, 3.0, 2.5, 1.0, 5.0], bandwidth_mbps=100)
+    model = OFPMModel(gm, cl)
+    path, obj, solve_s, gap, status, solver = model.solve(time_limit=10)
+    assert solve_s <= 10.0 + 1.0
+    assert gap <= 0.01
+    _, dp = dag_shortest_path(model)
+    assert obj <= dp * 1.01 + 1e-12
