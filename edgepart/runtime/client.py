@@ -77,6 +77,7 @@ def bundle_dir_of(bundle_or_dir) -> tuple[Path, Any]:
             import tempfile
             tmp = tempfile.mkdtemp(prefix="edgepart-bundle-")
             bundle_or_dir.save(tmp)
+            bundle_or_dir.dir = None          # the temp copy is ours (removed on close), not the bundle's home
             return Path(tmp), tmp
         return Path(bundle_or_dir.dir), None
     return Path(bundle_or_dir), None

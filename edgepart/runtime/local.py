@@ -42,8 +42,9 @@ def _close_all() -> None:
 
 
 class LocalCluster:
-    def __init__(self, bundle_or_dir, emulate: bool = False, key=None, threads: int = 1,
-                 startup_timeout: float = 60.0, log_dir: str | os.PathLike | None = None, **session_kw):
+    def __init__(self, bundle_or_dir, emulate: bool | str = False, key=None, threads: int = 1,
+                 startup_timeout: float = 60.0, log_dir: str | os.PathLike | None = None,
+                 time_scale: float | None = None, **session_kw):
         from edgepart.compiler.bundle import read_manifest
         self.dir, self._tmp_bundle = bundle_dir_of(bundle_or_dir)
         self.manifest = read_manifest(self.dir)
@@ -68,7 +69,8 @@ class LocalCluster:
         try:
             if emulate:
                 from edgepart.runtime.emulate import Emulator
-                self.emulator = Emulator(self.manifest)
+                self.emulator = Emulator(self.manifest, time_scale=time_scale,
+                                         mode=emulate if isinstance(emulate, str) else None)
             for d in self.devices:
                 self._spawn(d, 0)
             self.session = self.connect()
@@ -94,6 +96,8 @@ class LocalCluster:
         finally:
             log.close()
         self.procs[device] = proc
+        if self.emulator:
+            self.emulator.attach(device, proc.pid)
         line = b""
         deadline = time.monotonic() + self.startup_timeout
         while not line.endswith(b"\n"):
@@ -112,9 +116,17 @@ class LocalCluster:
             tail = (self.log_dir / f"{device}.log").read_text(errors="replace")[-2000:]
             raise EdgepartError(f"worker for device {device!r} did not start (exit code {proc.poll()}); "
                                 f"its log:\n{tail}")
-        self.endpoints[device] = text.rsplit(" ", 1)[1]
-        if self.emulator:
-            self.emulator.attach(device, proc.pid)
+        addr = text.rsplit(" ", 1)[1]
+        self.endpoints[device] = self.emulator.client_endpoint(device, addr) if self.emulator else addr
+
+    @property
+    def time_scale(self) -> float:
+        """Emulated durations are target durations / time_scale (1.0 without emulation)."""
+        return self.emulator.time_scale if self.emulator else 1.0
+
+    @property
+    def emulation(self) -> str:
+        return self.emulator.describe() if self.emulator else "none"
 
     @property
     def pids(self) -> dict[str, int]:

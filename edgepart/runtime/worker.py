@@ -51,7 +51,7 @@ class Shaper:
     def __init__(self, bandwidth_mbps: float | None, latency_ms: float):
         self.rate = bandwidth_mbps * 1e6 / 8 if bandwidth_mbps else None   # bytes / s
         self.latency = latency_ms / 1e3
-        self.burst = 64 * 1024
+        self.burst = 16 * 1024
         self.tokens = float(self.burst)
         self.t = time.monotonic()
 

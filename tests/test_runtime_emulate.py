@@ -1,0 +1,99 @@
+"""Testbed emulation: cgroup CPU quotas and tc-shaped veth links (root), or the in-process limiter (no root)."""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import time
+
+import pytest
+import torch
+
+import edgepart
+from edgepart import models as zoo
+from edgepart.runtime.emulate import netns_available
+from tests.conftest import assert_close
+
+pytestmark = pytest.mark.timeout(120)
+BW = 20.0          # Mbit/s on every link: transfers dominate the request time
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    model, (x,) = zoo.get("tinynet", input_size=96)
+    cl = edgepart.Cluster.from_dict({
+        "devices": [{"name": "a", "speed": 1.0}, {"name": "b", "speed": 0.5}],
+        "links": {"default": {"bandwidth_mbps": BW, "latency_ms": 2.0}}})
+    d = tmp_path_factory.mktemp("emu")
+    b = edgepart.compile(model, (x,), cl, strategy="even")
+    b.save(d)
+    return model.eval(), x, d, b.manifest
+
+
+def link_bound_s(manifest, scale):
+    """A lower bound on one request's time: the bytes its busiest link carries / the link's (scaled) bandwidth."""
+    per_link = {}
+    for t in manifest["transfers"]:
+        k = (t[3], t[4])                     # links are full duplex: each direction is shaped on its own
+        per_link[k] = per_link.get(k, 0) + t[5]
+    return max(per_link.values()) * 8 / (BW * scale * 1e6)
+
+
+def measure(c, x, n=5):
+    c.infer(x)
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        c.infer(x)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def sh(cmd):
+    return subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not netns_available()[0], reason=f"netns emulation unavailable: {netns_available()[1]}")
+def test_netns_cgroup_testbed_shapes_and_cleans_up(bundle):
+    model, x, d, manifest = bundle
+    with edgepart.LocalCluster(d, emulate=True) as c:
+        emu = c.emulator
+        assert emu.mode == "netns"
+        s = c.time_scale
+        for dev, pid in c.pids.items():            # each worker in its own cgroup with a quota from its speed
+            cg = emu.cgroups[dev]
+            assert str(pid) in open(os.path.join(cg, "cgroup.procs")).read().split()
+            quota = int(open(os.path.join(cg, "cpu.cfs_quota_us")).read())
+            assert quota == int(emu.speed[dev] * s * 100_000)
+            assert f"/proc/{pid}/ns/net" and os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+            assert "tbf" in sh(f"ip netns exec {emu.ns[dev]} tc qdisc show")
+        y = c.infer(x)
+        with torch.no_grad():
+            assert_close(y, model(x))
+        t = measure(c, x)
+        bound = link_bound_s(manifest, s)
+        print(f"netns: {t * 1e3:.1f} ms, link bound {bound * 1e3:.1f} ms")
+        assert t >= 0.8 * bound, f"request took {t * 1e3:.1f} ms, below the link bound {bound * 1e3:.1f} ms"
+        assert t <= 3 * bound + 0.2, f"request took {t * 1e3:.1f} ms, link bound {bound * 1e3:.1f} ms"
+        names = list(emu.ns.values())
+        cgs = list(emu.cgroups.values())
+    left = sh("ip netns list")
+    assert not any(n in left for n in names), left
+    assert not any(os.path.exists(p) for p in cgs)
+    assert f"ep{emu.tag}" not in sh("ip link show")
+
+
+def test_inprocess_limiter_without_root(bundle):
+    model, x, d, manifest = bundle
+    with pytest.warns(RuntimeWarning, match="CPU speeds are NOT emulated"):
+        c = edgepart.LocalCluster(d, emulate="inprocess")
+    with c:
+        assert c.emulator.mode == "inprocess" and c.time_scale == 1.0
+        y = c.infer(x)
+        with torch.no_grad():
+            assert_close(y, model(x))
+        t = measure(c, x)
+        bound = link_bound_s(manifest, 1.0)
+        print(f"inprocess: {t * 1e3:.1f} ms, link bound {bound * 1e3:.1f} ms")
+        assert 0.8 * bound <= t <= 3 * bound + 0.2, (t, bound)
