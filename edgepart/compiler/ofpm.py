@@ -6,45 +6,56 @@ run. A *cut* c lies between unit c−1 and unit c; the tensors live at a cut are
 those produced before it and used after it (skip connections included).
 
 A *layout* says where the tensors at a cut are: ``W(d)`` — whole on device d —
-or ``P(k)`` — split by rows over the k best devices (fastest first, the source
-first among equals). The MILP is a shortest path, with side constraints, over
-states (cut, layout), choosing binary arcs:
+or ``P(k)`` — split by rows over the k best devices (by the cost model's speed,
+the source first among equals) in one fixed proportion per k (rows ∝ effective
+speed, integer by largest remainder). One proportion per k keeps consecutive
+split stages aligned, so between them only halo rows move. The MILP is a
+shortest path, with side constraints, over states (cut, layout); binary arcs:
 
-- *whole arcs* (c, W(d)) → (c+1, W(d)): unit c runs on d;
-  cost Σ compute_time(node, d) (consecutive whole units on one device merge
-  into one whole stage);
-- *split arcs* (c, P(k)) → (c', P(k)) for every interval [c, c') of at most
+- *whole arcs* (c, W(d)) → (c+1, W(d)): unit c runs on d; cost Σ compute_time
+  (consecutive whole units on one device become one whole stage);
+- *split arcs* (c, μ) → (c', P(k)) for every interval [c, c') of at most
   ``max_fuse`` splittable units of one run: the units are fused into one split
-  stage over the devices of P(k) with integer anchor row slices; cost = the
-  stage's makespan max_d (halo exchange in + compute of d's rows, halo rows
-  recomputed). Rows per device come from the exact row maps (the demand walk of
-  ``build_schedule``), so halo recomputation is counted exactly for the chosen
-  slices; the slices are chosen per (interval, k) by a halo-aware balancing
-  (rows ∝ each device's measured rows per second over a few fixed-point steps),
-  i.e. the MILP chooses among these integer slicings;
-- *re-layout arcs* (c, μ) → (c, μ'): move every live tensor from layout μ to μ'
-  (gather, scatter, hand-off, re-split), timed with the same contention model as
-  the simulator (each sender's NIC serialises its pieces, or one shared medium).
+  stage over the k devices with the P(k) integer row slices of its anchor. The
+  cost is the stage's makespan max_d (arrival of d's inputs + compute of d's
+  rows): rows per node come from the exact demand walk of ``build_schedule``
+  (halo rows recomputed are counted exactly), inputs come from layout μ
+  (μ = P(k): halo exchange; μ = W(d): scatter from d; μ = P(k') with k' a
+  neighbouring device count and short intervals: re-split), pieces are timed
+  with the simulator's contention rule (each sender's NIC, or the one shared
+  medium, sends its pieces one after the other);
+- *re-layout arcs* (c, μ) → (c, W(d)): gather / hand-off of every live tensor.
 
 The path starts at (0, W(source)) (the input is at the source) and ends at
-(U, W(source)) (the output returns to it). Memory: for every device, the
-weights of all units it computes must fit ``memory_mb`` (a knapsack side
-constraint, which makes this a MILP rather than a plain shortest path).
-Solved with HiGHS through PuLP (CBC as fallback), with a time limit; the
-solver's MIP gap is reported.
+(U, W(source)) (the output returns to it). Memory: for every device whose
+memory cannot hold the whole model, the weights of the units it computes must
+fit ``memory_mb`` (a knapsack side constraint: this is what makes the problem a
+MILP rather than a shortest path). Solved with HiGHS through PuLP (CBC as
+fallback) with a time limit; the solver's relative MIP gap is reported.
+``dag_shortest_path`` solves the same graph by DP (no memory constraints) and
+serves as the test reference.
+
+The MILP decides jointly: the stage cuts, which blocks are fused into one split
+stage, how many (and so which) devices take part in each split stage and their
+integer row slices (one slicing per device count), and the device of every
+whole segment. Device classes: interchangeable devices (same speed, memory,
+profile, default links; not the source) share one W layout, which keeps the
+model small for 64 devices.
 
 Objective vs simulator (documented gap): the MILP charges stages one after the
-other (a barrier between stages, each stage's makespan = its slowest device),
-while the runtime — and the simulator, which executes the exact schedule — lets
-a device start its next stage as soon as its own inputs arrived. The re-layout
-and halo costs also assume canonical proportional layouts at cuts. So the MILP
-objective is an estimate (usually an upper bound) of the simulated latency;
-for plans of whole stages only (vertical partitioning) the two are equal. The
-final plan is always judged by the exact schedule + simulator, and that value is
-what ``ofpm`` reports as its predicted latency. After the solve, candidates (the
-MILP plan, its exact-simulation refinement of slice boundaries, and the simple
-/ baseline plans given as ``warm_start``) are compared by simulation and the
-best is returned; ``OFPMResult.source`` says which one won.
+other (a barrier between stages), while the runtime — and the simulator, which
+executes the exact schedule — lets a device start its next stage as soon as its
+own inputs arrived and overlaps sends with compute; and the live tensors at a
+cut are assumed to be in the layout of the previous stage (a skip tensor made
+by an earlier stage of another resolution may in reality be owned slightly
+differently). For plans of whole stages only the objective equals the
+simulated latency exactly (tested); in the partition-quality benchmark the
+median ratio objective / simulated is 1.00. The final plan is always judged by
+the exact schedule + simulator, and that is what ``ofpm`` reports as its
+predicted latency. After the solve, candidates — the MILP plan, its refinement
+(slice boundaries moved ±1–2 rows on the exact simulator, ``refine_slices``),
+and the simple / baseline plans as a warm start — are compared by simulation and
+the best is returned; ``OFPMResult.source`` says which one won.
 """
 from __future__ import annotations
 
@@ -230,7 +241,6 @@ class OFPMModel:
     def _live(self) -> None:
         """live[c]: tensors (name, bytes, rows) produced before cut c and used at or after it."""
         U = self.U
-        first_use_after: dict[str, int] = {}
         prod: dict[str, int] = {}
         for n in self.gm.graph.nodes:
             if n.op == "placeholder":
@@ -252,7 +262,6 @@ class OFPMModel:
             meta = self.nodes[t].meta
             for c in range(pu + 1, min(lu, U) + 1):
                 self.live[c].append((t, meta["bytes"], max(1, meta["rows"]), meta.get("shape") is not None))
-        del first_use_after
 
     def _modes(self, ks, whole_devices) -> None:
         cl = self.cluster
@@ -480,7 +489,6 @@ class OFPMModel:
         for s in set(out_arcs) | set(in_arcs):
             rhs = (1 if s == src_state else 0) - (1 if s == dst_state else 0)
             prob += (pulp.lpSum(out_arcs.get(s, [])) - pulp.lpSum(in_arcs.get(s, [])) == rhs), f"flow_{s[0]}_{s[1]}"
-        # each re-layout at most once per cut (no cycles of re-layouts)
         for d in self.mem_binding:
             terms = [a.mem[d] * v for a, v in zip(self.arcs, x) if a.mem.get(d)]
             if terms:
