@@ -791,6 +791,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
     key = read_key(args.key_file)
+    sys.setswitchinterval(2e-4)     # hand the GIL over promptly between reader, compute and sender threads
     links = json.loads(args.links) if args.links else None
     w = Worker(args.listen, key, args.threads, args.workdir, max_payload=args.max_payload,
                request_timeout=args.request_timeout, links=links)
