@@ -2,7 +2,7 @@
 
     import edgepart
     cluster = edgepart.Cluster.from_file("cluster.yaml")
-    bundle = edgepart.compile(model, (x,), cluster, strategy="even")
+    bundle = edgepart.compile(model, (x,), cluster, strategy="ofpm")
     bundle.save("out/")
     y = edgepart.load_bundle("out/").run_local(x)      # == model(x)
 """

@@ -71,9 +71,9 @@ def cmd_compile(args) -> int:
             print("--explain/--gantt need edgepart.compiler.explain (not available in this build)")
         else:
             if args.explain:
-                print(ex.explain(bundle, cluster))
+                print(ex.explain(bundle))
             if args.gantt:
-                ex.gantt(bundle.schedule, cluster, args.gantt)
+                ex.gantt(bundle, None, args.gantt)
                 print(f"schedule drawn to {args.gantt}")
     print(f"bundle written to {out}")
     return 0
@@ -94,11 +94,15 @@ def cmd_models(args) -> int:
     return 0
 
 
-def _delegate(module: str, func: str):
-    def run(args) -> int:
-        mod = importlib.import_module(module)
-        return getattr(mod, func)(args.rest) or 0
-    return run
+# Commands with their own argument parsers: `edgepart worker --listen ...` hands everything
+# after the command name to the module, so its --help and options work unchanged.
+DELEGATED = {
+    "worker": ("edgepart.runtime.worker", "main", "run a worker on a device"),
+    "deploy": ("edgepart.runtime.deploy", "main", "deploy a bundle to running workers"),
+    "run": ("edgepart.runtime.client", "run_main", "run an input through deployed workers"),
+    "profile": ("edgepart.fcpm.profiler", "main", "profile this device (or a worker) for the FCPM"),
+    "probe": ("edgepart.fcpm.probe", "main", "measure links between workers into a cluster file"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="zoo name or path/to/file.py:factory")
     c.add_argument("--cluster", help="cluster YAML (default: --devices homogeneous devices)")
     c.add_argument("--devices", type=int, default=2, help="number of equal devices when no --cluster is given")
-    c.add_argument("--strategy", default="even", help="single | even | proportional | ofpm | a baseline")
+    c.add_argument("--strategy", default="ofpm",
+                   help="ofpm (default, the MILP) | single | even | proportional | neurosurgeon | dads | "
+                        "modnn | deepthings | aofl | edgeld")
     c.add_argument("--out", required=True, help="bundle directory to write")
     c.add_argument("--input-size", type=int, help="input height/width for a zoo model")
     c.add_argument("--input-shape", help="example input shape for a file model, e.g. 1,3,224,224")
@@ -121,28 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_inspect)
     m = sub.add_parser("models", help="list the model zoo")
     m.set_defaults(func=cmd_models)
-    for name, module, func, helptext in [
-        ("worker", "edgepart.runtime.worker", "main", "run a worker on a device"),
-        ("deploy", "edgepart.runtime.deploy", "main", "deploy a bundle to running workers"),
-        ("run", "edgepart.runtime.client", "run_main", "run an input through deployed workers"),
-        ("profile", "edgepart.fcpm.profiler", "main", "profile this device (or a worker) for the FCPM"),
-        ("probe", "edgepart.fcpm.probe", "main", "measure links between workers"),
-    ]:
-        s = sub.add_parser(name, help=helptext, add_help=False)
-        s.add_argument("rest", nargs=argparse.REMAINDER)
-        s.set_defaults(func=_delegate(module, func))
+    for name, (_, _, helptext) in DELEGATED.items():
+        sub.add_parser(name, help=helptext, add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else None
     try:
+        if command in DELEGATED:
+            module, func, _ = DELEGATED[command]
+            return getattr(importlib.import_module(module), func)(argv[1:]) or 0
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except EdgepartError as e:
         print(f"edgepart: error: {e}", file=sys.stderr)
-        return 2
-    except ModuleNotFoundError as e:
-        print(f"edgepart: error: {args.command} is not available: {e}", file=sys.stderr)
         return 2
 
 

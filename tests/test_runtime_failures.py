@@ -87,3 +87,16 @@ def test_hung_worker_detected_by_heartbeat(setup):
     c.restart(victim)
     with torch.no_grad():
         assert_close(c.infer(x, timeout=30), model(x))
+
+
+def test_quiet_worker_is_not_declared_dead(setup):
+    """A worker is judged by unanswered pings, not by how long it has had nothing to say: after a
+    long quiet spell (here faked: its last frame 100 s ago, as after a slow deploy of the other
+    workers) it answers the next ping and stays alive."""
+    model, x, c = setup
+    s = c.session
+    for link in s.links.values():
+        link.last_seen = time.monotonic() - 100.0
+    time.sleep(3 * s.heartbeat + 0.5)
+    assert all(link.alive for link in s.links.values()), {d: l.reason for d, l in s.links.items()}
+    assert_close(c.infer(x), model(x))

@@ -203,9 +203,13 @@ def run_reference(programs: dict[str, DeviceProgram], manifest: dict, inputs: tu
             raise BundleError(f"the bundle's actions deadlock; devices waiting: {waiting}")
 
 
-def compile(model: torch.nn.Module, example_inputs, cluster: Cluster, strategy="even",
+def compile(model: torch.nn.Module, example_inputs, cluster: Cluster, strategy="ofpm",
             name: str | None = None) -> Bundle:
-    """Trace, analyse, plan, schedule and generate code: returns an in-memory Bundle."""
+    """Trace, analyse, plan, schedule and generate code: returns an in-memory Bundle.
+
+    ``strategy`` is a strategy name (default ``"ofpm"``, the MILP; ``single``, ``even``,
+    ``proportional`` and the baselines ``neurosurgeon``, ``dads``, ``modnn``, ``deepthings``,
+    ``aofl``, ``edgeld``), a :class:`Plan`, or a plan dict."""
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     gm = trace(model, tuple(example_inputs))

@@ -126,5 +126,10 @@ def make_plan(gm: fx.GraphModule, cluster: Cluster, strategy) -> Plan:
     if isinstance(strategy, dict):
         return Plan.from_dict(strategy)
     if strategy not in STRATEGIES:
+        # The solver and the published baselines register themselves on import; importing them
+        # here (not at module top) keeps planners free of a cycle and `import edgepart` light.
+        import edgepart.compiler.baselines  # noqa: F401
+        import edgepart.compiler.ofpm  # noqa: F401
+    if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)} or pass a Plan")
     return STRATEGIES[strategy](gm, cluster)

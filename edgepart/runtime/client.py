@@ -92,6 +92,10 @@ class _Link:
         self.ch: Channel | None = None
         self.alive = False
         self.last_seen = 0.0
+        # When the oldest ping still without any frame in reply was sent. A worker is judged by
+        # its silence since then, not since its last frame: a link that simply had nothing to
+        # say (e.g. while the other workers were still deploying) is not dead.
+        self.unanswered_since: float | None = None
         self.ctrl: queue.Queue = queue.Queue()
         self.reason = ""
         self.refused = ""
@@ -160,6 +164,7 @@ class Session:
         link.ch = ch
         link.ctrl = queue.Queue()
         link.last_seen = time.monotonic()
+        link.unanswered_since = None
         link.alive = True
         link.refused = ""
         threading.Thread(target=self._reader, args=(link, ch), name=f"client-{link.device}", daemon=True).start()
@@ -231,6 +236,7 @@ class Session:
             while True:
                 frame = ch.recv(self._expect)
                 link.last_seen = time.monotonic()
+                link.unanswered_since = None
                 kind = frame.kind
                 if kind in ("result", "error"):
                     rid = frame.get("req")
@@ -311,10 +317,12 @@ class Session:
             for link in list(self.links.values()):
                 if not link.alive:
                     continue
-                if now - link.last_seen > self.dead_after:
-                    self._dead(link, f"no answer for {now - link.last_seen:.1f} s")
+                if link.unanswered_since is not None and now - link.unanswered_since > self.dead_after:
+                    self._dead(link, f"no answer for {now - link.unanswered_since:.1f} s")
                     continue
                 try:
+                    if link.unanswered_since is None:
+                        link.unanswered_since = now
                     link.ch.send({"kind": "ping", "t": now})
                 except (OSError, PeerClosed) as e:
                     self._dead(link, f"connection lost ({e})")
