@@ -332,26 +332,31 @@ class Runner:
 
 
 def time_callable(fn: Callable[[], Any], target_s: float = 0.1, min_repeats: int = 5, max_repeats: int = 50,
-                  warmup_s: float = 0.02) -> dict:
-    """Median wall time of ``fn()`` after warm-up: repeats sized to about ``target_s`` in total."""
+                  warmup_s: float = 0.02, clock: Callable[[], float] | None = None) -> dict:
+    """Median time of ``fn()`` after warm-up: repeats sized to about ``target_s`` in total.
+
+    ``clock``: wall time (``time.perf_counter``, the default) or e.g. ``time.thread_time`` — the CPU
+    time this thread spent, for a rate-limited device (see :mod:`edgepart.fcpm.load`).
+    """
     import time
+    clock = clock or time.perf_counter
     with torch.inference_mode():
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        first = time.perf_counter() - t0
+        first = clock() - t0
         spent, w = first, 1
         while spent < warmup_s and w < 20:
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            spent += time.perf_counter() - t0
+            spent += clock() - t0
             w += 1
         est = max(spent / w, 1e-7)
         n = int(min(max_repeats, max(min_repeats, target_s / est)))
         ts = []
         for _ in range(n):
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            ts.append(time.perf_counter() - t0)
+            ts.append(clock() - t0)
     ts.sort()
     med = ts[len(ts) // 2] if len(ts) % 2 else 0.5 * (ts[len(ts) // 2 - 1] + ts[len(ts) // 2])
     q1, q3 = ts[len(ts) // 4], ts[(3 * len(ts)) // 4]

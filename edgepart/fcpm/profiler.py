@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from edgepart.fcpm.features import clean_info
-from edgepart.fcpm.load import BackgroundLoad, cpu_count
+from edgepart.fcpm.load import BackgroundLoad, cpu_count, sustained_share
 from edgepart.fcpm.model import DeviceProfile
 from edgepart.fcpm.ops import Runner, family, time_callable
 
@@ -117,6 +117,7 @@ ACT_TEMPLATES = {"ReLU()": "F.relu({x})", "ReLU6()": "F.relu6({x})", "LeakyReLU(
 COUNTS = {"conv": 380, "gconv": 24, "dwconv": 60, "maxpool": 40, "avgpool": 24, "bn": 40, "act": 90, "binary": 40,
           "cat": 20, "linear": 30, "upsample": 24, "gap": 16, "pad": 10, "trivial": 3}
 MAX_FLOPS = 3.5e9
+RATE_LIMITED_SHARE = 0.7   # sustaining less of a core than this: a CPU quota; time rate-limited
 
 
 def _stage(rng) -> tuple[int, int]:
@@ -243,25 +244,46 @@ def design_sweep(quick: bool = False, seed: int = 0, counts: dict[str, int] | No
 
 def measure_sweep(configs: list[dict], loads=DEFAULT_LOADS, target_s: float = 0.03, min_repeats: int = 5,
                   budget_s: float | None = None, progress: bool = True, seed: int = 0, passes: int = 2,
-                  on_load: Callable[[float], None] | None = None) -> list[dict]:
+                  on_load: Callable[[float], None] | None = None, sustained: bool = False,
+                  load_cores: float | None = None, on_progress: Callable[[int, int, str], None] | None = None,
+                  stats: dict | None = None) -> list[dict]:
     """Time every (configuration, rows) at every load level; returns measurement records.
 
     Each job is timed in ``passes`` passes over the sweep (the second in reverse order), keeping the
     lowest median: another program's burst on a shared machine only ever adds time.
+
+    ``sustained`` (a rate-limited device, see :mod:`edgepart.fcpm.load`): each job's median is taken
+    in this thread's CPU time and divided by the share of a core the thread sustained over the whole
+    load level (CPU time / wall time while it was always busy), so a record's ``t`` is the time the
+    job takes on average on that device, quota stalls included; background load then lives in the
+    same CPU budget (``load_cores``: the device's share; default: the share measured at the first level).
+    ``on_progress(done, total, phase)`` is called after every job (it may raise to abort);
+    ``stats`` (a dict) receives {"share": {load: share of a core sustained at that level}}.
     """
     jobs = [(c, r) for c in configs for r in c["rows"]]
     order = list(np.random.default_rng(seed + 1).permutation(len(jobs)))   # no drift aligned with one family
     records: list[dict] = []
+    loads = list(loads)
     per_load = budget_s / len(loads) if budget_s else None
+    clock = time.thread_time if sustained else None
+    shares: dict[float, float] = {}
+    total = len(jobs) * len(loads) * passes
+    done = 0
     torch.set_num_threads(1)
     with _progress(progress) as bar:
-        task = bar.add_task("profiling", total=len(jobs) * len(loads) * passes) if bar else None
-        for L in loads:
+        task = bar.add_task("profiling", total=total) if bar else None
+        for li, L in enumerate(loads):
             if on_load:
                 on_load(L)
             best: dict[int, dict] = {}
-            with BackgroundLoad(L):
+            if sustained:
+                cores = load_cores or shares.get(0.0) or sustained_share()
+                bg = BackgroundLoad(L, cores=cores, clock="cpu")
+            else:
+                bg = BackgroundLoad(L)
+            with bg:
                 t_start = time.perf_counter()
+                c_start = time.thread_time()
                 for p in range(passes):
                     for j in (order if p % 2 == 0 else order[::-1]):
                         if per_load and time.perf_counter() - t_start > per_load * (p + 1) / passes \
@@ -269,20 +291,33 @@ def measure_sweep(configs: list[dict], loads=DEFAULT_LOADS, target_s: float = 0.
                             break
                         cfg, rows = jobs[j]
                         m = time_callable(Runner(cfg["info"], rows, seed=int(cfg["cid"])), target_s=target_s,
-                                          min_repeats=min_repeats)
+                                          min_repeats=min_repeats, clock=clock)
                         if j not in best or m["t"] < best[j]["t"]:
                             best[j] = {**m, "passes": best.get(j, {}).get("passes", 0) + 1}
                         else:
                             best[j]["passes"] += 1
+                        done += 1
                         if bar:
                             bar.update(task, advance=1, description=f"load {L:.0%} · pass {p + 1} · "
                                                                     f"{cfg['family']:<8}")
+                        if on_progress:
+                            on_progress(done, total, f"sweep at load {L:g}")
+                share = (time.thread_time() - c_start) / max(1e-9, time.perf_counter() - t_start)
+            shares[L] = share
+            scale = 1.0 / max(share, 1e-3) if sustained else 1.0
             for j, m in best.items():
                 cfg, rows = jobs[j]
-                records.append({"cid": cfg["cid"], "family": cfg["family"], "rows": int(rows), "load": float(L),
-                                **{k: (float(v) if k not in ("n", "passes") else int(v)) for k, v in m.items()}})
+                rec = {"cid": cfg["cid"], "family": cfg["family"], "rows": int(rows), "load": float(L),
+                       **{k: (float(v) * (scale if k in ("t", "t_min", "iqr") else 1.0) if k not in ("n", "passes")
+                              else int(v)) for k, v in m.items()}}
+                if sustained:
+                    rec["t_cpu"] = float(m["t"])
+                records.append(rec)
+            done = len(jobs) * passes * (li + 1)
             if bar:
-                bar.update(task, completed=len(jobs) * passes * (loads.index(L) + 1))
+                bar.update(task, completed=done)
+    if stats is not None:
+        stats["share"] = shares
     return records
 
 
@@ -329,19 +364,33 @@ def net_infos(net, x) -> list[dict]:
     return [clean_info(node_info(n)) for n in gm.graph.nodes if n.op in COMPUTE_OPS]
 
 
-def measure_nets(nets, loads, target_s: float = 0.3, passes: int = 2, progress: bool = False) -> list[dict]:
-    """End-to-end times of ``nets`` (one torch thread) at each load: [{net, load, t}]."""
+def measure_nets(nets, loads, target_s: float = 0.3, passes: int = 2, progress: bool = False,
+                 sustained: bool = False, load_cores: float | None = None,
+                 on_progress: Callable[[int, int, str], None] | None = None) -> list[dict]:
+    """End-to-end times of ``nets`` (one torch thread) at each load: [{net, load, t}].
+
+    ``sustained``: as in :func:`measure_sweep` (CPU-time medians ÷ the share of a core sustained)."""
     out = []
     torch.set_num_threads(1)
+    clock = time.thread_time if sustained else None
+    total, done = len(nets) * len(loads) * passes, 0
     for L in loads:
-        with BackgroundLoad(L):
+        bg = BackgroundLoad(L, cores=load_cores or sustained_share(), clock="cpu") if sustained else BackgroundLoad(L)
+        with bg:
             best = {}
+            t_start, c_start = time.perf_counter(), time.thread_time()
             for p in range(passes):
                 for i in (range(len(nets)) if p % 2 == 0 else reversed(range(len(nets)))):
                     net, x = nets[i]
-                    t = time_callable(lambda: net(x), target_s=target_s, min_repeats=5, max_repeats=30)["t"]
+                    t = time_callable(lambda: net(x), target_s=target_s, min_repeats=5, max_repeats=30,
+                                      clock=clock)["t"]
                     best[i] = min(best.get(i, float("inf")), t)
-            out += [{"net": i, "load": float(L), "t": t} for i, t in sorted(best.items())]
+                    done += 1
+                    if on_progress:
+                        on_progress(done, total, f"networks at load {L:g}")
+            share = (time.thread_time() - c_start) / max(1e-9, time.perf_counter() - t_start)
+            scale = 1.0 / max(share, 1e-3) if sustained else 1.0
+            out += [{"net": i, "load": float(L), "t": t * scale} for i, t in sorted(best.items())]
     return out
 
 
@@ -362,28 +411,81 @@ def device_meta(name: str | None = None, cpu_share: float | None = None) -> dict
             **({"cpu_share": cpu_share} if cpu_share is not None else {})}
 
 
-def profile(quick: bool = False, loads=DEFAULT_LOADS, seed: int = 0, budget_s: float | None = None,
-            progress: bool = True, name: str | None = None, counts: dict | None = None) -> DeviceProfile:
-    """Run the sweep on this machine and fit the FCPM. Default: under 10 minutes; quick: under 30 s."""
+MEASUREMENTS_FORMAT = "edgepart-fcpm-measurements/1"
+
+
+def measure(quick: bool = False, loads=DEFAULT_LOADS, seed: int = 0, budget_s: float | None = None,
+            progress: bool = True, name: str | None = None, counts: dict | None = None, nets: int | None = None,
+            sustained: str | bool = "auto",
+            on_progress: Callable[[int, int, str], None] | None = None) -> dict:
+    """Run the sweep on this machine (this process, its CPU share): the raw measurements as plain JSON data.
+
+    ``sustained``: "auto" (default) checks whether this process sustains less than 70 % of a core
+    (a CPU quota) and then times rate-limited (see :func:`measure_sweep`); True/False force it.
+    :func:`fit_profile` turns the result into a :class:`DeviceProfile`; ``edgepart profile --endpoint``
+    runs this inside a worker and fits on the client.
+    """
     configs = design_sweep(quick=quick, seed=seed, counts=counts)
     if budget_s is None:
         budget_s = 20.0 if quick else 480.0
+    loads = [float(v) for v in loads]
     t0 = time.perf_counter()
-    records = measure_sweep(configs, list(loads), target_s=0.005 if quick else 0.03, min_repeats=3 if quick else 5,
-                            budget_s=budget_s, progress=progress, seed=seed, passes=1 if quick else 2)
-    nets = design_nets(4 if quick else 16, seed)
-    net_recs = measure_nets(nets, list(loads), target_s=0.02 if quick else 0.3, passes=1 if quick else 2)
-    infos = [net_infos(n, x) for n, x in nets]
-    meta = device_meta(name)
-    meta.update(loads=list(map(float, loads)), quick=quick, seed=seed, profile_seconds=round(time.perf_counter() - t0, 1),
-                n_configs=len(configs), n_measurements=len(records))
+    share0 = None
+    if sustained == "auto":
+        share0 = sustained_share(0.3)
+        if share0 < RATE_LIMITED_SHARE:                   # a second, longer look before calling it a quota
+            share0 = max(share0, sustained_share(0.6))
+        sustained = share0 < RATE_LIMITED_SHARE
+    sustained = bool(sustained)
+    if sustained and share0 is None and 0.0 not in loads:
+        share0 = sustained_share(0.6)
+    stats: dict = {}
+    records = measure_sweep(configs, loads, target_s=0.005 if quick else 0.03, min_repeats=3 if quick else 5,
+                            budget_s=budget_s, progress=progress, seed=seed, passes=1 if quick else 2,
+                            sustained=sustained, load_cores=None if 0.0 in loads else share0,
+                            on_progress=on_progress, stats=stats)
+    shares = stats["share"]
+    base = shares.get(0.0, share0)                      # the share of a core with no background load
+    cores = base if sustained else None
+    n_nets = (4 if quick else 16) if nets is None else int(nets)
+    net_list = design_nets(n_nets, seed) if n_nets else []
+    net_recs = measure_nets(net_list, loads, target_s=0.02 if quick else 0.3, passes=1 if quick else 2,
+                            sustained=sustained, load_cores=cores, on_progress=on_progress) if net_list else []
+    infos = [net_infos(n, x) for n, x in net_list]
+    meta = device_meta(name, cpu_share=round(base, 4) if base is not None else None)
+    meta.update(loads=loads, quick=quick, seed=seed, profile_seconds=round(time.perf_counter() - t0, 1),
+                n_configs=len(configs), n_measurements=len(records), rate_limited=sustained,
+                cpu_share_by_load={f"{L:g}": round(v, 4) for L, v in shares.items()})
+    if sustained and base:                  # the load the profiled thread really saw, relative to no load
+        meta["realized_load"] = {f"{L:g}": round(1 - v / base, 3) for L, v in shares.items()}
     stored = [{"cid": c["cid"], "family": c["family"], "info": clean_info(c["info"]), "rows": c["rows"]}
               for c in configs]
-    prof = DeviceProfile.fit(stored, records, meta, seed=seed)
-    prof.fit_sequences([{"infos": infos[r["net"]], "load": r["load"], "t": r["t"]} for r in net_recs])
+    return {"format": MEASUREMENTS_FORMAT, "meta": meta, "configs": stored, "records": records,
+            "nets": {"infos": infos, "records": net_recs}}
+
+
+def fit_profile(m: dict, name: str | None = None) -> DeviceProfile:
+    """Fit the FCPM from :func:`measure`'s output (here, or on the client for a remote profile)."""
+    if m.get("format") != MEASUREMENTS_FORMAT:
+        raise ValueError(f"not profiler measurements (format {m.get('format')!r}, expected {MEASUREMENTS_FORMAT!r})")
+    meta = dict(m["meta"])
+    if name:
+        meta["device"] = name
+    prof = DeviceProfile.fit(m["configs"], m["records"], meta, seed=int(meta.get("seed", 0)))
+    nets = m.get("nets") or {"infos": [], "records": []}
+    if nets["records"]:
+        prof.fit_sequences([{"infos": nets["infos"][r["net"]], "load": r["load"], "t": r["t"]}
+                            for r in nets["records"]])
     if prof.measurements is not None:
-        prof.measurements["nets"] = {"infos": infos, "records": net_recs}
+        prof.measurements["nets"] = nets
     return prof
+
+
+def profile(quick: bool = False, loads=DEFAULT_LOADS, seed: int = 0, budget_s: float | None = None,
+            progress: bool = True, name: str | None = None, counts: dict | None = None, nets: int | None = None,
+            sustained: str | bool = "auto") -> DeviceProfile:
+    """Run the sweep on this machine and fit the FCPM. Default: under 10 minutes; quick: under 30 s."""
+    return fit_profile(measure(quick, loads, seed, budget_s, progress, name, counts, nets, sustained))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,7 @@ MAX_MANIFEST = 64 << 20
 MAX_CONNECTIONS = 256
 MAX_INFLIGHT = 4096
 REQ_ID_MAX = 80
+FCPM_KINDS = ("profile", "probe", "probe_ping", "probe_data")
 
 
 class Shaper:
@@ -373,6 +374,9 @@ class Worker:
             sink = FileSink(f, self.max_payload)
             conn.sink = (rel, tmp, sink)
             return sink
+        if kind in FCPM_KINDS:               # remote profiling and link probes: edgepart/fcpm/remote.py
+            from edgepart.fcpm import remote
+            return remote.expect(self, conn, h)
         prog = self.program
         if prog is None:
             raise ProtocolError(f"{kind!r} frame but no bundle is deployed on this worker")
@@ -427,6 +431,9 @@ class Worker:
             self._deploy_commit(conn)
         elif kind == "pong":
             pass
+        elif kind in FCPM_KINDS:
+            from edgepart.fcpm import remote
+            remote.dispatch(self, conn, frame)
 
     # --- deploy ----------------------------------------------------------------------------
     def _deploy_begin(self, conn: Conn, h: dict, manifest_bytes: bytes) -> None:
