@@ -91,7 +91,8 @@ def test_wrong_input_shape_names_the_expected_shape():
 
 def test_tampered_or_incomplete_bundle_is_refused_naming_the_file(tmp_path):
     model, (x,) = zoo.get("tinynet")
-    out = edgepart.compile(model, (x,), edgepart.Cluster.homogeneous(2)).save(tmp_path / "b")
+    # "even" so that both devices hold a program (ofpm keeps this tiny net on one device)
+    out = edgepart.compile(model, (x,), edgepart.Cluster.homogeneous(2), strategy="even").save(tmp_path / "b")
     weights = out / "devices" / "d1.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0x01

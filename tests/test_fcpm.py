@@ -66,9 +66,16 @@ def test_predictions_positive_and_monotone(quick):
     assert prof.predict_baseline(big) > prof.predict_baseline(small)
 
 
-def test_fcpm_beats_or_equals_flops_baseline_on_held_out(quick):
-    d = json.loads(quick.read_text())
+HOST_PROFILE = __import__("pathlib").Path(__file__).resolve().parents[1] / "profiles" / "host.json"
+
+
+def test_fcpm_beats_or_equals_flops_baseline_on_held_out():
+    # The committed full sweep of this machine, not a fresh quick one: a 12-second sweep taken
+    # while other tests run is too noisy to decide which model is better, and the test pins the
+    # fitting and model selection, which are deterministic given the measurements.
+    d = json.loads(HOST_PROFILE.read_text())
     configs, records = d["measurements"]["configs"], d["measurements"]["records"]
+    records = [r for r in records if r["load"] in (0.0, 0.5)]      # two load levels keep the fit quick
     rng = np.random.default_rng(3)
     cids = sorted({c["cid"] for c in configs})
     test = set(rng.choice(cids, size=len(cids) // 4, replace=False).tolist())
@@ -79,9 +86,8 @@ def test_fcpm_beats_or_equals_flops_baseline_on_held_out(quick):
     t = [r["t"] for r in held]
     fc = metrics([prof.predict(infos[r["cid"]], r["rows"], r["load"]) for r in held], t)
     bl = metrics([prof.predict_baseline(infos[r["cid"]], r["rows"], r["load"]) for r in held], t)
-    # the chosen model won on a validation split, so on fresh held-out data it is at least as good in
-    # the typical error (with a little slack for a tiny, noisy quick sweep)
-    assert fc["mape"] <= bl["mape"] * 1.1, (fc, bl)
+    # the chosen model won on a validation split, so on fresh held-out data it is at least as good
+    assert fc["mape"] <= bl["mape"], (fc, bl)
 
 
 def test_cost_model_uses_profile(quick, tmp_path):
