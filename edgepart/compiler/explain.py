@@ -32,11 +32,8 @@ def _fmt_t(s: float) -> str:
 
 
 def _fmt_b(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    from edgepart.compiler.inspect import _fmt_bytes
+    return _fmt_bytes(n)
 
 
 def explain(bundle_or_schedule, cluster: Cluster | None = None, gm=None, cost: CostModel | None = None,

@@ -271,20 +271,13 @@ class Session:
         return RemoteError(f"request failed on device {h.get('device')!r}: {msg}")
 
     def _rebuild(self, values: list, parts: list):
+        from edgepart.runtime.program import build_output
         it_v, it_p = iter(values), iter(parts)
 
-        def build(s):
-            if "tensor" in s:
-                v = next(it_v)
-                return next(it_p) if v is None else v
-            if "tuple" in s:
-                return tuple(build(x) for x in s["tuple"])
-            if "list" in s:
-                return [build(x) for x in s["list"]]
-            if "dict" in s:
-                return {k: build(v) for k, v in s["dict"].items()}
-            return s.get("const")
-        return build(self.manifest["output"])
+        def leaf(_name):    # a value sent inline in the header, else the next raw tensor part
+            v = next(it_v)
+            return next(it_p) if v is None else v
+        return build_output(self.manifest["output"], leaf)
 
     def _dead(self, link: _Link, reason: str) -> None:
         with self.lock:

@@ -202,19 +202,25 @@ class DeviceProgram:
         return DTYPES[meta["dtype"]], tuple(shape)
 
     def make_output(self, store: RowStore):
-        def build(s):
-            if "tensor" in s:
-                t = s["tensor"]
-                return store.get(t, 0, self.manifest["tensors"][t]["rows"]).contiguous() \
-                    if t in self.manifest["tensors"] else store.get(t, 0, 1)
-            if "tuple" in s:
-                return tuple(build(x) for x in s["tuple"])
-            if "list" in s:
-                return [build(x) for x in s["list"]]
-            if "dict" in s:
-                return {k: build(v) for k, v in s["dict"].items()}
-            return s.get("const")
-        return build(self.manifest["output"])
+        tensors = self.manifest["tensors"]
+
+        def leaf(t: str):
+            return store.get(t, 0, tensors[t]["rows"]).contiguous() if t in tensors else store.get(t, 0, 1)
+        return build_output(self.manifest["output"], leaf)
+
+
+def build_output(structure: dict, leaf):
+    """The model's output from the manifest's output structure (tensors nested in tuples, lists,
+    dicts, constants), ``leaf(tensor_name)`` giving each tensor in order of appearance."""
+    if "tensor" in structure:
+        return leaf(structure["tensor"])
+    if "tuple" in structure:
+        return tuple(build_output(x, leaf) for x in structure["tuple"])
+    if "list" in structure:
+        return [build_output(x, leaf) for x in structure["list"]]
+    if "dict" in structure:
+        return {k: build_output(v, leaf) for k, v in structure["dict"].items()}
+    return structure.get("const")
 
 
 def verify_file(bundle_dir: Path, rel: str, manifest: dict) -> None:
