@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 _SPIN = r"""
 import os, sys, time
@@ -87,6 +88,54 @@ def plan_load(level: float, cores: float | None = None, clock: str = "wall") -> 
         return procs, busy / procs
     procs = math.ceil(busy - 1e-9)
     return procs, busy / procs
+
+
+def cpu_quota_cores(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> float | None:
+    """This process's CFS CPU quota in cores (the tightest of its cgroup and the cgroup's ancestors),
+    or None if there is none or it cannot be read (no cgroup fs mounted here, e.g. under ``ip netns exec``)."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    best = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        controllers, path = parts[1].split(","), parts[2].strip().lstrip("/")
+        if parts[0] == "0" and parts[1] == "":           # cgroup v2: cpu.max holds "quota period" or "max period"
+            dirs, read = [Path(root) / path], _v2_quota
+        elif "cpu" in controllers:                       # cgroup v1: cpu.cfs_quota_us (-1: none) / cfs_period_us
+            mounts = [Path(root) / n for n in ("cpu", "cpu,cpuacct", "cpuacct,cpu")]
+            dirs, read = [m / path for m in mounts if m.is_dir()], _v1_quota
+        else:
+            continue
+        for d in dirs:
+            while True:
+                q = read(d)
+                if q is not None:
+                    best = q if best is None else min(best, q)
+                if d == d.parent or d.name in ("", "cgroup") or str(d) == root or not str(d).startswith(root):
+                    break
+                d = d.parent
+    return best
+
+
+def _v1_quota(d: Path) -> float | None:
+    try:
+        quota = int((d / "cpu.cfs_quota_us").read_text())
+        period = int((d / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def _v2_quota(d: Path) -> float | None:
+    try:
+        quota, period = (d / "cpu.max").read_text().split()[:2]
+        return int(quota) / int(period) if quota != "max" and int(period) > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 def sustained_share(window_s: float = 0.4) -> float:

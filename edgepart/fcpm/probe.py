@@ -292,6 +292,8 @@ def load_endpoints_file(path) -> tuple[dict[str, str], dict | None]:
     if peers is not None and not (isinstance(peers, dict) and all(
             isinstance(v, dict) and all(isinstance(x, str) for x in v.values()) for v in peers.values())):
         raise EdgepartError(f"{path}: peer_endpoints must map a device to {{peer: 'host:port'}}")
+    if isinstance(data, dict) and isinstance(data.get("endpoints"), dict):
+        data = data["endpoints"]
     return load_endpoints(data), peers
 
 
@@ -319,11 +321,13 @@ def main(argv: list[str] | None = None) -> int:
         Cluster.from_file(a.cluster)                     # validate it first
         cluster = yaml.safe_load(Path(a.cluster).read_text())
         names = [d["name"] for d in cluster["devices"]]
-        endpoints = {n: endpoints[n] for n in names if n in endpoints} | \
-            {n: v for n, v in endpoints.items() if n not in names}
         extra = [n for n in endpoints if n not in names]
         if extra:
             raise EdgepartError(f"endpoints name devices {extra} that are not in {a.cluster}")
+        missing = [n for n in names if n not in endpoints]
+        if missing:
+            raise EdgepartError(f"devices {missing} of {a.cluster} have no endpoint to probe")
+        endpoints = {n: endpoints[n] for n in names}        # the cluster's order
     try:
         opts = check_probe_options({"pings": a.pings, "seconds": a.seconds, "repeats": a.repeats,
                                     "max_bytes": int(a.max_mb * (1 << 20))})

@@ -1,14 +1,26 @@
 """Offline profiling: time a designed sweep of layer configurations under controlled CPU load.
 
 ``edgepart profile --out profiles/NAME.json [--quick] [--loads 0,0.25,0.5,0.75]``
-calls :func:`main`. The sweep covers the op types generated code runs (dense,
-grouped and depthwise convolutions, max/avg pooling, batch norm, activations,
-add/mul, concat, linear, upsampling, global pooling, padding), with channel
-counts, kernel sizes, strides and input sizes drawn like the stages of real CNNs,
-and for row-local ops several *row-slice heights* of the kind partitioning
-produces. Each (configuration, rows) is timed with warm-up and repeats (median)
-at every background load level (made by :class:`BackgroundLoad`). The JSON
-holds the raw measurements and the fitted model (:class:`DeviceProfile`).
+calls :func:`main`; with ``--endpoint HOST:PORT --key-file FILE`` it profiles a running
+worker instead, in the worker's process and CPU share (:mod:`edgepart.fcpm.remote`).
+
+The sweep covers the op types generated code runs (dense, grouped and depthwise
+convolutions, max/avg pooling, batch norm, activations, add/mul, concat, linear,
+upsampling, global pooling, padding), with channel counts, kernel sizes, strides
+and input sizes drawn like the stages of real CNNs, and for row-local ops several
+*row-slice heights* of the kind partitioning produces. Each (configuration, rows)
+is timed with warm-up and repeats (median) at every background load level (made
+by :class:`BackgroundLoad`). The JSON holds the raw measurements and the fitted
+model (:class:`DeviceProfile`).
+
+**Rate-limited devices.** Under a CPU quota (an emulated slow worker's cgroup, a
+container) a short kernel runs at full speed until the period's quota is spent,
+then the whole group stalls: the median of repeated short timings sees only the
+full-speed runs and would predict the *host's* times (measured here: 0.40 ms per
+call median, 1.54 ms per call on average under a 25 % quota). There each job's
+median is taken in thread CPU time and divided by the share of a core the
+profiling thread sustained over the whole load level (CPU time / wall time while
+it was always busy) — the device's average speed, stalls included.
 
 Torch runs one thread, as the runtime's workers do.
 """
@@ -27,7 +39,7 @@ import numpy as np
 import torch
 
 from edgepart.fcpm.features import clean_info
-from edgepart.fcpm.load import BackgroundLoad, cpu_count, sustained_share
+from edgepart.fcpm.load import BackgroundLoad, cpu_count, cpu_quota_cores, sustained_share
 from edgepart.fcpm.model import DeviceProfile
 from edgepart.fcpm.ops import Runner, family, time_callable
 
@@ -416,12 +428,15 @@ MEASUREMENTS_FORMAT = "edgepart-fcpm-measurements/1"
 
 def measure(quick: bool = False, loads=DEFAULT_LOADS, seed: int = 0, budget_s: float | None = None,
             progress: bool = True, name: str | None = None, counts: dict | None = None, nets: int | None = None,
-            sustained: str | bool = "auto",
+            sustained: str | bool = "auto", cpu_cores: float | None = None,
             on_progress: Callable[[int, int, str], None] | None = None) -> dict:
     """Run the sweep on this machine (this process, its CPU share): the raw measurements as plain JSON data.
 
-    ``sustained``: "auto" (default) checks whether this process sustains less than 70 % of a core
-    (a CPU quota) and then times rate-limited (see :func:`measure_sweep`); True/False force it.
+    ``sustained`` — time rate-limited (see :func:`measure_sweep`): "auto" (default) does so when this
+    process has a CPU quota below the machine's cores (its cgroup's, or ``cpu_cores`` when the caller
+    knows it, e.g. an emulated worker that cannot see its cgroup), or, with no quota information,
+    when it sustains less than 70 % of a core; True/False force it. In that mode background load
+    L means L of the device's CPU budget (quota, else the measured share) taken by other work.
     :func:`fit_profile` turns the result into a :class:`DeviceProfile`; ``edgepart profile --endpoint``
     runs this inside a worker and fits on the client.
     """
@@ -430,32 +445,36 @@ def measure(quick: bool = False, loads=DEFAULT_LOADS, seed: int = 0, budget_s: f
         budget_s = 20.0 if quick else 480.0
     loads = [float(v) for v in loads]
     t0 = time.perf_counter()
+    cores = cpu_count()
+    quota = float(cpu_cores) if cpu_cores else cpu_quota_cores()
     share0 = None
     if sustained == "auto":
-        share0 = sustained_share(0.3)
-        if share0 < RATE_LIMITED_SHARE:                   # a second, longer look before calling it a quota
-            share0 = max(share0, sustained_share(0.6))
-        sustained = share0 < RATE_LIMITED_SHARE
+        if quota is not None:
+            sustained = quota < cores - 1e-6
+        else:
+            share0 = sustained_share(0.3)
+            if share0 < RATE_LIMITED_SHARE:               # a second, longer look before calling it a quota
+                share0 = max(share0, sustained_share(0.6))
+            sustained = share0 < RATE_LIMITED_SHARE
     sustained = bool(sustained)
-    if sustained and share0 is None and 0.0 not in loads:
-        share0 = sustained_share(0.6)
+    capacity = None                                       # cores of CPU budget the background load is a share of
+    if sustained:
+        capacity = min(quota, cores) if quota is not None else (share0 or sustained_share(0.6))
     stats: dict = {}
     records = measure_sweep(configs, loads, target_s=0.005 if quick else 0.03, min_repeats=3 if quick else 5,
                             budget_s=budget_s, progress=progress, seed=seed, passes=1 if quick else 2,
-                            sustained=sustained, load_cores=None if 0.0 in loads else share0,
-                            on_progress=on_progress, stats=stats)
+                            sustained=sustained, load_cores=capacity, on_progress=on_progress, stats=stats)
     shares = stats["share"]
     base = shares.get(0.0, share0)                      # the share of a core with no background load
-    cores = base if sustained else None
     n_nets = (4 if quick else 16) if nets is None else int(nets)
     net_list = design_nets(n_nets, seed) if n_nets else []
     net_recs = measure_nets(net_list, loads, target_s=0.02 if quick else 0.3, passes=1 if quick else 2,
-                            sustained=sustained, load_cores=cores, on_progress=on_progress) if net_list else []
+                            sustained=sustained, load_cores=capacity, on_progress=on_progress) if net_list else []
     infos = [net_infos(n, x) for n, x in net_list]
     meta = device_meta(name, cpu_share=round(base, 4) if base is not None else None)
     meta.update(loads=loads, quick=quick, seed=seed, profile_seconds=round(time.perf_counter() - t0, 1),
                 n_configs=len(configs), n_measurements=len(records), rate_limited=sustained,
-                cpu_share_by_load={f"{L:g}": round(v, 4) for L, v in shares.items()})
+                cpu_quota_cores=quota, cpu_share_by_load={f"{L:g}": round(v, 4) for L, v in shares.items()})
     if sustained and base:                  # the load the profiled thread really saw, relative to no load
         meta["realized_load"] = {f"{L:g}": round(1 - v / base, 3) for L, v in shares.items()}
     stored = [{"cid": c["cid"], "family": c["family"], "info": clean_info(c["info"]), "rows": c["rows"]}
@@ -483,18 +502,39 @@ def fit_profile(m: dict, name: str | None = None) -> DeviceProfile:
 
 def profile(quick: bool = False, loads=DEFAULT_LOADS, seed: int = 0, budget_s: float | None = None,
             progress: bool = True, name: str | None = None, counts: dict | None = None, nets: int | None = None,
-            sustained: str | bool = "auto") -> DeviceProfile:
+            sustained: str | bool = "auto", cpu_cores: float | None = None) -> DeviceProfile:
     """Run the sweep on this machine and fit the FCPM. Default: under 10 minutes; quick: under 30 s."""
-    return fit_profile(measure(quick, loads, seed, budget_s, progress, name, counts, nets, sustained))
+    return fit_profile(measure(quick, loads, seed, budget_s, progress, name, counts, nets, sustained, cpu_cores))
+
+
+def _parse_counts(text: str | None) -> dict | None:
+    if not text:
+        return None
+    out = {}
+    for item in text.split(","):
+        fam, _, n = item.partition("=")
+        if fam.strip() not in COUNTS or not n.strip().isdigit():
+            raise ValueError(f"--counts wants FAMILY=N,... with families {sorted(COUNTS)}; got {item!r}")
+        out[fam.strip()] = int(n)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``edgepart profile``: profile this device and write its FCPM as JSON."""
+    """``edgepart profile``: profile this device (or a running worker) and write its FCPM as JSON."""
     ap = argparse.ArgumentParser(prog="edgepart profile", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="where to write the profile JSON (e.g. profiles/NAME.json)")
+    ap.add_argument("--endpoint", help="HOST:PORT of a running worker: profile it (in its own CPU share) instead "
+                                       "of this machine; the client fits the model")
+    ap.add_argument("--key-file", help="the worker's shared key (with --endpoint)")
     ap.add_argument("--quick", action="store_true", help="a small sweep for tests (< 30 s)")
     ap.add_argument("--loads", default=None, help="background load levels, e.g. 0,0.25,0.5,0.75 (default)")
-    ap.add_argument("--budget", type=float, default=None, help="seconds of timing at most (default 540, quick 25)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds of timing at most (default 480, quick 20)")
+    ap.add_argument("--counts", default=None, help="configurations per op family, e.g. conv=60,bn=12 "
+                                                   "(default: the full design; --quick takes a sixth)")
+    ap.add_argument("--nets", type=int, default=None, help="synthetic networks for the in-network correction "
+                                                           "(default 16, quick 4; 0: none)")
+    ap.add_argument("--sustained", choices=("auto", "on", "off"), default="auto",
+                    help="rate-limited timing (CPU quota): auto-detect (default), force on or off")
     ap.add_argument("--name", default=None, help="device name stored in the profile")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
@@ -502,11 +542,39 @@ def main(argv: list[str] | None = None) -> int:
     loads = tuple(float(v) for v in a.loads.split(",")) if a.loads else ((0.0, 0.5) if a.quick else DEFAULT_LOADS)
     if any(not 0 <= L < 1 for L in loads):
         ap.error("--loads must be fractions in [0, 1)")
-    prof = profile(quick=a.quick, loads=loads, seed=a.seed, budget_s=a.budget, progress=not a.no_progress,
-                   name=a.name or Path(a.out).stem)
+    try:
+        counts = _parse_counts(a.counts)
+    except ValueError as e:
+        ap.error(str(e))
+    sustained = {"auto": "auto", "on": True, "off": False}[a.sustained]
+    if a.endpoint:
+        if not a.key_file:
+            ap.error("--endpoint needs --key-file")
+        from edgepart.fcpm.remote import profile_remote
+        from edgepart.runtime.protocol import read_key
+        opts = {"quick": a.quick, "loads": list(loads), "seed": a.seed, "budget": a.budget, "counts": counts,
+                "nets": a.nets, "sustained": sustained}
+        try:
+            from edgepart.fcpm.remote import check_profile_options
+            check_profile_options(opts)
+        except ValueError as e:
+            ap.error(str(e))
+        shown = [0.0]
+
+        def show(h):
+            if a.no_progress or time.monotonic() - shown[0] < 5:
+                return
+            shown[0] = time.monotonic()
+            print(f"  {a.endpoint}: {h.get('phase')}: {h.get('done')}/{h.get('total')}", flush=True)
+        prof = profile_remote(a.endpoint, read_key(a.key_file), opts, name=a.name, on_progress=show)
+    else:
+        prof = profile(quick=a.quick, loads=loads, seed=a.seed, budget_s=a.budget, progress=not a.no_progress,
+                       name=a.name or Path(a.out).stem, counts=counts, nets=a.nets, sustained=sustained)
     path = prof.save(a.out)
-    print(f"wrote {path}: {prof.meta['n_measurements']} measurements in {prof.meta['profile_seconds']} s; "
-          f"models: {', '.join(f'{k}={v}' for k, v in prof.summary().items())}")
+    share = prof.meta.get("cpu_share")
+    print(f"wrote {path}: {prof.meta['n_measurements']} measurements in {prof.meta['profile_seconds']} s"
+          + (f" (rate-limited: {share:.2f} of a core sustained)" if prof.meta.get("rate_limited") and share else "")
+          + f"; models: {', '.join(f'{k}={v}' for k, v in prof.summary().items())}")
     return 0
 
 

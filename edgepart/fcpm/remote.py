@@ -171,7 +171,8 @@ def _run_profile(worker, conn, opts: dict) -> None:
         t0 = time.perf_counter()
         m = measure(quick=opts["quick"], loads=opts["loads"], seed=opts["seed"], budget_s=opts["budget"],
                     progress=False, name=worker.device, counts=opts["counts"], nets=opts["nets"],
-                    sustained=opts["sustained"], on_progress=on_progress)
+                    sustained=opts["sustained"], cpu_cores=(worker.links_cfg or {}).get("cpu_cores"),
+                    on_progress=on_progress)
         m["meta"]["remote"] = {"worker": worker.address, "device": worker.device}
         data = json.dumps(m, separators=(",", ":")).encode()
         if len(data) > MAX_RESULT:

@@ -177,6 +177,10 @@ class Emulator:
                 peers[other] = {"bandwidth_mbps": None, "latency_ms": ln["latency_ms"] / self.time_scale}
             else:
                 peers[other] = {"bandwidth_mbps": ln["bandwidth_mbps"], "latency_ms": ln["latency_ms"]}
+        if self.mode == "netns":
+            # the worker's cgroup CPU quota in cores, for remote profiling (edgepart.fcpm): the worker cannot
+            # read it itself, `ip netns exec` hides /sys/fs/cgroup
+            return {"peers": peers, "cpu_cores": round(self.speed[device] * self.time_scale, 6)}
         return {"peers": peers}
 
     def attach(self, device: str, pid: int) -> None:
