@@ -1,6 +1,5 @@
 """Wire format: round trips, and every malformed or unauthentic frame refused before allocation."""
 import hashlib
-import hmac
 import io
 import json
 import os
@@ -9,6 +8,7 @@ import threading
 
 import pytest
 import torch
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from edgepart.runtime import protocol as P
 
@@ -38,21 +38,33 @@ def channel_pair(key_c=KEY, key_s=KEY, max_payload=P.DEFAULT_MAX_PAYLOAD):
     return c, out["s"]
 
 
+def mac(key, nonce, data) -> bytes:
+    """MAC(k, n, m) computed independently of the protocol module: ChaCha20-Poly1305, empty plaintext, m as AAD."""
+    return ChaCha20Poly1305(key).encrypt(nonce, b"", bytes(data))
+
+
+def payload_tag(key, seq, parts) -> bytes:
+    """The payload tag of docs/wire-format.md: every part cut into 256 KiB chunks, a tag per chunk, a tag over those."""
+    n8 = seq.to_bytes(8, "big")
+    tags = []
+    for part in parts:
+        for i in range(0, len(part), 256 << 10):
+            tags.append(mac(key, b"c" + len(tags).to_bytes(3, "big") + n8, part[i:i + (256 << 10)]))
+    return mac(key, b"p\x00\x00\x00" + n8, b"".join(tags))
+
+
 def raw_frame(key, seq, header: dict, payload: bytes, plen=None, magic=P.MAGIC, version=P.VERSION,
               bad_mac=False, bad_header_mac=False):
+    """A session frame built from the spec in docs/wire-format.md (not with the protocol module's code)."""
     hj = json.dumps(header).encode()
     fixed = P.FIXED.pack(magic, version, 0, 0, len(hj), len(payload) if plen is None else plen)
-    h = hmac.new(key, seq.to_bytes(8, "big"), hashlib.sha256)
-    h.update(fixed)
-    h.update(hj)
-    hm = h.copy().digest()
-    h.update(payload)
-    mac = h.digest()
+    hm = mac(key, b"h\x00\x00\x00" + seq.to_bytes(8, "big"), fixed + hj)
+    pm = payload_tag(key, seq, [payload]) if payload else b""
     if bad_header_mac:
-        hm = bytes(32)
+        hm = bytes(16)
     if bad_mac:
-        mac = bytes(32)
-    return fixed + hj + hm + payload + mac
+        pm = bytes(16)
+    return fixed + hj + hm + payload + pm
 
 
 def spec_expect(specs):
@@ -164,10 +176,7 @@ def test_refusals():
         c3, s3 = channel_pair()
         hj = b"\xff\xfe not json"
         fixed = P.FIXED.pack(P.MAGIC, P.VERSION, 0, 0, len(hj), 0)
-        h = hmac.new(c3._k_send, (1).to_bytes(8, "big"), hashlib.sha256)
-        h.update(fixed)
-        h.update(hj)
-        c3.sock.sendall(fixed + hj + h.copy().digest() + h.digest())
+        c3.sock.sendall(fixed + hj + mac(c3._k_send, b"h\x00\x00\x00" + (1).to_bytes(8, "big"), fixed + hj))
         s3.recv(lambda h: None)
 
 
@@ -202,3 +211,116 @@ def test_parse_address_and_keys(tmp_path):
     assert P.read_key(f) == bytes.fromhex("ab" * 32)
     with pytest.raises(Exception):
         P.as_key(b"short")
+
+
+def read_raw_frame(sock, payload=True):
+    """Read one session frame's raw fields off a socket (fixed, json, header tag, payload, payload tag)."""
+    fixed = P._recv_exact(sock, P.FIXED.size)
+    _, _, _, _, hlen, plen = P.FIXED.unpack(fixed)
+    hj = bytes(P._recv_exact(sock, hlen))
+    htag = bytes(P._recv_exact(sock, 16))
+    body = bytes(P._recv_exact(sock, plen))
+    ptag = bytes(P._recv_exact(sock, 16)) if plen else b""
+    return bytes(fixed), hj, htag, body, ptag
+
+
+@pytest.mark.parametrize("shape,extra", [((1, 2, 3, 4), False), ((1, 16, 32, 32), False), ((1, 2, 3, 4), True),
+                                         ((1, 64, 64, 64), False), ((1, 3, 100, 1000), True)])
+def test_frames_on_the_wire_match_the_spec(shape, extra):
+    """What Channel.send writes verifies with an independent computation of the documented tags
+    (one chunk, several chunks, several parts)."""
+    c, s = channel_pair()
+    x = torch.randn(*shape)
+    parts = [x, torch.arange(3)] if extra else [x]
+    descr = [["float32", list(shape)]] + ([["int64", [3]]] if extra else [])
+    for seq in (1, 2):
+        t = threading.Thread(target=lambda: c.send({"kind": "piece", "n": seq}, parts))
+        t.start()
+        fixed, hj, htag, body, ptag = read_raw_frame(s.sock)
+        t.join()
+        assert htag == mac(s._k_recv, b"h\x00\x00\x00" + seq.to_bytes(8, "big"), fixed + hj)
+        assert ptag == payload_tag(s._k_recv, seq, [body[:x.numel() * 4], body[x.numel() * 4:]])
+        assert json.loads(hj)["parts"] == descr
+        assert body[:x.numel() * 4] == P.tensor_bytes(x).tobytes()
+    c.send({"kind": "ping"})                         # no payload: no payload tag
+    fixed, hj, htag, body, ptag = read_raw_frame(s.sock)
+    assert P.FIXED.unpack(fixed)[5] == 0 and body == ptag == b""
+    assert htag == mac(s._k_recv, b"h\x00\x00\x00" + (3).to_bytes(8, "big"), fixed + hj)
+
+
+def test_reordered_reflected_and_spliced_frames_refused():
+    # reordered: frame 2 arrives first
+    c, s = channel_pair()
+    f1 = raw_frame(c._k_send, 1, {"kind": "a"}, b"x" * 10)
+    f2 = raw_frame(c._k_send, 2, {"kind": "b"}, b"y" * 10)
+    c.sock.sendall(f2 + f1)
+    with pytest.raises(P.AuthError, match="header MAC"):
+        s.recv(lambda h: 10)
+    # reflected: a frame the server sent, played back to it
+    c, s = channel_pair()
+    s.send({"kind": "a"}, [b"hello"])
+    frame = c.sock.recv(1000)
+    c.sock.sendall(frame)
+    with pytest.raises(P.AuthError):
+        s.recv(lambda h: 10)
+    # spliced: an authentic header with the payload (and tag) of another frame of the same size
+    c, s = channel_pair()
+    f1 = raw_frame(c._k_send, 1, {"kind": "a"}, b"1" * 10)
+    f2 = raw_frame(c._k_send, 2, {"kind": "a"}, b"2" * 10)
+    hlen = len(f1) - 10 - 16
+    c.sock.sendall(f1[:hlen] + f2[hlen:])
+    with pytest.raises(P.AuthError, match="frame MAC"):
+        s.recv(lambda h: 10)
+
+
+def test_tampered_large_payload_refused_after_receipt():
+    """A flipped byte deep inside a chunked (multi-chunk) payload fails the payload tag."""
+    c, s = channel_pair()
+    x = torch.randn(1, 8, 128, 128)                  # 512 KiB: two chunks
+    tshape = list(x.shape)
+    body = bytearray(P.tensor_bytes(x).tobytes())
+    frame = bytearray(raw_frame(c._k_send, 1, {"kind": "piece", "parts": [["float32", tshape]]}, bytes(body)))
+    frame[-16 - 300_000] ^= 1
+    t = threading.Thread(target=lambda: c.sock.sendall(frame))
+    t.start()
+    with pytest.raises(P.AuthError, match="frame MAC"):
+        s.recv(spec_expect([("float32", tuple(tshape))]))
+    t.join()
+
+
+def test_back_to_back_frames_and_staging():
+    """Many small and large frames written in one go are split correctly (staging buffer, direct receives)."""
+    c, s = channel_pair()
+    sizes = [0, 1, 7, 1000, 5000, 9000, 70_000, 300_000, 3, 0, 16_384]
+    blobs = [os.urandom(n) for n in sizes]
+    t = threading.Thread(target=lambda: [c.send({"kind": "b", "i": i, "pad": "p" * (i * 1500)}, [b])
+                                         for i, b in enumerate(blobs)])
+    t.start()
+    for i, b in enumerate(blobs):
+        f = s.recv(lambda h: 1 << 20)
+        assert f.get("i") == i and f.parts[0] == b
+    t.join()
+
+
+def test_idle_waits_but_a_stalled_frame_times_out(monkeypatch):
+    """Between frames a channel waits indefinitely; a gap inside a frame longer than FRAME_TIMEOUT is refused.
+
+    A timeout the caller sets on the socket surfaces as TimeoutError while idle (remote profiling relies on it)."""
+    monkeypatch.setattr(P, "FRAME_TIMEOUT", 1.0)
+    c, s = channel_pair()
+    got = []
+    t = threading.Thread(target=lambda: got.append(s.recv(lambda h: None)))
+    t.start()
+    t.join(2.5)                                       # idle for longer than FRAME_TIMEOUT: still waiting
+    assert t.is_alive() and not got
+    c.send({"kind": "late"})
+    t.join(10)
+    assert got and got[0].kind == "late"
+    frame = raw_frame(c._k_send, 2, {"kind": "stalled"}, b"")
+    c.sock.sendall(frame[:30])                        # a frame that stops half way, connection left open
+    with pytest.raises(P.ProtocolError, match="truncated"):
+        s.recv(lambda h: None)
+    c, s = channel_pair()
+    s.sock.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        s.recv(lambda h: None)
