@@ -566,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
                 return
             shown[0] = time.monotonic()
             print(f"  {a.endpoint}: {h.get('phase')}: {h.get('done')}/{h.get('total')}", flush=True)
-        prof = profile_remote(a.endpoint, read_key(a.key_file), opts, name=a.name, on_progress=show)
+        prof = profile_remote(a.endpoint, read_key(a.key_file), opts, name=a.name, on_progress=show,
+                              default_name=Path(a.out).stem)
     else:
         prof = profile(quick=a.quick, loads=loads, seed=a.seed, budget_s=a.budget, progress=not a.no_progress,
                        name=a.name or Path(a.out).stem, counts=counts, nets=a.nets, sustained=sustained)

@@ -310,9 +310,13 @@ def check_measurements(m: Any) -> None:
 
 
 def profile_remote(endpoint: str, key, options: dict | None = None, name: str | None = None,
-                   idle_timeout: float = 120.0, on_progress: Callable[[dict], None] | None = None):
-    """Profile the worker at ``endpoint`` (in its own CPU share) and fit its FCPM here: a DeviceProfile."""
+                   idle_timeout: float = 120.0, on_progress: Callable[[dict], None] | None = None,
+                   default_name: str | None = None):
+    """Profile the worker at ``endpoint`` (in its own CPU share) and fit its FCPM here: a DeviceProfile.
+
+    Its device name: ``name``, else the device the worker was deployed as, else ``default_name``,
+    else the worker's host name."""
     from edgepart.fcpm.profiler import fit_profile
     m, dev = remote_measure(endpoint, key, options, idle_timeout, on_progress)
     m["meta"].setdefault("remote", {})["endpoint"] = endpoint
-    return fit_profile(m, name=name or dev or None)
+    return fit_profile(m, name=name or dev or default_name or None)
