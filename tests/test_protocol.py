@@ -324,3 +324,26 @@ def test_idle_waits_but_a_stalled_frame_times_out(monkeypatch):
     s.sock.settimeout(0.3)
     with pytest.raises(TimeoutError):
         s.recv(lambda h: None)
+
+
+def test_send_nowait_never_blocks_and_keeps_frame_order():
+    """A frame the socket takes only part of is finished later, before any other frame: order and bytes intact."""
+    c, s = channel_pair()
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    blobs = [os.urandom(40_000) for _ in range(6)]
+    committed = []
+    for i, b in enumerate(blobs):                     # the peer is not reading: the buffer fills up
+        if c.send_nowait({"kind": "b", "i": i}, [b]):
+            committed.append(i)
+        else:
+            break
+    assert committed and c.tail_pending              # part of the last committed frame is still unsent
+    assert not c.send_nowait({"kind": "b", "i": 99}, [b"x"])    # refused, nothing consumed
+    rest = [i for i in range(len(blobs)) if i not in committed]
+    t = threading.Thread(target=lambda: [c.send({"kind": "b", "i": i}, [blobs[i]]) for i in rest] + [c.flush()])
+    t.start()
+    for i in range(len(blobs)):
+        f = s.recv(lambda h: 1 << 20)
+        assert f.get("i") == i and f.parts[0] == blobs[i]
+    t.join()
+    assert not c.tail_pending

@@ -255,6 +255,7 @@ class Channel:
         self.peer = peer_hello or {}       # the other side's hello header (name, role, ...)
         self.max_payload = max_payload
         self._send_lock = threading.Lock()
+        self._tail: list | None = None     # the unwritten rest of a frame started by send_nowait
         self.closed = False
         # received but not yet consumed bytes are self._rb[self._ra:self._rz]
         self._rb = bytearray(2 * STAGE)
@@ -334,7 +335,8 @@ class Channel:
         _send_all(self.sock, [signed, mac])
 
     # --- frames -----------------------------------------------------------------
-    def send(self, header: dict, parts: Sequence = ()) -> None:
+    def _prepare(self, header: dict, parts: Sequence) -> tuple[bytes, list, int]:
+        """The fixed header + JSON, and the payload's byte views (no copies), for a frame about to be sent."""
         if parts:
             descr, views, total = encode_parts(parts)
             if descr:
@@ -344,14 +346,20 @@ class Channel:
             elif len(views) > 1:                     # raw bytes are one part on the receiving side
                 views = [memoryview(b"".join(views))]
         else:
-            views, total = (), 0
+            views, total = [], 0
         hj = _json_encode(header).encode()
         if len(hj) > MAX_HEADER:
             raise ProtocolError(f"frame header of {len(hj)} bytes exceeds {MAX_HEADER}")
-        signed = FIXED.pack(MAGIC, VERSION, 0, 0, len(hj), total) + hj
+        return FIXED.pack(MAGIC, VERSION, 0, 0, len(hj), total) + hj, views, total
+
+    def send(self, header: dict, parts: Sequence = ()) -> None:
+        """Write one frame (blocking until the socket took all of it)."""
+        signed, views, total = self._prepare(header, parts)
         with self._send_lock:
             if self.closed:
                 raise PeerClosed("channel is closed")
+            if self._tail:
+                self._flush_locked()
             seq = self._seq_send
             self._seq_send = seq + 1
             sn = seq.to_bytes(8, "big")
@@ -374,6 +382,69 @@ class Channel:
                         out, pending = [], 0
             out.append(pm.tag())
             _send_all(self.sock, out)
+
+    def send_nowait(self, header: dict, parts: Sequence = ()) -> bool:
+        """Write a small frame from the calling thread without ever blocking on the socket.
+
+        Returns False, having consumed nothing, if another thread is sending on this channel
+        or an earlier frame is not fully written: queue the frame for a sender thread then.
+        Returns True once the frame is committed: written, or — if the socket buffer took only
+        part of it — with the rest kept in order, to be written by ``flush()`` (or before the
+        next frame). Meant for frames of at most a few tens of KiB (all tags are computed first).
+        """
+        signed, views, total = self._prepare(header, parts)
+        if len(views) > 64 or not self._send_lock.acquire(blocking=False):
+            return False
+        try:
+            if self.closed:
+                raise PeerClosed("channel is closed")
+            if self._tail:
+                return False
+            seq = self._seq_send
+            self._seq_send = seq + 1
+            sn = seq.to_bytes(8, "big")
+            g = self._g_send
+            bufs = [signed, g.encrypt(_NONCE_H + sn, _EMPTY, signed)]
+            if total:
+                pm = _PayloadMac(g, sn)
+                for v in views:
+                    for i in range(0, len(v), CHUNK):
+                        c = v[i:i + CHUNK]
+                        pm.chunk(c)
+                        bufs.append(c)
+                bufs.append(pm.tag())
+            try:
+                n = self.sock.sendmsg(bufs, [], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                n = 0
+            want = len(signed) + TAG_LEN + (total + TAG_LEN if total else 0)
+            if n < want:
+                rest = [b if isinstance(b, memoryview) else memoryview(b) for b in bufs]
+                while n:
+                    if n >= len(rest[0]):
+                        n -= len(rest.pop(0))
+                    else:
+                        rest[0] = rest[0][n:]
+                        n = 0
+                self._tail = rest
+            return True
+        finally:
+            self._send_lock.release()
+
+    @property
+    def tail_pending(self) -> bool:
+        """Part of a frame written by ``send_nowait`` is still waiting for ``flush()``."""
+        return bool(self._tail)
+
+    def flush(self) -> None:
+        """Finish writing a frame that ``send_nowait`` could only partly write (blocking)."""
+        with self._send_lock:
+            if self._tail:
+                self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        tail, self._tail = self._tail, None
+        _send_all(self.sock, tail)
 
     def recv(self, expect: Expect) -> Frame:
         seq = self._seq_recv

@@ -21,7 +21,6 @@ import itertools
 import json
 import logging
 import os
-import queue
 import signal
 import socket
 import sys
@@ -43,6 +42,7 @@ MAX_MANIFEST = 64 << 20
 MAX_CONNECTIONS = 256
 MAX_INFLIGHT = 4096
 REQ_ID_MAX = 80
+INLINE_COMPUTE_S = 0.005       # a reader thread runs a request itself only if recent ones computed this briefly
 FCPM_KINDS = ("profile", "probe", "probe_ping", "probe_data")
 
 
@@ -70,58 +70,138 @@ class Shaper:
             time.sleep(-self.tokens / self.rate)
 
 
+INLINE_MAX = 64 << 10          # frames up to this size are written by the calling thread when nothing is queued
+_FLUSH = object()              # queue marker: finish writing a frame that send_nowait only partly wrote
+
+
+def _nbytes(parts) -> int:
+    n = 0
+    for p in parts:
+        n += p.numel() * p.element_size() if isinstance(p, torch.Tensor) else len(p)
+    return n
+
+
 class OutQueue:
-    """Frames for one channel, sent in order by their own thread so no reader or compute thread blocks on a write."""
+    """Frames for one channel, written in order; no reader or compute thread ever blocks on the socket.
+
+    When nothing is queued, a small frame is written by the calling thread with a non-blocking
+    write (``Channel.send_nowait``), which saves a thread wake-up per frame; anything else — large
+    frames, frames behind others, the rest of a frame the socket took only part of — is written
+    by the queue's own thread.
+    """
 
     def __init__(self, channel: Channel, name: str, on_error=None):
         self.ch = channel
-        self.q: queue.SimpleQueue = queue.SimpleQueue()
+        self.q: collections.deque = collections.deque()
+        self.cv = threading.Condition(threading.Lock())
+        self.busy = False                  # the thread is writing
         self.on_error = on_error
         self.dead = False
         self.t = threading.Thread(target=self._run, name=f"out-{name}", daemon=True)
         self.t.start()
 
     def put(self, header: dict, parts=()) -> None:
-        self.q.put((header, parts))
+        err = None
+        with self.cv:
+            if self.dead:
+                return
+            if not self.q and not self.busy and _nbytes(parts) <= INLINE_MAX:
+                try:
+                    if self.ch.send_nowait(header, parts):
+                        if self.ch.tail_pending:
+                            self.q.append(_FLUSH)
+                            self.cv.notify()
+                        return
+                except (OSError, PeerClosed, ProtocolError) as e:
+                    self.dead = True
+                    err = e
+            if err is None:
+                self.q.append((header, parts))
+                self.cv.notify()
+                return
+        if self.on_error:
+            self.on_error(err)
 
     def close(self) -> None:
-        self.q.put(None)
+        with self.cv:
+            self.q.append(None)
+            self.cv.notify()
 
     def _run(self) -> None:
         while True:
-            item = self.q.get()
-            if item is None:
-                return
-            if self.dead:
-                continue
+            with self.cv:
+                while not self.q:
+                    self.cv.wait()
+                item = self.q.popleft()
+                if item is None:
+                    return
+                if self.dead:
+                    continue
+                self.busy = True
+            err = None
             try:
-                self.ch.send(*item)
+                if item is _FLUSH:
+                    self.ch.flush()
+                else:
+                    self.ch.send(*item)
             except (OSError, PeerClosed, ProtocolError) as e:
-                self.dead = True
-                if self.on_error:
-                    self.on_error(e)
+                err = e
+            with self.cv:
+                self.busy = False
+                if err is not None:
+                    self.dead = True
+            if err is not None and self.on_error:
+                self.on_error(err)
 
 
 class PeerLink:
-    """This worker's outgoing connection to one peer device: a FIFO, a sender thread, a watcher for EOF."""
+    """This worker's outgoing connection to one peer device: a FIFO, a sender thread, a watcher for EOF.
+
+    Like OutQueue, a small piece is written straight from the compute thread when the link is
+    connected, unshaped and idle; the sender thread handles the rest (and connecting, shaping).
+    """
 
     def __init__(self, worker: "Worker", device: str, address: str, shaper: Shaper | None):
         self.w = worker
         self.device = device
         self.address = address
         self.shaper = shaper
-        self.q: queue.SimpleQueue = queue.SimpleQueue()
+        self.q: collections.deque = collections.deque()
+        self.cv = threading.Condition(threading.Lock())
+        self.busy = False
         self.ch: Channel | None = None
         self.closed = False
         self.t = threading.Thread(target=self._run, name=f"peer-{device}", daemon=True)
         self.t.start()
 
     def put(self, header: dict, parts=(), req: "Req | None" = None) -> None:
-        self.q.put((time.monotonic(), header, parts, req))
+        err = None
+        with self.cv:
+            ch = self.ch
+            if (ch is not None and self.shaper is None and not self.q and not self.busy and not self.closed
+                    and (req is None or not req.cancelled)):
+                n = _nbytes(parts)
+                if n <= INLINE_MAX:
+                    try:
+                        if ch.send_nowait(header, parts):
+                            self.w.stats["bytes_sent"] += n
+                            if ch.tail_pending:
+                                self.q.append(_FLUSH)
+                                self.cv.notify()
+                            return
+                    except (OSError, PeerClosed, ProtocolError) as e:
+                        err = e
+            if err is None:
+                self.q.append((time.monotonic(), header, parts, req))
+                self.cv.notify()
+                return
+        self._failed(ch, err, req)
 
     def close(self) -> None:
         self.closed = True
-        self.q.put(None)
+        with self.cv:
+            self.q.append(None)
+            self.cv.notify()
 
     def _connect(self) -> Channel:
         ch = Channel.connect(self.address, self.w.key, {"role": "peer", "name": self.w.device or "",
@@ -142,9 +222,23 @@ class PeerLink:
         if not self.closed and not ch.closed:
             self.w._peer_down(self.device, reason)
 
+    def _failed(self, ch: Channel | None, e: Exception, req: "Req | None") -> None:
+        if ch is not None:
+            ch.close()
+            if self.ch is ch:
+                self.ch = None
+        reason = f"unreachable at {self.address} ({e})"
+        if req is not None:
+            self.w._fail(req, f"device {self.device!r} {reason}")
+        self.w._peer_down(self.device, reason)
+
     def _run(self) -> None:
         while True:
-            item = self.q.get()
+            with self.cv:
+                while not self.q:
+                    self.cv.wait()
+                item = self.q.popleft()
+                self.busy = item is not None
             if item is None:
                 if self.ch is not None:
                     try:
@@ -153,27 +247,36 @@ class PeerLink:
                         pass
                     self.ch.close()
                 return
-            enq, header, parts, req = item
-            if req is not None and req.cancelled:
-                continue
             try:
-                if self.shaper is not None:
-                    delay = self.shaper.release_time(enq) - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
-                    self.shaper.consume(sum(p.numel() * p.element_size() for p in parts) + 200)
-                if self.ch is None:
-                    self.ch = self._connect()
-                self.ch.send(header, parts)
-                self.w.stats["bytes_sent"] += sum(p.numel() * p.element_size() for p in parts)
+                self._send(item)
+            finally:
+                with self.cv:
+                    self.busy = False
+
+    def _send(self, item) -> None:
+        ch = self.ch
+        if item is _FLUSH:
+            try:
+                if ch is not None:
+                    ch.flush()
             except (OSError, PeerClosed, ProtocolError) as e:
-                if self.ch is not None:
-                    self.ch.close()
-                    self.ch = None
-                reason = f"unreachable at {self.address} ({e})"
-                if req is not None:
-                    self.w._fail(req, f"device {self.device!r} {reason}")
-                self.w._peer_down(self.device, reason)
+                self._failed(ch, e, None)
+            return
+        enq, header, parts, req = item
+        if req is not None and req.cancelled:
+            return
+        try:
+            if self.shaper is not None:
+                delay = self.shaper.release_time(enq) - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                self.shaper.consume(_nbytes(parts) + 200)
+            if ch is None:
+                ch = self.ch = self._connect()
+            ch.send(header, parts)
+            self.w.stats["bytes_sent"] += _nbytes(parts)
+        except (OSError, PeerClosed, ProtocolError) as e:
+            self._failed(ch, e, req)
 
 
 class Req:
@@ -240,6 +343,8 @@ class Worker:
         self.finished: collections.OrderedDict = collections.OrderedDict()
         self.runq: list = []
         self.runq_cv = threading.Condition(self.lock)
+        self.computing = False               # a request is being advanced (by the compute or a reader thread)
+        self.recent_compute: collections.deque = collections.deque(maxlen=16)   # s per finished request
         self.seq = itertools.count()
         self.conns: set[Conn] = set()
         self.stats = collections.Counter()
@@ -409,8 +514,10 @@ class Worker:
         elif kind == "piece":
             self.stats["bytes_received"] += frame.parts[0].numel() * frame.parts[0].element_size()
             self._on_piece(h, frame.parts[0])
+            self._kick()
         elif kind == "input":
             self._on_input(conn, h, frame.parts)
+            self._kick()
         elif kind == "cancel":
             self._cancel(_req_id(h), str(h.get("reason", "cancelled"))[:300])
         elif kind == "fail":
@@ -421,6 +528,7 @@ class Worker:
         elif kind == "begin":
             with self.lock:
                 self._get_req(_req_id(h))
+            self._kick()
         elif kind == "stats":
             conn.out.put({"kind": "stats", "device": self.device, "stats": dict(self.stats)})
         elif kind == "deploy":
@@ -536,6 +644,7 @@ class Worker:
             old = list(self.reqs.values())
             old_links = list(self.links.values())
             self.program, self.manifest, self.device, self.bundle_id = prog, manifest, device, bid
+            self.recent_compute.clear()
             self.peers = dict(peers)
             self.recv_specs = recv_specs
             self.input_specs = [(s["dtype"], tuple(s["shape"])) for s in manifest["inputs"]]
@@ -573,10 +682,45 @@ class Worker:
         return req
 
     def _schedule(self, req: Req) -> None:
+        """Queue a runnable request (caller holds the lock; the reader that called it then calls _kick)."""
         if not req.queued:
             req.queued = True
             heapq.heappush(self.runq, (req.seq, req.id, req))
-            self.runq_cv.notify()
+
+    def _kick(self) -> None:
+        """After a reader made a request runnable: if nothing is computing and this device's recent
+        requests computed briefly, advance the oldest runnable request right here, in the reader
+        thread (which saves waking the compute thread, a large share of a small request's latency);
+        otherwise wake the compute thread. Either way one request is advanced at a time, oldest first.
+        A reader computes for a few ms at most, so the frames behind it on its connection (pings)
+        wait no longer than that."""
+        with self.lock:
+            if self.computing or not self.runq:
+                return
+            rc = self.recent_compute
+            if len(rc) < 4 or max(rc) > INLINE_COMPUTE_S:
+                self.runq_cv.notify()
+                return
+            req = self._pop_runnable()
+        self._run(req)
+
+    def _pop_runnable(self) -> Req:
+        _, _, req = heapq.heappop(self.runq)
+        req.queued = False
+        self.computing = True
+        return req
+
+    def _run(self, req: Req) -> None:
+        try:
+            self._advance(req)
+        except Exception as e:  # noqa: BLE001 — a failing request must not stop the worker
+            log.exception("request %s failed", req.id)
+            self._fail(req, f"device {self.device!r}: {type(e).__name__}: {e}")
+        finally:
+            with self.lock:
+                self.computing = False
+                if self.runq:
+                    self.runq_cv.notify()
 
     def _on_input(self, conn: Conn, h: dict, parts: list) -> None:
         rid = _req_id(h)
@@ -611,17 +755,12 @@ class Worker:
         torch.set_num_threads(max(1, self.threads))
         while not self.stop_event.is_set():
             with self.lock:
-                while not self.runq and not self.stop_event.is_set():
+                while (not self.runq or self.computing) and not self.stop_event.is_set():
                     self.runq_cv.wait(1.0)
                 if self.stop_event.is_set():
                     return
-                _, _, req = heapq.heappop(self.runq)
-                req.queued = False
-            try:
-                self._advance(req)
-            except Exception as e:  # noqa: BLE001 — a failing request must not stop the worker
-                log.exception("request %s failed", req.id)
-                self._fail(req, f"device {self.device!r}: {type(e).__name__}: {e}")
+                req = self._pop_runnable()
+            self._run(req)
 
     def _advance(self, req: Req) -> None:
         prog = req.program
@@ -683,6 +822,8 @@ class Worker:
             self.reqs.pop(req.id, None)
             self._remember(req.id)
             self.stats["requests"] += 1
+            if req.program is self.program:
+                self.recent_compute.append(req.compute_s)
 
     def _remember(self, rid: str) -> None:
         self.finished[rid] = None
