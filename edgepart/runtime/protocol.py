@@ -510,7 +510,7 @@ class Channel:
             self._ra = a + got
         while got < n:
             try:
-                r = self.sock.recv_into(mv[got:], n - got)
+                r = self.sock.recv_into(mv[got:], n - got, socket.MSG_WAITALL)
             except (BlockingIOError, socket.timeout):
                 raise ProtocolError(f"truncated frame: payload incomplete (no data for "
                                     f"{FRAME_TIMEOUT:.0f} s)") from None
