@@ -395,12 +395,15 @@ def main(argv=None) -> int:
               "and the receiver verifies every byte again. With the two processes on the machine's two cores, "
               f"that bounds framed throughput to about {plain_send:.0f} / ({plain_send:.0f} + {mac_us:.0f}) = "
               f"{100 * ceiling:.0f}% of a bare copy before any per-frame work; measured {100 * lo:.0f}-{100 * hi:.0f}%. "
-              "The 80% goal needs a MAC four times faster than the copy itself (about 16 GB/s here), which no "
+              f"The 80% goal needs a MAC four times faster than the copy itself (about {4 * MIB / plain_send / 1e3:.0f} "
+              "GB/s here), which no "
               "MAC available to Python reaches on this CPU; kernel TLS, which would fold the MAC into the copy, "
               "is not available in this kernel. On a real link the MAC is not the limit: "
               + (f"across 1 Gbit/s edgepart moves {min(100 * r['frames'] / r['plain'] for r in shaped):.0f}% or "
                  "more of what a bare socket moves." if shaped else "(shaped link not measured in this run).")
-              + " Wire format v1 (HMAC-SHA256) measured 21-26% on loopback in the committed results before.",
+              + " Absolute numbers on this shared VM drift by up to 2x between runs (the plain baseline too); "
+              "`transport_ab.md` compares wire format v1 (HMAC-SHA256, separate compute and sender threads) with "
+              "this one in alternating runs (`benchmarks/transport_ab.py`).",
               f"* Per-request overhead with one worker: {one['overhead_ms']:.2f} ms (best round; "
               f"{one['median_overhead_ms']:.2f} ms median of rounds); goal 0.5 ms. A request now wakes three "
               "threads: the worker's connection reader (which runs a short request itself when nothing else "

@@ -5,11 +5,16 @@
 A client deploys the device's files (checked against the manifest's sha256) and
 the addresses of the other workers; then every request is the device's action
 list, run event by event: a piece that arrives goes to the request's mailbox, a
-request whose next action is waiting for it is queued for the (single) compute
-thread, which runs stages and queues the pieces it sends on one sender thread per
-peer (worker to worker, never through the client). Several requests are in
-flight at once; the oldest runnable one goes first. A frame that fails any check
-is refused with a logged reason and its connection is closed; the worker stays up.
+request whose next action is waiting for it is queued for the compute thread,
+which runs stages and hands the pieces it sends to one sender thread per peer
+(worker to worker, never through the client). Several requests are in flight at
+once; one is advanced at a time, the oldest runnable first. Two shortcuts save
+thread wake-ups on small requests: a connection's reader advances a request itself
+when nothing is computing and this device's recent requests computed in under
+5 ms, and small frames (results, pieces, pongs) are written by the thread that
+produced them when nothing is queued, with a non-blocking write. A frame that
+fails any check is refused with a logged reason and its connection is closed;
+the worker stays up.
 """
 from __future__ import annotations
 
