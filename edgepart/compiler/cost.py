@@ -2,7 +2,10 @@
 
 The planners (and the OFPM solver) optimise with these functions and the simulator
 reports with them, so a plan's predicted latency can be checked against both.
-A device with a fitted FCPM profile uses it; one without falls back to
+A device with a fitted FCPM profile uses it, divided by the device's ``speed``
+(speed is relative to the machine the profile was fitted on: 1.0 for a profile
+of the device itself, 0.5 for a device half as fast as the profiled machine —
+an emulated device with half a core of it, say); one without falls back to
 FLOPs ÷ (its declared speed × REFERENCE_FLOPS) and the model says so.
 """
 from __future__ import annotations
@@ -41,11 +44,15 @@ class CostModel:
                  loads: dict[str, float] | None = None, reference_flops: float = REFERENCE_FLOPS):
         self.cluster = cluster
         self.profiles = dict(profiles or {})
+        loaded: dict[str, DeviceProfile] = {}
         for d in cluster.devices:   # FCPM profiles named in the cluster description (device key "profile")
             if d.name not in self.profiles and getattr(d, "profile", None):
-                from edgepart.fcpm import DeviceProfile
-                self.profiles[d.name] = DeviceProfile.load(d.profile)
+                if d.profile not in loaded:        # devices emulated from one profile share it
+                    from edgepart.fcpm import DeviceProfile
+                    loaded[d.profile] = DeviceProfile.load(d.profile)
+                self.profiles[d.name] = loaded[d.profile]
         self.loads = dict(loads or {})
+        self.speed = {d.name: d.speed for d in cluster.devices}
         self.reference_flops = reference_flops
         self.fallback_devices = [d for d in cluster.names if d not in self.profiles]
         self._warned = False
@@ -57,7 +64,11 @@ class CostModel:
             self._warned = True
 
     def compute_time(self, node, device: str, rows: int | None = None) -> float:
-        """Seconds for ``device`` to compute ``rows`` output rows of ``node`` (all rows if None)."""
+        """Seconds for ``device`` to compute ``rows`` output rows of ``node`` (all rows if None).
+
+        With a profile: the profile's prediction ÷ the device's speed (relative to the profiled
+        machine); without: FLOPs ÷ (speed × reference FLOP/s). Load slows both (the profile
+        models it itself)."""
         info = node_info(node)
         total_rows = max(1, info.get("rows", 1))
         rows = total_rows if rows is None else rows
@@ -65,10 +76,14 @@ class CostModel:
             return 0.0
         prof = self.profiles.get(device)
         if prof is not None:
-            return prof.predict(info, rows, self.loads.get(device, 0.0))
+            return prof.predict(info, rows, self.loads.get(device, 0.0)) / self._speed(device)
         self.warn_fallback()
-        speed = self.cluster.device(device).speed * max(1e-3, 1.0 - self.loads.get(device, 0.0))
+        speed = self._speed(device) * max(1e-3, 1.0 - self.loads.get(device, 0.0))
         return info.get("flops", 0) * rows / total_rows / (speed * self.reference_flops)
+
+    def _speed(self, device: str) -> float:
+        s = self.speed.get(device)
+        return s if s is not None else self.cluster.device(device).speed   # (raises, naming the devices)
 
     def transfer_time(self, nbytes: int, src: str, dst: str) -> float:
         """Seconds to move ``nbytes`` from src to dst over their link (latency + size / bandwidth)."""
