@@ -156,6 +156,7 @@ class DeviceProgram:
             self.modules[name] = m.eval()
         self.nodes = getattr(self.module, "NODES", {})
         self.constants = {name: weights[key] for name, key in self.spec.get("constants", {}).items()}
+        self.free_after = free_after(self.actions, self.rows_by_stage, manifest.get("output", {}))
 
     @classmethod
     def from_bundle(cls, bundle_dir, device: str, manifest: dict | None = None) -> "DeviceProgram":
@@ -191,6 +192,8 @@ class DeviceProgram:
                     raise BundleError(f"device {self.device!r} has no code for node {node!r} (stage {stage}); "
                                       "this plan needs a new deploy")
                 fn(ctx, self.weights, self.modules)
+                for t in self.free_after.get((stage, node), ()):
+                    store.drop(t)            # its last reader on this device: let the allocator reuse it
 
     def piece_spec(self, tensor: str, a: int, b: int) -> tuple[torch.dtype, tuple[int, ...]]:
         meta = self.manifest["tensors"].get(tensor)
@@ -207,6 +210,39 @@ class DeviceProgram:
         def leaf(t: str):
             return store.get(t, 0, tensors[t]["rows"]).contiguous() if t in tensors else store.get(t, 0, 1)
         return build_output(self.manifest["output"], leaf)
+
+
+def free_after(actions: list[dict], rows_by_stage: dict, output: dict) -> dict[tuple[int, str], list[str]]:
+    """(stage, node) -> the tensors whose last reader on this device is that node.
+
+    A request's store would otherwise hold every intermediate tensor until the request ends, so
+    every layer would write fresh memory (page faults, cold caches): memory-bound layers (batch
+    norm, activations, depthwise convolutions on large maps) ran 2-4x slower than in the eager
+    model. Tensors a later ``send`` or the output reads are kept."""
+    last: dict[str, tuple] = {}
+    for act in actions:
+        op = act.get("op")
+        if op == "run":
+            table = rows_by_stage.get(int(act["stage"]), {})
+            for node, entry in table.items():
+                for producer in (entry.get("in") or {}):
+                    last[producer] = (int(act["stage"]), node)
+        elif op == "send":
+            last[act["tensor"]] = ("send",)
+        elif op == "output":
+            for t in _output_tensors(output):
+                last[t] = ("output",)
+    out: dict[tuple[int, str], list[str]] = {}
+    for t, where in last.items():
+        if len(where) == 2:
+            out.setdefault(where, []).append(t)
+    return out
+
+
+def _output_tensors(structure: dict) -> list[str]:
+    out: list[str] = []
+    build_output(structure, out.append) if structure else None
+    return out
 
 
 def build_output(structure: dict, leaf):
