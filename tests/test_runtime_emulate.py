@@ -65,7 +65,8 @@ def test_netns_cgroup_testbed_shapes_and_cleans_up(bundle):
             cg = emu.cgroups[dev]
             assert str(pid) in open(os.path.join(cg, "cgroup.procs")).read().split()
             quota = int(open(os.path.join(cg, "cpu.cfs_quota_us")).read())
-            assert quota == int(emu.speed[dev] * s * 100_000)
+            period = int(open(os.path.join(cg, "cpu.cfs_period_us")).read())
+            assert quota == round(emu.speed[dev] * s * period) and quota >= 1000
             assert f"/proc/{pid}/ns/net" and os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
             assert "tbf" in sh(f"ip netns exec {emu.ns[dev]} tc qdisc show")
         y = c.infer(x)
@@ -97,3 +98,46 @@ def test_inprocess_limiter_without_root(bundle):
         bound = link_bound_s(manifest, 1.0)
         print(f"inprocess: {t * 1e3:.1f} ms, link bound {bound * 1e3:.1f} ms")
         assert 0.8 * bound <= t <= 3 * bound + 0.2, (t, bound)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not netns_available()[0], reason=f"netns emulation unavailable: {netns_available()[1]}")
+def test_dilated_cpu_shares_pinning_and_host_speed(bundle):
+    """cpu="dilate": no quota; each worker reads its share (speed × s ÷ host_speed) from a file the
+    emulator rewrites when the host speed changes; workers pinned by taskset; outputs exact."""
+    model, x, d, manifest = bundle
+    with edgepart.LocalCluster(d, emulate=True, cpu="dilate", cpuset=[0], host_speed=0.8) as c:
+        emu = c.emulator
+        s = c.time_scale
+        assert s == pytest.approx(min(1.0, 0.8 / 1.0, 0.9 * 1 * 0.8 / 1.5))
+        for dev, pid in c.pids.items():
+            cg = emu.cgroups[dev]
+            assert int(open(os.path.join(cg, "cpu.cfs_quota_us")).read()) == -1
+            share = float(open(emu.share_file(dev)).read())
+            assert share == pytest.approx(emu.speed[dev] * s / 0.8)
+            assert os.sched_getaffinity(pid) == {0}
+            assert emu.links_config(dev)["cpu"]["share_file"] == emu.share_file(dev)
+        with torch.no_grad():
+            ref = model(x)
+        assert_close(c.infer(x), ref)
+        emu.set_host_speed(0.5)
+        for dev in c.pids:
+            assert float(open(emu.share_file(dev)).read()) == pytest.approx(emu.speed[dev] * s / 0.5)
+        assert_close(c.infer(x), ref)
+        assert c.stats()[c.devices[0]]["compute_us"] > 0
+        sharedir = emu.sharedir
+    assert not os.path.exists(sharedir)
+
+
+def test_cpu_dilation_reads_and_follows_the_share_file(tmp_path):
+    from edgepart.runtime.worker import CpuDilation
+    f = tmp_path / "share"
+    f.write_text("0.25")
+    dil = CpuDilation(str(f))
+    assert dil.current() == 0.25
+    os.utime(f, ns=(1, 1))
+    f.write_text("0.5")
+    assert dil.current() == 0.5
+    f.write_text("7")                 # out of range: refused, the last good share stays
+    os.utime(f, ns=(2, 2))
+    assert dil.current() == 0.5

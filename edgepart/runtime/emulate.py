@@ -2,8 +2,34 @@
 
 With root, cgroup v1 and network namespaces (``mode == "netns"``):
 
-* **CPU**: each worker runs in its own cgroup under ``/sys/fs/cgroup/cpu`` with
-  ``cpu.cfs_quota_us = speed × s × cpu.cfs_period_us`` and one torch thread.
+* **CPU**: a device of speed ``v`` gets the share ``q = v × s ÷ host_speed`` of one CPU of
+  this machine (one torch thread), enforced in one of two ways (``cpu=``):
+
+  - ``"quota"`` (default): the worker's cgroup gets ``cpu.cfs_quota_us = q × cpu.cfs_period_us``
+    (``period_us``, default 10 ms; a share too small for the kernel's 1 ms minimum quota gets a
+    longer period). Everything the worker does is slowed down, message handling included, and
+    remote profiling (``edgepart.fcpm``) of a worker sees its quota. But the kernel enforces a
+    quota at scheduler ticks (4 ms at HZ=250), so a busy worker runs in bursts of about 4 ms of
+    CPU and then stalls for 4 ms × (1/q − 1): in the emulated device's own time, bursts of about
+    4 ms × host_speed ÷ v whatever the period or time scale (phone 0.4 at host_speed 0.6: 6 ms),
+    and a piece that arrives during a stall waits for the next burst. On the testbed benchmark
+    (vgg16, 9 split stages) that costs about 1 ms per hop and +15–25 % on a chain of short
+    stages; a 100 ms period instead lets a slow device start each request with a whole period's
+    quota at full speed (faster than its speed).
+  - ``"dilate"``: every compute stage lasts its CPU time ÷ q on the wall clock (the worker runs
+    it, then sleeps the rest: ``worker.CpuDilation``), exact per stage, and a piece arriving
+    meanwhile is received at once. Message handling (framing, MACs, copies) is not slowed down,
+    only compute stages; workers are not rate-limited (no quota).
+
+  Every worker runs in its own cgroup; their parent has 8× an ordinary process's CPU weight, so
+  another program on the same CPU does not take the devices' shares. ``cpuset`` pins every
+  worker to those CPUs (``taskset``): workers on one CPU never run at the same time as each
+  other, so they do not slow each other down through the shared core / caches / memory the way
+  two busy vCPUs of one VM do. ``host_speed`` (default 1.0) is how fast one CPU of this machine
+  is *now* relative to the machine the devices' speeds refer to (the one their FCPM profile was
+  fitted on; :class:`HostSpeedProbe` measures it): with 0.6, a device of speed 1.0 gets 1/0.6 of
+  a CPU, so that it really runs at speed 1.0. :meth:`Emulator.set_host_speed` re-scales the
+  shares of a running testbed.
 * **Links**: each worker runs in its own network namespace; every pair of devices
   is joined by its own veth pair whose two ends are shaped with ``tc qdisc ... tbf``
   at the pair's bandwidth × s. ``netem`` is not available here, so the link latency
@@ -11,9 +37,10 @@ With root, cgroup v1 and network namespaces (``mode == "netns"``):
   client reaches each worker over an extra, unshaped veth pair.
 
 ``s`` (``time_scale``, ≤ 1) slows the whole testbed down uniformly so it fits this
-machine: a device of speed 1.0 is one core of this machine, and a cluster whose
-devices would need more cores than there are, or a device faster than one core
-(a worker has one thread), is emulated in dilated time. Every emulated duration
+machine: a device of speed 1.0 is one core of this machine (÷ host_speed), and a
+cluster whose devices would need more than 90 % of the cores there are (of the
+cpuset, if pinned), or a device faster than one core (a worker has one thread),
+is emulated in dilated time. Every emulated duration
 is then the target duration ÷ s, so ratios (speed-ups) are unaffected and
 ``measured × s`` is the target's time.
 
@@ -25,6 +52,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -32,7 +60,9 @@ import warnings
 
 log = logging.getLogger("edgepart.emulate")
 CGROOT = "/sys/fs/cgroup/cpu"
-PERIOD_US = 100_000
+PERIOD_US = 10_000        # cfs period of a quota (cpu="quota")
+MIN_QUOTA_US = 1000       # the kernel's smallest quota
+TESTBED_SHARES = 8192     # cpu.shares of the testbed's parent cgroup (an ordinary process: 1024)
 
 
 def _run(*cmd: str) -> None:
@@ -60,7 +90,8 @@ def netns_available() -> tuple[bool, str]:
 
 class Emulator:
     def __init__(self, manifest: dict, time_scale: float | None = None, mode: str | None = None,
-                 cpus: int | None = None):
+                 cpus: int | None = None, period_us: int | None = None, cpuset: list[int] | None = None,
+                 host_speed: float | None = None, defer_limits: bool = False, cpu: str = "quota"):
         cl = manifest["cluster"]
         self.devices = [d["name"] for d in cl["devices"] if d["name"] in manifest["devices"]]
         self.speed = {d["name"]: float(d.get("speed", 1.0)) for d in cl["devices"]}
@@ -79,10 +110,22 @@ class Emulator:
             raise RuntimeError(f"netns emulation unavailable: {why}")
         self.mode = "netns" if ok else "inprocess"
         self.why = why
-        cpus = cpus or os.cpu_count() or 1
+        if cpu not in ("dilate", "quota"):
+            raise ValueError(f"cpu must be 'dilate' or 'quota', not {cpu!r}")
+        self.cpu = cpu
+        self.sharedir: str | None = None
+        self.defer_limits = bool(defer_limits)
+        self.limited = False
+        self.period_us = int(period_us or PERIOD_US)
+        self.cpuset = sorted({int(c) for c in cpuset}) if cpuset else None
+        self.host_speed = float(host_speed or 1.0)
+        if not self.host_speed > 0:
+            raise ValueError(f"host_speed must be > 0, got {host_speed}")
+        cpus = len(self.cpuset) if self.cpuset else (cpus or os.cpu_count() or 1)
         if self.mode == "netns":
-            fit = min(1.0 / max(self.speed[d] for d in self.devices),
-                      0.9 * cpus / sum(self.speed[d] for d in self.devices))
+            hs = self.host_speed
+            fit = min(hs / max(self.speed[d] for d in self.devices),
+                      0.9 * cpus * hs / sum(self.speed[d] for d in self.devices))
             self.time_scale = float(time_scale) if time_scale else min(1.0, fit)
         else:
             self.time_scale = 1.0
@@ -146,16 +189,71 @@ class Emulator:
                 self.pair_ip[(b, a)] = ia
         self.cgparent = os.path.join(CGROOT, f"edgepart-{self.tag}")
         os.makedirs(self.cgparent, exist_ok=True)
+        # the testbed as a whole outweighs an ordinary process on a shared CPU, so another program
+        # does not eat the devices' shares (their quotas still cap them; the rest of the CPU stays free)
+        with open(os.path.join(self.cgparent, "cpu.shares"), "w") as f:
+            f.write(str(TESTBED_SHARES))
         for d in self.devices:
             path = os.path.join(self.cgparent, d)
             os.makedirs(path, exist_ok=True)
-            with open(os.path.join(path, "cpu.cfs_period_us"), "w") as f:
-                f.write(str(PERIOD_US))
-            quota = max(1000, int(self.speed[d] * s * PERIOD_US))
-            with open(os.path.join(path, "cpu.cfs_quota_us"), "w") as f:
-                f.write(str(quota))
             self.cgroups[d] = path
+        if self.cpu == "dilate":
+            import tempfile
+            self.sharedir = tempfile.mkdtemp(prefix="edgepart-cpu-")
+            for d in self.devices:
+                with open(self.share_file(d), "w") as f:
+                    f.write("1.0")
+        if not self.defer_limits:
+            self.limit()
         log.info("emulated testbed: %s", self.describe())
+
+    def share_file(self, device: str) -> str:
+        return os.path.join(self.sharedir, f"{device}.share")
+
+    def limit(self) -> None:
+        """Give every worker its CPU share (dilation share file or cgroup quota). With ``defer_limits``
+        the workers start, import and take their deploy at full speed (none of that is emulated
+        device time) and LocalCluster calls this once they are deployed."""
+        if self.cpu == "dilate":
+            for d in self.devices:
+                tmp = self.share_file(d) + ".tmp"
+                with open(tmp, "w") as f:
+                    f.write(repr(self.cores(d)))
+                os.replace(tmp, self.share_file(d))       # a worker never reads a half-written file
+            self.limited = True
+            return
+        for d, path in self.cgroups.items():
+            # a share too small for the kernel's minimum quota in one period gets a longer period
+            period = max(self.period_us, math.ceil(MIN_QUOTA_US / self.cores(d)))
+            with open(os.path.join(path, "cpu.cfs_period_us"), "w") as f:
+                f.write(str(period))
+            with open(os.path.join(path, "cpu.cfs_quota_us"), "w") as f:
+                f.write(str(int(round(self.cores(d) * period))))
+        self.limited = True
+
+    def set_host_speed(self, host_speed: float) -> None:
+        """Re-scale the quotas to a newly measured host speed (time_scale stays): for a testbed on a
+        machine whose speed drifts with other programs' load, call between requests."""
+        if not host_speed > 0:
+            raise ValueError(f"host_speed must be > 0, got {host_speed}")
+        self.host_speed = float(host_speed)
+        if self.limited:
+            self.limit()
+
+    def cores(self, device: str) -> float:
+        """The CPU share (cores of this machine) the device's worker gets (at most one: one thread)."""
+        return min(1.0, self.speed[device] * self.time_scale / self.host_speed)
+
+    def cpu_stat(self) -> dict[str, dict[str, int]]:
+        """Per device: the cgroup's cpu.stat (nr_periods, nr_throttled, throttled_time ns, ...)."""
+        out = {}
+        for d, path in self.cgroups.items():
+            try:
+                text = open(os.path.join(path, "cpu.stat")).read()
+            except OSError:
+                continue
+            out[d] = {k: int(v) for k, v in (line.split() for line in text.splitlines() if line.strip())}
+        return out
 
     # --- hooks used by LocalCluster ----------------------------------------------------------
     def host(self, device: str) -> str:
@@ -164,7 +262,9 @@ class Emulator:
     def wrap(self, device: str, cmd: list[str]) -> list[str]:
         cmd = cmd + ["--links", json.dumps(self.links_config(device))]
         if self.mode == "netns":
-            return ["ip", "netns", "exec", self.ns[device]] + cmd
+            cmd = ["ip", "netns", "exec", self.ns[device]] + cmd
+            if self.cpuset:     # affinity is inherited through exec and by every thread the worker starts
+                cmd = ["taskset", "-c", ",".join(map(str, self.cpuset))] + cmd
         return cmd
 
     def links_config(self, device: str) -> dict:
@@ -177,10 +277,12 @@ class Emulator:
                 peers[other] = {"bandwidth_mbps": None, "latency_ms": ln["latency_ms"] / self.time_scale}
             else:
                 peers[other] = {"bandwidth_mbps": ln["bandwidth_mbps"], "latency_ms": ln["latency_ms"]}
+        if self.mode == "netns" and self.cpu == "dilate":    # compute stages dilated (worker.CpuDilation)
+            return {"peers": peers, "cpu": {"share_file": self.share_file(device)}}
         if self.mode == "netns":
             # the worker's cgroup CPU quota in cores, for remote profiling (edgepart.fcpm): the worker cannot
             # read it itself, `ip netns exec` hides /sys/fs/cgroup
-            return {"peers": peers, "cpu_cores": round(self.speed[device] * self.time_scale, 6)}
+            return {"peers": peers, "cpu_cores": round(self.cores(device), 6)}
         return {"peers": peers}
 
     def attach(self, device: str, pid: int) -> None:
@@ -203,7 +305,10 @@ class Emulator:
         s = self.time_scale
         parts = [f"mode={self.mode}" + (f" ({self.why})" if self.why else ""), f"time_scale={s:.3g}"]
         if self.mode == "netns":
-            parts.append("cpu " + ", ".join(f"{d}={self.speed[d] * s:.2f} core" for d in self.devices))
+            parts.append("cpu " + ", ".join(f"{d}={self.cores(d):.3f} core" for d in self.devices)
+                         + (" (dilated stages" if self.cpu == "dilate" else f" (quota, period {self.period_us / 1000:g} ms")
+                         + (f", host_speed {self.host_speed:.3g}" if self.host_speed != 1.0 else "")
+                         + (f", pinned to CPU {','.join(map(str, self.cpuset))}" if self.cpuset else "") + ")")
         links = ", ".join(f"{'-'.join(sorted(k))}: {v['bandwidth_mbps'] * s:.3g} Mbit/s + "
                           f"{v['latency_ms'] / s:.3g} ms" for k, v in self.link.items())
         return "; ".join(parts + [links])
@@ -223,6 +328,8 @@ class Emulator:
             subprocess.run(["ip", "link", "del", f"ep{self.tag}c{i}"], capture_output=True)
         self.ns.clear()
         self.cgroups.clear()
+        if self.sharedir:
+            shutil.rmtree(self.sharedir, ignore_errors=True)
 
     def __del__(self):
         try:
@@ -250,3 +357,128 @@ def _rmdir_cgroup(path: str) -> None:
         os.rmdir(path)
     except OSError as e:
         log.warning("could not remove cgroup %s: %s", path, e)
+
+
+
+# Zoo networks the host profile predicts within about ±1 % of their measured time (benchmarks/results/
+# fcpm_accuracy.md, whole models at load 0) and that the testbed benchmark does not run.
+REFERENCE_NETWORKS = ("inception", "unet", "alexnet")
+
+
+class HostSpeedProbe:
+    """How fast one CPU of this machine is *now*, relative to the machine an FCPM ``profile`` describes.
+
+    ``kind="networks"`` (default): whole forward passes of :data:`REFERENCE_NETWORKS` (one torch
+    thread, thread CPU time, pinned to ``cpuset`` if given — where the pinned workers run); the speed
+    is Σ profile prediction / Σ measured. Like a device program, a network runs its layers in
+    sequence with its weights coming from memory, so memory and cache contention by other programs
+    count as they do for the workers. ``kind="layers"``: a sample of the profile's own recorded layer
+    timings re-timed (hot caches; on this 2-vCPU VM it reads about 7 % faster than networks while
+    another program runs on the other vCPU). Another program on the sibling core of a small VM, a
+    different CPU clock or a noisy neighbour all show up; pass the value to
+    ``LocalCluster(..., host_speed=...)`` (or :meth:`Emulator.set_host_speed`).
+    """
+
+    def __init__(self, profile, cpuset: list[int] | None = None, kind: str = "networks",
+                 networks=REFERENCE_NETWORKS, seed: int = 0):
+        from edgepart.fcpm import DeviceProfile
+        if kind not in ("networks", "layers"):
+            raise ValueError(f"kind must be 'networks' or 'layers', not {kind!r}")
+        self.profile = profile if isinstance(profile, DeviceProfile) else DeviceProfile.load(profile)
+        self.cpuset = cpuset
+        self.kind = kind
+        self.seed = seed
+        self.nets: list[tuple] = []
+        if kind == "networks":
+            import torch
+
+            from edgepart import models
+            from edgepart.compiler.cost import node_info
+            from edgepart.compiler.plan import compute_nodes
+            from edgepart.compiler.trace import trace
+            from edgepart.passes import analyse
+            for name in networks:
+                model, (x,) = models.get(name)
+                gm = analyse(trace(model, (x,)))
+                pred = sum(self.profile.predict(node_info(n), None) for n in compute_nodes(gm))
+                self.nets.append((name, model, x, pred))
+            with torch.no_grad():
+                for _, model, x, _ in self.nets:
+                    model(x)
+
+    def measure(self, budget_s: float = 1.0) -> dict:
+        """{"host_speed", "seconds", "per": {network or family: speed}}: one measurement."""
+        import time
+
+        import torch
+        old_threads = torch.get_num_threads()
+        old_aff = os.sched_getaffinity(0) if self.cpuset else None
+        t0 = time.perf_counter()
+        try:
+            torch.set_num_threads(1)
+            if self.cpuset:
+                os.sched_setaffinity(0, set(self.cpuset))
+            if self.kind == "layers":
+                r = _layer_speed(self.profile, budget_s, self.seed)
+            else:
+                per, pred_sum, meas_sum = {}, 0.0, 0.0
+                rounds = 0
+                with torch.no_grad():
+                    while True:
+                        for name, model, x, pred in self.nets:
+                            c = time.thread_time()
+                            model(x)
+                            dt = time.thread_time() - c
+                            per.setdefault(name, []).append(dt)
+                        rounds += 1
+                        if time.perf_counter() - t0 >= budget_s or rounds >= 20:
+                            break
+                for name, model, x, pred in self.nets:
+                    m = sorted(per[name])[len(per[name]) // 2]      # median over the rounds
+                    pred_sum += pred
+                    meas_sum += m
+                    per[name] = pred / m
+                r = {"host_speed": pred_sum / meas_sum, "per": per, "rounds": rounds}
+        finally:
+            torch.set_num_threads(old_threads)
+            if old_aff is not None:
+                os.sched_setaffinity(0, old_aff)
+        r["seconds"] = time.perf_counter() - t0
+        return r
+
+
+def measure_host_speed(profile, budget_s: float = 2.0, cpuset: list[int] | None = None,
+                       kind: str = "networks") -> dict:
+    """One-shot :class:`HostSpeedProbe` measurement (see there)."""
+    return HostSpeedProbe(profile, cpuset, kind).measure(budget_s)
+
+
+def _layer_speed(prof, budget_s: float, seed: int, families: dict[str, int] | None = None) -> dict:
+    """median(recorded / now) over a sample of the profile's recorded layer timings at load 0 (1–30 ms each)."""
+    import time
+
+    import numpy as np
+
+    from edgepart.fcpm.ops import Runner, time_callable
+    meas = prof.measurements or {}
+    configs = {c["cid"]: c for c in meas.get("configs", [])}
+    recs = [r for r in meas.get("records", []) if r.get("load", 0.0) == 0.0 and 1e-3 <= r["t"] <= 30e-3
+            and r["cid"] in configs]
+    if not recs:
+        raise ValueError("the profile holds no recorded timings at load 0 (fitted without measurements?)")
+    want = families or {"conv": 10, "linear": 3, "maxpool": 3}
+    rng = np.random.default_rng(seed)
+    pick = []
+    for fam, n in want.items():
+        pool = [r for r in recs if r["family"] == fam]
+        if pool:
+            pick += [pool[i] for i in rng.choice(len(pool), size=min(n, len(pool)), replace=False)]
+    ratios: dict[str, list[float]] = {}
+    per = budget_s / max(1, len(pick))
+    for r in pick:
+        m = time_callable(Runner(configs[r["cid"]]["info"], r["rows"], seed=int(r["cid"])),
+                          target_s=per * 0.7, min_repeats=3, clock=time.thread_time)
+        ratios.setdefault(r["family"], []).append(r["t"] / max(m["t"], 1e-9))
+    allr = [x for v in ratios.values() for x in v]
+    return {"host_speed": float(np.median(allr)), "n": len(allr),
+            "per": {f: float(np.median(v)) for f, v in ratios.items()}}

@@ -319,6 +319,44 @@ class Conn:
         return f"{self.role} {self.name or '?'} at {self.ch.peer_addr}"
 
 
+class CpuDilation:
+    """Emulation of a slower device: a compute stage lasts its CPU time ÷ share (wall clock).
+
+    The share (0 < share ≤ 1, the fraction of this CPU the emulated device is) is read from a
+    file the emulator writes and may rewrite (re-read when its mtime changes), so the testbed can
+    follow a drifting host speed between requests. The stage runs at full speed, then the compute
+    thread sleeps until CPU time ÷ share has passed since it started: time lost waiting for the CPU
+    counts towards that, and pieces that arrive meanwhile are received at once — unlike a CFS
+    quota, which enforces the share only in bursts of the scheduler tick (4 ms of CPU here), i.e.
+    several milliseconds of device time per burst for a slow device.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.mtime: int | None = None
+        self.share = 1.0
+
+    def current(self) -> float:
+        try:
+            m = os.stat(self.path).st_mtime_ns
+            if m != self.mtime:
+                v = float(Path(self.path).read_text().strip())
+                if not 0 < v <= 1:
+                    raise ValueError(f"share {v} not in (0, 1]")
+                self.mtime, self.share = m, v
+        except (OSError, ValueError) as e:
+            log.warning("cpu share file %s: %s; keeping share %.3g", self.path, e, self.share)
+        return self.share
+
+    def stretch(self, t0: float, c0: float) -> float:
+        """Sleep until the stage begun at wall t0 / thread CPU c0 has lasted CPU ÷ share; its duration."""
+        target = (time.thread_time() - c0) / self.current()
+        left = target - (time.perf_counter() - t0)
+        if left > 0:
+            time.sleep(left)
+        return time.perf_counter() - t0
+
+
 class Worker:
     def __init__(self, listen: str = "127.0.0.1:0", key: bytes = b"", threads: int = 1,
                  workdir: str | os.PathLike | None = None, max_payload: int = DEFAULT_MAX_PAYLOAD,
@@ -333,6 +371,8 @@ class Worker:
         self.max_payload = max_payload
         self.request_timeout = request_timeout
         self.links_cfg = links or {}          # emulation: {"peers": {dev: {"bandwidth_mbps", "latency_ms"}}}
+        cpu_cfg = self.links_cfg.get("cpu") or {}    # emulation: {"cpu": {"share_file": path}}
+        self.dilation = CpuDilation(str(cpu_cfg["share_file"])) if cpu_cfg.get("share_file") else None
         self.lock = threading.RLock()
         self.device: str | None = None
         self.bundle_id: str | None = None
@@ -795,11 +835,12 @@ class Worker:
                 store.put(act["tensor"], a, b, v)
             elif op == "run":
                 t0 = time.perf_counter()
+                c0 = time.thread_time()
                 try:
                     prog.run_stage(act["stage"], store)
                 except Exception as e:  # noqa: BLE001
                     raise EdgepartError(f"stage {act['stage']}: {type(e).__name__}: {e}") from e
-                dt = time.perf_counter() - t0
+                dt = self.dilation.stretch(t0, c0) if self.dilation else time.perf_counter() - t0
                 req.compute_s += dt
                 self.stats["compute_us"] += int(dt * 1e6)
             elif op == "send":
@@ -926,7 +967,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD, help="largest frame payload accepted")
     p.add_argument("--request-timeout", type=float, default=120.0, help="drop a request idle this long (s)")
     p.add_argument("--links", help="emulation: JSON {peers: {device: {bandwidth_mbps, latency_ms}}} shaped in "
-                                    "the sender")
+                                    "the sender, and optionally cpu: {share_file: PATH} (see CpuDilation)")
     p.add_argument("--exit-with-parent", type=int, help="exit when the process with this pid is gone")
     p.add_argument("--log-level", default="INFO")
     return p
