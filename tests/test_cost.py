@@ -5,7 +5,8 @@ import pytest
 
 from edgepart import models
 from edgepart.cluster import Cluster
-from edgepart.compiler.cost import REFERENCE_FLOPS, CostModel, node_info
+from edgepart.compiler.cost import (REFERENCE_FLOPS, RUNTIME_NODE_S, RUNTIME_PAD_BYTE_S, CostModel, node_info,
+                                   padded_input_bytes)
 from edgepart.compiler.plan import Plan, Stage, compute_nodes
 from edgepart.compiler.simulator import simulate_plan
 from edgepart.compiler.trace import trace
@@ -40,12 +41,11 @@ def test_profile_time_is_divided_by_speed(tiny, host, tmp_path):
     conv = next(n for n in compute_nodes(tiny) if n.meta["op"].kind == "conv2d")
     H = conv.meta["rows"]
     for rows in (None, 1, H // 2, H):
-        p = host.predict(node_info(conv), rows)
+        r = H if rows is None else rows
+        p = host.predict(node_info(conv), rows) + cm.runtime_overhead(node_info(conv), r)
         assert cm.compute_time(conv, "ref", rows) == p                          # speed 1.0: the profiled machine
         assert cm.compute_time(conv, "half", rows) == p / 0.5
         assert cm.compute_time(conv, "fast", rows) == p / 2.5
-    # pinned numbers: the committed host profile's prediction for tinynet's first conv, all rows
-    assert cm.compute_time(conv, "ref") == pytest.approx(host.predict(node_info(conv), H), rel=0, abs=0)
     assert cm.compute_time(conv, "half") == 2 * cm.compute_time(conv, "ref")
 
 
@@ -62,7 +62,9 @@ def test_simulated_single_device_latency_is_profile_sum_over_speed(tiny, host, t
     cl = _cluster(tmp_path, f"devices:\n  - {{name: a, speed: 0.4, profile: {HOST}}}\n")
     plan = Plan([Stage("whole", [n.name for n in compute_nodes(tiny)], device="a")], "single")
     sim = simulate_plan(tiny, plan, cl, CostModel(cl))
-    expect = sum(host.predict(node_info(n), None) for n in compute_nodes(tiny)) / 0.4
+    cm = CostModel(cl)
+    expect = sum(host.predict(node_info(n), None) + cm.runtime_overhead(node_info(n), n.meta["rows"])
+                 for n in compute_nodes(tiny)) / 0.4
     assert sim.latency == pytest.approx(expect, rel=1e-12)
 
 
@@ -76,7 +78,7 @@ class _StubProfile:
 def test_exact_values_with_a_stub_profile(tiny):
     cl = Cluster.from_dict({"devices": [{"name": "a", "speed": 1.0}, {"name": "b", "speed": 0.25},
                                         {"name": "c", "speed": 0.5}]})
-    cm = CostModel(cl, profiles={"a": _StubProfile(), "b": _StubProfile()})
+    cm = CostModel(cl, profiles={"a": _StubProfile(), "b": _StubProfile()}, runtime_node_s=0, runtime_pad_byte_s=0)
     conv = next(n for n in compute_nodes(tiny) if n.meta["op"].kind == "conv2d")
     assert conv.meta["rows"] == 32
     assert cm.compute_time(conv, "a") == 0.032
@@ -85,3 +87,21 @@ def test_exact_values_with_a_stub_profile(tiny):
     assert cm.compute_time(conv, "b", 0) == 0.0
     with pytest.warns(UserWarning, match="no FCPM profile"):
         assert cm.compute_time(conv, "c", 32) == conv.meta["flops"] / (0.5 * REFERENCE_FLOPS)   # no profile
+
+
+def test_runtime_overhead_per_node_and_padded_window(tiny):
+    """The device program's own cost: a constant per node + a copy of a row-padded conv's input window."""
+    cl = Cluster.from_dict({"devices": [{"name": "a", "speed": 0.5}]})
+    cm = CostModel(cl, profiles={"a": _StubProfile()})
+    conv = next(n for n in compute_nodes(tiny) if n.meta["op"].kind == "conv2d")
+    info = node_info(conv)
+    assert info["params"]["pad"][:2] != (0, 0)
+    C, H, W = info["in_shape"][1:]
+    assert padded_input_bytes(info, None) == 4 * C * H * W
+    assert padded_input_bytes(info, 8) == 4 * C * H * W * 8 / conv.meta["rows"]
+    over = RUNTIME_NODE_S + RUNTIME_PAD_BYTE_S * 4 * C * H * W * 8 / conv.meta["rows"]
+    assert cm.runtime_overhead(info, 8) == over
+    assert cm.compute_time(conv, "a", 8) == pytest.approx((0.008 + over) / 0.5, rel=1e-15)
+    relu = next(n for n in compute_nodes(tiny) if n.meta["op"].kind == "activation")
+    assert padded_input_bytes(node_info(relu), None) == 0
+    assert cm.runtime_overhead(node_info(relu), 3) == RUNTIME_NODE_S

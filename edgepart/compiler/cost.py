@@ -19,6 +19,32 @@ from edgepart.cluster import Cluster
 # laptop-class CPU running PyTorch convolutions, roughly).
 REFERENCE_FLOPS = 20e9
 
+# What edgepart's device program adds to each node over the layer an FCPM profile predicts, in
+# seconds of the profiled machine (÷ speed like the profile): the generated code's window lookups
+# and put per node, and a copy of the input window of every row-padded convolution / pooling
+# (border rows are padded explicitly). Measured by benchmarks/runtime_overhead.py (device program
+# vs eager forward, 9 zoo models; results/runtime_overhead.md). Applied to profiled devices only.
+RUNTIME_NODE_S = 13.6e-6
+RUNTIME_PAD_BYTE_S = 0.21e-9
+_WINDOW_KINDS = ("conv2d", "max_pool2d", "avg_pool2d")
+
+
+def padded_input_bytes(info: dict, rows: int | None) -> float:
+    """Bytes of the input window a row-padded convolution / pooling copies for ``rows`` output rows."""
+    if info.get("kind") not in _WINDOW_KINDS or not info.get("in_shape"):
+        return 0.0
+    p = info.get("params") or {}
+    pad = p.get("pad") if p.get("pad") is not None else p.get("padding")
+    if isinstance(pad, (int, float)):
+        pad = (pad, pad)
+    if not pad or not any(pad[:2] if len(pad) == 4 else pad[:1]):
+        return 0.0
+    total = max(1, info.get("rows", 1))
+    n = 4
+    for d in info["in_shape"]:
+        n *= d
+    return float(n) * (total if rows is None else rows) / total
+
 
 class DeviceProfile(Protocol):
     def predict(self, op: dict, rows: int, load: float = 0.0) -> float: ...
@@ -41,7 +67,8 @@ def node_info(node) -> dict[str, Any]:
 
 class CostModel:
     def __init__(self, cluster: Cluster, profiles: dict[str, DeviceProfile] | None = None,
-                 loads: dict[str, float] | None = None, reference_flops: float = REFERENCE_FLOPS):
+                 loads: dict[str, float] | None = None, reference_flops: float = REFERENCE_FLOPS,
+                 runtime_node_s: float = RUNTIME_NODE_S, runtime_pad_byte_s: float = RUNTIME_PAD_BYTE_S):
         self.cluster = cluster
         self.profiles = dict(profiles or {})
         loaded: dict[str, DeviceProfile] = {}
@@ -54,6 +81,8 @@ class CostModel:
         self.loads = dict(loads or {})
         self.speed = {d.name: d.speed for d in cluster.devices}
         self.reference_flops = reference_flops
+        self.runtime_node_s = runtime_node_s
+        self.runtime_pad_byte_s = runtime_pad_byte_s
         self.fallback_devices = [d for d in cluster.names if d not in self.profiles]
         self._warned = False
 
@@ -66,8 +95,8 @@ class CostModel:
     def compute_time(self, node, device: str, rows: int | None = None) -> float:
         """Seconds for ``device`` to compute ``rows`` output rows of ``node`` (all rows if None).
 
-        With a profile: the profile's prediction ÷ the device's speed (relative to the profiled
-        machine); without: FLOPs ÷ (speed × reference FLOP/s). Load slows both (the profile
+        With a profile: (the profile's prediction + the device program's own overhead per node,
+        :meth:`runtime_overhead`) ÷ the device's speed (relative to the profiled machine); without: FLOPs ÷ (speed × reference FLOP/s). Load slows both (the profile
         models it itself)."""
         info = node_info(node)
         total_rows = max(1, info.get("rows", 1))
@@ -76,10 +105,15 @@ class CostModel:
             return 0.0
         prof = self.profiles.get(device)
         if prof is not None:
-            return prof.predict(info, rows, self.loads.get(device, 0.0)) / self._speed(device)
+            t = prof.predict(info, rows, self.loads.get(device, 0.0)) + self.runtime_overhead(info, rows)
+            return t / self._speed(device)
         self.warn_fallback()
         speed = self._speed(device) * max(1e-3, 1.0 - self.loads.get(device, 0.0))
         return info.get("flops", 0) * rows / total_rows / (speed * self.reference_flops)
+
+    def runtime_overhead(self, info: dict, rows: int) -> float:
+        """Seconds (profiled machine) the device program adds to ``rows`` rows of a node."""
+        return self.runtime_node_s + self.runtime_pad_byte_s * padded_input_bytes(info, rows)
 
     def _speed(self, device: str) -> float:
         s = self.speed.get(device)
