@@ -98,7 +98,11 @@ def test_cost_model_uses_profile(quick, tmp_path):
     cluster = Cluster.homogeneous(2)
     cm = CostModel(cluster, profiles={"d0": prof}, loads={"d0": 0.5})
     H = conv.meta["rows"]
-    assert cm.compute_time(conv, "d0", H // 2) == pytest.approx(prof.predict(node_info(conv), H // 2, 0.5))
+    # the profile's prediction plus the device program's own per-node overhead (both profiled-machine time)
+    overhead = cm.runtime_overhead(node_info(conv), H // 2)
+    assert 0 < overhead < 1e-3
+    assert cm.compute_time(conv, "d0", H // 2) == pytest.approx(
+        prof.predict(node_info(conv), H // 2, 0.5) + overhead)
     with pytest.warns(UserWarning, match="no FCPM profile"):
         fallback = cm.compute_time(conv, "d1", H // 2)
     assert fallback > 0
@@ -108,7 +112,8 @@ def test_cost_model_uses_profile(quick, tmp_path):
     c2 = Cluster.from_file(tmp_path / "c.yaml")
     cm2 = CostModel(c2)
     assert "a" in cm2.profiles and "b" not in cm2.profiles
-    assert cm2.compute_time(conv, "a", H) == pytest.approx(prof.predict(node_info(conv), H, 0.0))
+    assert cm2.compute_time(conv, "a", H) == pytest.approx(
+        prof.predict(node_info(conv), H, 0.0) + cm2.runtime_overhead(node_info(conv), H))
     assert c2.to_dict()["devices"][0]["profile"].endswith("p.json")
 
 
