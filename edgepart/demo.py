@@ -1,12 +1,21 @@
 """The main job (``make demo``): compile a zoo model for a 4-device heterogeneous cluster,
 run it on a local cluster of worker processes (emulated devices and links where this
 machine allows), check every output against the original model, and print the plan,
-per-device work, bytes moved, latency and the speed-up over the fastest single device
-running the whole model under the same emulation.
+per-device work, bytes moved, predicted and measured latency and the speed-up over the
+fastest single device running the whole model under the same emulation.
+
+The devices are described relative to this machine: each names the FCPM profile of one of
+its cores (``profiles/host.json``) and its speed is a fraction of that core, so the cost model
+the planner optimises is the one the emulated testbed realises. The testbed (root) pins the
+workers to one CPU, stretches every compute stage to its device's speed (``cpu="dilate"``)
+and scales the shares by the host's speed measured just before each request
+(``emulate.HostSpeedProbe``), so other programs slowing this machine down do not change
+the emulated devices' speeds.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -29,6 +38,14 @@ DEMO_CLUSTER = {
     ],
     "links": {"default": {"bandwidth_mbps": 1000, "latency_ms": 0.5}},
 }
+HOST_PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "host.json"
+
+
+def demo_cluster(profile: Path | None) -> dict:
+    """The demo cluster; with a profile, every device's speed is relative to the profiled core."""
+    if profile is None:
+        return DEMO_CLUSTER
+    return {**DEMO_CLUSTER, "devices": [{**d, "profile": str(profile)} for d in DEMO_CLUSTER["devices"]]}
 
 
 def _max_rel_error(y, ref) -> float:
@@ -37,24 +54,37 @@ def _max_rel_error(y, ref) -> float:
     return float((y - ref).abs().max()) / max(float(ref.abs().max()), 1e-12)
 
 
-def _measure(bundle_dir: Path, inputs: list[torch.Tensor], refs: list, emulate: bool, label: str) -> dict:
+def _measure(bundle_dir: Path, inputs: list[torch.Tensor], refs: list, emulate: bool, label: str,
+             probe=None, cpuset=None) -> dict:
     from edgepart.runtime.local import LocalCluster
-    latencies, worst = [], 0.0
-    with LocalCluster(bundle_dir, emulate=emulate) as c:
+    latencies, worst, speeds = [], 0.0, []
+    kw = {}
+    if probe is not None:                         # devices relative to the profiled core: follow the host's speed
+        speeds.append(probe.measure(2.0)["host_speed"])
+        kw = {"cpu": "dilate", "cpuset": cpuset, "host_speed": speeds[0],
+              # headroom: the quotas of all devices must still fit the pinned CPU if the host slows down
+              "time_scale": min(1.0, 0.9 * 0.8 * speeds[0] / sum(d["speed"] for d in DEMO_CLUSTER["devices"]))}
+    with LocalCluster(bundle_dir, emulate=emulate, **kw) as c:
         c.infer(inputs[0])                         # warm-up: first request loads and JIT-warms everything
+        s0 = c.stats()
         for x, ref in zip(inputs, refs):
+            if probe is not None and c.emulator is not None and c.emulator.mode == "netns":
+                speeds.append(probe.measure(0.6)["host_speed"])
+                c.emulator.set_host_speed(speeds[-1])
             t = time.perf_counter()
             y = c.infer(x)
             latencies.append(time.perf_counter() - t)
             worst = max(worst, _max_rel_error(y, ref))
             if worst > 1e-4:
                 raise SystemExit(f"{label}: output differs from the model (relative error {worst:.3g})")
-        stats = c.stats()
+        s1 = c.stats()
         scale, emulation = c.time_scale, c.emulation
+    stats = {d: {k: v - s0.get(d, {}).get(k, 0) for k, v in st.items() if isinstance(v, (int, float))}
+             for d, st in s1.items()}
     # Emulation may dilate time uniformly to fit this machine (see runtime/emulate.py):
     # measured × time_scale is the emulated devices' own time.
     return {"latencies": [t * scale for t in latencies], "worst": worst, "stats": stats,
-            "scale": scale, "emulation": emulation}
+            "scale": scale, "emulation": emulation, "host_speeds": speeds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,13 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strategy", default=None, help="default: ofpm (the MILP)")
     ap.add_argument("--requests", type=int, default=10)
     ap.add_argument("--no-emulate", action="store_true", help="run workers at full speed, links unshaped")
+    ap.add_argument("--no-profile", action="store_true",
+                    help="plan with FLOPs ÷ speed instead of the host's FCPM profile ÷ speed")
     ap.add_argument("--out", default=None, help="bundle directory (default: a temporary one)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     strategy = args.strategy or "ofpm"
     size = args.input_size or {"vgg16": 160, "yolov2_tiny": 256}.get(args.model, models.default_input_size(args.model))
     model, (x0,) = models.get(args.model, input_size=size)
-    cluster = edgepart.Cluster.from_dict(DEMO_CLUSTER)
+    profile = HOST_PROFILE if HOST_PROFILE.is_file() and not args.no_profile else None
+    cluster = edgepart.Cluster.from_dict(demo_cluster(profile))
     print(f"model {args.model} at {size}x{size}; cluster: {cluster}; strategy {strategy}")
     g = torch.Generator().manual_seed(1)
     inputs = [torch.randn(x0.shape, generator=g) for _ in range(args.requests)]
@@ -88,29 +121,44 @@ def main(argv: list[str] | None = None) -> int:
     local_err = _max_rel_error(edgepart.load_bundle(work / "plan").run_local(inputs[0]), refs[0])
     print(f"reference executor: relative error {local_err:.2g}")
 
+    from edgepart.compiler.simulator import simulate_bundle
+    pred_part, pred_single = simulate_bundle(bundle), simulate_bundle(single)
     emulate = not args.no_emulate
-    part = _measure(work / "plan", inputs, refs, emulate, strategy)
-    base = _measure(work / "single", inputs, refs, emulate, "single")
+    probe, cpuset = None, None
+    if emulate and profile is not None:
+        from edgepart.runtime.emulate import HostSpeedProbe, netns_available
+        if netns_available()[0]:
+            cpuset = [max(os.sched_getaffinity(0))] if len(os.sched_getaffinity(0)) > 1 else None
+            probe = HostSpeedProbe(profile, cpuset)
+    part = _measure(work / "plan", inputs, refs, emulate, strategy, probe, cpuset)
+    base = _measure(work / "single", inputs, refs, emulate, "single", probe, cpuset)
     p50, b50 = statistics.median(part["latencies"]), statistics.median(base["latencies"])
     print()
     print(f"emulation: {part['emulation']}")
-    print(f"| run | requests | median latency (ms) | min (ms) | max rel. error |")
-    print(f"|---|---|---|---|---|")
-    print(f"| {strategy} on {len(cluster)} devices | {len(inputs)} | {p50 * 1e3:.1f} | "
-          f"{min(part['latencies']) * 1e3:.1f} | {part['worst']:.1g} |")
-    print(f"| single ({cluster.fastest()}) | {len(inputs)} | {b50 * 1e3:.1f} | "
-          f"{min(base['latencies']) * 1e3:.1f} | {base['worst']:.1g} |")
+    if part["host_speeds"]:
+        hs = part["host_speeds"] + base["host_speeds"]
+        print(f"host speed (this CPU now ÷ the profiled core), measured before each request: "
+              f"{min(hs):.2f}–{max(hs):.2f}")
+    print(f"cost model: {'FCPM profile ' + str(profile.name) + ' ÷ speed' if profile else 'FLOPs ÷ speed'}")
+    print(f"| run | requests | predicted (ms) | median latency (ms) | error | min (ms) | max rel. error |")
+    print(f"|---|---|---|---|---|---|---|")
+    print(f"| {strategy} on {len(cluster)} devices | {len(inputs)} | {pred_part.latency * 1e3:.1f} | {p50 * 1e3:.1f} | "
+          f"{(p50 / pred_part.latency - 1) * 100:+.1f}% | {min(part['latencies']) * 1e3:.1f} | {part['worst']:.1g} |")
+    print(f"| single ({cluster.fastest()}) | {len(inputs)} | {pred_single.latency * 1e3:.1f} | {b50 * 1e3:.1f} | "
+          f"{(b50 / pred_single.latency - 1) * 100:+.1f}% | {min(base['latencies']) * 1e3:.1f} | {base['worst']:.1g} |")
     if part["stats"]:
         print()
-        print("| device | compute (ms/request) | bytes sent/request | bytes received/request |")
-        print("|---|---|---|---|")
+        print("| device | compute (ms/request) | predicted | bytes sent/request | bytes received/request |")
+        print("|---|---|---|---|---|")
         for dev, s in part["stats"].items():
-            n = max(1, s.get("requests", len(inputs) + 1))
+            n = max(1, s.get("requests", len(inputs)))
             print(f"| {dev} | {s.get('compute_us', 0) * part['scale'] / n / 1e3:.1f} | "
+                  f"{pred_part.devices.get(dev, {}).get('compute', 0) * 1e3:.1f} | "
                   f"{s.get('bytes_sent', 0) / n:,.0f} | {s.get('bytes_received', 0) / n:,.0f} |")
     moved = sum(t[5] for t in bundle.manifest["transfers"])
     print(f"\nbytes moved per request (plan): {moved:,}")
-    print(f"speed-up over the fastest single device ({cluster.fastest()}): {b50 / p50:.2f}x")
+    print(f"speed-up over the fastest single device ({cluster.fastest()}): {b50 / p50:.2f}x measured, "
+          f"{pred_single.latency / pred_part.latency:.2f}x predicted")
     print("all outputs match the original model")
     return 0
 

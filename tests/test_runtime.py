@@ -102,6 +102,10 @@ def test_500_pipelined_requests_from_4_concurrent_clients(cluster, tiny):
     assert dt < 45, f"500 requests took {dt:.1f} s"
     st = cluster.stats()
     assert all(v.get("requests", 0) >= 500 for v in st.values()), st
+    # per-stage compute counters add up to the device's compute time
+    for dev, v in st.items():
+        per_stage = sum(n for k, n in v.items() if k.startswith("stage_us:"))
+        assert abs(per_stage - v["compute_us"]) <= 1, (dev, v)
 
 
 def test_cli_deploy_and_run(cluster, tiny, tmp_path):

@@ -843,6 +843,9 @@ class Worker:
                 dt = self.dilation.stretch(t0, c0) if self.dilation else time.perf_counter() - t0
                 req.compute_s += dt
                 self.stats["compute_us"] += int(dt * 1e6)
+                # per stage, so a testbed can compare each stage with its prediction
+                self.stats[f"stage_us:{act['stage']}"] += int(dt * 1e6)
+                self.stats[f"stage_cpu_us:{act['stage']}"] += int((time.thread_time() - c0) * 1e6)
             elif op == "send":
                 a, b = act["rows"]
                 piece = store.get(act["tensor"], a, b)

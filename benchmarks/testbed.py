@@ -1,0 +1,325 @@
+"""Testbed: predicted (simulator) vs measured latency on the emulated testbed, side by side.
+
+    flock /tmp/edgepart-bench.lock .venv/bin/python benchmarks/testbed.py            # 4 models x 100/1000 Mbit/s
+    flock /tmp/edgepart-bench.lock .venv/bin/python benchmarks/testbed.py --quick    # vgg16 at 1000 Mbit/s
+
+A subset of the partition-quality grid runs for real: each model is compiled for four
+heterogeneous devices (phone 0.4, board 0.5, laptop 0.7, edge 1.0 — the demo's) whose compute
+is the host's FCPM profile (``profiles/host.json``, one core of this machine) ÷ speed, with
+100 and 1000 Mbit/s links (0.5 ms latency). Strategies: ``ofpm``, ``single`` (the whole model
+on the fastest device; the input still arrives at the phone) and the best baseline by simulation.
+Each plan's latency is predicted by the simulator with the same cost model the planner used,
+then the bundle runs on ``LocalCluster(emulate=True)``: every worker in a cgroup with a CPU
+quota of its speed, all pinned to one CPU (``--cpuset``; workers never run at the same time
+as each other, as devices of a real cluster would not share a core), links shaped with tbf.
+Before each run the host's current speed relative to the profile is measured
+(``emulate.measure_host_speed``: a sample of the profile's recorded layers re-timed) and the
+quotas are scaled by it, so an emulated device really has the speed the cluster declares
+even when other programs slow this machine's cores down. Measured = median over
+``--requests`` sequential requests after warm-up, × time_scale (the emulated devices' time).
+
+Writes benchmarks/results/testbed.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edgepart import models  # noqa: E402
+from edgepart.cluster import Cluster  # noqa: E402
+from edgepart.compiler import baselines  # noqa: E402,F401
+from edgepart.compiler.bundle import compile_plan  # noqa: E402
+from edgepart.compiler.cost import CostModel  # noqa: E402
+from edgepart.compiler.ofpm import solve_ofpm  # noqa: E402
+from edgepart.compiler.planners import STRATEGIES  # noqa: E402
+from edgepart.compiler.simulator import simulate  # noqa: E402
+from edgepart.compiler.trace import trace  # noqa: E402
+from edgepart.passes import analyse  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+PROFILE = ROOT / "profiles" / "host.json"
+MODELS = {"vgg16": 160, "resnet18": 224, "yolov2_tiny": 256, "mobilenet_v2": 224}
+DEVICES = [("phone", 0.4), ("board", 0.5), ("laptop", 0.7), ("edge", 1.0)]
+BASELINES = ["neurosurgeon", "dads", "modnn", "deepthings", "aofl", "edgeld"]
+BANDS = [100, 1000]
+TOLERANCE = 0.15
+
+
+def make_cluster(mbps: float, profile: Path = PROFILE) -> Cluster:
+    return Cluster.from_dict({
+        "source": "phone",
+        "devices": [{"name": n, "speed": s, "profile": str(profile)} for n, s in DEVICES],
+        "links": {"default": {"bandwidth_mbps": mbps, "latency_ms": 0.5}}})
+
+
+def max_rel_error(y, ref) -> float:
+    if isinstance(ref, (tuple, list)):
+        return max(max_rel_error(a, b) for a, b in zip(y, ref))
+    return float((y - ref).abs().max()) / max(float(ref.abs().max()), 1e-12)
+
+
+def calibrate(emu: dict, budget_s: float) -> float:
+    return emu["probe"].measure(budget_s)["host_speed"]
+
+
+def measure(bundle_dir: Path, inputs, refs, warmup: int, emu: dict) -> dict:
+    """Run the bundle on the emulated testbed: per-request latency × time_scale, per-device compute.
+
+    host_speed "auto": measured before the run (2 s) to fix the time scale (with 20 % headroom
+    for drift: every device's quota must fit the pinned CPUs), then re-measured (about 1 s) before
+    every request and the quotas re-scaled to it (``Emulator.set_host_speed``), so drift of this
+    machine's speed between and during runs does not bias one strategy against another."""
+    from edgepart.runtime.local import LocalCluster
+    auto = emu.get("host_speed") == "auto"
+    hs0 = calibrate(emu, 2.0) if auto else float(emu.get("host_speed") or 1.0)
+    ncpu = len(emu["cpuset"]) if emu.get("cpuset") else (os.cpu_count() or 1)
+    speeds = [s for _, s in DEVICES]
+    ts = emu.get("time_scale") or min(1.0, 0.8 * hs0 / max(speeds), 0.9 * ncpu * 0.8 * hs0 / sum(speeds))
+    hss = []
+    t_start = time.perf_counter()
+    with LocalCluster(bundle_dir, emulate=True, cpuset=emu.get("cpuset"), cpu_period_us=emu.get("period_us"),
+                      host_speed=hs0, time_scale=ts, cpu=emu.get("cpu", "dilate")) as c:
+        started = time.perf_counter() - t_start
+
+        def one(x):
+            if auto:
+                hs = calibrate(emu, 0.6)
+                c.emulator.set_host_speed(hs)
+                hss.append(hs)
+            t = time.perf_counter()
+            y = c.infer(x)
+            return y, time.perf_counter() - t
+        for i in range(warmup):
+            one(inputs[i % len(inputs)])
+        hss.clear()
+        s0, cpu0 = c.stats(), c.emulator.cpu_stat()
+        lat, worst = [], 0.0
+        for x, ref in zip(inputs, refs):
+            y, dt = one(x)
+            lat.append(dt)
+            worst = max(worst, max_rel_error(y, ref))
+        s1, cpu1 = c.stats(), c.emulator.cpu_stat()
+        scale, desc = c.time_scale, c.emulation
+    n = len(inputs)
+    per_dev = {}
+    for d in s1:
+        a, b = s0.get(d, {}), s1[d]
+        th, th0 = cpu1.get(d, {}), cpu0.get(d, {})
+        per_dev[d] = {"compute_s": (b.get("compute_us", 0) - a.get("compute_us", 0)) * 1e-6 * scale / n,
+                      "bytes_sent": (b.get("bytes_sent", 0) - a.get("bytes_sent", 0)) / n,
+                      "throttled_periods": (th.get("nr_throttled", 0) - th0.get("nr_throttled", 0)) / n}
+    lat_s = [t * scale for t in lat]
+    return {"latencies": lat_s, "median": statistics.median(lat_s), "min": min(lat_s), "max": max(lat_s),
+            "worst_rel_error": worst, "time_scale": scale, "host_speed": statistics.median(hss) if hss else hs0,
+            "host_speeds": hss, "host_speed_start": hs0, "emulation": desc, "devices": per_dev,
+            "startup_s": started, "wall_s": time.perf_counter() - t_start}
+
+
+def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, log=print):
+    cells = []
+    for name in model_names:
+        size = MODELS[name]
+        model, (x0,) = models.get(name, input_size=size)
+        g = torch.Generator().manual_seed(1)
+        inputs = [torch.randn(x0.shape, generator=g) for _ in range(n_requests)]
+        with torch.no_grad():
+            refs = [model(x) for x in inputs]
+        for mbps in bands:
+            cl = make_cluster(mbps)
+            gm = trace(model, (x0,))
+            analyse(gm, cl)
+            cost = CostModel(cl)
+            plans, pred = {}, {}
+            for s in ["single"] + BASELINES:
+                plans[s] = STRATEGIES[s](gm, cl)
+            t = time.perf_counter()
+            res = solve_ofpm(gm, cl, cost, time_limit=time_limit, warm_start={k: v for k, v in plans.items()})
+            solve_s = time.perf_counter() - t
+            plans["ofpm"] = res.plan
+            bundles = {}
+            for s, plan in plans.items():
+                b = compile_plan(gm, plan, cl, name)
+                sim = simulate(b.schedule, cl, cost, gm=gm)
+                pred[s] = sim
+                bundles[s] = b
+            ranked = sorted(BASELINES, key=lambda s: pred[s].latency)
+            distinct = [s for s in ranked if all(plans[s].to_dict()["stages"] != plans[o].to_dict()["stages"]
+                                                 for o in ("ofpm", "single"))]
+            chosen = ["ofpm", "single"] + distinct[:n_baselines]
+            cell = {"model": name, "input": size, "mbps": mbps, "ofpm_source": res.source, "solve_s": solve_s,
+                    "predicted_all": {s: p.latency for s, p in pred.items()}, "runs": {}}
+            with tempfile.TemporaryDirectory(prefix="edgepart-testbed-") as tmp:
+                for s in chosen:
+                    d = Path(tmp) / s
+                    bundles[s].save(d)
+                    m = measure(d, inputs, refs, warmup, emu)
+                    sim = pred[s]
+                    m["predicted"] = sim.latency
+                    m["error"] = m["median"] / sim.latency - 1.0
+                    for dev, v in m["devices"].items():
+                        v["predicted_compute_s"] = sim.devices.get(dev, {}).get("compute", 0.0)
+                    m["stages"] = len(plans[s].stages)
+                    m["devices_used"] = sorted(plans[s].devices())
+                    cell["runs"][s] = m
+                    comp = ", ".join(f"{dv} {v['compute_s'] * 1e3:.0f}/{v['predicted_compute_s'] * 1e3:.0f}"
+                                     for dv, v in m["devices"].items() if v["predicted_compute_s"] or v["compute_s"] > 1e-3)
+                    log(f"{name:13s} {mbps:5g} Mb/s {s:13s} predicted {sim.latency * 1e3:7.1f} ms  measured "
+                        f"{m['median'] * 1e3:7.1f} ms ({m['error'] * 100:+6.1f}%)  host_speed {m['host_speed']:.3f} "
+                        f"ts {m['time_scale']:.3f}  compute meas/pred ms: {comp}  [{m['wall_s']:.0f} s]", flush=True)
+            single = cell["runs"]["single"]
+            cell["speedup_measured"] = single["median"] / cell["runs"]["ofpm"]["median"]
+            cell["speedup_predicted"] = single["predicted"] / cell["runs"]["ofpm"]["predicted"]
+            cells.append(cell)
+    return cells
+
+
+def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, warmup: int) -> None:
+    ofpm_err = [c["runs"]["ofpm"]["error"] for c in cells]
+    all_err = [r["error"] for c in cells for r in c["runs"].values()]
+    inside = sum(1 for e in ofpm_err if abs(e) <= TOLERANCE)
+    beats = sum(1 for c in cells if c["speedup_measured"] > 1.0)
+    hs = [r["host_speed"] for c in cells for r in c["runs"].values()]
+    ts = [r["time_scale"] for c in cells for r in c["runs"].values()]
+    desc = cells[0]["runs"]["ofpm"]["emulation"] if cells else ""
+    lines = ["# Testbed: predicted vs measured latency", "",
+             f"Generated by `benchmarks/testbed.py {argv}` on {time.strftime('%Y-%m-%d %H:%M')}. Devices "
+             f"{', '.join(f'{n} {s}' for n, s in DEVICES)} (phone is the source); compute = FCPM profile of this "
+             "machine's core (`profiles/host.json`) ÷ speed; links 0.5 ms + bandwidth, sender-NIC contention. "
+             "Predicted = the simulator on the exact schedule with the planner's cost model. Measured = median of "
+             f"{n_requests} sequential requests after {warmup} warm-up, × time_scale, on `LocalCluster(emulate=True)` "
+             f"(cgroup CPU quota, period {emu.get('period_us') or 'default'} µs, workers pinned to CPU "
+             f"{emu.get('cpuset')}, quotas ÷ host_speed measured before each run; tbf-shaped veth links). "
+             f"host_speed over the runs: {min(hs):.2f}–{max(hs):.2f}; time_scale {min(ts):.3f}–{max(ts):.3f}. "
+             "Every output matched the original model.", "",
+             f"Emulation of the first run: `{desc}`", "",
+             "## Headline", "",
+             f"- ofpm measured within ±{TOLERANCE:.0%} of its prediction in **{inside} of {len(cells)}** cells "
+             f"(errors {', '.join(f'{e * 100:+.0f}%' for e in ofpm_err)})",
+             f"- all runs: median |error| {statistics.median(abs(e) for e in all_err) * 100:.1f}%, "
+             f"max {max(abs(e) for e in all_err) * 100:.1f}%",
+             f"- ofpm faster than single (measured) in **{beats} of {len(cells)}** cells; measured speed-up "
+             f"geomean {math.exp(statistics.mean(math.log(c['speedup_measured']) for c in cells)):.2f}× "
+             f"(predicted {math.exp(statistics.mean(math.log(c['speedup_predicted']) for c in cells)):.2f}×)", "",
+             "## Predicted vs measured (ms, emulated devices' time)", "",
+             "| model | Mbit/s | strategy | predicted | measured (median) | error | min–max | ×single measured | "
+             "×single predicted | stages | devices |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        single = c["runs"]["single"]
+        for s, r in c["runs"].items():
+            err = r["error"] * 100
+            mark = "" if abs(r["error"]) <= TOLERANCE else " ⚠"
+            lines.append(f"| {c['model']}@{c['input']} | {c['mbps']:g} | {s}{' (' + c['ofpm_source'] + ')' if s == 'ofpm' else ''} | "
+                         f"{r['predicted'] * 1e3:.1f} | {r['median'] * 1e3:.1f} | {err:+.1f}%{mark} | "
+                         f"{r['min'] * 1e3:.0f}–{r['max'] * 1e3:.0f} | {single['median'] / r['median']:.2f} | "
+                         f"{single['predicted'] / r['predicted']:.2f} | {r['stages']} | {','.join(r['devices_used'])} |")
+    lines += ["", "## Per-device compute (ms per request: measured / predicted)", "",
+              "Measured = the worker's time inside `run` actions (quota stalls included) × time_scale; "
+              "predicted = the simulator's compute time of that device. *throttled* = cgroup periods throttled "
+              "per request.", "",
+              "| model | Mbit/s | strategy | " + " | ".join(n for n, _ in DEVICES) + " | host_speed |",
+              "|---|---|---|" + "---|" * len(DEVICES) + "---|"]
+    for c in cells:
+        for s, r in c["runs"].items():
+            row = []
+            for n, _ in DEVICES:
+                v = r["devices"].get(n)
+                if not v or (v["predicted_compute_s"] == 0 and v["compute_s"] < 1e-3):
+                    row.append("–")
+                else:
+                    row.append(f"{v['compute_s'] * 1e3:.1f} / {v['predicted_compute_s'] * 1e3:.1f} "
+                               f"(thr {v['throttled_periods']:.0f})")
+            lines.append(f"| {c['model']} | {c['mbps']:g} | {s} | " + " | ".join(row) + f" | {r['host_speed']:.3f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(cells, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 5.0))
+    pts = [(c, s, r) for c in cells for s, r in c["runs"].items()]
+    lo = min(min(r["predicted"], r["median"]) for _, _, r in pts) * 1e3 * 0.8
+    hi = max(max(r["predicted"], r["median"]) for _, _, r in pts) * 1e3 * 1.2
+    xs = [lo, hi]
+    ax.plot(xs, xs, color="k", lw=0.8)
+    ax.fill_between(xs, [x * (1 - TOLERANCE) for x in xs], [x * (1 + TOLERANCE) for x in xs], color="0.85",
+                    label=f"±{TOLERANCE:.0%}")
+    markers = {"ofpm": "o", "single": "s"}
+    colors = {m: f"C{i}" for i, m in enumerate(MODELS)}
+    for c, s, r in pts:
+        ax.scatter(r["predicted"] * 1e3, r["median"] * 1e3, marker=markers.get(s, "^"), color=colors[c["model"]],
+                   facecolors="none" if c["mbps"] == 100 else colors[c["model"]], s=40)
+    from matplotlib.lines import Line2D
+    handles = [Line2D([], [], color=colors[m], marker="o", ls="", label=m) for m in MODELS
+               if any(c["model"] == m for c in cells)]
+    handles += [Line2D([], [], color="k", marker=mk, ls="", label=s) for s, mk in markers.items()]
+    handles += [Line2D([], [], color="k", marker="^", ls="", label="best baseline"),
+                Line2D([], [], color="k", marker="o", ls="", markerfacecolor="none", label="100 Mbit/s (hollow)")]
+    ax.legend(handles=handles, fontsize=7, loc="upper left")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("predicted latency (ms, simulator)")
+    ax.set_ylabel("measured latency (ms, median × time_scale)")
+    ax.set_title("emulated testbed: predicted vs measured", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="vgg16 at 1000 Mbit/s only")
+    ap.add_argument("--models", nargs="*", choices=list(MODELS))
+    ap.add_argument("--bands", nargs="*", type=float)
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--baselines", type=int, default=1, help="how many of the best baselines to run too")
+    ap.add_argument("--time-limit", type=float, default=10.0, help="MILP time limit (s)")
+    ap.add_argument("--cpuset", default="1", help="CPUs the workers are pinned to ('' = not pinned)")
+    ap.add_argument("--cpu", default="dilate", choices=["dilate", "quota"],
+                    help="how a device's CPU share is enforced (see edgepart/runtime/emulate.py)")
+    ap.add_argument("--period-us", type=int, default=None, help="cgroup cfs period (default: the emulator's)")
+    ap.add_argument("--host-speed", default="auto", help="'auto' (measure before each run) or a number")
+    ap.add_argument("--probe", default="networks", choices=["networks", "layers"],
+                    help="host-speed probe (emulate.HostSpeedProbe)")
+    ap.add_argument("--time-scale", type=float, default=None)
+    ap.add_argument("--out", default="testbed")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message="FCPM profile has no model")
+    model_names = args.models or (["vgg16"] if args.quick else list(MODELS))
+    bands = args.bands or ([1000] if args.quick else BANDS)
+    emu = {"probe": None, "cpuset": [int(c) for c in args.cpuset.split(",")] if args.cpuset else None,
+           "period_us": args.period_us, "cpu": args.cpu, "time_scale": args.time_scale,
+           "host_speed": args.host_speed if args.host_speed == "auto" else float(args.host_speed)}
+    if emu["host_speed"] == "auto":
+        from edgepart.runtime.emulate import HostSpeedProbe
+        emu["probe"] = HostSpeedProbe(PROFILE, emu["cpuset"], kind=args.probe)
+    t = time.perf_counter()
+    cells = run(model_names, bands, args.requests, args.warmup, emu, args.time_limit, args.baselines)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"emulation": {k: v for k, v in emu.items() if k != "probe"},
+                                                         "cells": cells}, indent=1))
+    write_markdown(cells, RESULTS / f"{args.out}.md", " ".join(sys.argv[1:] if argv is None else argv), emu,
+                   args.requests, args.warmup)
+    plot(cells, RESULTS / f"{args.out}.png")
+    print(f"done in {time.perf_counter() - t:.0f} s; wrote {RESULTS / args.out}.{{json,md,png}}")
+
+
+if __name__ == "__main__":
+    main()
