@@ -58,10 +58,11 @@ BANDS = [100, 1000]
 TOLERANCE = 0.15
 
 
-def make_cluster(mbps: float, profile: Path = PROFILE) -> Cluster:
+def make_cluster(mbps: float, profile: Path = PROFILE, memory_speed: float = 1.0) -> Cluster:
     return Cluster.from_dict({
         "source": "phone",
-        "devices": [{"name": n, "speed": s, "profile": str(profile)} for n, s in DEVICES],
+        "devices": [{"name": n, "speed": s, "profile": str(profile), "memory_speed": memory_speed}
+                    for n, s in DEVICES],
         "links": {"default": {"bandwidth_mbps": mbps, "latency_ms": 0.5}}})
 
 
@@ -88,7 +89,7 @@ def measure(bundle_dir: Path, inputs, refs, warmup: int, emu: dict) -> dict:
     ncpu = len(emu["cpuset"]) if emu.get("cpuset") else (os.cpu_count() or 1)
     speeds = [s for _, s in DEVICES]
     ts = emu.get("time_scale") or min(1.0, 0.8 * hs0 / max(speeds), 0.9 * ncpu * 0.8 * hs0 / sum(speeds))
-    hss = []
+    hss, mss = [], []
     t_start = time.perf_counter()
     with LocalCluster(bundle_dir, emulate=True, cpuset=emu.get("cpuset"), cpu_period_us=emu.get("period_us"),
                       host_speed=hs0, time_scale=ts, cpu=emu.get("cpu", "dilate")) as c:
@@ -96,15 +97,19 @@ def measure(bundle_dir: Path, inputs, refs, warmup: int, emu: dict) -> dict:
 
         def one(x):
             if auto:
-                hs = calibrate(emu, 0.6)
+                m = emu["probe"].measure(0.6)
+                hs = m["host_speed"]
                 c.emulator.set_host_speed(hs)
                 hss.append(hs)
+                if m.get("memory_speed"):
+                    mss.append(m["memory_speed"] / hs)
             t = time.perf_counter()
             y = c.infer(x)
             return y, time.perf_counter() - t
         for i in range(warmup):
             one(inputs[i % len(inputs)])
         hss.clear()
+        mss.clear()
         s0, cpu0 = c.stats(), c.emulator.cpu_stat()
         lat, worst = [], 0.0
         for x, ref in zip(inputs, refs):
@@ -124,7 +129,7 @@ def measure(bundle_dir: Path, inputs, refs, warmup: int, emu: dict) -> dict:
     lat_s = [t * scale for t in lat]
     return {"latencies": lat_s, "median": statistics.median(lat_s), "min": min(lat_s), "max": max(lat_s),
             "worst_rel_error": worst, "time_scale": scale, "host_speed": statistics.median(hss) if hss else hs0,
-            "host_speeds": hss, "host_speed_start": hs0, "emulation": desc, "devices": per_dev,
+            "host_speeds": hss, "memory_speeds": mss, "host_speed_start": hs0, "emulation": desc, "devices": per_dev,
             "startup_s": started, "wall_s": time.perf_counter() - t_start}
 
 
@@ -138,7 +143,14 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, lo
         with torch.no_grad():
             refs = [model(x) for x in inputs]
         for mbps in bands:
-            cl = make_cluster(mbps)
+            # online calibration (DCFP): memory bandwidth relative to the profile, ÷ the CPU speed the
+            # emulator normalises away; measured now, planned and predicted with
+            memory_speed = 1.0
+            if emu.get("probe") is not None and not emu.get("no_memory"):
+                m = emu["probe"].measure(2.0)
+                if m.get("memory_speed"):
+                    memory_speed = round(m["memory_speed"] / m["host_speed"], 3)
+            cl = make_cluster(mbps, memory_speed=memory_speed)
             gm = trace(model, (x0,))
             analyse(gm, cl)
             cost = CostModel(cl)
@@ -160,6 +172,7 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, lo
                                                  for o in ("ofpm", "single"))]
             chosen = ["ofpm", "single"] + distinct[:n_baselines]
             cell = {"model": name, "input": size, "mbps": mbps, "ofpm_source": res.source, "solve_s": solve_s,
+                    "memory_speed": memory_speed,
                     "predicted_all": {s: p.latency for s, p in pred.items()}, "runs": {}}
             with tempfile.TemporaryDirectory(prefix="edgepart-testbed-") as tmp:
                 for s in chosen:
@@ -200,9 +213,13 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
              "machine's core (`profiles/host.json`) ÷ speed; links 0.5 ms + bandwidth, sender-NIC contention. "
              "Predicted = the simulator on the exact schedule with the planner's cost model. Measured = median of "
              f"{n_requests} sequential requests after {warmup} warm-up, × time_scale, on `LocalCluster(emulate=True)` "
-             f"(cgroup CPU quota, period {emu.get('period_us') or 'default'} µs, workers pinned to CPU "
+             f"(CPU share enforced by {'dilating each stage to CPU time ÷ share' if emu.get('cpu') == 'dilate' else 'cgroup quota'}, "
+             f"cgroup period {emu.get('period_us') or 'default'} µs, workers pinned to CPU "
              f"{emu.get('cpuset')}, quotas ÷ host_speed measured before each run; tbf-shaped veth links). "
              f"host_speed over the runs: {min(hs):.2f}–{max(hs):.2f}; time_scale {min(ts):.3f}–{max(ts):.3f}. "
+             "Memory speed (the profile's largest linear layer re-timed, ÷ host_speed) measured before planning "
+             "each cell and given to the cost model (`memory_speed`): "
+             + ", ".join(f"{c['model']}@{c['mbps']:g} {c.get('memory_speed', 1.0):.2f}" for c in cells) + ". "
              "Every output matched the original model.", "",
              f"Emulation of the first run: `{desc}`", "",
              "## Headline", "",
@@ -298,6 +315,8 @@ def main(argv=None):
     ap.add_argument("--probe", default="networks", choices=["networks", "layers"],
                     help="host-speed probe (emulate.HostSpeedProbe)")
     ap.add_argument("--time-scale", type=float, default=None)
+    ap.add_argument("--no-memory", action="store_true",
+                    help="plan and predict with the profile's memory speed (no online memory calibration)")
     ap.add_argument("--out", default="testbed")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -305,7 +324,7 @@ def main(argv=None):
     model_names = args.models or (["vgg16"] if args.quick else list(MODELS))
     bands = args.bands or ([1000] if args.quick else BANDS)
     emu = {"probe": None, "cpuset": [int(c) for c in args.cpuset.split(",")] if args.cpuset else None,
-           "period_us": args.period_us, "cpu": args.cpu, "time_scale": args.time_scale,
+           "period_us": args.period_us, "cpu": args.cpu, "time_scale": args.time_scale, "no_memory": args.no_memory,
            "host_speed": args.host_speed if args.host_speed == "auto" else float(args.host_speed)}
     if emu["host_speed"] == "auto":
         from edgepart.runtime.emulate import HostSpeedProbe

@@ -27,6 +27,9 @@ class Device:
     memory_mb: float = 4096.0
     address: str | None = None  # host:port of its worker, if known
     profile: str | None = None  # path of its FCPM profile JSON (edgepart profile), if any
+    # how fast it streams weights from memory now ÷ when its profile was taken (measured online,
+    # e.g. emulate.HostSpeedProbe); the cost model divides memory-bound layers' time by it
+    memory_speed: float = 1.0
 
 
 class Cluster:
@@ -42,6 +45,8 @@ class Cluster:
         for d in devices:
             if not d.speed > 0:
                 raise ClusterError(f"device {d.name!r}: speed must be > 0, got {d.speed}")
+            if not d.memory_speed > 0:
+                raise ClusterError(f"device {d.name!r}: memory_speed must be > 0, got {d.memory_speed}")
         self.devices = list(devices)
         self.default_link = {**DEFAULT_LINK, **(default_link or {})}
         self.overrides = [dict(o) for o in (overrides or [])]
@@ -76,12 +81,13 @@ class Cluster:
         for i, dev in enumerate(d["devices"]):
             if not isinstance(dev, dict) or "name" not in dev:
                 raise ClusterError(f"devices[{i}] needs a 'name'")
-            unknown = set(dev) - {"name", "speed", "memory_mb", "address", "profile"}
+            unknown = set(dev) - {"name", "speed", "memory_mb", "address", "profile", "memory_speed"}
             if unknown:
                 raise ClusterError(f"device {dev['name']!r}: unknown keys {sorted(unknown)}")
             devices.append(Device(name=str(dev["name"]), speed=float(dev.get("speed", 1.0)),
                                   memory_mb=float(dev.get("memory_mb", 4096.0)), address=dev.get("address"),
-                                  profile=str(dev["profile"]) if dev.get("profile") else None))
+                                  profile=str(dev["profile"]) if dev.get("profile") else None,
+                                  memory_speed=float(dev.get("memory_speed", 1.0))))
         links = d.get("links", {}) or {}
         return cls(devices, links.get("default"), links.get("overrides"), d.get("source"),
                    d.get("shared_medium", False))
@@ -124,6 +130,8 @@ class Cluster:
                 e["address"] = d.address
             if d.profile:
                 e["profile"] = d.profile
+            if d.memory_speed != 1.0:
+                e["memory_speed"] = d.memory_speed
             devs.append(e)
         return {"source": self.source, "shared_medium": self.shared_medium, "devices": devs,
                 "links": {"default": dict(self.default_link), "overrides": copy.deepcopy(self.overrides)}}

@@ -41,11 +41,13 @@ DEMO_CLUSTER = {
 HOST_PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "host.json"
 
 
-def demo_cluster(profile: Path | None) -> dict:
-    """The demo cluster; with a profile, every device's speed is relative to the profiled core."""
+def demo_cluster(profile: Path | None, memory_speed: float = 1.0) -> dict:
+    """The demo cluster; with a profile, every device's speed is relative to the profiled core
+    (and its memory streams at ``memory_speed`` × the profiled rate, as measured just before)."""
     if profile is None:
         return DEMO_CLUSTER
-    return {**DEMO_CLUSTER, "devices": [{**d, "profile": str(profile)} for d in DEMO_CLUSTER["devices"]]}
+    return {**DEMO_CLUSTER, "devices": [{**d, "profile": str(profile), "memory_speed": memory_speed}
+                                        for d in DEMO_CLUSTER["devices"]]}
 
 
 def _max_rel_error(y, ref) -> float:
@@ -57,10 +59,12 @@ def _max_rel_error(y, ref) -> float:
 def _measure(bundle_dir: Path, inputs: list[torch.Tensor], refs: list, emulate: bool, label: str,
              probe=None, cpuset=None) -> dict:
     from edgepart.runtime.local import LocalCluster
-    latencies, worst, speeds = [], 0.0, []
+    latencies, worst, speeds, mems = [], 0.0, [], []
     kw = {}
     if probe is not None:                         # devices relative to the profiled core: follow the host's speed
-        speeds.append(probe.measure(2.0)["host_speed"])
+        m = probe.measure(2.0)
+        speeds.append(m["host_speed"])
+        mems.append((m.get("memory_speed") or m["host_speed"]) / m["host_speed"])
         kw = {"cpu": "dilate", "cpuset": cpuset, "host_speed": speeds[0],
               # headroom: the quotas of all devices must still fit the pinned CPU if the host slows down
               "time_scale": min(1.0, 0.9 * 0.8 * speeds[0] / sum(d["speed"] for d in DEMO_CLUSTER["devices"]))}
@@ -69,7 +73,9 @@ def _measure(bundle_dir: Path, inputs: list[torch.Tensor], refs: list, emulate: 
         s0 = c.stats()
         for x, ref in zip(inputs, refs):
             if probe is not None and c.emulator is not None and c.emulator.mode == "netns":
-                speeds.append(probe.measure(0.6)["host_speed"])
+                m = probe.measure(0.6)
+                speeds.append(m["host_speed"])
+                mems.append((m.get("memory_speed") or m["host_speed"]) / m["host_speed"])
                 c.emulator.set_host_speed(speeds[-1])
             t = time.perf_counter()
             y = c.infer(x)
@@ -84,7 +90,8 @@ def _measure(bundle_dir: Path, inputs: list[torch.Tensor], refs: list, emulate: 
     # Emulation may dilate time uniformly to fit this machine (see runtime/emulate.py):
     # measured × time_scale is the emulated devices' own time.
     return {"latencies": [t * scale for t in latencies], "worst": worst, "stats": stats,
-            "scale": scale, "emulation": emulation, "host_speeds": speeds}
+            "scale": scale, "emulation": emulation, "host_speeds": speeds,
+            "memory_speeds": mems}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,8 +110,22 @@ def main(argv: list[str] | None = None) -> int:
     size = args.input_size or {"vgg16": 160, "yolov2_tiny": 256}.get(args.model, models.default_input_size(args.model))
     model, (x0,) = models.get(args.model, input_size=size)
     profile = HOST_PROFILE if HOST_PROFILE.is_file() and not args.no_profile else None
-    cluster = edgepart.Cluster.from_dict(demo_cluster(profile))
+    emulate = not args.no_emulate
+    probe, cpuset, memory_speed = None, None, 1.0
+    if emulate and profile is not None:
+        from edgepart.runtime.emulate import HostSpeedProbe, netns_available
+        if netns_available()[0]:
+            cpuset = [max(os.sched_getaffinity(0))] if len(os.sched_getaffinity(0)) > 1 else None
+            probe = HostSpeedProbe(profile, cpuset)
+            # Online step of DCFP: the emulator keeps each device's CPU speed as declared whatever
+            # the host's speed now, but memory bandwidth drifts on its own — measure it and plan with it.
+            m = probe.measure(2.0)
+            if m.get("memory_speed"):
+                memory_speed = round(m["memory_speed"] / m["host_speed"], 3)
+    cluster = edgepart.Cluster.from_dict(demo_cluster(profile, memory_speed))
     print(f"model {args.model} at {size}x{size}; cluster: {cluster}; strategy {strategy}")
+    if probe is not None:
+        print(f"memory speed now relative to the profile (÷ CPU speed now): {memory_speed:.2f}")
     g = torch.Generator().manual_seed(1)
     inputs = [torch.randn(x0.shape, generator=g) for _ in range(args.requests)]
     with torch.no_grad():
@@ -123,13 +144,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from edgepart.compiler.simulator import simulate_bundle
     pred_part, pred_single = simulate_bundle(bundle), simulate_bundle(single)
-    emulate = not args.no_emulate
-    probe, cpuset = None, None
-    if emulate and profile is not None:
-        from edgepart.runtime.emulate import HostSpeedProbe, netns_available
-        if netns_available()[0]:
-            cpuset = [max(os.sched_getaffinity(0))] if len(os.sched_getaffinity(0)) > 1 else None
-            probe = HostSpeedProbe(profile, cpuset)
     part = _measure(work / "plan", inputs, refs, emulate, strategy, probe, cpuset)
     base = _measure(work / "single", inputs, refs, emulate, "single", probe, cpuset)
     p50, b50 = statistics.median(part["latencies"]), statistics.median(base["latencies"])
@@ -138,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     if part["host_speeds"]:
         hs = part["host_speeds"] + base["host_speeds"]
         print(f"host speed (this CPU now ÷ the profiled core), measured before each request: "
-              f"{min(hs):.2f}–{max(hs):.2f}")
+              f"{min(hs):.2f}–{max(hs):.2f}; memory speed (÷ CPU speed): "
+              f"{min(part['memory_speeds'] + base['memory_speeds']):.2f}–"
+              f"{max(part['memory_speeds'] + base['memory_speeds']):.2f}")
     print(f"cost model: {'FCPM profile ' + str(profile.name) + ' ÷ speed' if profile else 'FLOPs ÷ speed'}")
     print(f"| run | requests | predicted (ms) | median latency (ms) | error | min (ms) | max rel. error |")
     print(f"|---|---|---|---|---|---|---|")

@@ -105,3 +105,30 @@ def test_runtime_overhead_per_node_and_padded_window(tiny):
     relu = next(n for n in compute_nodes(tiny) if n.meta["op"].kind == "activation")
     assert padded_input_bytes(node_info(relu), None) == 0
     assert cm.runtime_overhead(node_info(relu), 3) == RUNTIME_NODE_S
+
+
+def test_memory_speed_slows_memory_bound_layers_only(host, tmp_path):
+    """A large fully connected layer streams its weights from memory: at half the memory speed it takes
+    about twice as long; a convolution is compute-bound and barely moves."""
+    from edgepart.fcpm.profiler import linear_info
+    ref_info, ref_t = host.streaming_reference()
+    assert ref_info["kind"] == "linear" and ref_t > 0
+    assert 5e9 < host.stream_bandwidth() < 200e9          # bytes/s: a plausible DRAM stream
+    cl = _cluster(tmp_path, f"devices:\n  - {{name: now, profile: {HOST}, memory_speed: 0.5}}\n"
+                            f"  - {{name: then, profile: {HOST}}}\n")
+    assert cl.device("now").memory_speed == 0.5 and "memory_speed" not in cl.to_dict()["devices"][1]
+    assert Cluster.from_dict(cl.to_dict()).device("now").memory_speed == 0.5
+    cm = CostModel(cl)
+    big = linear_info(25088, 4096)
+    slow, base = cm.compute_time(big, "now"), cm.compute_time(big, "then")
+    over = cm.runtime_overhead(big, None)
+    assert (slow - over) == pytest.approx(2 * (base - over), rel=1e-9)
+    model, (x,) = models.get("vgg16", input_size=64)
+    gm = analyse(trace(model, (x,)))
+    conv = next(n for n in compute_nodes(gm) if n.meta["op"].kind == "conv2d" and n.meta["rows"] >= 16)
+    c_slow, c_base = cm.compute_time(conv, "now"), cm.compute_time(conv, "then")
+    assert c_base <= c_slow < 1.1 * c_base
+    # an explicit argument overrides the cluster's value
+    assert CostModel(cl, memory_speed=1.0).compute_time(big, "now") == pytest.approx(base)
+    with pytest.raises(Exception, match="memory_speed"):
+        Cluster.from_dict({"devices": [{"name": "a", "memory_speed": 0}]})

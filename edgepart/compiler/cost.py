@@ -68,7 +68,8 @@ def node_info(node) -> dict[str, Any]:
 class CostModel:
     def __init__(self, cluster: Cluster, profiles: dict[str, DeviceProfile] | None = None,
                  loads: dict[str, float] | None = None, reference_flops: float = REFERENCE_FLOPS,
-                 runtime_node_s: float = RUNTIME_NODE_S, runtime_pad_byte_s: float = RUNTIME_PAD_BYTE_S):
+                 runtime_node_s: float = RUNTIME_NODE_S, runtime_pad_byte_s: float = RUNTIME_PAD_BYTE_S,
+                 memory_speed: float | dict[str, float] | None = None):
         self.cluster = cluster
         self.profiles = dict(profiles or {})
         loaded: dict[str, DeviceProfile] = {}
@@ -83,6 +84,16 @@ class CostModel:
         self.reference_flops = reference_flops
         self.runtime_node_s = runtime_node_s
         self.runtime_pad_byte_s = runtime_pad_byte_s
+        # How fast a profiled device streams weights from memory now, relative to when it was
+        # profiled (memory bandwidth is shared with other programs and drifts on its own; see
+        # emulate.HostSpeedProbe): the memory-bound share of a prediction is divided by it.
+        # Default: each device's ``memory_speed`` in the cluster description.
+        if memory_speed is None:
+            self.memory_speed = {d.name: d.memory_speed for d in cluster.devices}
+        elif isinstance(memory_speed, dict):
+            self.memory_speed = dict(memory_speed)
+        else:
+            self.memory_speed = {d: float(memory_speed) for d in cluster.names}
         self.fallback_devices = [d for d in cluster.names if d not in self.profiles]
         self._warned = False
 
@@ -95,8 +106,8 @@ class CostModel:
     def compute_time(self, node, device: str, rows: int | None = None) -> float:
         """Seconds for ``device`` to compute ``rows`` output rows of ``node`` (all rows if None).
 
-        With a profile: (the profile's prediction + the device program's own overhead per node,
-        :meth:`runtime_overhead`) ÷ the device's speed (relative to the profiled machine); without: FLOPs ÷ (speed × reference FLOP/s). Load slows both (the profile
+        With a profile: (the profile's prediction, its memory-bound share ÷ ``memory_speed``,
+        + the device program's own overhead per node, :meth:`runtime_overhead`) ÷ the device's speed (relative to the profiled machine); without: FLOPs ÷ (speed × reference FLOP/s). Load slows both (the profile
         models it itself)."""
         info = node_info(node)
         total_rows = max(1, info.get("rows", 1))
@@ -105,7 +116,12 @@ class CostModel:
             return 0.0
         prof = self.profiles.get(device)
         if prof is not None:
-            t = prof.predict(info, rows, self.loads.get(device, 0.0)) + self.runtime_overhead(info, rows)
+            t = prof.predict(info, rows, self.loads.get(device, 0.0))
+            ms = self.memory_speed.get(device, 1.0)
+            if ms != 1.0 and hasattr(prof, "memory_bound_fraction"):
+                m = prof.memory_bound_fraction(info, rows, t)
+                t *= (1.0 - m) + m / ms
+            t += self.runtime_overhead(info, rows)
             return t / self._speed(device)
         self.warn_fallback()
         speed = self._speed(device) * max(1e-3, 1.0 - self.loads.get(device, 0.0))

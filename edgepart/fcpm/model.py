@@ -526,6 +526,37 @@ class DeviceProfile:
             raw = 0.5 * (np.maximum.accumulate(raw) + np.minimum.accumulate(raw[::-1])[::-1])
         return raw
 
+    def streaming_reference(self) -> tuple[dict, float] | None:
+        """(info, seconds) of the recorded layer that streams the most weight bytes from memory:
+        the largest linear layer timed at load 0 (its weights exceed any cache; batch 1 makes it
+        bound by memory bandwidth). None when the profile kept no such measurement."""
+        if "_stream_ref" not in self._cache:
+            meas = self.measurements or {}
+            infos = {c["cid"]: c["info"] for c in meas.get("configs", [])}
+            best = None
+            for r in meas.get("records", []):
+                info = infos.get(r["cid"])
+                if info is None or info.get("kind") != "linear" or r.get("load", 0.0) != 0.0:
+                    continue
+                w = geometry(info).weight_elems
+                if best is None or w > best[0] or (w == best[0] and r["t"] < best[2]):
+                    best = (w, info, r["t"])
+            self._cache["_stream_ref"] = None if best is None else (best[1], best[2])
+        return self._cache["_stream_ref"]
+
+    def stream_bandwidth(self) -> float | None:
+        """Bytes/s at which the profiled machine streamed weights from memory (see streaming_reference)."""
+        ref = self.streaming_reference()
+        return None if ref is None else geometry(ref[0]).weight_elems * 4.0 / ref[1]
+
+    def memory_bound_fraction(self, info: dict, rows: int | None, seconds: float) -> float:
+        """Share of ``seconds`` (a prediction for these rows) spent streaming the node's weights from
+        memory at the profiled bandwidth: 1 for a large fully connected layer, about 0 for a conv."""
+        bw = self.stream_bandwidth()
+        if not bw or seconds <= 0:
+            return 0.0
+        return min(1.0, geometry(info, rows).weight_elems * 4.0 / bw / seconds)
+
     def predict_baseline(self, info: dict, rows: int | None = None, load: float = 0.0) -> float:
         return self.predict(info, rows, load, which="baseline")
 

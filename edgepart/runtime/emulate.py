@@ -389,6 +389,12 @@ class HostSpeedProbe:
         self.kind = kind
         self.seed = seed
         self.nets: list[tuple] = []
+        # memory: the profile's biggest recorded linear layer (weights streamed from DRAM) re-timed
+        ref = self.profile.streaming_reference() if hasattr(self.profile, "streaming_reference") else None
+        self.stream_ref = None
+        if ref is not None:
+            from edgepart.fcpm.ops import Runner
+            self.stream_ref = (Runner(ref[0]), ref[1])
         if kind == "networks":
             import torch
 
@@ -407,7 +413,13 @@ class HostSpeedProbe:
                     model(x)
 
     def measure(self, budget_s: float = 1.0) -> dict:
-        """{"host_speed", "seconds", "per": {network or family: speed}}: one measurement."""
+        """{"host_speed", "memory_speed", "seconds", "per": {network or family: speed}}: one measurement.
+
+        ``memory_speed``: the profile's recorded time of its largest linear layer ÷ its time now (how
+        fast weights stream from memory, relative to profiling; None if the profile has no such
+        record). Relative to the CPU speed, ``memory_speed / host_speed``, it is what a cost model
+        of an emulated device needs (``CostModel(memory_speed=...)``): the emulator scales CPU time
+        by host_speed, so only the part of memory-bound layers that drifted apart stays unmodelled."""
         import time
 
         import torch
@@ -439,6 +451,17 @@ class HostSpeedProbe:
                     meas_sum += m
                     per[name] = pred / m
                 r = {"host_speed": pred_sum / meas_sum, "per": per, "rounds": rounds}
+            r["memory_speed"] = None
+            if self.stream_ref is not None:
+                runner, recorded = self.stream_ref
+                with torch.no_grad():
+                    runner()
+                    ts = []
+                    for _ in range(5):
+                        c = time.thread_time()
+                        runner()
+                        ts.append(time.thread_time() - c)
+                r["memory_speed"] = recorded / sorted(ts)[len(ts) // 2]
         finally:
             torch.set_num_threads(old_threads)
             if old_aff is not None:
