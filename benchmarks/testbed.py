@@ -58,11 +58,12 @@ BANDS = [100, 1000]
 TOLERANCE = 0.15
 
 
-def make_cluster(mbps: float, profile: Path = PROFILE, memory_speed: float = 1.0) -> Cluster:
+def make_cluster(mbps: float, profile: Path = PROFILE, memory_speed: float = 1.0,
+                 calibration: dict | None = None) -> Cluster:
     return Cluster.from_dict({
         "source": "phone",
-        "devices": [{"name": n, "speed": s, "profile": str(profile), "memory_speed": memory_speed}
-                    for n, s in DEVICES],
+        "devices": [{"name": n, "speed": s, "profile": str(profile), "memory_speed": memory_speed,
+                     "calibration": calibration or {}} for n, s in DEVICES],
         "links": {"default": {"bandwidth_mbps": mbps, "latency_ms": 0.5}}})
 
 
@@ -145,12 +146,16 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, lo
         for mbps in bands:
             # online calibration (DCFP): memory bandwidth relative to the profile, ÷ the CPU speed the
             # emulator normalises away; measured now, planned and predicted with
-            memory_speed = 1.0
+            # and each op type's speed relative to the CPU's (measure_family_speeds)
+            memory_speed, calibration = 1.0, {}
             if emu.get("probe") is not None and not emu.get("no_memory"):
                 m = emu["probe"].measure(2.0)
                 if m.get("memory_speed"):
                     memory_speed = round(m["memory_speed"] / m["host_speed"], 3)
-            cl = make_cluster(mbps, memory_speed=memory_speed)
+                from edgepart.runtime.emulate import measure_family_speeds
+                calibration = measure_family_speeds(emu["probe"].profile, cpuset=emu["cpuset"],
+                                                    relative_to=m["host_speed"])
+            cl = make_cluster(mbps, memory_speed=memory_speed, calibration=calibration)
             gm = trace(model, (x0,))
             analyse(gm, cl)
             cost = CostModel(cl)
@@ -172,7 +177,7 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, lo
                                                  for o in ("ofpm", "single"))]
             chosen = ["ofpm", "single"] + distinct[:n_baselines]
             cell = {"model": name, "input": size, "mbps": mbps, "ofpm_source": res.source, "solve_s": solve_s,
-                    "memory_speed": memory_speed,
+                    "memory_speed": memory_speed, "calibration": calibration,
                     "predicted_all": {s: p.latency for s, p in pred.items()}, "runs": {}}
             with tempfile.TemporaryDirectory(prefix="edgepart-testbed-") as tmp:
                 for s in chosen:
@@ -217,9 +222,13 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
              f"cgroup period {emu.get('period_us') or 'default'} µs, workers pinned to CPU "
              f"{emu.get('cpuset')}, quotas ÷ host_speed measured before each run; tbf-shaped veth links). "
              f"host_speed over the runs: {min(hs):.2f}–{max(hs):.2f}; time_scale {min(ts):.3f}–{max(ts):.3f}. "
-             "Memory speed (the profile's largest linear layer re-timed, ÷ host_speed) measured before planning "
-             "each cell and given to the cost model (`memory_speed`): "
-             + ", ".join(f"{c['model']}@{c['mbps']:g} {c.get('memory_speed', 1.0):.2f}" for c in cells) + ". "
+             "Online calibration before planning each cell (DCFP's online step; the cluster's `memory_speed` and "
+             "`calibration`): memory speed = the profile's largest linear layer re-timed ÷ host_speed; per op type "
+             "the profile's 3 largest recorded layers re-timed ÷ host_speed (`emulate.measure_family_speeds`) — "
+             "memory speed / conv / dwconv / bn / act:relu per cell: "
+             + "; ".join(f"{c['model']}@{c['mbps']:g} {c.get('memory_speed', 1.0):.2f} / "
+                         + " / ".join(f"{c.get('calibration', {}).get(f, 1.0):.2f}" for f in ("conv", "dwconv", "bn", "act:relu"))
+                         for c in cells) + ". "
              "Every output matched the original model.", "",
              f"Emulation of the first run: `{desc}`", "",
              "## Headline", "",
@@ -316,7 +325,7 @@ def main(argv=None):
                     help="host-speed probe (emulate.HostSpeedProbe)")
     ap.add_argument("--time-scale", type=float, default=None)
     ap.add_argument("--no-memory", action="store_true",
-                    help="plan and predict with the profile's memory speed (no online memory calibration)")
+                    help="plan and predict with the profile as it is (no online memory speed / op-type calibration)")
     ap.add_argument("--out", default="testbed")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

@@ -30,6 +30,20 @@ class Device:
     # how fast it streams weights from memory now ÷ when its profile was taken (measured online,
     # e.g. emulate.HostSpeedProbe); the cost model divides memory-bound layers' time by it
     memory_speed: float = 1.0
+    # per op type (FCPM family): how fast it runs now ÷ when profiled, beyond ``speed``
+    # (emulate.measure_family_speeds); a missing family is 1.0
+    calibration: tuple[tuple[str, float], ...] = ()
+
+
+def _calibration(dev: dict) -> tuple[tuple[str, float], ...]:
+    cal = dev.get("calibration") or {}
+    if not isinstance(cal, dict):
+        raise ClusterError(f"device {dev['name']!r}: calibration must map op types to speeds, e.g. "
+                           "{conv: 1.1, dwconv: 0.6}")
+    try:
+        return tuple(sorted((str(f), float(v)) for f, v in cal.items()))
+    except (TypeError, ValueError):
+        raise ClusterError(f"device {dev['name']!r}: calibration of {cal} must be numbers > 0") from None
 
 
 class Cluster:
@@ -47,6 +61,9 @@ class Cluster:
                 raise ClusterError(f"device {d.name!r}: speed must be > 0, got {d.speed}")
             if not d.memory_speed > 0:
                 raise ClusterError(f"device {d.name!r}: memory_speed must be > 0, got {d.memory_speed}")
+            bad = [f for f, v in d.calibration if not (isinstance(v, (int, float)) and v > 0)]
+            if bad:
+                raise ClusterError(f"device {d.name!r}: calibration of {bad} must be numbers > 0")
         self.devices = list(devices)
         self.default_link = {**DEFAULT_LINK, **(default_link or {})}
         self.overrides = [dict(o) for o in (overrides or [])]
@@ -81,13 +98,14 @@ class Cluster:
         for i, dev in enumerate(d["devices"]):
             if not isinstance(dev, dict) or "name" not in dev:
                 raise ClusterError(f"devices[{i}] needs a 'name'")
-            unknown = set(dev) - {"name", "speed", "memory_mb", "address", "profile", "memory_speed"}
+            unknown = set(dev) - {"name", "speed", "memory_mb", "address", "profile", "memory_speed", "calibration"}
             if unknown:
                 raise ClusterError(f"device {dev['name']!r}: unknown keys {sorted(unknown)}")
             devices.append(Device(name=str(dev["name"]), speed=float(dev.get("speed", 1.0)),
                                   memory_mb=float(dev.get("memory_mb", 4096.0)), address=dev.get("address"),
                                   profile=str(dev["profile"]) if dev.get("profile") else None,
-                                  memory_speed=float(dev.get("memory_speed", 1.0))))
+                                  memory_speed=float(dev.get("memory_speed", 1.0)),
+                                  calibration=_calibration(dev)))
         links = d.get("links", {}) or {}
         return cls(devices, links.get("default"), links.get("overrides"), d.get("source"),
                    d.get("shared_medium", False))
@@ -132,6 +150,8 @@ class Cluster:
                 e["profile"] = d.profile
             if d.memory_speed != 1.0:
                 e["memory_speed"] = d.memory_speed
+            if d.calibration:
+                e["calibration"] = dict(d.calibration)
             devs.append(e)
         return {"source": self.source, "shared_medium": self.shared_medium, "devices": devs,
                 "links": {"default": dict(self.default_link), "overrides": copy.deepcopy(self.overrides)}}

@@ -41,13 +41,14 @@ DEMO_CLUSTER = {
 HOST_PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "host.json"
 
 
-def demo_cluster(profile: Path | None, memory_speed: float = 1.0) -> dict:
+def demo_cluster(profile: Path | None, memory_speed: float = 1.0, calibration: dict | None = None) -> dict:
     """The demo cluster; with a profile, every device's speed is relative to the profiled core
-    (and its memory streams at ``memory_speed`` × the profiled rate, as measured just before)."""
+    (its memory streams at ``memory_speed`` × the profiled rate and each op type runs at its
+    ``calibration`` × the profiled speed, as measured just before)."""
     if profile is None:
         return DEMO_CLUSTER
-    return {**DEMO_CLUSTER, "devices": [{**d, "profile": str(profile), "memory_speed": memory_speed}
-                                        for d in DEMO_CLUSTER["devices"]]}
+    return {**DEMO_CLUSTER, "devices": [{**d, "profile": str(profile), "memory_speed": memory_speed,
+                                         "calibration": calibration or {}} for d in DEMO_CLUSTER["devices"]]}
 
 
 def _max_rel_error(y, ref) -> float:
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     model, (x0,) = models.get(args.model, input_size=size)
     profile = HOST_PROFILE if HOST_PROFILE.is_file() and not args.no_profile else None
     emulate = not args.no_emulate
-    probe, cpuset, memory_speed = None, None, 1.0
+    probe, cpuset, memory_speed, calibration = None, None, 1.0, {}
     if emulate and profile is not None:
         from edgepart.runtime.emulate import HostSpeedProbe, netns_available
         if netns_available()[0]:
@@ -119,13 +120,17 @@ def main(argv: list[str] | None = None) -> int:
             probe = HostSpeedProbe(profile, cpuset)
             # Online step of DCFP: the emulator keeps each device's CPU speed as declared whatever
             # the host's speed now, but memory bandwidth drifts on its own — measure it and plan with it.
+            # Op types drift apart too (memory-bound ones slow down most when others share the caches).
             m = probe.measure(2.0)
             if m.get("memory_speed"):
                 memory_speed = round(m["memory_speed"] / m["host_speed"], 3)
-    cluster = edgepart.Cluster.from_dict(demo_cluster(profile, memory_speed))
+            from edgepart.runtime.emulate import measure_family_speeds
+            calibration = measure_family_speeds(probe.profile, cpuset=cpuset, relative_to=m["host_speed"])
+    cluster = edgepart.Cluster.from_dict(demo_cluster(profile, memory_speed, calibration))
     print(f"model {args.model} at {size}x{size}; cluster: {cluster}; strategy {strategy}")
     if probe is not None:
-        print(f"memory speed now relative to the profile (÷ CPU speed now): {memory_speed:.2f}")
+        print(f"online calibration (speed now ÷ profiled, relative to the CPU's): memory {memory_speed:.2f}; "
+              + ", ".join(f"{f} {v:.2f}" for f, v in calibration.items()))
     g = torch.Generator().manual_seed(1)
     inputs = [torch.randn(x0.shape, generator=g) for _ in range(args.requests)]
     with torch.no_grad():
@@ -171,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {dev} | {s.get('compute_us', 0) * part['scale'] / n / 1e3:.1f} | "
                   f"{pred_part.devices.get(dev, {}).get('compute', 0) * 1e3:.1f} | "
                   f"{s.get('bytes_sent', 0) / n:,.0f} | {s.get('bytes_received', 0) / n:,.0f} |")
+    print()
+    print(f"latency per request (ms), {strategy}: " + " ".join(f"{t * 1e3:.1f}" for t in part["latencies"]))
+    print(f"latency per request (ms), single: " + " ".join(f"{t * 1e3:.1f}" for t in base["latencies"]))
     moved = sum(t[5] for t in bundle.manifest["transfers"])
     print(f"\nbytes moved per request (plan): {moved:,}")
     print(f"speed-up over the fastest single device ({cluster.fastest()}): {b50 / p50:.2f}x measured, "

@@ -132,3 +132,32 @@ def test_memory_speed_slows_memory_bound_layers_only(host, tmp_path):
     assert CostModel(cl, memory_speed=1.0).compute_time(big, "now") == pytest.approx(base)
     with pytest.raises(Exception, match="memory_speed"):
         Cluster.from_dict({"devices": [{"name": "a", "memory_speed": 0}]})
+
+
+def test_calibration_divides_one_op_type(host, tmp_path):
+    cl = _cluster(tmp_path, f"devices:\n  - {{name: now, profile: {HOST}, calibration: {{conv: 0.5}}}}\n"
+                            f"  - {{name: then, profile: {HOST}}}\n")
+    assert dict(cl.device("now").calibration) == {"conv": 0.5}
+    assert Cluster.from_dict(cl.to_dict()).device("now").calibration == cl.device("now").calibration
+    cm = CostModel(cl)
+    model, (x,) = models.get("resnet18", input_size=64)
+    gm = analyse(trace(model, (x,)))
+    nodes = list(compute_nodes(gm))
+    conv = next(n for n in nodes if n.meta["op"].kind == "conv2d")
+    bn = next(n for n in nodes if n.meta["op"].kind == "batch_norm")
+    over = cm.runtime_overhead(node_info(conv), None)
+    assert cm.compute_time(conv, "now") - over == pytest.approx(2 * (cm.compute_time(conv, "then") - over))
+    assert cm.compute_time(bn, "now") == pytest.approx(cm.compute_time(bn, "then"))
+    with pytest.raises(Exception, match="calibration"):
+        Cluster.from_dict({"devices": [{"name": "a", "calibration": {"conv": -1}}]})
+    with pytest.raises(Exception, match="calibration"):
+        Cluster.from_dict({"devices": [{"name": "a", "calibration": [1, 2]}]})
+
+
+def test_family_speeds_are_measured_per_op_type(host):
+    from edgepart.runtime.emulate import measure_family_speeds
+    speeds = measure_family_speeds(host, per_family=1, budget_s=0.5)
+    assert {"conv", "dwconv", "maxpool", "bn"} <= set(speeds) and "linear" not in speeds
+    assert all(0.333 <= v <= 3 for v in speeds.values()), speeds      # clamped to [1/3, 3], 3 decimals
+    # relative to a host speed: every value divided by it (up to the clamp)
+    assert measure_family_speeds(host, per_family=1, budget_s=0.5, relative_to=100.0)["conv"] == pytest.approx(1 / 3, abs=1e-3)

@@ -14,6 +14,7 @@ import warnings
 from typing import Any, Protocol
 
 from edgepart.cluster import Cluster
+from edgepart.fcpm.ops import family as op_family
 
 # FLOP/s of a device with speed 1.0 when no profile is known (one core of a
 # laptop-class CPU running PyTorch convolutions, roughly).
@@ -94,6 +95,8 @@ class CostModel:
             self.memory_speed = dict(memory_speed)
         else:
             self.memory_speed = {d: float(memory_speed) for d in cluster.names}
+        # per device and op type (FCPM family): speed now ÷ when profiled (emulate.measure_family_speeds)
+        self.calibration = {d.name: dict(d.calibration) for d in cluster.devices}
         self.fallback_devices = [d for d in cluster.names if d not in self.profiles]
         self._warned = False
 
@@ -106,7 +109,8 @@ class CostModel:
     def compute_time(self, node, device: str, rows: int | None = None) -> float:
         """Seconds for ``device`` to compute ``rows`` output rows of ``node`` (all rows if None).
 
-        With a profile: (the profile's prediction, its memory-bound share ÷ ``memory_speed``,
+        With a profile: (the profile's prediction ÷ the device's ``calibration`` of the node's op
+        type, its memory-bound share ÷ ``memory_speed``,
         + the device program's own overhead per node, :meth:`runtime_overhead`) ÷ the device's speed (relative to the profiled machine); without: FLOPs ÷ (speed × reference FLOP/s). Load slows both (the profile
         models it itself)."""
         info = node_info(node)
@@ -117,6 +121,9 @@ class CostModel:
         prof = self.profiles.get(device)
         if prof is not None:
             t = prof.predict(info, rows, self.loads.get(device, 0.0))
+            cal = self.calibration.get(device)
+            if cal:
+                t /= cal.get(op_family(info), 1.0)
             ms = self.memory_speed.get(device, 1.0)
             if ms != 1.0 and hasattr(prof, "memory_bound_fraction"):
                 m = prof.memory_bound_fraction(info, rows, t)

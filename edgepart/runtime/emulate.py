@@ -470,6 +470,68 @@ class HostSpeedProbe:
         return r
 
 
+def measure_family_speeds(profile, per_family: int = 3, budget_s: float = 3.0, cpuset: list[int] | None = None,
+                          relative_to: float = 1.0) -> dict[str, float]:
+    """How fast each op type of an FCPM profile runs now, relative to when it was profiled.
+
+    For every family (op type) of the profile, ``per_family`` of its recorded layers at load 0
+    (50 µs – 30 ms; spread over the upper half of their times) are re-timed (thread CPU time, one torch thread, pinned to ``cpuset``); the
+    family's speed is median(recorded / now) ÷ ``relative_to``. Pass the host speed an emulator
+    normalises by as ``relative_to``: what is left is how much more one op type drifted than the
+    CPU as a whole — memory-bound layers (depthwise convolutions, activations, batch norm on large
+    maps) slow down far more than convolutions when other programs share the caches. The result
+    is a device's ``calibration`` in a cluster description (``CostModel`` divides that family's
+    predictions by it). ``linear`` is left out: weight streaming is ``memory_speed``'s job.
+    """
+    import time
+
+    import numpy as np
+    import torch
+
+    from edgepart.fcpm.ops import Runner, time_callable
+    prof = profile if hasattr(profile, "measurements") else _load_profile(profile)
+    meas = prof.measurements or {}
+    configs = {c["cid"]: c for c in meas.get("configs", [])}
+    by_family: dict[str, list[dict]] = {}
+    for r in meas.get("records", []):
+        if r.get("load", 0.0) == 0.0 and 50e-6 <= r["t"] <= 30e-3 and r["cid"] in configs \
+                and r["family"] not in ("linear", "trivial"):
+            by_family.setdefault(r["family"], []).append(r)
+    if not by_family:
+        raise ValueError("the profile holds no recorded timings at load 0 (fitted without measurements?)")
+    picks = {}
+    for f, v in sorted(by_family.items()):   # spread over sizes: the upper half, where time is spent
+        v = sorted(v, key=lambda r: r["t"])
+        qs = [0.5 + 0.45 * i / max(1, per_family - 1) for i in range(per_family)] if per_family > 1 else [0.75]
+        picks[f] = list({id(r): r for r in (v[min(len(v) - 1, int(q * len(v)))] for q in qs)}.values())
+    n = sum(len(v) for v in picks.values())
+    old_threads = torch.get_num_threads()
+    old_aff = os.sched_getaffinity(0) if cpuset else None
+    out: dict[str, float] = {}
+    try:
+        torch.set_num_threads(1)
+        if cpuset:
+            os.sched_setaffinity(0, set(cpuset))
+        for fam, recs in picks.items():
+            ratios = []
+            for r in recs:
+                m = time_callable(Runner(configs[r["cid"]]["info"], r["rows"], seed=int(r["cid"])),
+                                  target_s=budget_s / n * 0.7, min_repeats=3, clock=time.thread_time)
+                ratios.append(r["t"] / max(m["t"], 1e-9))
+            # clamped: one odd recorded timing must not make a family look 10x off
+            out[fam] = round(min(3.0, max(1 / 3, float(np.median(ratios)) / relative_to)), 3)
+    finally:
+        torch.set_num_threads(old_threads)
+        if old_aff is not None:
+            os.sched_setaffinity(0, old_aff)
+    return out
+
+
+def _load_profile(path):
+    from edgepart.fcpm import DeviceProfile
+    return DeviceProfile.load(path)
+
+
 def measure_host_speed(profile, budget_s: float = 2.0, cpuset: list[int] | None = None,
                        kind: str = "networks") -> dict:
     """One-shot :class:`HostSpeedProbe` measurement (see there)."""
