@@ -224,7 +224,7 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
              f"host_speed over the runs: {min(hs):.2f}–{max(hs):.2f}; time_scale {min(ts):.3f}–{max(ts):.3f}. "
              "Online calibration before planning each cell (DCFP's online step; the cluster's `memory_speed` and "
              "`calibration`): memory speed = the profile's largest linear layer re-timed ÷ host_speed; per op type "
-             "the profile's 3 largest recorded layers re-timed ÷ host_speed (`emulate.measure_family_speeds`) — "
+             "3 of the profile's recorded layers (upper half of their times) re-timed ÷ host_speed (`emulate.measure_family_speeds`) — "
              "memory speed / conv / dwconv / bn / act:relu per cell: "
              + "; ".join(f"{c['model']}@{c['mbps']:g} {c.get('memory_speed', 1.0):.2f} / "
                          + " / ".join(f"{c.get('calibration', {}).get(f, 1.0):.2f}" for f in ("conv", "dwconv", "bn", "act:relu"))
