@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{min(hs):.2f}–{max(hs):.2f}; memory speed (÷ CPU speed): "
               f"{min(part['memory_speeds'] + base['memory_speeds']):.2f}–"
               f"{max(part['memory_speeds'] + base['memory_speeds']):.2f}")
-    print(f"cost model: {'FCPM profile ' + str(profile.name) + ' ÷ speed' if profile else 'FLOPs ÷ speed'}")
+    print(f"cost model: {'FCPM profile ' + str(profile.name) + ' ÷ speed' if profile else 'FLOPs ÷ speed'}"
+          f"{', calibrated online (memory speed, op types)' if probe is not None else ''}")
     print(f"| run | requests | predicted (ms) | median latency (ms) | error | min (ms) | max rel. error |")
     print(f"|---|---|---|---|---|---|---|")
     print(f"| {strategy} on {len(cluster)} devices | {len(inputs)} | {pred_part.latency * 1e3:.1f} | {p50 * 1e3:.1f} | "
