@@ -149,12 +149,8 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, lo
             # and each op type's speed relative to the CPU's (measure_family_speeds)
             memory_speed, calibration = 1.0, {}
             if emu.get("probe") is not None and not emu.get("no_memory"):
-                m = emu["probe"].measure(2.0)
-                if m.get("memory_speed"):
-                    memory_speed = round(m["memory_speed"] / m["host_speed"], 3)
-                from edgepart.runtime.emulate import measure_family_speeds
-                calibration = measure_family_speeds(emu["probe"].profile, cpuset=emu["cpuset"],
-                                                    relative_to=m["host_speed"])
+                cal = emu["probe"].calibrate(2.0)
+                memory_speed, calibration = cal["memory_speed"], cal["calibration"]
             cl = make_cluster(mbps, memory_speed=memory_speed, calibration=calibration)
             gm = trace(model, (x0,))
             analyse(gm, cl)

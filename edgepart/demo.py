@@ -61,11 +61,14 @@ def _measure(bundle_dir: Path, inputs: list[torch.Tensor], refs: list, emulate: 
              probe=None, cpuset=None) -> dict:
     from edgepart.runtime.local import LocalCluster
     latencies, worst, speeds, mems = [], 0.0, [], []
-    kw = {}
-    if probe is not None:                         # devices relative to the profiled core: follow the host's speed
-        m = probe.measure(2.0)
+
+    def sample(budget_s: float) -> None:          # host speed, and memory speed relative to it
+        m = probe.measure(budget_s)
         speeds.append(m["host_speed"])
         mems.append((m.get("memory_speed") or m["host_speed"]) / m["host_speed"])
+    kw = {}
+    if probe is not None:                         # devices relative to the profiled core: follow the host's speed
+        sample(2.0)
         kw = {"cpu": "dilate", "cpuset": cpuset, "host_speed": speeds[0],
               # headroom: the quotas of all devices must still fit the pinned CPU if the host slows down
               "time_scale": min(1.0, 0.9 * 0.8 * speeds[0] / sum(d["speed"] for d in DEMO_CLUSTER["devices"]))}
@@ -74,9 +77,7 @@ def _measure(bundle_dir: Path, inputs: list[torch.Tensor], refs: list, emulate: 
         s0 = c.stats()
         for x, ref in zip(inputs, refs):
             if probe is not None and c.emulator is not None and c.emulator.mode == "netns":
-                m = probe.measure(0.6)
-                speeds.append(m["host_speed"])
-                mems.append((m.get("memory_speed") or m["host_speed"]) / m["host_speed"])
+                sample(0.6)
                 c.emulator.set_host_speed(speeds[-1])
             t = time.perf_counter()
             y = c.infer(x)
@@ -121,11 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             # Online step of DCFP: the emulator keeps each device's CPU speed as declared whatever
             # the host's speed now, but memory bandwidth drifts on its own — measure it and plan with it.
             # Op types drift apart too (memory-bound ones slow down most when others share the caches).
-            m = probe.measure(2.0)
-            if m.get("memory_speed"):
-                memory_speed = round(m["memory_speed"] / m["host_speed"], 3)
-            from edgepart.runtime.emulate import measure_family_speeds
-            calibration = measure_family_speeds(probe.profile, cpuset=cpuset, relative_to=m["host_speed"])
+            cal = probe.calibrate(2.0)
+            memory_speed, calibration = cal["memory_speed"], cal["calibration"]
     cluster = edgepart.Cluster.from_dict(demo_cluster(profile, memory_speed, calibration))
     print(f"model {args.model} at {size}x{size}; cluster: {cluster}; strategy {strategy}")
     if probe is not None:

@@ -161,3 +161,21 @@ def test_family_speeds_are_measured_per_op_type(host):
     assert all(0.333 <= v <= 3 for v in speeds.values()), speeds      # clamped to [1/3, 3], 3 decimals
     # relative to a host speed: every value divided by it (up to the clamp)
     assert measure_family_speeds(host, per_family=1, budget_s=0.5, relative_to=100.0)["conv"] == pytest.approx(1 / 3, abs=1e-3)
+
+
+def test_family_speeds_need_recorded_timings(host):
+    from edgepart.runtime.emulate import measure_family_speeds
+    bare = DeviceProfile(host.families, host.meta, measurements=None)
+    with pytest.raises(ValueError, match="no recorded timings"):
+        measure_family_speeds(bare)
+
+
+def test_probe_calibration_is_relative_to_the_host_speed(host):
+    from edgepart.runtime.emulate import HostSpeedProbe
+    cal = HostSpeedProbe(host, kind="layers").calibrate(0.5)
+    assert cal["host_speed"] > 0 and 0 < cal["memory_speed"] < 10
+    assert {"conv", "bn"} <= set(cal["calibration"])
+    # what the cluster description takes as a device's keys
+    cl = Cluster.from_dict({"devices": [{"name": "a", "profile": str(HOST), "memory_speed": cal["memory_speed"],
+                                         "calibration": cal["calibration"]}]})
+    assert dict(cl.device("a").calibration) == cal["calibration"]

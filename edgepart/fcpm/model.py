@@ -530,7 +530,7 @@ class DeviceProfile:
         """(info, seconds) of the recorded layer that streams the most weight bytes from memory:
         the largest linear layer timed at load 0 (its weights exceed any cache; batch 1 makes it
         bound by memory bandwidth). None when the profile kept no such measurement."""
-        if "_stream_ref" not in self._cache:
+        if not hasattr(self, "_stream_ref"):     # computed once (not in _cache: that is cleared when full)
             meas = self.measurements or {}
             infos = {c["cid"]: c["info"] for c in meas.get("configs", [])}
             best = None
@@ -541,8 +541,8 @@ class DeviceProfile:
                 w = geometry(info).weight_elems
                 if best is None or w > best[0] or (w == best[0] and r["t"] < best[2]):
                     best = (w, info, r["t"])
-            self._cache["_stream_ref"] = None if best is None else (best[1], best[2])
-        return self._cache["_stream_ref"]
+            self._stream_ref = None if best is None else (best[1], best[2])
+        return self._stream_ref
 
     def stream_bandwidth(self) -> float | None:
         """Bytes/s at which the profiled machine streamed weights from memory (see streaming_reference)."""

@@ -57,6 +57,7 @@ import os
 import shutil
 import subprocess
 import warnings
+from contextlib import contextmanager
 
 log = logging.getLogger("edgepart.emulate")
 CGROOT = "/sys/fs/cgroup/cpu"
@@ -423,13 +424,8 @@ class HostSpeedProbe:
         import time
 
         import torch
-        old_threads = torch.get_num_threads()
-        old_aff = os.sched_getaffinity(0) if self.cpuset else None
         t0 = time.perf_counter()
-        try:
-            torch.set_num_threads(1)
-            if self.cpuset:
-                os.sched_setaffinity(0, set(self.cpuset))
+        with _pinned_one_thread(self.cpuset):
             if self.kind == "layers":
                 r = _layer_speed(self.profile, budget_s, self.seed)
             else:
@@ -462,12 +458,48 @@ class HostSpeedProbe:
                         runner()
                         ts.append(time.thread_time() - c)
                 r["memory_speed"] = recorded / sorted(ts)[len(ts) // 2]
-        finally:
-            torch.set_num_threads(old_threads)
-            if old_aff is not None:
-                os.sched_setaffinity(0, old_aff)
         r["seconds"] = time.perf_counter() - t0
         return r
+
+    def calibrate(self, budget_s: float = 2.0) -> dict:
+        """The online calibration of an emulated device's cost model, measured now: {"host_speed",
+        "memory_speed" and "calibration" (per op type), both relative to host_speed — the emulator
+        already scales CPU time by it} (the cluster's device keys ``memory_speed``, ``calibration``)."""
+        m = self.measure(budget_s)
+        hs = m["host_speed"]
+        return {"host_speed": hs,
+                "memory_speed": round(m["memory_speed"] / hs, 3) if m.get("memory_speed") else 1.0,
+                "calibration": measure_family_speeds(self.profile, cpuset=self.cpuset, relative_to=hs)}
+
+
+@contextmanager
+def _pinned_one_thread(cpuset: list[int] | None):
+    """One torch thread, pinned to ``cpuset`` if given (where the testbed's workers run); restored after."""
+    import torch
+    old_threads = torch.get_num_threads()
+    old_aff = os.sched_getaffinity(0) if cpuset else None
+    try:
+        torch.set_num_threads(1)
+        if cpuset:
+            os.sched_setaffinity(0, set(cpuset))
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        if old_aff is not None:
+            os.sched_setaffinity(0, old_aff)
+
+
+def _retime(configs: dict, records: list[dict], budget_s: float) -> dict[str, list[float]]:
+    """recorded / now for each of the profile's ``records`` re-timed (thread CPU time), per family."""
+    import time
+
+    from edgepart.fcpm.ops import Runner, time_callable
+    ratios: dict[str, list[float]] = {}
+    for r in records:
+        m = time_callable(Runner(configs[r["cid"]]["info"], r["rows"], seed=int(r["cid"])),
+                          target_s=budget_s / max(1, len(records)) * 0.7, min_repeats=3, clock=time.thread_time)
+        ratios.setdefault(r["family"], []).append(r["t"] / max(m["t"], 1e-9))
+    return ratios
 
 
 def measure_family_speeds(profile, per_family: int = 3, budget_s: float = 3.0, cpuset: list[int] | None = None,
@@ -483,12 +515,8 @@ def measure_family_speeds(profile, per_family: int = 3, budget_s: float = 3.0, c
     is a device's ``calibration`` in a cluster description (``CostModel`` divides that family's
     predictions by it). ``linear`` is left out: weight streaming is ``memory_speed``'s job.
     """
-    import time
-
     import numpy as np
-    import torch
 
-    from edgepart.fcpm.ops import Runner, time_callable
     prof = profile if hasattr(profile, "measurements") else _load_profile(profile)
     meas = prof.measurements or {}
     configs = {c["cid"]: c for c in meas.get("configs", [])}
@@ -499,32 +527,16 @@ def measure_family_speeds(profile, per_family: int = 3, budget_s: float = 3.0, c
             by_family.setdefault(r["family"], []).append(r)
     if not by_family:
         raise ValueError("the profile holds no recorded timings at load 0 (fitted without measurements?)")
-    picks = {}
-    for f, v in sorted(by_family.items()):   # spread over sizes: the upper half, where time is spent
+    picks = []
+    for v in by_family.values():   # spread over sizes: the upper half, where time is spent
         v = sorted(v, key=lambda r: r["t"])
         qs = [0.5 + 0.45 * i / max(1, per_family - 1) for i in range(per_family)] if per_family > 1 else [0.75]
-        picks[f] = list({id(r): r for r in (v[min(len(v) - 1, int(q * len(v)))] for q in qs)}.values())
-    n = sum(len(v) for v in picks.values())
-    old_threads = torch.get_num_threads()
-    old_aff = os.sched_getaffinity(0) if cpuset else None
-    out: dict[str, float] = {}
-    try:
-        torch.set_num_threads(1)
-        if cpuset:
-            os.sched_setaffinity(0, set(cpuset))
-        for fam, recs in picks.items():
-            ratios = []
-            for r in recs:
-                m = time_callable(Runner(configs[r["cid"]]["info"], r["rows"], seed=int(r["cid"])),
-                                  target_s=budget_s / n * 0.7, min_repeats=3, clock=time.thread_time)
-                ratios.append(r["t"] / max(m["t"], 1e-9))
-            # clamped: one odd recorded timing must not make a family look 10x off
-            out[fam] = round(min(3.0, max(1 / 3, float(np.median(ratios)) / relative_to)), 3)
-    finally:
-        torch.set_num_threads(old_threads)
-        if old_aff is not None:
-            os.sched_setaffinity(0, old_aff)
-    return out
+        picks += {id(r): r for r in (v[min(len(v) - 1, int(q * len(v)))] for q in qs)}.values()
+    with _pinned_one_thread(cpuset):
+        ratios = _retime(configs, picks, budget_s)
+    # clamped: one odd recorded timing must not make a family look 10x off
+    return {fam: round(min(3.0, max(1 / 3, float(np.median(v)) / relative_to)), 3)
+            for fam, v in sorted(ratios.items())}
 
 
 def _load_profile(path):
@@ -540,11 +552,8 @@ def measure_host_speed(profile, budget_s: float = 2.0, cpuset: list[int] | None 
 
 def _layer_speed(prof, budget_s: float, seed: int, families: dict[str, int] | None = None) -> dict:
     """median(recorded / now) over a sample of the profile's recorded layer timings at load 0 (1–30 ms each)."""
-    import time
-
     import numpy as np
 
-    from edgepart.fcpm.ops import Runner, time_callable
     meas = prof.measurements or {}
     configs = {c["cid"]: c for c in meas.get("configs", [])}
     recs = [r for r in meas.get("records", []) if r.get("load", 0.0) == 0.0 and 1e-3 <= r["t"] <= 30e-3
@@ -558,12 +567,7 @@ def _layer_speed(prof, budget_s: float, seed: int, families: dict[str, int] | No
         pool = [r for r in recs if r["family"] == fam]
         if pool:
             pick += [pool[i] for i in rng.choice(len(pool), size=min(n, len(pool)), replace=False)]
-    ratios: dict[str, list[float]] = {}
-    per = budget_s / max(1, len(pick))
-    for r in pick:
-        m = time_callable(Runner(configs[r["cid"]]["info"], r["rows"], seed=int(r["cid"])),
-                          target_s=per * 0.7, min_repeats=3, clock=time.thread_time)
-        ratios.setdefault(r["family"], []).append(r["t"] / max(m["t"], 1e-9))
+    ratios = _retime(configs, pick, budget_s)
     allr = [x for v in ratios.values() for x in v]
     return {"host_speed": float(np.median(allr)), "n": len(allr),
             "per": {f: float(np.median(v)) for f, v in ratios.items()}}
