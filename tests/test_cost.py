@@ -5,8 +5,8 @@ import pytest
 
 from edgepart import models
 from edgepart.cluster import Cluster
-from edgepart.compiler.cost import (REFERENCE_FLOPS, RUNTIME_NODE_S, RUNTIME_PAD_BYTE_S, CostModel, node_info,
-                                   padded_input_bytes)
+from edgepart.compiler.cost import (REFERENCE_FLOPS, RUNTIME_NODE_S, RUNTIME_PAD_BYTE_S, RUNTIME_STAGE_S, CostModel,
+                                   node_info, padded_input_bytes)
 from edgepart.compiler.plan import Plan, Stage, compute_nodes
 from edgepart.compiler.simulator import simulate_plan
 from edgepart.compiler.trace import trace
@@ -63,8 +63,8 @@ def test_simulated_single_device_latency_is_profile_sum_over_speed(tiny, host, t
     plan = Plan([Stage("whole", [n.name for n in compute_nodes(tiny)], device="a")], "single")
     sim = simulate_plan(tiny, plan, cl, CostModel(cl))
     cm = CostModel(cl)
-    expect = sum(host.predict(node_info(n), None) + cm.runtime_overhead(node_info(n), n.meta["rows"])
-                 for n in compute_nodes(tiny)) / 0.4
+    expect = (sum(host.predict(node_info(n), None) + cm.runtime_overhead(node_info(n), n.meta["rows"])
+                  for n in compute_nodes(tiny)) + RUNTIME_STAGE_S) / 0.4       # one stage, started once
     assert sim.latency == pytest.approx(expect, rel=1e-12)
 
 
@@ -87,6 +87,20 @@ def test_exact_values_with_a_stub_profile(tiny):
     assert cm.compute_time(conv, "b", 0) == 0.0
     with pytest.warns(UserWarning, match="no FCPM profile"):
         assert cm.compute_time(conv, "c", 32) == conv.meta["flops"] / (0.5 * REFERENCE_FLOPS)   # no profile
+
+
+def test_stage_start_per_profiled_device_and_stage(tiny):
+    """Each (device, stage) run pays one stage start ÷ speed, on profiled devices only."""
+    cl = Cluster.from_dict({"devices": [{"name": "a", "speed": 0.5}, {"name": "c", "speed": 0.5}]})
+    cm = CostModel(cl, profiles={"a": _StubProfile()}, runtime_node_s=0, runtime_pad_byte_s=0)
+    assert cm.stage_start_time("a") == RUNTIME_STAGE_S / 0.5
+    assert cm.stage_start_time("c") == 0.0
+    names = [n.name for n in compute_nodes(tiny)]
+    one = Plan([Stage("whole", names, device="a")], "one")
+    two = Plan([Stage("whole", names[:3], device="a"), Stage("whole", names[3:], device="a")], "two")
+    t1 = simulate_plan(tiny, one, cl, cm).latency
+    t2 = simulate_plan(tiny, two, cl, cm).latency
+    assert t2 - t1 == pytest.approx(RUNTIME_STAGE_S / 0.5, rel=1e-9)   # same work, one more stage start
 
 
 def test_runtime_overhead_per_node_and_padded_window(tiny):
@@ -172,9 +186,12 @@ def test_family_speeds_need_recorded_timings(host):
 
 def test_probe_calibration_is_relative_to_the_host_speed(host):
     from edgepart.runtime.emulate import HostSpeedProbe
-    cal = HostSpeedProbe(host, kind="layers").calibrate(0.5)
+    cal = HostSpeedProbe(host, kind="layers").calibrate(0.6, rounds=3, family_budget_s=1.5)
     assert cal["host_speed"] > 0 and 0 < cal["memory_speed"] < 10
     assert {"conv", "bn"} <= set(cal["calibration"])
+    assert len(cal["rounds"]) == 3                    # each value: the median of its three rounds
+    assert cal["calibration"]["conv"] == sorted(r["calibration"]["conv"] for r in cal["rounds"])[1]
+    assert cal["host_speed"] == sorted(r["host_speed"] for r in cal["rounds"])[1]
     # what the cluster description takes as a device's keys
     cl = Cluster.from_dict({"devices": [{"name": "a", "profile": str(HOST), "memory_speed": cal["memory_speed"],
                                          "calibration": cal["calibration"]}]})

@@ -153,6 +153,38 @@ def test_objective_equals_simulator_for_vertical_plans():
     assert obj == pytest.approx(simulated_latency(gm, plan, cl, cost), rel=1e-9)
 
 
+class _KindProfile:
+    """A profiled device: ``per_row`` seconds per output row of any node, ``linear_s`` per linear layer."""
+
+    def __init__(self, per_row: float, linear_s: float):
+        self.per_row, self.linear_s = per_row, linear_s
+
+    def predict(self, info, rows, load=0.0):
+        if info["kind"] == "linear":
+            return self.linear_s
+        return self.per_row * (info["rows"] if rows is None else rows)
+
+
+@pytest.mark.parametrize("stage_s", [0.0, 2e-3, 50e-3])
+def test_stage_start_cost_milp_equals_exhaustive_simulation(stage_s):
+    """With a cost per stage start (profiled devices), the MILP over vertical plans finds the plan
+    the simulator judges best among all of them (exhaustive) and predicts it exactly; the source
+    is fast at convolutions and slow at the linear layer, so it hands the linear layer over unless
+    a stage start costs more than that saves."""
+    gm = tiny_graph(16, c=16)
+    cl = Cluster.heterogeneous([1.0, 1.0, 1.0], bandwidth_mbps=1000, latency_ms=0.05)
+    profiles = {"d0": _KindProfile(20e-6, 20e-3), "d1": _KindProfile(2e-3, 20e-6), "d2": _KindProfile(2e-3, 20e-6)}
+    cost = CostModel(cl, profiles=profiles, runtime_stage_s=stage_s)
+    model = OFPMModel(gm, cl, cost, ks=[])
+    path, obj, *_ = model.solve()
+    plan = model.plan_from_path(path)
+    assert obj == pytest.approx(simulated_latency(gm, plan, cl, cost), rel=1e-9)
+    best = min(simulated_latency(gm, p, cl, cost) for p in all_plans(gm, cl, model)
+               if all(s.kind == "whole" for s in p.stages))
+    assert obj == pytest.approx(best, rel=1e-9)
+    assert len(plan.stages) == (1 if stage_s > 20e-3 else 2)
+
+
 def test_objective_close_to_simulator_on_split_plans():
     gm = tiny_graph(32, c=16)
     cl = Cluster.homogeneous(3, bandwidth_mbps=1000, latency_ms=0.05, speed=0.02)

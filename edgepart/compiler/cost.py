@@ -27,6 +27,10 @@ REFERENCE_FLOPS = 20e9
 # vs eager forward, 9 zoo models; results/runtime_overhead.md). Applied to profiled devices only.
 RUNTIME_NODE_S = 13.6e-6
 RUNTIME_PAD_BYTE_S = 0.21e-9
+# What starting a stage costs a device that waited for its input pieces: the profile times layers
+# back to back with warm caches, a stage after a wait starts cold. Per (device, stage) run, in
+# seconds of the profiled machine (÷ speed); measured by benchmarks/stage_start.py (results/stage_start.md).
+RUNTIME_STAGE_S = 170e-6
 _WINDOW_KINDS = ("conv2d", "max_pool2d", "avg_pool2d")
 
 
@@ -70,7 +74,7 @@ class CostModel:
     def __init__(self, cluster: Cluster, profiles: dict[str, DeviceProfile] | None = None,
                  loads: dict[str, float] | None = None, reference_flops: float = REFERENCE_FLOPS,
                  runtime_node_s: float = RUNTIME_NODE_S, runtime_pad_byte_s: float = RUNTIME_PAD_BYTE_S,
-                 memory_speed: float | dict[str, float] | None = None):
+                 runtime_stage_s: float = RUNTIME_STAGE_S, memory_speed: float | dict[str, float] | None = None):
         self.cluster = cluster
         self.profiles = dict(profiles or {})
         loaded: dict[str, DeviceProfile] = {}
@@ -85,6 +89,7 @@ class CostModel:
         self.reference_flops = reference_flops
         self.runtime_node_s = runtime_node_s
         self.runtime_pad_byte_s = runtime_pad_byte_s
+        self.runtime_stage_s = runtime_stage_s
         # How fast a profiled device streams weights from memory now, relative to when it was
         # profiled (memory bandwidth is shared with other programs and drifts on its own; see
         # emulate.HostSpeedProbe): the memory-bound share of a prediction is divided by it.
@@ -137,6 +142,14 @@ class CostModel:
     def runtime_overhead(self, info: dict, rows: int) -> float:
         """Seconds (profiled machine) the device program adds to ``rows`` rows of a node."""
         return self.runtime_node_s + self.runtime_pad_byte_s * padded_input_bytes(info, rows)
+
+    def stage_start_time(self, device: str) -> float:
+        """Seconds ``device`` adds to each stage it runs (cold start after waiting for its pieces);
+        charged once per (device, stage) by the simulator and the OFPM model. Profiled devices only,
+        like :meth:`runtime_overhead`."""
+        if device not in self.profiles:
+            return 0.0
+        return self.runtime_stage_s / self._speed(device)
 
     def _speed(self, device: str) -> float:
         s = self.speed.get(device)

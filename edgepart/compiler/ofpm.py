@@ -395,7 +395,8 @@ class OFPMModel:
                 pieces += _overlap_pieces(owners, [(dev, lo, hi)], meta["bytes"] / rows)
         pieces.sort(key=lambda p: (p[0], p[1]))
         arrive = pieces_time(pieces, self.ttime, self.shared)
-        times = {dev: arrive.get(dev, 0.0) + comp for dev, comp, _ in per_device}
+        times = {dev: arrive.get(dev, 0.0) + comp + (self.cost.stage_start_time(dev) if comp > 0 else 0.0)
+                 for dev, comp, _ in per_device}
         return max(times.values()), times
 
     # --- arcs --------------------------------------------------------------------------------------------
@@ -404,6 +405,8 @@ class OFPMModel:
             for d in self.whole_devices:
                 m = self.mode_index[("W", d)]
                 t = sum(self.ctime(n, d, n.meta["rows"]) for n in unit.nodes)
+                if c == 0 and d == self.cluster.source:    # the plan's first stage starts here
+                    t += self.cost.stage_start_time(d)
                 self.arcs.append(Arc("whole", c, m, c + 1, m, t, device=d, mem={d: self.unit_params[c]}))
 
     def canonical_slices(self, rows: int, k: int) -> list[tuple[str, int, int]]:
@@ -470,6 +473,8 @@ class OFPMModel:
                     if a == b or m1[0] != "W":    # into a split layout only through a split stage
                         continue
                     t = self.relayout_cost(c, m0, m1)
+                    if t is not None and c < self.U:      # a whole stage on m1's device starts here
+                        t += self.cost.stage_start_time(m1[1])
                     if t is not None:
                         self.arcs.append(Arc("relayout", c, a, c, b, t))
 

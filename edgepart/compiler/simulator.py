@@ -81,13 +81,14 @@ class SimResult:
 
 
 def stage_compute_time(cost: CostModel, nodes: dict[str, fx.Node], device: str, table: dict) -> float:
-    """Compute time of one device's part of one stage (its rows of each node, halo included)."""
+    """Compute time of one device's part of one stage (its rows of each node, halo included),
+    with the cost of starting the stage."""
     total = 0.0
     for name, entry in table.items():
         a, b = entry["out"]
         if b > a:
             total += cost.compute_time(nodes[name], device, b - a)
-    return total
+    return total + cost.stage_start_time(device) if total > 0 else 0.0
 
 
 def simulate(schedule: Schedule, cluster: Cluster, cost: CostModel | None = None,

@@ -461,15 +461,29 @@ class HostSpeedProbe:
         r["seconds"] = time.perf_counter() - t0
         return r
 
-    def calibrate(self, budget_s: float = 2.0) -> dict:
+    def calibrate(self, budget_s: float = 2.0, rounds: int = 3, family_budget_s: float = 3.0) -> dict:
         """The online calibration of an emulated device's cost model, measured now: {"host_speed",
         "memory_speed" and "calibration" (per op type), both relative to host_speed — the emulator
-        already scales CPU time by it} (the cluster's device keys ``memory_speed``, ``calibration``)."""
-        m = self.measure(budget_s)
-        hs = m["host_speed"]
-        return {"host_speed": hs,
-                "memory_speed": round(m["memory_speed"] / hs, 3) if m.get("memory_speed") else 1.0,
-                "calibration": measure_family_speeds(self.profile, cpuset=self.cpuset, relative_to=hs)}
+        already scales CPU time by it} (the cluster's device keys ``memory_speed``, ``calibration``).
+
+        In ``rounds`` rounds, each measuring the host speed and right after it the op types relative
+        to it (``budget_s`` and ``family_budget_s`` split over the rounds); every value is the median
+        over the rounds, so one round that another program slowed down part-way (the op types read
+        0.6x of the host speed it had just measured, say) does not skew the plan."""
+        import statistics
+        per_round = []
+        for _ in range(max(1, rounds)):
+            m = self.measure(budget_s / max(1, rounds))
+            hs = m["host_speed"]
+            per_round.append((hs, m["memory_speed"] / hs if m.get("memory_speed") else 1.0,
+                              measure_family_speeds(self.profile, cpuset=self.cpuset, relative_to=hs,
+                                                    budget_s=family_budget_s / max(1, rounds))))
+        families = sorted({f for _, _, cal in per_round for f in cal})
+        return {"host_speed": statistics.median(r[0] for r in per_round),
+                "memory_speed": round(statistics.median(r[1] for r in per_round), 3),
+                "calibration": {f: round(statistics.median(cal[f] for _, _, cal in per_round if f in cal), 3)
+                                for f in families},
+                "rounds": [{"host_speed": hs, "memory_speed": ms, "calibration": cal} for hs, ms, cal in per_round]}
 
 
 @contextmanager

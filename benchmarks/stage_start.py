@@ -1,0 +1,126 @@
+"""Stage start: what a device pays to start a stage after waiting for its input pieces.
+
+    flock /tmp/edgepart-bench.lock .venv/bin/python benchmarks/stage_start.py
+
+The FCPM profile times layers back to back, caches warm. A device of a partitioned plan runs a
+stage, then waits for the next stage's pieces (network, other devices); meanwhile its core sleeps
+or runs something else, and the next stage starts with cold caches and branch predictors. For
+each model this compiles a plan with many short stages (``modnn``: every layer split across four
+devices, one stage per layer), runs every device's program in one process (``Bundle.run_local``,
+one torch thread, pinned to one CPU) and times each (device, stage) run by thread CPU time, in
+two interleaved modes: back to back (warm), and after a ``--wait`` ms sleep before each stage
+(as after a wait for pieces). The difference per run, converted to the profiled machine's time
+with the host speed (``emulate.HostSpeedProbe``), is the stage-start cost; its median over all
+runs is what the cost model charges per (device, stage) (``cost.RUNTIME_STAGE_S``).
+
+Writes benchmarks/results/stage_start.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edgepart import models  # noqa: E402
+from edgepart.cluster import Cluster  # noqa: E402
+from edgepart.compiler import baselines  # noqa: E402,F401 — registers modnn
+from edgepart.compiler.bundle import compile_plan  # noqa: E402
+from edgepart.compiler.planners import STRATEGIES  # noqa: E402
+from edgepart.compiler.trace import trace  # noqa: E402
+from edgepart.passes import analyse  # noqa: E402
+from edgepart.runtime.emulate import HostSpeedProbe  # noqa: E402
+from edgepart.runtime.program import DeviceProgram  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+PROFILE = ROOT / "profiles" / "host.json"
+MODELS = [("resnet18", 224), ("mobilenet_v2", 224), ("yolov2_tiny", 256), ("vgg16", 160)]
+
+
+def time_stages(bundle, x, rounds: int, wait_s: float) -> dict[str, dict[tuple, list[float]]]:
+    """{mode: {(device, stage): [thread CPU seconds per run]}}, warm and cold runs interleaved."""
+    times: dict[str, dict[tuple, list[float]]] = {"warm": {}, "cold": {}}
+    mode = {"now": "warm"}
+    run_stage = DeviceProgram.run_stage
+
+    def timed(self, stage, store):
+        if mode["now"] == "cold":
+            time.sleep(wait_s)
+        c = time.thread_time()
+        run_stage(self, stage, store)
+        times[mode["now"]].setdefault((self.device, stage), []).append(time.thread_time() - c)
+    DeviceProgram.run_stage = timed
+    try:
+        with torch.no_grad():
+            bundle.run_local(x)
+            for m in ["warm", "cold"] * rounds:
+                mode["now"] = m
+                bundle.run_local(x)
+    finally:
+        DeviceProgram.run_stage = run_stage
+    return times
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--wait", type=float, default=2.0, help="ms of idle before each stage in the cold mode")
+    ap.add_argument("--cpu", type=int, default=1)
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    os.sched_setaffinity(0, {args.cpu})
+    torch.set_num_threads(1)
+    probe = HostSpeedProbe(PROFILE, [args.cpu])
+    cl = Cluster.from_dict({"source": "a", "devices": [{"name": n} for n in "abcd"],
+                            "links": {"default": {"bandwidth_mbps": 1000, "latency_ms": 0.5}}})
+    rows, all_extra = [], []
+    t_start = time.perf_counter()
+    for name, size in MODELS:
+        model, (x,) = models.get(name, input_size=size)
+        gm = analyse(trace(model, (x,)), cl)
+        b = compile_plan(gm, STRATEGIES["modnn"](gm, cl), cl, name)
+        hs = probe.measure(1.0)["host_speed"]
+        times = time_stages(b, x, args.rounds, args.wait * 1e-3)
+        hs = (hs + probe.measure(1.0)["host_speed"]) / 2
+        extra = [(statistics.median(times["cold"][k]) - statistics.median(times["warm"][k])) * hs
+                 for k in times["warm"]]
+        warm = [statistics.median(v) * hs for v in times["warm"].values()]
+        all_extra += extra
+        r = {"model": name, "input": size, "stages": len(b.schedule.plan.stages), "runs": len(extra),
+             "warm_median_s": statistics.median(warm), "extra_median_s": statistics.median(extra),
+             "extra_p25_s": statistics.quantiles(extra, n=4)[0], "extra_p75_s": statistics.quantiles(extra, n=4)[2],
+             "host_speed": hs}
+        rows.append(r)
+        print(f"{name:13s} stages {r['stages']:3d} runs {r['runs']:4d}  warm median {r['warm_median_s'] * 1e3:6.3f} ms  "
+              f"start cost median {r['extra_median_s'] * 1e3:6.3f} ms (IQR {r['extra_p25_s'] * 1e3:.3f}–"
+              f"{r['extra_p75_s'] * 1e3:.3f})  host_speed {hs:.3f}", flush=True)
+    per_stage = statistics.median(all_extra)
+    out = {"per_stage_s": per_stage, "wait_ms": args.wait, "models": rows, "seconds": time.perf_counter() - t_start}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "stage_start.json").write_text(json.dumps(out, indent=1))
+    lines = ["# Stage start: cost of starting a stage after a wait", "",
+             f"Generated by `benchmarks/stage_start.py` on {time.strftime('%Y-%m-%d %H:%M')}: `modnn` plans (one "
+             f"stage per layer, 4 devices) run in one process (one torch thread, pinned to CPU {args.cpu}); each "
+             f"(device, stage) run timed by thread CPU, back to back (warm) and after {args.wait:g} ms idle (cold), "
+             f"{args.rounds} interleaved rounds, medians; converted to the profiled machine with the host speed.", "",
+             f"Median over all {len(all_extra)} (device, stage) runs: **{per_stage * 1e6:.0f} µs per stage start** "
+             "(the cost model's `RUNTIME_STAGE_S`).", "",
+             "| model | stages | runs | warm run median ms | start cost median ms | IQR ms |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']}@{r['input']} | {r['stages']} | {r['runs']} | {r['warm_median_s'] * 1e3:.3f} | "
+                     f"{r['extra_median_s'] * 1e3:.3f} | {r['extra_p25_s'] * 1e3:.3f}–{r['extra_p75_s'] * 1e3:.3f} |")
+    (RESULTS / "stage_start.md").write_text("\n".join(lines) + "\n")
+    print(f"per stage start {per_stage * 1e6:.0f} us; wrote {RESULTS}/stage_start.*")
+
+
+if __name__ == "__main__":
+    main()
