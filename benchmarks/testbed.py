@@ -42,8 +42,9 @@ from edgepart import models  # noqa: E402
 from edgepart.cluster import Cluster  # noqa: E402
 from edgepart.compiler import baselines  # noqa: E402,F401
 from edgepart.compiler.bundle import compile_plan  # noqa: E402
-from edgepart.compiler.cost import CostModel  # noqa: E402
+from edgepart.compiler.cost import CostModel, node_info  # noqa: E402
 from edgepart.compiler.ofpm import solve_ofpm  # noqa: E402
+from edgepart.compiler.plan import compute_nodes  # noqa: E402
 from edgepart.compiler.planners import STRATEGIES  # noqa: E402
 from edgepart.compiler.simulator import simulate  # noqa: E402
 from edgepart.compiler.trace import trace  # noqa: E402
@@ -149,7 +150,8 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, lo
             # and each op type's speed relative to the CPU's (measure_family_speeds)
             memory_speed, calibration = 1.0, {}
             if emu.get("probe") is not None and not emu.get("no_memory"):
-                cal = emu["probe"].calibrate(2.0)
+                gm0 = analyse(trace(model, (x0,)))      # calibrated on the model's own layers
+                cal = emu["probe"].calibrate(2.0, nodes=[node_info(n) for n in compute_nodes(gm0)])
                 memory_speed, calibration = cal["memory_speed"], cal["calibration"]
             cl = make_cluster(mbps, memory_speed=memory_speed, calibration=calibration)
             gm = trace(model, (x0,))
@@ -219,8 +221,9 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
              f"{emu.get('cpuset')}, quotas ÷ host_speed measured before each run; tbf-shaped veth links). "
              f"host_speed over the runs: {min(hs):.2f}–{max(hs):.2f}; time_scale {min(ts):.3f}–{max(ts):.3f}. "
              "Online calibration before planning each cell (DCFP's online step; the cluster's `memory_speed` and "
-             "`calibration`): memory speed = the profile's largest linear layer re-timed ÷ host_speed; per op type "
-             "3 of the profile's recorded layers (upper half of their times) re-timed ÷ host_speed (`emulate.measure_family_speeds`) — "
+             "`calibration`; medians of 3 rounds): memory speed = the profile's largest linear layer re-timed ÷ host_speed; "
+             "per op type Σ predicted ÷ Σ measured over the model's own layers timed whole, ÷ host_speed "
+             "(`emulate.measure_family_speeds(nodes=...)`) — "
              "memory speed / conv / dwconv / bn / act:relu per cell: "
              + "; ".join(f"{c['model']}@{c['mbps']:g} {c.get('memory_speed', 1.0):.2f} / "
                          + " / ".join(f"{c.get('calibration', {}).get(f, 1.0):.2f}" for f in ("conv", "dwconv", "bn", "act:relu"))

@@ -121,8 +121,14 @@ def main(argv: list[str] | None = None) -> int:
             probe = HostSpeedProbe(profile, cpuset)
             # Online step of DCFP: the emulator keeps each device's CPU speed as declared whatever
             # the host's speed now, but memory bandwidth drifts on its own — measure it and plan with it.
-            # Op types drift apart too (memory-bound ones slow down most when others share the caches).
-            cal = probe.calibrate(2.0)
+            # Op types drift apart too (memory-bound ones slow down most when others share the caches):
+            # time this model's own layers, so each op type is calibrated where the model spends its time.
+            from edgepart.compiler.cost import node_info
+            from edgepart.compiler.plan import compute_nodes
+            from edgepart.compiler.trace import trace
+            from edgepart.passes import analyse
+            nodes = [node_info(n) for n in compute_nodes(analyse(trace(model, (x0,))))]
+            cal = probe.calibrate(2.0, nodes=nodes)
             memory_speed, calibration = cal["memory_speed"], cal["calibration"]
     cluster = edgepart.Cluster.from_dict(demo_cluster(profile, memory_speed, calibration))
     print(f"model {args.model} at {size}x{size}; cluster: {cluster}; strategy {strategy}")

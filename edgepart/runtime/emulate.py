@@ -461,7 +461,8 @@ class HostSpeedProbe:
         r["seconds"] = time.perf_counter() - t0
         return r
 
-    def calibrate(self, budget_s: float = 2.0, rounds: int = 3, family_budget_s: float = 3.0) -> dict:
+    def calibrate(self, budget_s: float = 2.0, rounds: int = 3, family_budget_s: float = 3.0,
+                  nodes: list[dict] | None = None) -> dict:
         """The online calibration of an emulated device's cost model, measured now: {"host_speed",
         "memory_speed" and "calibration" (per op type), both relative to host_speed — the emulator
         already scales CPU time by it} (the cluster's device keys ``memory_speed``, ``calibration``).
@@ -469,7 +470,9 @@ class HostSpeedProbe:
         In ``rounds`` rounds, each measuring the host speed and right after it the op types relative
         to it (``budget_s`` and ``family_budget_s`` split over the rounds); every value is the median
         over the rounds, so one round that another program slowed down part-way (the op types read
-        0.6x of the host speed it had just measured, say) does not skew the plan."""
+        0.6x of the host speed it had just measured, say) does not skew the plan. ``nodes``: the
+        node infos of the model to plan, timed instead of the profile's records
+        (:func:`measure_family_speeds`)."""
         import statistics
         per_round = []
         for _ in range(max(1, rounds)):
@@ -477,7 +480,7 @@ class HostSpeedProbe:
             hs = m["host_speed"]
             per_round.append((hs, m["memory_speed"] / hs if m.get("memory_speed") else 1.0,
                               measure_family_speeds(self.profile, cpuset=self.cpuset, relative_to=hs,
-                                                    budget_s=family_budget_s / max(1, rounds))))
+                                                    budget_s=family_budget_s / max(1, rounds), nodes=nodes)))
         families = sorted({f for _, _, cal in per_round for f in cal})
         return {"host_speed": statistics.median(r[0] for r in per_round),
                 "memory_speed": round(statistics.median(r[1] for r in per_round), 3),
@@ -517,40 +520,70 @@ def _retime(configs: dict, records: list[dict], budget_s: float) -> dict[str, li
 
 
 def measure_family_speeds(profile, per_family: int = 3, budget_s: float = 3.0, cpuset: list[int] | None = None,
-                          relative_to: float = 1.0) -> dict[str, float]:
+                          relative_to: float = 1.0, nodes: list[dict] | None = None) -> dict[str, float]:
     """How fast each op type of an FCPM profile runs now, relative to when it was profiled.
 
-    For every family (op type) of the profile, ``per_family`` of its recorded layers at load 0
-    (50 µs – 30 ms; spread over the upper half of their times) are re-timed (thread CPU time, one torch thread, pinned to ``cpuset``); the
-    family's speed is median(recorded / now) ÷ ``relative_to``. Pass the host speed an emulator
-    normalises by as ``relative_to``: what is left is how much more one op type drifted than the
-    CPU as a whole — memory-bound layers (depthwise convolutions, activations, batch norm on large
-    maps) slow down far more than convolutions when other programs share the caches. The result
-    is a device's ``calibration`` in a cluster description (``CostModel`` divides that family's
-    predictions by it). ``linear`` is left out: weight streaming is ``memory_speed``'s job.
+    Without ``nodes``: for every family (op type) of the profile, ``per_family`` of its recorded
+    layers at load 0 (50 µs – 30 ms; spread over the upper half of their times) are re-timed; the
+    family's speed is median(recorded / now). With ``nodes`` (node infos, ``cost.node_info``, of the
+    model about to be planned — what DCFP's online step knows): those layers are timed whole, and a
+    family's speed is Σ predicted ÷ Σ measured over its nodes, weighted by time like the plan is — one
+    op type's layers drift apart by size (on this VM 3×3 convolutions with small weights ran 1.2–1.4×
+    faster than profiled while one with 38 MB of weights ran 0.9×), so a few random records can
+    mislead the layers a model spends its time in. Timing: thread CPU, one torch thread, pinned to
+    ``cpuset``; the result is divided by ``relative_to``. Pass the host speed an emulator normalises by
+    as ``relative_to``: what is left is how much more one op type drifted than the CPU as a whole.
+    The result is a device's ``calibration`` in a cluster description (``CostModel`` divides that
+    family's predictions by it). ``linear`` is left out: weight streaming is ``memory_speed``'s job.
     """
     import numpy as np
 
     prof = profile if hasattr(profile, "measurements") else _load_profile(profile)
-    meas = prof.measurements or {}
-    configs = {c["cid"]: c for c in meas.get("configs", [])}
-    by_family: dict[str, list[dict]] = {}
-    for r in meas.get("records", []):
-        if r.get("load", 0.0) == 0.0 and 50e-6 <= r["t"] <= 30e-3 and r["cid"] in configs \
-                and r["family"] not in ("linear", "trivial"):
-            by_family.setdefault(r["family"], []).append(r)
-    if not by_family:
-        raise ValueError("the profile holds no recorded timings at load 0 (fitted without measurements?)")
-    picks = []
-    for v in by_family.values():   # spread over sizes: the upper half, where time is spent
-        v = sorted(v, key=lambda r: r["t"])
-        qs = [0.5 + 0.45 * i / max(1, per_family - 1) for i in range(per_family)] if per_family > 1 else [0.75]
-        picks += {id(r): r for r in (v[min(len(v) - 1, int(q * len(v)))] for q in qs)}.values()
-    with _pinned_one_thread(cpuset):
-        ratios = _retime(configs, picks, budget_s)
-    # clamped: one odd recorded timing must not make a family look 10x off
-    return {fam: round(min(3.0, max(1 / 3, float(np.median(v)) / relative_to)), 3)
+    if nodes is not None:
+        with _pinned_one_thread(cpuset):
+            sums = _retime_nodes(prof, nodes, budget_s)
+        ratios = {fam: [p / m] for fam, (p, m) in sums.items() if m > 0}
+    else:
+        meas = prof.measurements or {}
+        configs = {c["cid"]: c for c in meas.get("configs", [])}
+        by_family: dict[str, list[dict]] = {}
+        for r in meas.get("records", []):
+            if r.get("load", 0.0) == 0.0 and 50e-6 <= r["t"] <= 30e-3 and r["cid"] in configs \
+                    and r["family"] not in ("linear", "trivial"):
+                by_family.setdefault(r["family"], []).append(r)
+        if not by_family:
+            raise ValueError("the profile holds no recorded timings at load 0 (fitted without measurements?)")
+        picks = []
+        for v in by_family.values():   # spread over sizes: the upper half, where time is spent
+            v = sorted(v, key=lambda r: r["t"])
+            qs = [0.5 + 0.45 * i / max(1, per_family - 1) for i in range(per_family)] if per_family > 1 else [0.75]
+            picks += {id(r): r for r in (v[min(len(v) - 1, int(q * len(v)))] for q in qs)}.values()
+        with _pinned_one_thread(cpuset):
+            ratios = _retime(configs, picks, budget_s)
+    # clamped: one odd timing must not make a family look 10x off
+    return {fam: round(min(5.0, max(0.2, float(np.median(v)) / relative_to)), 3)
             for fam, v in sorted(ratios.items())}
+
+
+def _retime_nodes(prof, nodes: list[dict], budget_s: float) -> dict[str, tuple[float, float]]:
+    """{family: (Σ isolated prediction, Σ measured thread CPU)} over ``nodes`` timed whole."""
+    import time
+
+    from edgepart.fcpm.ops import Runner, family, time_callable
+    todo = [n for n in nodes if family(n) not in ("linear", "trivial")]
+    sums: dict[str, tuple[float, float]] = {}
+    for info in todo:
+        try:
+            run = Runner(info)
+        except Exception:   # noqa: BLE001 — a node the profiler cannot build alone is not timed
+            continue
+        m = time_callable(run, target_s=budget_s / max(1, len(todo)), min_repeats=3, max_repeats=20,
+                          clock=time.thread_time)["t"]
+        p = prof.predict(info, None, context="isolated")
+        fam = family(info)
+        a, b = sums.get(fam, (0.0, 0.0))
+        sums[fam] = (a + p, b + m)
+    return sums
 
 
 def _load_profile(path):
