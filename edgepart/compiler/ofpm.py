@@ -482,7 +482,9 @@ class OFPMModel:
     def solve(self, time_limit: float = 10.0, gap: float = 1e-4, solver: str = "highs", msg: bool = False):
         """Solve; returns (chosen arcs in path order, objective, solve seconds, mip gap, status, solver)."""
         prob = pulp.LpProblem("ofpm", pulp.LpMinimize)
-        x = [pulp.LpVariable(f"x{i}", cat="Binary") for i in range(len(self.arcs))]
+        add = getattr(prob, "add_variable", None)    # PuLP >= 3.3 deprecates constructing LpVariable directly
+        x = [add(f"x{i}", cat="Binary") if add else pulp.LpVariable(f"x{i}", cat="Binary")
+             for i in range(len(self.arcs))]
         prob += pulp.lpSum(a.cost * v for a, v in zip(self.arcs, x))
         src_state = (0, self.mode_index[("W", self.cluster.source)])
         dst_state = (self.U, self.mode_index[("W", self.cluster.source)])
@@ -522,7 +524,7 @@ class OFPMModel:
         chosen = [a for a, v in zip(self.arcs, x) if (v.value() or 0) > 0.5]
         obj = sum(a.cost for a in chosen)
         mip_gap = _mip_gap(prob, used, obj)
-        self.n_vars, self.n_constraints = len(x), len(prob.constraints)
+        self.n_vars, self.n_constraints = len(x), prob.numConstraints()
         return self.order_path(chosen, src_state), obj, solve_time, mip_gap, status, used
 
     def order_path(self, chosen: list[Arc], start) -> list[Arc]:
