@@ -13,6 +13,13 @@ two interleaved modes: back to back (warm), and after a ``--wait`` ms sleep befo
 with the host speed (``emulate.HostSpeedProbe``), is the stage-start cost; its median over all
 runs is what the cost model charges per (device, stage) (``cost.RUNTIME_STAGE_S``).
 
+With root (``--workers``, the default when network namespaces are available) the same bundle
+also runs on the emulated testbed (``LocalCluster(emulate=True)``, four workers of speed 1.0
+sharing one pinned CPU, as ``testbed.py`` runs them) and each (device, stage)'s thread CPU
+there (the workers' ``stage_cpu_us:S``) is compared with the warm in-process run: the cold start
+plus what the emulation adds (the other workers run on the same core between two stages of one),
+reported, not charged beyond the cold start (a real device has its core to itself).
+
 Writes benchmarks/results/stage_start.{json,md}.
 """
 from __future__ import annotations
@@ -35,6 +42,7 @@ from edgepart import models  # noqa: E402
 from edgepart.cluster import Cluster  # noqa: E402
 from edgepart.compiler import baselines  # noqa: E402,F401 — registers modnn
 from edgepart.compiler.bundle import compile_plan  # noqa: E402
+from edgepart.compiler.cost import RUNTIME_STAGE_S  # noqa: E402
 from edgepart.compiler.planners import STRATEGIES  # noqa: E402
 from edgepart.compiler.trace import trace  # noqa: E402
 from edgepart.passes import analyse  # noqa: E402
@@ -70,12 +78,41 @@ def time_stages(bundle, x, rounds: int, wait_s: float) -> dict[str, dict[tuple, 
     return times
 
 
+def time_in_workers(bundle, x, requests: int, cpu: int, host_speed: float) -> dict[tuple, float]:
+    """{(device, stage): thread CPU seconds per request} in emulated workers sharing CPU ``cpu``."""
+    import tempfile
+
+    from edgepart.runtime.local import LocalCluster
+    ts = min(1.0, 0.9 * 0.8 * host_speed / len(bundle.devices))   # every device's share fits the one CPU
+    with tempfile.TemporaryDirectory(prefix="edgepart-stage-start-") as tmp:
+        bundle.save(tmp)
+        with LocalCluster(tmp, emulate=True, cpuset=[cpu], host_speed=host_speed, time_scale=ts, cpu="dilate") as c:
+            for _ in range(3):
+                c.infer(x)
+            before = c.stats()
+            for _ in range(requests):
+                c.infer(x)
+            after = c.stats()
+    out = {}
+    for dev, st in after.items():
+        for k, v in st.items():
+            if k.startswith("stage_cpu_us:"):
+                out[(dev, int(k.split(":")[1]))] = (v - before[dev].get(k, 0)) * 1e-6 / requests
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--wait", type=float, default=2.0, help="ms of idle before each stage in the cold mode")
     ap.add_argument("--cpu", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="1: also time the stages in emulated workers (default: when netns is available), 0: not")
+    ap.add_argument("--requests", type=int, default=10, help="requests timed in the workers")
     args = ap.parse_args(argv)
+    if args.workers is None:
+        from edgepart.runtime.emulate import netns_available
+        args.workers = int(netns_available()[0])
     warnings.filterwarnings("ignore")
     os.sched_setaffinity(0, {args.cpu})
     torch.set_num_threads(1)
@@ -95,14 +132,22 @@ def main(argv=None):
                  for k in times["warm"]]
         warm = [statistics.median(v) * hs for v in times["warm"].values()]
         all_extra += extra
+        in_workers = []
+        if args.workers:
+            wk = time_in_workers(b, x, args.requests, args.cpu, hs)
+            in_workers = [(wk[k] - statistics.median(times["warm"][k])) * hs for k in times["warm"] if k in wk]
         r = {"model": name, "input": size, "stages": len(b.schedule.plan.stages), "runs": len(extra),
              "warm_median_s": statistics.median(warm), "extra_median_s": statistics.median(extra),
              "extra_p25_s": statistics.quantiles(extra, n=4)[0], "extra_p75_s": statistics.quantiles(extra, n=4)[2],
-             "host_speed": hs}
+             "host_speed": hs,
+             "workers_extra_median_s": statistics.median(in_workers) if in_workers else None,
+             "workers_extra_rel_median": statistics.median(e / w for e, w in zip(in_workers, warm)) if in_workers else None}
         rows.append(r)
         print(f"{name:13s} stages {r['stages']:3d} runs {r['runs']:4d}  warm median {r['warm_median_s'] * 1e3:6.3f} ms  "
               f"start cost median {r['extra_median_s'] * 1e3:6.3f} ms (IQR {r['extra_p25_s'] * 1e3:.3f}–"
-              f"{r['extra_p75_s'] * 1e3:.3f})  host_speed {hs:.3f}", flush=True)
+              f"{r['extra_p75_s'] * 1e3:.3f})  host_speed {hs:.3f}"
+              + (f"  in workers +{r['workers_extra_median_s'] * 1e3:.3f} ms ({r['workers_extra_rel_median'] * 100:+.0f}%)"
+                 if in_workers else ""), flush=True)
     per_stage = statistics.median(all_extra)
     out = {"per_stage_s": per_stage, "wait_ms": args.wait, "models": rows, "seconds": time.perf_counter() - t_start}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -113,11 +158,19 @@ def main(argv=None):
              f"(device, stage) run timed by thread CPU, back to back (warm) and after {args.wait:g} ms idle (cold), "
              f"{args.rounds} interleaved rounds, medians; converted to the profiled machine with the host speed.", "",
              f"Median over all {len(all_extra)} (device, stage) runs: **{per_stage * 1e6:.0f} µs per stage start** "
-             "(the cost model's `RUNTIME_STAGE_S`).", "",
-             "| model | stages | runs | warm run median ms | start cost median ms | IQR ms |", "|---|---|---|---|---|---|"]
+             f"(the cost model charges {RUNTIME_STAGE_S * 1e6:.0f} µs, `cost.RUNTIME_STAGE_S`).", "",
+             ("Emulated workers (four of speed 1.0 on one pinned CPU, dilated, as `testbed.py` runs them; "
+              f"{args.requests} requests after 3 warm-up): thread CPU of each (device, stage) minus its warm "
+              "in-process time — the cold start plus what sharing one core with the other workers adds; "
+              "reported, not charged." if args.workers else
+              "Emulated workers: not measured (no network namespaces / root)."), "",
+             "| model | stages | runs | warm run median ms | start cost median ms | IQR ms | in workers: extra median ms "
+             "| in workers: extra ÷ warm |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        wx = (f"{r['workers_extra_median_s'] * 1e3:.3f} | {r['workers_extra_rel_median'] * 100:+.0f}%"
+              if r["workers_extra_median_s"] is not None else "– | –")
         lines.append(f"| {r['model']}@{r['input']} | {r['stages']} | {r['runs']} | {r['warm_median_s'] * 1e3:.3f} | "
-                     f"{r['extra_median_s'] * 1e3:.3f} | {r['extra_p25_s'] * 1e3:.3f}–{r['extra_p75_s'] * 1e3:.3f} |")
+                     f"{r['extra_median_s'] * 1e3:.3f} | {r['extra_p25_s'] * 1e3:.3f}–{r['extra_p75_s'] * 1e3:.3f} | {wx} |")
     (RESULTS / "stage_start.md").write_text("\n".join(lines) + "\n")
     print(f"per stage start {per_stage * 1e6:.0f} us; wrote {RESULTS}/stage_start.*")
 

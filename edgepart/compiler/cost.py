@@ -29,7 +29,8 @@ RUNTIME_NODE_S = 13.6e-6
 RUNTIME_PAD_BYTE_S = 0.21e-9
 # What starting a stage costs a device that waited for its input pieces: the profile times layers
 # back to back with warm caches, a stage after a wait starts cold. Per (device, stage) run, in
-# seconds of the profiled machine (÷ speed); measured by benchmarks/stage_start.py (results/stage_start.md).
+# seconds of the profiled machine (÷ speed); measured by benchmarks/stage_start.py (results/stage_start.md;
+# 170 µs and 155 µs in two runs, 120–260 µs per model).
 RUNTIME_STAGE_S = 170e-6
 _WINDOW_KINDS = ("conv2d", "max_pool2d", "avg_pool2d")
 
