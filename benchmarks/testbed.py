@@ -60,12 +60,26 @@ TOLERANCE = 0.15
 
 
 def make_cluster(mbps: float, profile: Path = PROFILE, memory_speed: float = 1.0,
-                 calibration: dict | None = None) -> Cluster:
+                 calibration: dict | None = None, stage_start_s: float | None = None) -> Cluster:
+    """The testbed's cluster; ``stage_start_s``: seconds of the profiled machine a stage start costs
+    (each device's ``stage_start_ms`` is it ÷ speed; None: the cost model's constant)."""
+    extra = lambda s: {} if stage_start_s is None else {"stage_start_ms": stage_start_s * 1e3 / s}  # noqa: E731
     return Cluster.from_dict({
         "source": "phone",
         "devices": [{"name": n, "speed": s, "profile": str(profile), "memory_speed": memory_speed,
-                     "calibration": calibration or {}} for n, s in DEVICES],
+                     "calibration": calibration or {}, **extra(s)} for n, s in DEVICES],
         "links": {"default": {"bandwidth_mbps": mbps, "latency_ms": 0.5}}})
+
+
+def workers_stage_start() -> float | None:
+    """What a stage start costs inside the emulated workers (profiled-machine seconds): the median
+    over models of benchmarks/stage_start.py's in-worker excess over warm (None if not measured)."""
+    try:
+        rows = json.loads((RESULTS / "stage_start.json").read_text())["models"]
+        vals = [r["workers_extra_median_s"] for r in rows if r.get("workers_extra_median_s") is not None]
+    except (OSError, ValueError, KeyError):
+        return None
+    return statistics.median(vals) if vals else None
 
 
 def max_rel_error(y, ref) -> float:
@@ -153,7 +167,8 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, lo
                 gm0 = analyse(trace(model, (x0,)))      # calibrated on the model's own layers
                 cal = emu["probe"].calibrate(2.0, nodes=[node_info(n) for n in compute_nodes(gm0)])
                 memory_speed, calibration = cal["memory_speed"], cal["calibration"]
-            cl = make_cluster(mbps, memory_speed=memory_speed, calibration=calibration)
+            cl = make_cluster(mbps, memory_speed=memory_speed, calibration=calibration,
+                              stage_start_s=emu.get("stage_start_s"))
             gm = trace(model, (x0,))
             analyse(gm, cl)
             cost = CostModel(cl)
@@ -228,7 +243,10 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
              + "; ".join(f"{c['model']}@{c['mbps']:g} {c.get('memory_speed', 1.0):.2f} / "
                          + " / ".join(f"{c.get('calibration', {}).get(f, 1.0):.2f}" for f in ("conv", "dwconv", "bn", "act:relu"))
                          for c in cells) + ". "
-             "Every output matched the original model.", "",
+             + (f"Stage start: {emu['stage_start_s'] * 1e6:.0f} µs of the profiled machine ÷ speed per (device, stage) "
+                "(each device's `stage_start_ms`), as `stage_start.py` measured it inside the emulated workers. "
+                if emu.get("stage_start_s") is not None else "Stage start: the cost model's constant. ")
+             + "Every output matched the original model.", "",
              f"Emulation of the first run: `{desc}`", "",
              "## Headline", "",
              f"- ofpm measured within ±{TOLERANCE:.0%} of its prediction in **{inside} of {len(cells)}** cells "
@@ -325,6 +343,9 @@ def main(argv=None):
     ap.add_argument("--time-scale", type=float, default=None)
     ap.add_argument("--no-memory", action="store_true",
                     help="plan and predict with the profile as it is (no online memory speed / op-type calibration)")
+    ap.add_argument("--stage-start", default="workers", choices=["workers", "constant"],
+                    help="cost of a stage start: as measured inside the emulated workers by stage_start.py "
+                         "(results/stage_start.json; four workers share one core), or the cost model's constant")
     ap.add_argument("--out", default="testbed")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -333,7 +354,8 @@ def main(argv=None):
     bands = args.bands or ([1000] if args.quick else BANDS)
     emu = {"probe": None, "cpuset": [int(c) for c in args.cpuset.split(",")] if args.cpuset else None,
            "period_us": args.period_us, "cpu": args.cpu, "time_scale": args.time_scale, "no_memory": args.no_memory,
-           "host_speed": args.host_speed if args.host_speed == "auto" else float(args.host_speed)}
+           "host_speed": args.host_speed if args.host_speed == "auto" else float(args.host_speed),
+           "stage_start_s": workers_stage_start() if args.stage_start == "workers" else None}
     if emu["host_speed"] == "auto":
         from edgepart.runtime.emulate import HostSpeedProbe
         emu["probe"] = HostSpeedProbe(PROFILE, emu["cpuset"], kind=args.probe)

@@ -33,6 +33,10 @@ class Device:
     # per op type (FCPM family): how fast it runs now ÷ when profiled, beyond ``speed``
     # (emulate.measure_family_speeds); a missing family is 1.0
     calibration: tuple[tuple[str, float], ...] = ()
+    # ms this device loses each time it starts a stage (cold caches after waiting for its pieces),
+    # in its own time; None: the runtime's measured constant (cost.RUNTIME_STAGE_S) ÷ speed on a
+    # profiled device, 0 without a profile
+    stage_start_ms: float | None = None
 
 
 def _calibration(dev: dict) -> tuple[tuple[str, float], ...]:
@@ -44,6 +48,16 @@ def _calibration(dev: dict) -> tuple[tuple[str, float], ...]:
         return tuple(sorted((str(f), float(v)) for f, v in cal.items()))
     except (TypeError, ValueError):
         raise ClusterError(f"device {dev['name']!r}: calibration of {cal} must be numbers > 0") from None
+
+
+def _number_or_none(dev: dict, key: str) -> float | None:
+    v = dev.get(key)
+    if v is None:
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise ClusterError(f"device {dev['name']!r}: {key} must be a number, got {v!r}") from None
 
 
 class Cluster:
@@ -64,6 +78,9 @@ class Cluster:
             bad = [f for f, v in d.calibration if not (isinstance(v, (int, float)) and v > 0)]
             if bad:
                 raise ClusterError(f"device {d.name!r}: calibration of {bad} must be numbers > 0")
+            if d.stage_start_ms is not None and not d.stage_start_ms >= 0:
+                raise ClusterError(f"device {d.name!r}: stage_start_ms must be a number >= 0, "
+                                   f"got {d.stage_start_ms}")
         self.devices = list(devices)
         self.default_link = {**DEFAULT_LINK, **(default_link or {})}
         self.overrides = [dict(o) for o in (overrides or [])]
@@ -98,14 +115,16 @@ class Cluster:
         for i, dev in enumerate(d["devices"]):
             if not isinstance(dev, dict) or "name" not in dev:
                 raise ClusterError(f"devices[{i}] needs a 'name'")
-            unknown = set(dev) - {"name", "speed", "memory_mb", "address", "profile", "memory_speed", "calibration"}
+            unknown = set(dev) - {"name", "speed", "memory_mb", "address", "profile", "memory_speed", "calibration",
+                                  "stage_start_ms"}
             if unknown:
                 raise ClusterError(f"device {dev['name']!r}: unknown keys {sorted(unknown)}")
             devices.append(Device(name=str(dev["name"]), speed=float(dev.get("speed", 1.0)),
                                   memory_mb=float(dev.get("memory_mb", 4096.0)), address=dev.get("address"),
                                   profile=str(dev["profile"]) if dev.get("profile") else None,
                                   memory_speed=float(dev.get("memory_speed", 1.0)),
-                                  calibration=_calibration(dev)))
+                                  calibration=_calibration(dev),
+                                  stage_start_ms=_number_or_none(dev, "stage_start_ms")))
         links = d.get("links", {}) or {}
         return cls(devices, links.get("default"), links.get("overrides"), d.get("source"),
                    d.get("shared_medium", False))
@@ -152,6 +171,8 @@ class Cluster:
                 e["memory_speed"] = d.memory_speed
             if d.calibration:
                 e["calibration"] = dict(d.calibration)
+            if d.stage_start_ms is not None:
+                e["stage_start_ms"] = d.stage_start_ms
             devs.append(e)
         return {"source": self.source, "shared_medium": self.shared_medium, "devices": devs,
                 "links": {"default": dict(self.default_link), "overrides": copy.deepcopy(self.overrides)}}

@@ -103,6 +103,21 @@ def test_stage_start_per_profiled_device_and_stage(tiny):
     assert t2 - t1 == pytest.approx(RUNTIME_STAGE_S / 0.5, rel=1e-9)   # same work, one more stage start
 
 
+def test_stage_start_ms_of_a_device_overrides_the_constant(tiny):
+    """A device's measured ``stage_start_ms`` (its own time) replaces RUNTIME_STAGE_S ÷ speed, with or
+    without a profile; it round-trips through the cluster description and is checked."""
+    from edgepart.errors import ClusterError
+    cl = Cluster.from_dict({"devices": [{"name": "a", "speed": 0.5, "stage_start_ms": 0.6},
+                                        {"name": "c", "speed": 0.5, "stage_start_ms": 0.25}]})
+    cm = CostModel(cl, profiles={"a": _StubProfile()})
+    assert cm.stage_start_time("a") == pytest.approx(0.6e-3) and cm.stage_start_time("c") == pytest.approx(0.25e-3)
+    assert Cluster.from_dict(cl.to_dict()).device("a").stage_start_ms == 0.6
+    with pytest.raises(ClusterError, match="'a'.*stage_start_ms"):
+        Cluster.from_dict({"devices": [{"name": "a", "stage_start_ms": -1}]})
+    with pytest.raises(ClusterError, match="'a'.*stage_start_ms must be a number"):
+        Cluster.from_dict({"devices": [{"name": "a", "stage_start_ms": "soon"}]})
+
+
 def test_runtime_overhead_per_node_and_padded_window(tiny):
     """The device program's own cost: a constant per node + a copy of a row-padded conv's input window."""
     cl = Cluster.from_dict({"devices": [{"name": "a", "speed": 0.5}]})

@@ -91,6 +91,7 @@ class CostModel:
         self.runtime_node_s = runtime_node_s
         self.runtime_pad_byte_s = runtime_pad_byte_s
         self.runtime_stage_s = runtime_stage_s
+        self.stage_start_ms = {d.name: d.stage_start_ms for d in cluster.devices}
         # How fast a profiled device streams weights from memory now, relative to when it was
         # profiled (memory bandwidth is shared with other programs and drifts on its own; see
         # emulate.HostSpeedProbe): the memory-bound share of a prediction is divided by it.
@@ -146,8 +147,12 @@ class CostModel:
 
     def stage_start_time(self, device: str) -> float:
         """Seconds ``device`` adds to each stage it runs (cold start after waiting for its pieces);
-        charged once per (device, stage) by the simulator and the OFPM model. Profiled devices only,
-        like :meth:`runtime_overhead`."""
+        charged once per (device, stage) by the simulator and the OFPM model. The device's
+        ``stage_start_ms`` if the cluster gives one, else ``runtime_stage_s`` ÷ speed on profiled
+        devices only, like :meth:`runtime_overhead`."""
+        ms = self.stage_start_ms.get(device)
+        if ms is not None:
+            return ms / 1e3
         if device not in self.profiles:
             return 0.0
         return self.runtime_stage_s / self._speed(device)

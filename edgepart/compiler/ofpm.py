@@ -282,8 +282,8 @@ class OFPMModel:
         self.mode_index = {m: i for i, m in enumerate(self.modes)}
 
     def _device_classes(self) -> list[str]:
-        """One representative per class of interchangeable devices (same speed, memory, profile,
-        links), the source always its own class."""
+        """One representative per class of interchangeable devices (same speed, memory, profile and
+        its calibration, stage start, links), the source always its own class."""
         cl = self.cluster
         seen: dict[tuple, str] = {}
         overridden = {o["a"] for o in cl.overrides} | {o["b"] for o in cl.overrides}
@@ -291,7 +291,7 @@ class OFPMModel:
             if d.name == cl.source or d.name in overridden:
                 key = ("own", d.name)
             else:
-                key = (d.speed, d.memory_mb, d.profile)
+                key = (d.speed, d.memory_mb, d.profile, d.memory_speed, d.calibration, d.stage_start_ms)
             seen.setdefault(key, d.name)
         return list(seen.values())
 
