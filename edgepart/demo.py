@@ -140,7 +140,19 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         refs = [model(x) for x in inputs]
 
-    work = Path(args.out or tempfile.mkdtemp(prefix="edgepart-demo-"))
+    # the bundles (VGG-16: about 1 GB) live in a temporary directory unless --out keeps them
+    tmp = None if args.out else tempfile.TemporaryDirectory(prefix="edgepart-demo-")
+    try:
+        return _compile_run_report(Path(args.out or tmp.name), args, model, x0, cluster, strategy, inputs, refs,
+                                   emulate, probe, cpuset, profile)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _compile_run_report(work: Path, args, model, x0, cluster, strategy, inputs, refs, emulate, probe, cpuset,
+                        profile) -> int:
+    """Compile the plan and the single-device baseline into ``work``, run both, print the report."""
     t = time.perf_counter()
     bundle = edgepart.compile(model, (x0,), cluster, strategy=strategy, name=args.model)
     bundle.save(work / "plan")

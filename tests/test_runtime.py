@@ -169,3 +169,20 @@ def test_workers_reuse_activation_memory_instead_of_page_faulting_it_in(tmp_path
         assert_close(y, model(x))
     faults = sum(v - before["d1"].get(k, 0) for k, v in after["d1"].items() if k.startswith("stage_faults:"))
     assert faults / 10 < 100, f"d1: {faults / 10:.0f} page faults per request"
+
+
+def test_worker_removes_its_own_temp_workdir_on_stop_but_keeps_a_given_one(tiny, tmp_path):
+    from edgepart.runtime.worker import serve
+    model, x, d = tiny
+    key = b"k" * 32
+    workers = {"d0": serve("127.0.0.1:0", key), "d1": serve("127.0.0.1:0", key, workdir=tmp_path / "d1"),
+               "d2": serve("127.0.0.1:0", key), "d3": serve("127.0.0.1:0", key, workdir=tmp_path / "d3")}
+    try:
+        with Session(d, {n: w.address for n, w in workers.items()}, key) as s:
+            assert_close(s.infer(x), edgepart.load_bundle(d).run_local(x), rel=1e-6)
+        assert any((workers["d0"].workdir / "bundles").iterdir())      # the deployed files live there
+    finally:
+        for w in workers.values():
+            w.stop()
+    assert not workers["d0"].workdir.exists() and not workers["d2"].workdir.exists()
+    assert any((tmp_path / "d1" / "bundles").iterdir()) and any((tmp_path / "d3" / "bundles").iterdir())

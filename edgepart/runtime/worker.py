@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import signal
 import socket
 import sys
@@ -369,6 +370,7 @@ class Worker:
         self.key = key
         self.listen_addr = parse_address(listen)
         self.threads = threads
+        self._own_workdir = not workdir          # a temp dir of its own: removed by stop()
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgepart-worker-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.max_payload = max_payload
@@ -437,6 +439,8 @@ class Worker:
                 pass
         for c in conns:
             c.ch.close()
+        if self._own_workdir:       # deployed bundles (a VGG-16 device's part: hundreds of MB) go with it
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     # --- connections --------------------------------------------------------------------
     def _accept_loop(self) -> None:
