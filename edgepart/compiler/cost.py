@@ -117,9 +117,9 @@ class CostModel:
         """Seconds for ``device`` to compute ``rows`` output rows of ``node`` (all rows if None).
 
         With a profile: (the profile's prediction ÷ the device's ``calibration`` of the node's op
-        type, its memory-bound share ÷ ``memory_speed``,
-        + the device program's own overhead per node, :meth:`runtime_overhead`) ÷ the device's speed (relative to the profiled machine); without: FLOPs ÷ (speed × reference FLOP/s). Load slows both (the profile
-        models it itself)."""
+        type, its memory-bound share ÷ ``memory_speed``, + the device program's own overhead per
+        node, :meth:`runtime_overhead`) ÷ the device's speed (relative to the profiled machine);
+        without: FLOPs ÷ (speed × reference FLOP/s). Load slows both (the profile models it itself)."""
         info = node_info(node)
         total_rows = max(1, info.get("rows", 1))
         rows = total_rows if rows is None else rows

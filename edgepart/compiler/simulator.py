@@ -88,7 +88,7 @@ def stage_compute_time(cost: CostModel, nodes: dict[str, fx.Node], device: str, 
         a, b = entry["out"]
         if b > a:
             total += cost.compute_time(nodes[name], device, b - a)
-    return total + cost.stage_start_time(device) if total > 0 else 0.0
+    return (total + cost.stage_start_time(device)) if total > 0 else 0.0
 
 
 def simulate(schedule: Schedule, cluster: Cluster, cost: CostModel | None = None,

@@ -848,13 +848,14 @@ class Worker:
                     prog.run_stage(act["stage"], store)
                 except Exception as e:  # noqa: BLE001
                     raise EdgepartError(f"stage {act['stage']}: {type(e).__name__}: {e}") from e
+                cpu, faults = time.thread_time() - c0, _thread_faults() - f0
                 dt = self.dilation.stretch(t0, c0) if self.dilation else time.perf_counter() - t0
                 req.compute_s += dt
                 self.stats["compute_us"] += int(dt * 1e6)
                 # per stage, so a testbed can compare each stage with its prediction
                 self.stats[f"stage_us:{act['stage']}"] += int(dt * 1e6)
-                self.stats[f"stage_cpu_us:{act['stage']}"] += int((time.thread_time() - c0) * 1e6)
-                self.stats[f"stage_faults:{act['stage']}"] += _thread_faults() - f0
+                self.stats[f"stage_cpu_us:{act['stage']}"] += int(cpu * 1e6)
+                self.stats[f"stage_faults:{act['stage']}"] += faults
             elif op == "send":
                 a, b = act["rows"]
                 piece = store.get(act["tensor"], a, b)
@@ -970,10 +971,12 @@ def _sha256(path: Path) -> str:
 
 
 # --- command line ------------------------------------------------------------------------
+_RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", None)     # Linux only
+
+
 def _thread_faults() -> int:
     """Page faults of the calling thread so far (0 where the OS does not count them per thread)."""
-    who = getattr(resource, "RUSAGE_THREAD", None)
-    return resource.getrusage(who).ru_minflt if who is not None else 0
+    return resource.getrusage(_RUSAGE_THREAD).ru_minflt if _RUSAGE_THREAD is not None else 0
 
 
 def keep_freed_memory() -> bool:
