@@ -156,3 +156,34 @@ def test_sweep_design_covers_op_types_and_slices():
                          progress=False, passes=1)
     assert recs and all(r["t"] > 0 for r in recs)
     assert time_callable(lambda: None, target_s=0.001)["t"] >= 0
+
+
+_FAULTS_PER_CALL = """
+import resource, sys, torch, torch.nn.functional as F
+from edgepart.fcpm.ops import time_callable
+torch.set_num_threads(1)
+out = []
+for kb in (64, 120, 200, 500, 1000, 4000, 16000):     # ReLU outputs of these sizes, in this order
+    x = torch.randn(kb * 256)
+    fn = lambda: F.relu(x)
+    if sys.argv[1] == "timed":
+        time_callable(fn, target_s=0.001, min_repeats=3, max_repeats=3, warmup_s=0)
+    else:
+        for _ in range(3): fn()
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20): fn()
+    out.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 20)
+print(max(out))
+"""
+
+
+def test_timing_uses_the_workers_malloc_settings_so_outputs_are_not_page_faulted_in_per_call():
+    """A worker keeps freed memory (runtime.allocator); the profiler must time kernels the same way.
+    With glibc's defaults this sequence of ReLUs page-faults its output in on every call at one size
+    (which one depends on what was freed before); after time_callable, never."""
+    import subprocess
+    import sys
+    run = lambda mode: float(subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL, mode], capture_output=True,  # noqa: E731
+                                            text=True, check=True).stdout)
+    assert run("plain") >= 5, "glibc's defaults no longer fault here: this test cannot tell the difference"
+    assert run("timed") < 0.5

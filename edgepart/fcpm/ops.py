@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from edgepart.runtime import rowops
+from edgepart.runtime.allocator import keep_freed_memory
 
 # Activation cost classes: 0 = compare/select (ReLU family), 1 = needs exp/tanh/erf.
 CHEAP_ACTS = ("relu", "relu6", "leaky_relu", "hardtanh", "hardswish", "hardsigmoid", "clamp", "abs", "neg",
@@ -335,10 +336,17 @@ def time_callable(fn: Callable[[], Any], target_s: float = 0.1, min_repeats: int
                   warmup_s: float = 0.02, clock: Callable[[], float] | None = None) -> dict:
     """Median time of ``fn()`` after warm-up: repeats sized to about ``target_s`` in total.
 
+    Times under the malloc settings workers run with (:func:`keep_freed_memory`, applied to this
+    process once): with glibc's defaults a kernel whose output exceeds the dynamic mmap threshold
+    page-faults it in on every call or not, depending on what was freed before (measured here: a
+    zoo ReLU took 182–382 µs over eight fresh instances with the defaults, 163–216 µs with the
+    worker's settings), and a worker never does.
+
     ``clock``: wall time (``time.perf_counter``, the default) or e.g. ``time.thread_time`` — the CPU
     time this thread spent, for a rate-limited device (see :mod:`edgepart.fcpm.load`).
     """
     import time
+    keep_freed_memory()
     clock = clock or time.perf_counter
     with torch.inference_mode():
         t0 = clock()

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
-import ctypes.util
 import hashlib
 import heapq
 import itertools
@@ -42,6 +40,7 @@ from typing import Any
 import torch
 
 from edgepart.errors import EdgepartError
+from edgepart.runtime.allocator import keep_freed_memory
 from edgepart.runtime.protocol import (DEFAULT_MAX_PAYLOAD, Channel, FileSink, PeerClosed, ProtocolError,
                                        dtype_name, iter_leaves, parse_address, read_key)
 
@@ -977,26 +976,6 @@ _RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", None)     # Linux only
 def _thread_faults() -> int:
     """Page faults of the calling thread so far (0 where the OS does not count them per thread)."""
     return resource.getrusage(_RUSAGE_THREAD).ru_minflt if _RUSAGE_THREAD is not None else 0
-
-
-def keep_freed_memory() -> bool:
-    """Keep memory freed by one request's tensors for the next instead of handing it back to the OS.
-
-    glibc serves allocations above its mmap threshold with fresh mmaps and trims the heaps of the
-    compute and reader threads' arenas when they free, so every stage of every request page-faulted
-    its activations and received pieces in again: 1000–2100 minor faults per request in the first,
-    high-resolution stage of a MobileNetV2 split (1.3–1.7× its compute time, where the same stage
-    run in one process faulted 0 times). A fixed mmap threshold of 32 MiB (glibc's maximum) and no
-    trimming make a worker's memory grow to its largest request once and stay there. Returns
-    whether it took effect (False off glibc)."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
 def build_parser() -> argparse.ArgumentParser:

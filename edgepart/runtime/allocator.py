@@ -1,0 +1,32 @@
+"""The process-wide malloc settings a worker runs with, shared by everything that times kernels for it."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+_applied: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Keep memory freed by one request's tensors for the next instead of handing it back to the OS.
+
+    glibc serves allocations above its mmap threshold with fresh mmaps and trims the heaps of the
+    compute and reader threads' arenas when they free, so every stage of every request page-faulted
+    its activations and received pieces in again: 1000–2100 minor faults per request in the first,
+    high-resolution stage of a MobileNetV2 split (1.3–1.7× its compute time, where the same stage
+    run in one process faulted 0 times). A fixed mmap threshold of 32 MiB (glibc's maximum) and no
+    trimming make a worker's memory grow to its largest request once and stay there. Returns
+    whether it took effect (False off glibc)."""
+    global _applied
+    if _applied is not None:
+        return _applied
+    _applied = False
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    _applied = bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
+    return _applied
