@@ -180,10 +180,12 @@ print(max(out))
 def test_timing_uses_the_workers_malloc_settings_so_outputs_are_not_page_faulted_in_per_call():
     """A worker keeps freed memory (runtime.allocator); the profiler must time kernels the same way.
     With glibc's defaults this sequence of ReLUs page-faults its output in on every call at one size
-    (which one depends on what was freed before); after time_callable, never."""
+    in some runs of it and not in others (seen here: 37.5 faults per call in 3 of 5 fresh
+    processes); after time_callable, never."""
     import subprocess
     import sys
     run = lambda mode: float(subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL, mode], capture_output=True,  # noqa: E731
                                             text=True, check=True).stdout)
-    assert run("plain") >= 5, "glibc's defaults no longer fault here: this test cannot tell the difference"
-    assert run("timed") < 0.5
+    assert any(run("plain") >= 5 for _ in range(10)), \
+        "glibc's defaults never faulted here in 10 runs: this test cannot tell the difference"
+    assert all(run("timed") < 0.5 for _ in range(3))

@@ -248,12 +248,13 @@ class PeerLink:
                 item = self.q.popleft()
                 self.busy = item is not None
             if item is None:
-                if self.ch is not None:
+                ch = self.ch            # read once: the watch thread clears self.ch when the peer hangs up
+                if ch is not None:
                     try:
-                        self.ch.send({"kind": "bye"})
+                        ch.send({"kind": "bye"})
                     except (OSError, PeerClosed):
                         pass
-                    self.ch.close()
+                    ch.close()
                 return
             try:
                 self._send(item)
