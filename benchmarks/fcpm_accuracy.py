@@ -222,6 +222,15 @@ def lowest(meas):
     return {k: min(v["passes"]) for k, v in meas.items()}
 
 
+def typical_reference(meas):
+    """{(load, reference kind): median reference time over the whole load level}."""
+    refs = {}
+    for (key, L), v in meas.items():
+        if v.get("ref"):
+            refs.setdefault((L, v["ref_kind"]), []).extend(v["ref"])
+    return {k: float(np.median(v)) for k, v in refs.items()}
+
+
 def drift_corrected(meas):
     """{(key, load): time at the machine's typical speed}: each pass median × (the level's median
     reference time ÷ the reference time around that job), then the geometric mean over passes.
@@ -230,11 +239,7 @@ def drift_corrected(meas):
     activity (a 1 ms conv, an add over 800 KB: correlated between kernels of the same kind), so a
     measured time carries the moment it was taken; dividing by a reference timed just around it
     takes most of that out, for the measured times used to fit and to test alike."""
-    typical = {}
-    for (key, L), v in meas.items():
-        if v.get("ref"):
-            typical.setdefault((L, v["ref_kind"]), []).extend(v["ref"])
-    typical = {k: float(np.median(v)) for k, v in typical.items()}
+    typical = typical_reference(meas)
     out = {}
     for (key, L), v in meas.items():
         if not v.get("ref"):
@@ -249,12 +254,7 @@ def retiming_agreement(meas, keys, corrected=False):
     """Share of jobs whose two pass medians agree within ±10 % (raw, or each drift-corrected):
     the ceiling of any model's ±10 % accuracy against one of them."""
     ok = []
-    typical = {}
-    if corrected:
-        for (key, L), v in meas.items():
-            if v.get("ref"):
-                typical.setdefault((L, v["ref_kind"]), []).extend(v["ref"])
-        typical = {k: float(np.median(v)) for k, v in typical.items()}
+    typical = typical_reference(meas) if corrected else {}
     for k in keys:
         v = meas.get(k)
         if not v or len(v.get("passes", [])) < 2:
