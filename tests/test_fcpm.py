@@ -163,7 +163,7 @@ import resource, sys, torch, torch.nn.functional as F
 from edgepart.fcpm.ops import time_callable
 torch.set_num_threads(1)
 out = []
-for kb in (64, 120, 200, 500, 1000, 4000, 16000):     # ReLU outputs of these sizes, in this order
+for kb in (64, 120, 200, 500, 1000, 4000, 16000, 40000):     # ReLU outputs of these sizes, in this order
     x = torch.randn(kb * 256)
     fn = lambda: F.relu(x)
     if sys.argv[1] == "timed":
@@ -181,7 +181,8 @@ def test_timing_uses_the_workers_malloc_settings_so_outputs_are_not_page_faulted
     """A worker keeps freed memory (runtime.allocator); the profiler must time kernels the same way.
     With glibc's defaults this sequence of ReLUs page-faults its output in on every call at one size
     in some runs of it and not in others (seen here: 37.5 faults per call in 3 of 5 fresh
-    processes); after time_callable, never."""
+    processes), and always for the 40 MB output (above glibc's largest mmap threshold, 32 MiB);
+    after time_callable, never."""
     import subprocess
     import sys
     run = lambda mode: float(subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL, mode], capture_output=True,  # noqa: E731
