@@ -141,7 +141,9 @@ def measure(bundle_dir: Path, inputs, refs, warmup: int, emu: dict) -> dict:
         th, th0 = cpu1.get(d, {}), cpu0.get(d, {})
         per_dev[d] = {"compute_s": (b.get("compute_us", 0) - a.get("compute_us", 0)) * 1e-6 * scale / n,
                       "bytes_sent": (b.get("bytes_sent", 0) - a.get("bytes_sent", 0)) / n,
-                      "throttled_periods": (th.get("nr_throttled", 0) - th0.get("nr_throttled", 0)) / n}
+                      "throttled_periods": (th.get("nr_throttled", 0) - th0.get("nr_throttled", 0)) / n,
+                      # minor page faults in the worker's stages: what the workers' malloc settings keep at ~0
+                      "page_faults": sum(v - a.get(k, 0) for k, v in b.items() if k.startswith("stage_faults:")) / n}
     lat_s = [t * scale for t in lat]
     return {"latencies": lat_s, "median": statistics.median(lat_s), "min": min(lat_s), "max": max(lat_s),
             "worst_rel_error": worst, "time_scale": scale, "host_speed": statistics.median(hss) if hss else hs0,
@@ -271,8 +273,8 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
                          f"{single['predicted'] / r['predicted']:.2f} | {r['stages']} | {','.join(r['devices_used'])} |")
     lines += ["", "## Per-device compute (ms per request: measured / predicted)", "",
               "Measured = the worker's time inside `run` actions (quota stalls included) × time_scale; "
-              "predicted = the simulator's compute time of that device. *throttled* = cgroup periods throttled "
-              "per request.", "",
+              "predicted = the simulator's compute time of that device. *thr* = cgroup periods throttled "
+              "per request; *pf* = minor page faults per request in the device's stages.", "",
               "| model | Mbit/s | strategy | " + " | ".join(n for n, _ in DEVICES) + " | host_speed |",
               "|---|---|---|" + "---|" * len(DEVICES) + "---|"]
     for c in cells:
@@ -284,7 +286,7 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
                     row.append("–")
                 else:
                     row.append(f"{v['compute_s'] * 1e3:.1f} / {v['predicted_compute_s'] * 1e3:.1f} "
-                               f"(thr {v['throttled_periods']:.0f})")
+                               f"(thr {v['throttled_periods']:.0f}, pf {v.get('page_faults', 0):.0f})")
             lines.append(f"| {c['model']} | {c['mbps']:g} | {s} | " + " | ".join(row) + f" | {r['host_speed']:.3f} |")
     path.write_text("\n".join(lines) + "\n")
 
