@@ -14,12 +14,12 @@ def keep_freed_memory() -> bool:
     compute and reader threads' arenas when they free, so every stage of every request page-faulted
     its activations and received pieces in again: 1000–2100 minor faults per request in the first,
     high-resolution stage of a MobileNetV2 split (1.3–1.7× its compute time, where the same stage
-    run in one process faulted 0 times). A fixed mmap threshold of 32 MiB (glibc's maximum) and no
-    trimming make a worker's memory grow to its largest request once and stay there. Buffers above
-    32 MiB were still mmapped afresh on every call — a 1024→1024 3×3 convolution's 38 MB of
-    reordered weights: 9,231 faults per YOLOv2-tiny request, 74 ms where the same worker takes 64 ms
-    without them — so mmap is not used at all (glibc still falls back to it when a thread's 64 MiB
-    heap cannot hold a request). Returns whether it took effect (False off glibc)."""
+    run in one process faulted 0 times). Even glibc's largest mmap threshold (32 MiB) left a
+    1024→1024 3×3 convolution's 38 MB of reordered weights mmapped afresh on every call: 9,231
+    faults per YOLOv2-tiny request, 74 ms where the same worker takes 64 ms without them. So mmap is
+    not used at all (glibc still falls back to it when a thread's 64 MiB heap cannot hold a request)
+    and heaps are never trimmed: a worker's memory grows to its largest request once and stays
+    there. Returns whether it took effect (False off glibc)."""
     global _applied
     if _applied is not None:
         return _applied
@@ -30,7 +30,6 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError, TypeError):
         return False
-    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4
-    _applied = bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1)) \
-        and bool(mallopt(m_mmap_max, 0))
+    m_trim_threshold, m_mmap_max = -1, -4
+    _applied = bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
     return _applied
