@@ -16,7 +16,9 @@ Before each run the host's current speed relative to the profile is measured
 (``emulate.measure_host_speed``: a sample of the profile's recorded layers re-timed) and the
 quotas are scaled by it, so an emulated device really has the speed the cluster declares
 even when other programs slow this machine's cores down. Measured = median over
-``--requests`` sequential requests after warm-up, × time_scale (the emulated devices' time).
+``--rounds`` × ``--requests`` sequential requests after warm-up, × time_scale (the emulated
+devices' time); each round deploys and runs every strategy of a cell once, in an order rotated
+from round to round, so the strategies are compared side by side rather than minutes apart.
 
 Writes benchmarks/results/testbed.{json,md,png}.
 """
@@ -151,7 +153,30 @@ def measure(bundle_dir: Path, inputs, refs, warmup: int, emu: dict) -> dict:
             "startup_s": started, "wall_s": time.perf_counter() - t_start}
 
 
-def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, log=print):
+def merge_rounds(runs: list[dict]) -> dict:
+    """One strategy's measurements over several rounds (each a :func:`measure` result) as one:
+    latencies pooled, per-device figures averaged per request, each round's median kept."""
+    lat = [t for r in runs for t in r["latencies"]]
+    hss = [h for r in runs for h in r["host_speeds"]] or [r["host_speed"] for r in runs]
+    devices: dict[str, dict] = {}
+    for r in runs:
+        for d, v in r["devices"].items():
+            acc = devices.setdefault(d, {k: 0.0 for k in v})
+            for k, x in v.items():
+                acc[k] += x * len(r["latencies"]) / len(lat)
+    return {"latencies": lat, "median": statistics.median(lat), "min": min(lat), "max": max(lat),
+            "round_medians": [r["median"] for r in runs],
+            "worst_rel_error": max(r["worst_rel_error"] for r in runs),
+            "time_scale": statistics.median(r["time_scale"] for r in runs),
+            "time_scales": [r["time_scale"] for r in runs],
+            "host_speed": statistics.median(hss), "host_speeds": hss,
+            "memory_speeds": [m for r in runs for m in r["memory_speeds"]],
+            "host_speed_start": runs[0]["host_speed_start"], "emulation": runs[0]["emulation"],
+            "devices": devices, "startup_s": sum(r["startup_s"] for r in runs),
+            "wall_s": sum(r["wall_s"] for r in runs)}
+
+
+def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, rounds=1, log=print):
     cells = []
     for name in model_names:
         size = MODELS[name]
@@ -164,11 +189,12 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, lo
             # online calibration (DCFP): memory bandwidth relative to the profile, ÷ the CPU speed the
             # emulator normalises away; measured now, planned and predicted with
             # and each op type's speed relative to the CPU's (measure_family_speeds)
-            memory_speed, calibration = 1.0, {}
+            memory_speed, calibration, model_speed = 1.0, {}, None
             if emu.get("probe") is not None and not emu.get("no_memory"):
-                gm0 = analyse(trace(model, (x0,)))      # calibrated on the model's own layers
-                cal = emu["probe"].calibrate(2.0, nodes=[node_info(n) for n in compute_nodes(gm0)])
-                memory_speed, calibration = cal["memory_speed"], cal["calibration"]
+                gm0 = analyse(trace(model, (x0,)))      # calibrated on the model's own layers, and on it whole
+                cal = emu["probe"].calibrate(2.0, nodes=[node_info(n) for n in compute_nodes(gm0)],
+                                             forward=None if emu.get("no_model_speed") else (lambda: model(x0)))
+                memory_speed, calibration, model_speed = cal["memory_speed"], cal["calibration"], cal["model_speed"]
             cl = make_cluster(mbps, memory_speed=memory_speed, calibration=calibration,
                               stage_start_s=emu.get("stage_start_s"))
             gm = trace(model, (x0,))
@@ -192,13 +218,22 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, lo
                                                  for o in ("ofpm", "single"))]
             chosen = ["ofpm", "single"] + distinct[:n_baselines]
             cell = {"model": name, "input": size, "mbps": mbps, "ofpm_source": res.source, "solve_s": solve_s,
-                    "memory_speed": memory_speed, "calibration": calibration,
+                    "memory_speed": memory_speed, "calibration": calibration, "model_speed": model_speed,
                     "predicted_all": {s: p.latency for s, p in pred.items()}, "runs": {}}
+            cell["same_plan_as_single"] = plans["ofpm"].to_dict()["stages"] == plans["single"].to_dict()["stages"]
             with tempfile.TemporaryDirectory(prefix="edgepart-testbed-") as tmp:
                 for s in chosen:
-                    d = Path(tmp) / s
-                    bundles[s].save(d)
-                    m = measure(d, inputs, refs, warmup, emu)
+                    bundles[s].save(Path(tmp) / s)
+                # Rounds: every strategy runs once per round, in an order rotated each round, so a
+                # drift of this shared machine's speed lands on all of them alike (side by side)
+                # instead of on whichever ran during it.
+                by_round: dict[str, list[dict]] = {s: [] for s in chosen}
+                for r in range(rounds):
+                    k = r % len(chosen)
+                    for s in chosen[k:] + chosen[:k]:
+                        by_round[s].append(measure(Path(tmp) / s, inputs, refs, warmup, emu))
+                for s in chosen:
+                    m = merge_rounds(by_round[s])
                     sim = pred[s]
                     m["predicted"] = sim.latency
                     m["error"] = m["median"] / sim.latency - 1.0
@@ -214,16 +249,21 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, lo
                         f"ts {m['time_scale']:.3f}  compute meas/pred ms: {comp}  [{m['wall_s']:.0f} s]", flush=True)
             single = cell["runs"]["single"]
             cell["speedup_measured"] = single["median"] / cell["runs"]["ofpm"]["median"]
+            # the same ratio within each round (measured minutes apart, not across the whole cell)
+            cell["speedup_rounds"] = [a / b for a, b in zip(single["round_medians"], cell["runs"]["ofpm"]["round_medians"])]
             cell["speedup_predicted"] = single["predicted"] / cell["runs"]["ofpm"]["predicted"]
             cells.append(cell)
     return cells
 
 
-def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, warmup: int) -> None:
+def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, warmup: int, rounds: int = 1) -> None:
     ofpm_err = [c["runs"]["ofpm"]["error"] for c in cells]
     all_err = [r["error"] for c in cells for r in c["runs"].values()]
     inside = sum(1 for e in ofpm_err if abs(e) <= TOLERANCE)
     beats = sum(1 for c in cells if c["speedup_measured"] > 1.0)
+    same = [c for c in cells if c.get("same_plan_as_single")]
+    split = [c for c in cells if not c.get("same_plan_as_single")]
+    beats_split = sum(1 for c in split if c["speedup_measured"] > 1.0)
     hs = [r["host_speed"] for c in cells for r in c["runs"].values()]
     ts = [r["time_scale"] for c in cells for r in c["runs"].values()]
     desc = cells[0]["runs"]["ofpm"]["emulation"] if cells else ""
@@ -232,7 +272,10 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
              f"{', '.join(f'{n} {s}' for n, s in DEVICES)} (phone is the source); compute = FCPM profile of this "
              "machine's core (`profiles/host.json`) ÷ speed; links 0.5 ms + bandwidth, sender-NIC contention. "
              "Predicted = the simulator on the exact schedule with the planner's cost model. Measured = median of "
-             f"{n_requests} sequential requests after {warmup} warm-up, × time_scale, on `LocalCluster(emulate=True)` "
+             f"{n_requests * rounds} sequential requests per strategy ({rounds} round{'s' if rounds > 1 else ''} of "
+             f"{n_requests}; each round deploys and runs every strategy of the cell once, after {warmup} warm-up, "
+             "in an order rotated each round, so the machine's drift lands on all alike), × time_scale, "
+             "on `LocalCluster(emulate=True)` "
              f"(CPU share enforced by {'dilating each stage to CPU time ÷ share' if emu.get('cpu') == 'dilate' else 'cgroup quota'}, "
              f"cgroup period {emu.get('period_us') or 'default'} µs, workers pinned to CPU "
              f"{emu.get('cpuset')}, quotas ÷ host_speed measured before each run; tbf-shaped veth links). "
@@ -240,9 +283,11 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
              "Online calibration before planning each cell (DCFP's online step; the cluster's `memory_speed` and "
              "`calibration`; medians of 3 rounds): memory speed = the profile's largest linear layer re-timed ÷ host_speed; "
              "per op type Σ predicted ÷ Σ measured over the model's own layers timed whole, ÷ host_speed "
-             "(`emulate.measure_family_speeds(nodes=...)`) — "
-             "memory speed / conv / dwconv / bn / act:relu per cell: "
+             "(`emulate.measure_family_speeds(nodes=...)`), then all of them × the model's speed timed whole "
+             "(its calibrated prediction ÷ its forward pass, `emulate.model_speed`) — "
+             "memory speed / model speed / conv / dwconv / bn / act:relu per cell: "
              + "; ".join(f"{c['model']}@{c['mbps']:g} {c.get('memory_speed', 1.0):.2f} / "
+                         f"{c['model_speed'] if c.get('model_speed') is not None else '–'} / "
                          + " / ".join(f"{c.get('calibration', {}).get(f, 1.0):.2f}" for f in ("conv", "dwconv", "bn", "act:relu"))
                          for c in cells) + ". "
              + (f"Stage start: {emu['stage_start_s'] * 1e6:.0f} µs of the profiled machine ÷ speed per (device, stage) "
@@ -255,21 +300,29 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
              f"(errors {', '.join(f'{e * 100:+.0f}%' for e in ofpm_err)})",
              f"- all runs: median |error| {statistics.median(abs(e) for e in all_err) * 100:.1f}%, "
              f"max {max(abs(e) for e in all_err) * 100:.1f}%",
-             f"- ofpm faster than single (measured) in **{beats} of {len(cells)}** cells; measured speed-up "
+             f"- ofpm faster than single (measured) in **{beats} of {len(cells)}** cells"
+             + (f" — **{beats_split} of {len(split)}** where its plan is not the single-device plan; in "
+                f"{', '.join(c['model'] + '@' + format(c['mbps'], 'g') for c in same)} ofpm chose that plan itself "
+                "(no split pays for its transfers), so the two runs measure one plan twice"
+                if same else "") + "; measured speed-up "
              f"geomean {math.exp(statistics.mean(math.log(c['speedup_measured']) for c in cells)):.2f}× "
              f"(predicted {math.exp(statistics.mean(math.log(c['speedup_predicted']) for c in cells)):.2f}×)", "",
              "## Predicted vs measured (ms, emulated devices' time)", "",
              "| model | Mbit/s | strategy | predicted | measured (median) | error | min–max | ×single measured | "
-             "×single predicted | stages | devices |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "×single per round | ×single predicted | stages | devices |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         single = c["runs"]["single"]
         for s, r in c["runs"].items():
             err = r["error"] * 100
             mark = "" if abs(r["error"]) <= TOLERANCE else " ⚠"
+            per_round = [a / b for a, b in zip(single.get("round_medians", []), r.get("round_medians", []))]
+            per_round_txt = " / ".join(f"{x:.2f}" for x in per_round) if len(per_round) > 1 else "–"
+            same = " (= single's plan)" if s == "ofpm" and c.get("same_plan_as_single") else ""
             lines.append(f"| {c['model']}@{c['input']} | {c['mbps']:g} | {s}{' (' + c['ofpm_source'] + ')' if s == 'ofpm' else ''} | "
                          f"{r['predicted'] * 1e3:.1f} | {r['median'] * 1e3:.1f} | {err:+.1f}%{mark} | "
-                         f"{r['min'] * 1e3:.0f}–{r['max'] * 1e3:.0f} | {single['median'] / r['median']:.2f} | "
+                         f"{r['min'] * 1e3:.0f}–{r['max'] * 1e3:.0f} | {single['median'] / r['median']:.2f}{same} | "
+                         f"{per_round_txt} | "
                          f"{single['predicted'] / r['predicted']:.2f} | {r['stages']} | {','.join(r['devices_used'])} |")
     lines += ["", "## Per-device compute (ms per request: measured / predicted)", "",
               "Measured = the worker's time inside `run` actions (quota stalls included) × time_scale; "
@@ -331,7 +384,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="vgg16 at 1000 Mbit/s only")
     ap.add_argument("--models", nargs="*", choices=list(MODELS))
     ap.add_argument("--bands", nargs="*", type=float)
-    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=5, help="requests per strategy per round")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds per cell; each runs every strategy once, in an order rotated each round")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--baselines", type=int, default=1, help="how many of the best baselines to run too")
     ap.add_argument("--time-limit", type=float, default=10.0, help="MILP time limit (s)")
@@ -343,6 +398,8 @@ def main(argv=None):
     ap.add_argument("--probe", default="networks", choices=["networks", "layers"],
                     help="host-speed probe (emulate.HostSpeedProbe)")
     ap.add_argument("--time-scale", type=float, default=None)
+    ap.add_argument("--no-model-speed", action="store_true",
+                    help="calibrate op types on the model's layers only, without timing the model whole")
     ap.add_argument("--no-memory", action="store_true",
                     help="plan and predict with the profile as it is (no online memory speed / op-type calibration)")
     ap.add_argument("--stage-start", default="workers", choices=["workers", "constant"],
@@ -356,18 +413,20 @@ def main(argv=None):
     bands = args.bands or ([1000] if args.quick else BANDS)
     emu = {"probe": None, "cpuset": [int(c) for c in args.cpuset.split(",")] if args.cpuset else None,
            "period_us": args.period_us, "cpu": args.cpu, "time_scale": args.time_scale, "no_memory": args.no_memory,
+           "no_model_speed": args.no_model_speed,
            "host_speed": args.host_speed if args.host_speed == "auto" else float(args.host_speed),
            "stage_start_s": workers_stage_start() if args.stage_start == "workers" else None}
     if emu["host_speed"] == "auto":
         from edgepart.runtime.emulate import HostSpeedProbe
         emu["probe"] = HostSpeedProbe(PROFILE, emu["cpuset"], kind=args.probe)
     t = time.perf_counter()
-    cells = run(model_names, bands, args.requests, args.warmup, emu, args.time_limit, args.baselines)
+    cells = run(model_names, bands, args.requests, args.warmup, emu, args.time_limit, args.baselines,
+                rounds=max(1, args.rounds))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps({"emulation": {k: v for k, v in emu.items() if k != "probe"},
                                                          "cells": cells}, indent=1))
     write_markdown(cells, RESULTS / f"{args.out}.md", " ".join(sys.argv[1:] if argv is None else argv), emu,
-                   args.requests, args.warmup)
+                   args.requests, args.warmup, max(1, args.rounds))
     plot(cells, RESULTS / f"{args.out}.png")
     print(f"done in {time.perf_counter() - t:.0f} s; wrote {RESULTS / args.out}.{{json,md,png}}")
 

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     model, (x0,) = models.get(args.model, input_size=size)
     profile = HOST_PROFILE if HOST_PROFILE.is_file() and not args.no_profile else None
     emulate = not args.no_emulate
-    probe, cpuset, memory_speed, calibration = None, None, 1.0, {}
+    probe, cpuset, memory_speed, calibration, model_speed = None, None, 1.0, {}, None
     if emulate and profile is not None:
         from edgepart.runtime.emulate import HostSpeedProbe, netns_available
         if netns_available()[0]:
@@ -122,18 +122,20 @@ def main(argv: list[str] | None = None) -> int:
             # Online step of DCFP: the emulator keeps each device's CPU speed as declared whatever
             # the host's speed now, but memory bandwidth drifts on its own — measure it and plan with it.
             # Op types drift apart too (memory-bound ones slow down most when others share the caches):
-            # time this model's own layers, so each op type is calibrated where the model spends its time.
+            # time this model's own layers, so each op type is calibrated where the model spends its time,
+            # and the model whole, which its layers timed one by one do not add up to.
             from edgepart.compiler.cost import node_info
             from edgepart.compiler.plan import compute_nodes
             from edgepart.compiler.trace import trace
             from edgepart.passes import analyse
             nodes = [node_info(n) for n in compute_nodes(analyse(trace(model, (x0,))))]
-            cal = probe.calibrate(2.0, nodes=nodes)
-            memory_speed, calibration = cal["memory_speed"], cal["calibration"]
+            cal = probe.calibrate(2.0, nodes=nodes, forward=lambda: model(x0))
+            memory_speed, calibration, model_speed = cal["memory_speed"], cal["calibration"], cal["model_speed"]
     cluster = edgepart.Cluster.from_dict(demo_cluster(profile, memory_speed, calibration))
     print(f"model {args.model} at {size}x{size}; cluster: {cluster}; strategy {strategy}")
     if probe is not None:
         print(f"online calibration (speed now ÷ profiled, relative to the CPU's): memory {memory_speed:.2f}; "
+              f"model whole {model_speed:.2f}; op types (× model) "
               + ", ".join(f"{f} {v:.2f}" for f, v in calibration.items()))
     g = torch.Generator().manual_seed(1)
     inputs = [torch.randn(x0.shape, generator=g) for _ in range(args.requests)]

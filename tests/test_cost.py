@@ -232,3 +232,35 @@ def test_probe_calibration_is_relative_to_the_host_speed(host):
     cl = Cluster.from_dict({"devices": [{"name": "a", "profile": str(HOST), "memory_speed": cal["memory_speed"],
                                          "calibration": cal["calibration"]}]})
     assert dict(cl.device("a").calibration) == cal["calibration"]
+
+
+def test_model_speed_times_the_model_whole(host):
+    """The calibrated prediction of a whole forward pass ÷ its measured time: a pass that does the
+    work twice reads half the speed (timed for real), and one disturbed timing is clamped."""
+    from edgepart.runtime.emulate import model_speed
+    model, (x,) = models.get("resnet18", input_size=64)
+    infos = [node_info(n) for n in compute_nodes(analyse(trace(model, (x,))))]
+    once = model_speed(host, infos, {}, 1.0, lambda: model(x), budget_s=0.5)
+    twice = model_speed(host, infos, {}, 1.0, lambda: (model(x), model(x)), budget_s=0.5)
+    assert twice / once == pytest.approx(0.5, rel=0.3), (once, twice)
+    # a calibration that says conv runs twice as fast as profiled halves conv's share of the prediction
+    faster = model_speed(host, infos, {"conv": 2.0}, 1.0, lambda: model(x), budget_s=0.5)
+    assert faster < once
+    assert model_speed(host, infos, {}, 1.0, lambda: model(x), relative_to=1e3, budget_s=0.2) == 0.5
+
+
+def test_probe_calibration_with_the_model_whole(host):
+    """calibrate(forward=...) scales every op type of the model (linear too) by its model speed."""
+    from edgepart.runtime.emulate import HostSpeedProbe
+    model, (x,) = models.get("resnet18", input_size=64)
+    infos = [node_info(n) for n in compute_nodes(analyse(trace(model, (x,))))]
+    cal = HostSpeedProbe(host, kind="layers").calibrate(0.4, rounds=1, family_budget_s=1.0, nodes=infos,
+                                                          forward=lambda: model(x))
+    k = cal["model_speed"]
+    assert 0.5 <= k <= 2.0 and cal["rounds"][0]["model_speed"] == pytest.approx(k, abs=1e-3)
+    per_type = cal["rounds"][0]["calibration"]
+    assert "linear" not in per_type and cal["calibration"]["linear"] == pytest.approx(k, abs=2e-3)
+    for f, v in per_type.items():
+        assert cal["calibration"][f] == pytest.approx(v * k, abs=2e-3), f
+    assert HostSpeedProbe(host, kind="layers").calibrate(0.4, rounds=1, family_budget_s=0.5,
+                                                         nodes=infos)["model_speed"] is None

@@ -57,6 +57,7 @@ import os
 import shutil
 import subprocess
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 
 log = logging.getLogger("edgepart.emulate")
@@ -462,7 +463,7 @@ class HostSpeedProbe:
         return r
 
     def calibrate(self, budget_s: float = 2.0, rounds: int = 3, family_budget_s: float = 3.0,
-                  nodes: list[dict] | None = None) -> dict:
+                  nodes: list[dict] | None = None, forward: Callable[[], object] | None = None) -> dict:
         """The online calibration of an emulated device's cost model, measured now: {"host_speed",
         "memory_speed" and "calibration" (per op type), both relative to host_speed — the emulator
         already scales CPU time by it} (the cluster's device keys ``memory_speed``, ``calibration``).
@@ -472,21 +473,43 @@ class HostSpeedProbe:
         over the rounds, so one round that another program slowed down part-way (the op types read
         0.6x of the host speed it had just measured, say) does not skew the plan. ``nodes``: the
         node infos of the model to plan, timed instead of the profile's records
-        (:func:`measure_family_speeds`)."""
+        (:func:`measure_family_speeds`).
+
+        ``forward`` (with ``nodes``): the model's whole forward pass on one thread. Its layers timed
+        one by one miss what running them in sequence does (caches warm from the layer before, or
+        cold after it; the per-layer in-network correction of the profile is fitted on synthetic
+        networks and overshoots models of many small layers — MobileNetV2's 153 nodes read 15–20 %
+        slow), so each round also times the model whole and scales every op type of it by
+        ``model_speed`` = (the cost model's prediction of that pass with these calibrations) ÷
+        (its measured time × host speed): the device's calibrated prediction of the whole model is
+        then what was measured, and the op types keep the proportions their own layers showed."""
         import statistics
         per_round = []
         for _ in range(max(1, rounds)):
             m = self.measure(budget_s / max(1, rounds))
             hs = m["host_speed"]
-            per_round.append((hs, m["memory_speed"] / hs if m.get("memory_speed") else 1.0,
-                              measure_family_speeds(self.profile, cpuset=self.cpuset, relative_to=hs,
-                                                    budget_s=family_budget_s / max(1, rounds), nodes=nodes)))
-        families = sorted({f for _, _, cal in per_round for f in cal})
+            ms = m["memory_speed"] / hs if m.get("memory_speed") else 1.0
+            cal = measure_family_speeds(self.profile, cpuset=self.cpuset, relative_to=hs,
+                                        budget_s=family_budget_s / max(1, rounds), nodes=nodes)
+            k = None
+            if forward is not None and nodes:
+                k = model_speed(self.profile, nodes, cal, ms, forward, hs, cpuset=self.cpuset,
+                                budget_s=family_budget_s / max(1, rounds))
+            per_round.append((hs, ms, cal, k))
+        families = sorted({f for _, _, cal, _ in per_round for f in cal})
+        calibration = {f: statistics.median(cal[f] for _, _, cal, _ in per_round if f in cal) for f in families}
+        ks = [k for *_, k in per_round if k is not None]
+        k = statistics.median(ks) if ks else None
+        if k is not None:
+            from edgepart.fcpm.ops import family
+            for f in {family(n) for n in nodes} - {"trivial"}:
+                calibration[f] = calibration.get(f, 1.0) * k
         return {"host_speed": statistics.median(r[0] for r in per_round),
                 "memory_speed": round(statistics.median(r[1] for r in per_round), 3),
-                "calibration": {f: round(statistics.median(cal[f] for _, _, cal in per_round if f in cal), 3)
-                                for f in families},
-                "rounds": [{"host_speed": hs, "memory_speed": ms, "calibration": cal} for hs, ms, cal in per_round]}
+                "calibration": {f: round(v, 3) for f, v in sorted(calibration.items())},
+                "model_speed": None if k is None else round(k, 3),
+                "rounds": [{"host_speed": hs, "memory_speed": ms, "calibration": cal, "model_speed": k}
+                           for hs, ms, cal, k in per_round]}
 
 
 @contextmanager
@@ -563,6 +586,32 @@ def measure_family_speeds(profile, per_family: int = 3, budget_s: float = 3.0, c
     # clamped: one odd timing must not make a family look 10x off
     return {fam: round(min(5.0, max(0.2, float(np.median(v)) / relative_to)), 3)
             for fam, v in sorted(ratios.items())}
+
+
+def model_speed(profile, nodes: list[dict], calibration: dict[str, float], memory_speed: float,
+                forward: Callable[[], object], relative_to: float = 1.0, cpuset: list[int] | None = None,
+                budget_s: float = 1.0) -> float:
+    """How fast a whole model runs now relative to its calibrated prediction: Σ over ``nodes`` of the
+    profile's in-network prediction ÷ the op type's ``calibration`` (memory-bound share ÷
+    ``memory_speed``, as ``CostModel.compute_time`` does) ÷ (``forward()``'s thread CPU time ×
+    ``relative_to``). Clamped to 0.5–2: one disturbed timing must not halve every prediction."""
+    import time
+
+    from edgepart.fcpm.ops import family, time_callable
+    predicted = 0.0
+    for info in nodes:
+        t = profile.predict(info, None)
+        if family(info) == "trivial":
+            continue
+        t /= calibration.get(family(info), 1.0)
+        if memory_speed != 1.0:
+            m = profile.memory_bound_fraction(info, None, t)
+            t *= (1.0 - m) + m / memory_speed
+        predicted += t
+    with _pinned_one_thread(cpuset):
+        measured = time_callable(forward, target_s=budget_s, min_repeats=3, max_repeats=20,
+                                 clock=time.thread_time)["t"]
+    return min(2.0, max(0.5, predicted / max(measured * relative_to, 1e-9)))
 
 
 def _retime_nodes(prof, nodes: list[dict], budget_s: float) -> dict[str, tuple[float, float]]:
