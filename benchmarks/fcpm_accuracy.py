@@ -408,7 +408,7 @@ def main(argv=None):
                 elif k[0] == "region":
                     reg = regions[k[1]]
                     rr = region_rows(reg["infos"], reg["rows"])
-                    p = sum(prof.predict(i, r, L, context="isolated") for i, r in zip(reg["infos"], rr))
+                    p = sum(prof.predict(i, r, L) for i, r in zip(reg["infos"], rr))   # in-network correction included
                     b = sum(prof.predict(i, r, L, which="baseline") for i, r in zip(reg["infos"], rr))
                     name = "regions (whole)" if reg["rows"] == reg["infos"][-1]["rows"] else "regions (row slices)"
                     trip = (p, b, t)
@@ -472,7 +472,8 @@ def report(results, corrected, loads, prof, meta, n_cfg, n_test, n_layers, n_sli
              f"Fitted on 70 % of the {n_cfg} sweep configurations (all load levels); tested on the other {n_test} "
              f"configurations, {n_layers} distinct zoo layers (never in the sweep) and {n_slices} row slices of them, "
              f"and {n_regions} fused regions (2–6 consecutive row-local zoo layers run as one, whole and sliced, "
-             "predicted as the sum of their layers).", "",
+             "predicted as the sum of their layers' predictions with the in-network correction, as the planner's "
+             "cost model predicts a stage).", "",
              "acc±10% = share of predictions within ±10 % of measured (nn-Meter's definition). "
              "Baseline = latency linear in FLOPs per layer type and load level (Neurosurgeon style). "
              "*Re-timing agreement* = share of the set's jobs whose two pass medians agree within ±10 %: "
