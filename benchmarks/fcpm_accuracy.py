@@ -42,6 +42,7 @@ from edgepart.fcpm.features import clean_info, features  # noqa: E402
 from edgepart.fcpm.load import BackgroundLoad, cpu_count  # noqa: E402
 from edgepart.fcpm.model import CANDIDATES, DeviceProfile, metrics  # noqa: E402
 from edgepart.fcpm.ops import Runner, family, geometry, time_callable  # noqa: E402
+from results_notes import write_keeping_analysis  # noqa: E402
 from edgepart.fcpm.profiler import design_nets, design_sweep, device_meta, measure_nets, net_infos  # noqa: E402
 from edgepart.passes import analyse  # noqa: E402
 
@@ -452,7 +453,7 @@ def main(argv=None):
     md = report(results, corrected, loads, prof, meta, len(configs), len(test_cids), len(layers), len(slices),
                 len(regions), t_meas, seq_fit)
     print(md)
-    (out / f"fcpm_accuracy{sfx}.md").write_text(md)
+    write_keeping_analysis(out / f"fcpm_accuracy{sfx}.md", md)
     (out / f"fcpm_accuracy{sfx}.json").write_text(json.dumps(
         {"meta": meta, "loads": loads, "chosen_models": prof.summary(),
          "results": {str(L): v for L, v in results.items()},

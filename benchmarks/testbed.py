@@ -52,6 +52,8 @@ from edgepart.compiler.simulator import simulate  # noqa: E402
 from edgepart.compiler.trace import trace  # noqa: E402
 from edgepart.passes import analyse  # noqa: E402
 
+from results_notes import write_keeping_analysis  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 PROFILE = ROOT / "profiles" / "host.json"
 MODELS = {"vgg16": 160, "resnet18": 224, "yolov2_tiny": 256, "mobilenet_v2": 224}
@@ -341,7 +343,7 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
                     row.append(f"{v['compute_s'] * 1e3:.1f} / {v['predicted_compute_s'] * 1e3:.1f} "
                                f"(thr {v['throttled_periods']:.0f}, pf {v.get('page_faults', 0):.0f})")
             lines.append(f"| {c['model']} | {c['mbps']:g} | {s} | " + " | ".join(row) + f" | {r['host_speed']:.3f} |")
-    path.write_text("\n".join(lines) + "\n")
+    write_keeping_analysis(path, "\n".join(lines) + "\n")
 
 
 def plot(cells, path: Path) -> None:
