@@ -478,8 +478,8 @@ class HostSpeedProbe:
         ``forward`` (with ``nodes``): the model's whole forward pass on one thread. Its layers timed
         one by one miss what running them in sequence does (caches warm from the layer before, or
         cold after it; the per-layer in-network correction of the profile is fitted on synthetic
-        networks and overshoots models of many small layers — MobileNetV2's 153 nodes read 15–20 %
-        slow), so each round also times the model whole and scales every op type of it by
+        networks and misses zoo models by 5–25 %, either way depending on the host's state when it
+        was profiled — MobileNetV2 +17 % with one profile of this VM, −23 % with the next), so each round also times the model whole and scales every op type of it by
         ``model_speed`` = (the cost model's prediction of that pass with these calibrations) ÷
         (its measured time × host speed): the device's calibrated prediction of the whole model is
         then what was measured, and the op types keep the proportions their own layers showed."""
