@@ -240,13 +240,16 @@ def test_model_speed_times_the_model_whole(host):
     from edgepart.runtime.emulate import model_speed
     model, (x,) = models.get("resnet18", input_size=64)
     infos = [node_info(n) for n in compute_nodes(analyse(trace(model, (x,))))]
-    once = model_speed(host, infos, {}, 1.0, lambda: model(x), budget_s=0.5)
-    twice = model_speed(host, infos, {}, 1.0, lambda: (model(x), model(x)), budget_s=0.5)
+    free = (1e-6, 1e6)       # unclamped: the ratio itself (this host may be far from the profile's speed)
+    once = model_speed(host, infos, {}, 1.0, lambda: model(x), budget_s=0.5, bounds=free)
+    twice = model_speed(host, infos, {}, 1.0, lambda: (model(x), model(x)), budget_s=0.5, bounds=free)
     assert twice / once == pytest.approx(0.5, rel=0.3), (once, twice)
     # a calibration that says conv runs twice as fast as profiled halves conv's share of the prediction
-    faster = model_speed(host, infos, {"conv": 2.0}, 1.0, lambda: model(x), budget_s=0.5)
+    faster = model_speed(host, infos, {"conv": 2.0}, 1.0, lambda: model(x), budget_s=0.5, bounds=free)
     assert faster < once
+    # clamped by default
     assert model_speed(host, infos, {}, 1.0, lambda: model(x), relative_to=1e3, budget_s=0.2) == 0.5
+    assert model_speed(host, infos, {}, 1.0, lambda: model(x), relative_to=1e-3, budget_s=0.2) == 2.0
 
 
 def test_probe_calibration_with_the_model_whole(host):

@@ -590,11 +590,11 @@ def measure_family_speeds(profile, per_family: int = 3, budget_s: float = 3.0, c
 
 def model_speed(profile, nodes: list[dict], calibration: dict[str, float], memory_speed: float,
                 forward: Callable[[], object], relative_to: float = 1.0, cpuset: list[int] | None = None,
-                budget_s: float = 1.0) -> float:
+                budget_s: float = 1.0, bounds: tuple[float, float] = (0.5, 2.0)) -> float:
     """How fast a whole model runs now relative to its calibrated prediction: Σ over ``nodes`` of the
     profile's in-network prediction ÷ the op type's ``calibration`` (memory-bound share ÷
     ``memory_speed``, as ``CostModel.compute_time`` does) ÷ (``forward()``'s thread CPU time ×
-    ``relative_to``). Clamped to 0.5–2: one disturbed timing must not halve every prediction."""
+    ``relative_to``). Clamped to ``bounds`` (0.5–2): one disturbed timing must not halve every prediction."""
     import time
 
     from edgepart.fcpm.ops import family, time_callable
@@ -611,7 +611,7 @@ def model_speed(profile, nodes: list[dict], calibration: dict[str, float], memor
     with _pinned_one_thread(cpuset):
         measured = time_callable(forward, target_s=budget_s, min_repeats=3, max_repeats=20,
                                  clock=time.thread_time)["t"]
-    return min(2.0, max(0.5, predicted / max(measured * relative_to, 1e-9)))
+    return min(bounds[1], max(bounds[0], predicted / max(measured * relative_to, 1e-9)))
 
 
 def _retime_nodes(prof, nodes: list[dict], budget_s: float) -> dict[str, tuple[float, float]]:
