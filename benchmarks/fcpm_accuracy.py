@@ -42,9 +42,10 @@ from edgepart.fcpm.features import clean_info, features  # noqa: E402
 from edgepart.fcpm.load import BackgroundLoad, cpu_count  # noqa: E402
 from edgepart.fcpm.model import CANDIDATES, DeviceProfile, metrics  # noqa: E402
 from edgepart.fcpm.ops import Runner, family, geometry, time_callable  # noqa: E402
-from results_notes import write_keeping_analysis  # noqa: E402
 from edgepart.fcpm.profiler import design_nets, design_sweep, device_meta, measure_nets, net_infos  # noqa: E402
 from edgepart.passes import analyse  # noqa: E402
+
+from results_notes import write_keeping_analysis  # noqa: E402
 
 ROW_LOCAL = {"conv2d", "max_pool2d", "avg_pool2d", "batch_norm", "activation", "pointwise", "interpolate", "pad"}
 ZOO = ["resnet18", "mobilenet_v2", "alexnet", "inception", "yolov2_tiny", "se_resnet", "unet", "tinynet", "resnet50",

@@ -320,10 +320,10 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
             mark = "" if abs(r["error"]) <= TOLERANCE else " ⚠"
             per_round = [a / b for a, b in zip(single.get("round_medians", []), r.get("round_medians", []))]
             per_round_txt = " / ".join(f"{x:.2f}" for x in per_round) if len(per_round) > 1 else "–"
-            same = " (= single's plan)" if s == "ofpm" and c.get("same_plan_as_single") else ""
+            same_mark = " (= single's plan)" if s == "ofpm" and c.get("same_plan_as_single") else ""
             lines.append(f"| {c['model']}@{c['input']} | {c['mbps']:g} | {s}{' (' + c['ofpm_source'] + ')' if s == 'ofpm' else ''} | "
                          f"{r['predicted'] * 1e3:.1f} | {r['median'] * 1e3:.1f} | {err:+.1f}%{mark} | "
-                         f"{r['min'] * 1e3:.0f}–{r['max'] * 1e3:.0f} | {single['median'] / r['median']:.2f}{same} | "
+                         f"{r['min'] * 1e3:.0f}–{r['max'] * 1e3:.0f} | {single['median'] / r['median']:.2f}{same_mark} | "
                          f"{per_round_txt} | "
                          f"{single['predicted'] / r['predicted']:.2f} | {r['stages']} | {','.join(r['devices_used'])} |")
     lines += ["", "## Per-device compute (ms per request: measured / predicted)", "",

@@ -71,6 +71,20 @@ def node_info(node) -> dict[str, Any]:
             "in_shapes": [tuple(a.meta["shape"]) for a in tensor_inputs]}
 
 
+def calibrated_prediction(prof, info: dict, rows: int | None, load: float = 0.0,
+                          calibration: dict[str, float] | None = None, memory_speed: float = 1.0) -> float:
+    """Seconds the profiled machine needs for ``rows`` rows of ``info`` as calibrated online: the
+    profile's prediction ÷ the ``calibration`` of the node's op type, with its memory-bound share
+    ÷ ``memory_speed`` (see :class:`CostModel`)."""
+    t = prof.predict(info, rows, load)
+    if calibration:
+        t /= calibration.get(op_family(info), 1.0)
+    if memory_speed != 1.0 and hasattr(prof, "memory_bound_fraction"):
+        m = prof.memory_bound_fraction(info, rows, t)
+        t *= (1.0 - m) + m / memory_speed
+    return t
+
+
 class CostModel:
     def __init__(self, cluster: Cluster, profiles: dict[str, DeviceProfile] | None = None,
                  loads: dict[str, float] | None = None, reference_flops: float = REFERENCE_FLOPS,
@@ -127,14 +141,8 @@ class CostModel:
             return 0.0
         prof = self.profiles.get(device)
         if prof is not None:
-            t = prof.predict(info, rows, self.loads.get(device, 0.0))
-            cal = self.calibration.get(device)
-            if cal:
-                t /= cal.get(op_family(info), 1.0)
-            ms = self.memory_speed.get(device, 1.0)
-            if ms != 1.0 and hasattr(prof, "memory_bound_fraction"):
-                m = prof.memory_bound_fraction(info, rows, t)
-                t *= (1.0 - m) + m / ms
+            t = calibrated_prediction(prof, info, rows, self.loads.get(device, 0.0), self.calibration.get(device),
+                                      self.memory_speed.get(device, 1.0))
             t += self.runtime_overhead(info, rows)
             return t / self._speed(device)
         self.warn_fallback()

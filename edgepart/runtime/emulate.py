@@ -592,22 +592,15 @@ def model_speed(profile, nodes: list[dict], calibration: dict[str, float], memor
                 forward: Callable[[], object], relative_to: float = 1.0, cpuset: list[int] | None = None,
                 budget_s: float = 1.0, bounds: tuple[float, float] = (0.5, 2.0)) -> float:
     """How fast a whole model runs now relative to its calibrated prediction: Σ over ``nodes`` of the
-    profile's in-network prediction ÷ the op type's ``calibration`` (memory-bound share ÷
-    ``memory_speed``, as ``CostModel.compute_time`` does) ÷ (``forward()``'s thread CPU time ×
+    profile's in-network prediction as calibrated (``cost.calibrated_prediction``, what
+    ``CostModel.compute_time`` charges before the runtime's own overhead) ÷ (``forward()``'s thread CPU time ×
     ``relative_to``). Clamped to ``bounds`` (0.5–2): one disturbed timing must not halve every prediction."""
     import time
 
+    from edgepart.compiler.cost import calibrated_prediction
     from edgepart.fcpm.ops import family, time_callable
-    predicted = 0.0
-    for info in nodes:
-        t = profile.predict(info, None)
-        if family(info) == "trivial":
-            continue
-        t /= calibration.get(family(info), 1.0)
-        if memory_speed != 1.0:
-            m = profile.memory_bound_fraction(info, None, t)
-            t *= (1.0 - m) + m / memory_speed
-        predicted += t
+    predicted = sum(calibrated_prediction(profile, info, None, 0.0, calibration, memory_speed)
+                    for info in nodes if family(info) != "trivial")
     with _pinned_one_thread(cpuset):
         measured = time_callable(forward, target_s=budget_s, min_repeats=3, max_repeats=20,
                                  clock=time.thread_time)["t"]
