@@ -64,14 +64,17 @@ TOLERANCE = 0.15
 
 
 def make_cluster(mbps: float, profile: Path = PROFILE, memory_speed: float = 1.0,
-                 calibration: dict | None = None, stage_start_s: float | None = None) -> Cluster:
+                 calibration: dict | None = None, stage_start_s: float | None = None,
+                 row_shapes: dict | None = None) -> Cluster:
     """The testbed's cluster; ``stage_start_s``: seconds of the profiled machine a stage start costs
-    (each device's ``stage_start_ms`` is it ÷ speed; None: the cost model's constant)."""
+    (each device's ``stage_start_ms`` is it ÷ speed; None: the cost model's constant); ``row_shapes``:
+    the model's measured row shapes (``emulate.measure_row_shapes``; every device is this host)."""
     extra = lambda s: {} if stage_start_s is None else {"stage_start_ms": stage_start_s * 1e3 / s}  # noqa: E731
     return Cluster.from_dict({
         "source": "phone",
         "devices": [{"name": n, "speed": s, "profile": str(profile), "memory_speed": memory_speed,
-                     "calibration": calibration or {}, **extra(s)} for n, s in DEVICES],
+                     "calibration": calibration or {}, "row_shapes": row_shapes or {}, **extra(s)}
+                    for n, s in DEVICES],
         "links": {"default": {"bandwidth_mbps": mbps, "latency_ms": 0.5}}})
 
 
@@ -138,6 +141,7 @@ def measure(bundle_dir: Path, inputs, refs, warmup: int, emu: dict) -> dict:
             worst = max(worst, max_rel_error(y, ref))
         s1, cpu1 = c.stats(), c.emulator.cpu_stat()
         scale, desc = c.time_scale, c.emulation
+        cores = {d: c.emulator.cores(d) for d in s1}
     n = len(inputs)
     per_dev = {}
     for d in s1:
@@ -147,7 +151,13 @@ def measure(bundle_dir: Path, inputs, refs, warmup: int, emu: dict) -> dict:
                       "bytes_sent": (b.get("bytes_sent", 0) - a.get("bytes_sent", 0)) / n,
                       "throttled_periods": (th.get("nr_throttled", 0) - th0.get("nr_throttled", 0)) / n,
                       # minor page faults in the worker's stages: what the workers' malloc settings keep at ~0
-                      "page_faults": sum(v - a.get(k, 0) for k, v in b.items() if k.startswith("stage_faults:")) / n}
+                      "page_faults": sum(v - a.get(k, 0) for k, v in b.items() if k.startswith("stage_faults:")) / n,
+                      # per stage, per request: wall time (emulated device's time) and raw CPU time of this host
+                      "stages": {k.split(":", 1)[1]: {"wall_s": (v - a.get(k, 0)) * 1e-6 * scale / n,
+                                                      "cpu_s": (b.get("stage_cpu_us:" + k.split(":", 1)[1], 0)
+                                                                - a.get("stage_cpu_us:" + k.split(":", 1)[1], 0)) * 1e-6 / n}
+                                 for k, v in b.items() if k.startswith("stage_us:")},
+                      "cores": cores.get(d)}
     lat_s = [t * scale for t in lat]
     return {"latencies": lat_s, "median": statistics.median(lat_s), "min": min(lat_s), "max": max(lat_s),
             "worst_rel_error": worst, "time_scale": scale, "host_speed": statistics.median(hss) if hss else hs0,
@@ -163,9 +173,16 @@ def merge_rounds(runs: list[dict]) -> dict:
     devices: dict[str, dict] = {}
     for r in runs:
         for d, v in r["devices"].items():
-            acc = devices.setdefault(d, {k: 0.0 for k in v})
+            acc = devices.setdefault(d, {})
+            w = len(r["latencies"]) / len(lat)
             for k, x in v.items():
-                acc[k] += x * len(r["latencies"]) / len(lat)
+                if k == "stages":
+                    for st, fig in x.items():
+                        a = acc.setdefault("stages", {}).setdefault(st, {f: 0.0 for f in fig})
+                        for f, y in fig.items():
+                            a[f] += y * w
+                elif x is not None:
+                    acc[k] = acc.get(k, 0.0) + x * w
     return {"latencies": lat, "median": statistics.median(lat), "min": min(lat), "max": max(lat),
             "round_medians": [r["median"] for r in runs],
             "worst_rel_error": max(r["worst_rel_error"] for r in runs),
@@ -187,6 +204,15 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
         inputs = [torch.randn(x0.shape, generator=g) for _ in range(n_requests)]
         with torch.no_grad():
             refs = [model(x) for x in inputs]
+        row_shapes = {}
+        if emu.get("probe") is not None and not emu.get("no_memory") and not emu.get("no_row_shapes"):
+            # how the model's layers scale with the rows of a slice: structural, measured once per model
+            from edgepart.runtime.emulate import measure_row_shapes
+            t = time.perf_counter()
+            row_shapes = measure_row_shapes(emu["probe"].profile,
+                                            [node_info(n) for n in compute_nodes(analyse(trace(model, (x0,))))],
+                                            cpuset=emu.get("cpuset"))
+            log(f"{name}: row shapes of {len(row_shapes)} layers measured in {time.perf_counter() - t:.1f} s", flush=True)
         for mbps in bands:
             # online calibration (DCFP): memory bandwidth relative to the profile, ÷ the CPU speed the
             # emulator normalises away; measured now, planned and predicted with
@@ -198,7 +224,7 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
                                              forward=None if emu.get("no_model_speed") else (lambda: model(x0)))
                 memory_speed, calibration, model_speed = cal["memory_speed"], cal["calibration"], cal["model_speed"]
             cl = make_cluster(mbps, memory_speed=memory_speed, calibration=calibration,
-                              stage_start_s=emu.get("stage_start_s"))
+                              stage_start_s=emu.get("stage_start_s"), row_shapes=row_shapes)
             gm = trace(model, (x0,))
             analyse(gm, cl)
             cost = CostModel(cl)
@@ -221,6 +247,7 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
             chosen = ["ofpm", "single"] + distinct[:n_baselines]
             cell = {"model": name, "input": size, "mbps": mbps, "ofpm_source": res.source, "solve_s": solve_s,
                     "memory_speed": memory_speed, "calibration": calibration, "model_speed": model_speed,
+                    "row_shapes": row_shapes,
                     "predicted_all": {s: p.latency for s, p in pred.items()}, "runs": {}}
             cell["same_plan_as_single"] = plans["ofpm"].to_dict()["stages"] == plans["single"].to_dict()["stages"]
             with tempfile.TemporaryDirectory(prefix="edgepart-testbed-") as tmp:
@@ -241,6 +268,14 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
                     m["error"] = m["median"] / sim.latency - 1.0
                     for dev, v in m["devices"].items():
                         v["predicted_compute_s"] = sim.devices.get(dev, {}).get("compute", 0.0)
+                        for r in sim.runs:
+                            if r.device == dev and str(r.stage) in v.get("stages", {}):
+                                # how long other devices compute while this stage runs (simulated): on the
+                                # testbed they share one core with it
+                                v["stages"][str(r.stage)].update(
+                                    predicted_s=r.end - r.start,
+                                    co_running_s=sum(max(0.0, min(r.end, o.end) - max(r.start, o.start))
+                                                     for o in sim.runs if o.device != dev))
                     m["stages"] = len(plans[s].stages)
                     m["devices_used"] = sorted(plans[s].devices())
                     cell["runs"][s] = m
@@ -295,6 +330,13 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
              + (f"Stage start: {emu['stage_start_s'] * 1e6:.0f} µs of the profiled machine ÷ speed per (device, stage) "
                 "(each device's `stage_start_ms`), as `stage_start.py` measured it inside the emulated workers. "
                 if emu.get("stage_start_s") is not None else "Stage start: the cost model's constant. ")
+             + ("Row shapes (each device's `row_shapes`): every layer of the model with more than one row timed at "
+                "up to 10 slice sizes (`emulate.measure_row_shapes`), so a slice costs its measured share of the "
+                "whole layer rather than the profile's — layers shaped / largest factor at 1 row per model: "
+                + "; ".join(f"{c['model']} {len(c['row_shapes'])} / "
+                            f"{max((pts[0][1] for pts in c['row_shapes'].values()), default=1.0):.2f}"
+                            for c in cells if c["mbps"] == cells[0]["mbps"]) + ". "
+                if any(c.get("row_shapes") for c in cells) else "Row shapes: the profile's. ")
              + "Every output matched the original model.", "",
              f"Emulation of the first run: `{desc}`", "",
              "## Headline", "",
@@ -402,6 +444,9 @@ def main(argv=None):
     ap.add_argument("--time-scale", type=float, default=None)
     ap.add_argument("--no-model-speed", action="store_true",
                     help="calibrate op types on the model's layers only, without timing the model whole")
+    ap.add_argument("--no-row-shapes", action="store_true",
+                    help="predict slices with the profile's row scaling (no online timing of the model's layers "
+                         "at slice sizes, emulate.measure_row_shapes)")
     ap.add_argument("--no-memory", action="store_true",
                     help="plan and predict with the profile as it is (no online memory speed / op-type calibration)")
     ap.add_argument("--stage-start", default="workers", choices=["workers", "constant"],
@@ -415,7 +460,7 @@ def main(argv=None):
     bands = args.bands or ([1000] if args.quick else BANDS)
     emu = {"probe": None, "cpuset": [int(c) for c in args.cpuset.split(",")] if args.cpuset else None,
            "period_us": args.period_us, "cpu": args.cpu, "time_scale": args.time_scale, "no_memory": args.no_memory,
-           "no_model_speed": args.no_model_speed,
+           "no_model_speed": args.no_model_speed, "no_row_shapes": args.no_row_shapes,
            "host_speed": args.host_speed if args.host_speed == "auto" else float(args.host_speed),
            "stage_start_s": workers_stage_start() if args.stage_start == "workers" else None}
     if emu["host_speed"] == "auto":

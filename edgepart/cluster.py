@@ -37,6 +37,27 @@ class Device:
     # in its own time; None: the runtime's measured constant (cost.RUNTIME_STAGE_S) ÷ speed on a
     # profiled device, 0 without a profile
     stage_start_ms: float | None = None
+    # per node of the model being planned: how a slice of r rows really costs relative to the
+    # profile's prediction, ÷ the same ratio for the whole node, measured at a few row counts
+    # ((rows, factor), ...) (emulate.measure_row_shapes); a node without one keeps the prediction
+    row_shapes: tuple[tuple[str, tuple[tuple[int, float], ...]], ...] = ()
+
+
+def _row_shapes(dev: dict) -> tuple:
+    shapes = dev.get("row_shapes") or {}
+    hint = "row_shapes must map node names to [[rows, factor], ...] with rows ascending from 1 and factors > 0"
+    if not isinstance(shapes, dict):
+        raise ClusterError(f"device {dev['name']!r}: {hint}")
+    out = []
+    for node, pts in sorted(shapes.items()):
+        try:
+            pts = tuple((int(r), float(f)) for r, f in pts)
+        except (TypeError, ValueError):
+            raise ClusterError(f"device {dev['name']!r}, node {node!r}: {hint}") from None
+        if not pts or any(r < 1 or not f > 0 for r, f in pts) or any(a[0] >= b[0] for a, b in zip(pts, pts[1:])):
+            raise ClusterError(f"device {dev['name']!r}, node {node!r}: {hint}; got {list(pts)}")
+        out.append((str(node), pts))
+    return tuple(out)
 
 
 def _calibration(dev: dict) -> tuple[tuple[str, float], ...]:
@@ -116,7 +137,7 @@ class Cluster:
             if not isinstance(dev, dict) or "name" not in dev:
                 raise ClusterError(f"devices[{i}] needs a 'name'")
             unknown = set(dev) - {"name", "speed", "memory_mb", "address", "profile", "memory_speed", "calibration",
-                                  "stage_start_ms"}
+                                  "stage_start_ms", "row_shapes"}
             if unknown:
                 raise ClusterError(f"device {dev['name']!r}: unknown keys {sorted(unknown)}")
             devices.append(Device(name=str(dev["name"]), speed=float(dev.get("speed", 1.0)),
@@ -124,7 +145,8 @@ class Cluster:
                                   profile=str(dev["profile"]) if dev.get("profile") else None,
                                   memory_speed=float(dev.get("memory_speed", 1.0)),
                                   calibration=_calibration(dev),
-                                  stage_start_ms=_number_or_none(dev, "stage_start_ms")))
+                                  stage_start_ms=_number_or_none(dev, "stage_start_ms"),
+                                  row_shapes=_row_shapes(dev)))
         links = d.get("links", {}) or {}
         return cls(devices, links.get("default"), links.get("overrides"), d.get("source"),
                    d.get("shared_medium", False))
@@ -173,6 +195,8 @@ class Cluster:
                 e["calibration"] = dict(d.calibration)
             if d.stage_start_ms is not None:
                 e["stage_start_ms"] = d.stage_start_ms
+            if d.row_shapes:
+                e["row_shapes"] = {node: [list(p) for p in pts] for node, pts in d.row_shapes}
             devs.append(e)
         return {"source": self.source, "shared_medium": self.shared_medium, "devices": devs,
                 "links": {"default": dict(self.default_link), "overrides": copy.deepcopy(self.overrides)}}

@@ -85,6 +85,17 @@ def calibrated_prediction(prof, info: dict, rows: int | None, load: float = 0.0,
     return t
 
 
+def row_shape_factor(shape: list, rows: int) -> float:
+    """The measured row shape (``[[rows, factor], ...]``, rows ascending) at ``rows``: linear between
+    the measured points, the nearest point's factor outside them."""
+    if rows <= shape[0][0]:
+        return float(shape[0][1])
+    for (r0, f0), (r1, f1) in zip(shape, shape[1:]):
+        if rows <= r1:
+            return float(f0 + (f1 - f0) * (rows - r0) / (r1 - r0))
+    return float(shape[-1][1])
+
+
 class CostModel:
     def __init__(self, cluster: Cluster, profiles: dict[str, DeviceProfile] | None = None,
                  loads: dict[str, float] | None = None, reference_flops: float = REFERENCE_FLOPS,
@@ -118,6 +129,8 @@ class CostModel:
             self.memory_speed = {d: float(memory_speed) for d in cluster.names}
         # per device and op type (FCPM family): speed now ÷ when profiled (emulate.measure_family_speeds)
         self.calibration = {d.name: dict(d.calibration) for d in cluster.devices}
+        # per device and node: how a slice really scales with its rows (emulate.measure_row_shapes)
+        self.row_shapes = {d.name: dict(d.row_shapes) for d in cluster.devices}
         self.fallback_devices = [d for d in cluster.names if d not in self.profiles]
         self._warned = False
 
@@ -143,6 +156,9 @@ class CostModel:
         if prof is not None:
             t = calibrated_prediction(prof, info, rows, self.loads.get(device, 0.0), self.calibration.get(device),
                                       self.memory_speed.get(device, 1.0))
+            shape = self.row_shapes.get(device, {}).get(info.get("name"))
+            if shape and rows < total_rows:
+                t *= row_shape_factor(shape, rows)
             t += self.runtime_overhead(info, rows)
             return t / self._speed(device)
         self.warn_fallback()

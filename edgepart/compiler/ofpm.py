@@ -291,7 +291,8 @@ class OFPMModel:
             if d.name == cl.source or d.name in overridden:
                 key = ("own", d.name)
             else:
-                key = (d.speed, d.memory_mb, d.profile, d.memory_speed, d.calibration, d.stage_start_ms)
+                key = (d.speed, d.memory_mb, d.profile, d.memory_speed, d.calibration, d.stage_start_ms,
+                       d.row_shapes)
             seen.setdefault(key, d.name)
         return list(seen.values())
 

@@ -607,6 +607,77 @@ def model_speed(profile, nodes: list[dict], calibration: dict[str, float], memor
     return min(bounds[1], max(bounds[0], predicted / max(measured * relative_to, 1e-9)))
 
 
+def row_points(total: int, max_points: int = 10) -> list[int]:
+    """Row counts at which a node of ``total`` output rows is timed for its row shape: every count up
+    to ``max_points`` rows, else 1, 2, 3 and a geometric series up to ``total`` (the thin slices,
+    where the shape bends, densest)."""
+    if total <= max_points:
+        return list(range(1, total + 1))
+    pts = {1, 2, 3, total}
+    k = max_points - len(pts)
+    for i in range(1, k + 1):
+        pts.add(int(round(3 * (total / 3) ** (i / (k + 1)))))
+    return sorted(p for p in pts if 1 <= p <= total)
+
+
+def measure_row_shapes(profile, nodes: list[dict], budget_s: float = 4.0, cpuset: list[int] | None = None,
+                       min_full_s: float = 100e-6, bounds: tuple[float, float] = (0.5, 3.0)) -> dict[str, list]:
+    """How a model's row-splittable layers really scale with the rows a slice computes, measured now.
+
+    The FCPM predicts a slice of ``r`` of a layer's ``H`` rows from features of the slice; it is
+    least accurate for thin slices of layers with large weights (VGG-16's 512-channel 3×3
+    convolutions at 1–3 of 10 rows ran 1.3–2.5× their prediction on this machine, the whole layer
+    within 10 %), because the weights are read whole however few rows are computed. DCFP's online
+    step knows the model: each of its layers with more than one row (``nodes``, ``cost.node_info``;
+    those predicted under ``min_full_s`` whole are skipped) is timed at the row counts
+    :func:`row_points` picks, and its shape is
+
+        factor(r) = (measured(r) ÷ predicted(r)) ÷ (measured(H) ÷ predicted(H)),
+
+    so factor(H) = 1: the level of the whole layer stays the op-type calibration's and model speed's
+    job (:meth:`HostSpeedProbe.calibrate`); this corrects only how a slice's time follows from it.
+    Returns {node name: [[rows, factor], ...]} (factors clamped to ``bounds``), a ``row_shapes``
+    entry of :class:`edgepart.compiler.cost.CostModel`, which interpolates between the points.
+    Timing: thread CPU, one torch thread, pinned to ``cpuset``, medians of ≥ 3 calls."""
+    import time
+
+    from edgepart.fcpm.ops import Runner, family, time_callable
+    prof = profile if hasattr(profile, "predict") else _load_profile(profile)
+    todo = []
+    for info in nodes:
+        total = int(info.get("rows", 1) or 1)
+        if total <= 1 or family(info) in ("linear", "trivial") or not info.get("name"):
+            continue
+        if prof.predict(info, None, context="isolated") < min_full_s:
+            continue
+        todo.append((info, row_points(total)))
+    n_points = sum(len(p) for _, p in todo) or 1
+    shapes: dict[str, list] = {}
+    with _pinned_one_thread(cpuset):
+        for info, pts in todo:
+            ratio = {}
+            for r in pts:
+                try:
+                    run = Runner(info, r)
+                except Exception:   # noqa: BLE001 — a node the profiler cannot build alone keeps its prediction
+                    ratio = {}
+                    break
+                m = time_callable(run, target_s=budget_s / n_points, min_repeats=3, max_repeats=30,
+                                  warmup_s=0.005, clock=time.thread_time)["t"]
+                ratio[r] = m
+            # measured time never falls as the slice grows (a noisy point must not make a planner prefer
+            # the bigger slice): running max, then relative to the prediction
+            peak = 0.0
+            for r in sorted(ratio):
+                peak = max(peak, ratio[r])
+                ratio[r] = peak / max(prof.predict(info, r, context="isolated"), 1e-9)
+            total = int(info["rows"])
+            if total in ratio and ratio[total] > 0:
+                shapes[info["name"]] = [[r, round(min(bounds[1], max(bounds[0], v / ratio[total])), 3)]
+                                        for r, v in sorted(ratio.items())]
+    return shapes
+
+
 def _retime_nodes(prof, nodes: list[dict], budget_s: float) -> dict[str, tuple[float, float]]:
     """{family: (Σ isolated prediction, Σ measured thread CPU)} over ``nodes`` timed whole."""
     import time
