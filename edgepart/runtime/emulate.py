@@ -655,26 +655,26 @@ def measure_row_shapes(profile, nodes: list[dict], budget_s: float = 4.0, cpuset
     shapes: dict[str, list] = {}
     with _pinned_one_thread(cpuset):
         for info, pts in todo:
-            ratio = {}
+            measured: dict[int, float] = {}
             for r in pts:
                 try:
                     run = Runner(info, r)
                 except Exception:   # noqa: BLE001 — a node the profiler cannot build alone keeps its prediction
-                    ratio = {}
+                    measured = {}
                     break
-                m = time_callable(run, target_s=budget_s / n_points, min_repeats=3, max_repeats=30,
-                                  warmup_s=0.005, clock=time.thread_time)["t"]
-                ratio[r] = m
+                measured[r] = time_callable(run, target_s=budget_s / n_points, min_repeats=3, max_repeats=30,
+                                            warmup_s=0.005, clock=time.thread_time)["t"]
+            total = int(info["rows"])
+            if total not in measured:
+                continue
             # measured time never falls as the slice grows (a noisy point must not make a planner prefer
             # the bigger slice): running max, then relative to the prediction
-            peak = 0.0
-            for r in sorted(ratio):
-                peak = max(peak, ratio[r])
+            ratio, peak = {}, 0.0
+            for r in sorted(measured):
+                peak = max(peak, measured[r])
                 ratio[r] = peak / max(prof.predict(info, r, context="isolated"), 1e-9)
-            total = int(info["rows"])
-            if total in ratio and ratio[total] > 0:
-                shapes[info["name"]] = [[r, round(min(bounds[1], max(bounds[0], v / ratio[total])), 3)]
-                                        for r, v in sorted(ratio.items())]
+            shapes[info["name"]] = [[r, round(min(bounds[1], max(bounds[0], v / ratio[total])), 3)]
+                                    for r, v in sorted(ratio.items())]
     return shapes
 
 
