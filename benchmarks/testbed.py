@@ -65,15 +65,15 @@ TOLERANCE = 0.15
 
 def make_cluster(mbps: float, profile: Path = PROFILE, memory_speed: float = 1.0,
                  calibration: dict | None = None, stage_start_s: float | None = None,
-                 row_shapes: dict | None = None) -> Cluster:
+                 node_calibration: dict | None = None) -> Cluster:
     """The testbed's cluster; ``stage_start_s``: seconds of the profiled machine a stage start costs
-    (each device's ``stage_start_ms`` is it ÷ speed; None: the cost model's constant); ``row_shapes``:
-    the model's measured row shapes (``emulate.measure_row_shapes``; every device is this host)."""
+    (each device's ``stage_start_ms`` is it ÷ speed; None: the cost model's constant); ``node_calibration``:
+    the model's layers measured whole and sliced (``emulate.measure_node_calibration``; every device is this host)."""
     extra = lambda s: {} if stage_start_s is None else {"stage_start_ms": stage_start_s * 1e3 / s}  # noqa: E731
     return Cluster.from_dict({
         "source": "phone",
         "devices": [{"name": n, "speed": s, "profile": str(profile), "memory_speed": memory_speed,
-                     "calibration": calibration or {}, "row_shapes": row_shapes or {}, **extra(s)}
+                     "calibration": calibration or {}, "node_calibration": node_calibration or {}, **extra(s)}
                     for n, s in DEVICES],
         "links": {"default": {"bandwidth_mbps": mbps, "latency_ms": 0.5}}})
 
@@ -204,15 +204,6 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
         inputs = [torch.randn(x0.shape, generator=g) for _ in range(n_requests)]
         with torch.no_grad():
             refs = [model(x) for x in inputs]
-        row_shapes = {}
-        if emu.get("probe") is not None and not emu.get("no_memory") and not emu.get("no_row_shapes"):
-            # how the model's layers scale with the rows of a slice: structural, measured once per model
-            from edgepart.runtime.emulate import measure_row_shapes
-            t = time.perf_counter()
-            row_shapes = measure_row_shapes(emu["probe"].profile,
-                                            [node_info(n) for n in compute_nodes(analyse(trace(model, (x0,))))],
-                                            cpuset=emu.get("cpuset"))
-            log(f"{name}: row shapes of {len(row_shapes)} layers measured in {time.perf_counter() - t:.1f} s", flush=True)
         for mbps in bands:
             # online calibration (DCFP): memory bandwidth relative to the profile, ÷ the CPU speed the
             # emulator normalises away; measured now, planned and predicted with
@@ -223,8 +214,18 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
                 cal = emu["probe"].calibrate(2.0, nodes=[node_info(n) for n in compute_nodes(gm0)],
                                              forward=None if emu.get("no_model_speed") else (lambda: model(x0)))
                 memory_speed, calibration, model_speed = cal["memory_speed"], cal["calibration"], cal["model_speed"]
+            node_calibration = {}
+            if emu.get("probe") is not None and not emu.get("no_memory") and not emu.get("no_node_calibration"):
+                # right after the op types, in the same state of the host: each layer whole and sliced
+                from edgepart.runtime.emulate import measure_node_calibration
+                t = time.perf_counter()
+                node_calibration = measure_node_calibration(emu["probe"].profile,
+                                                            [node_info(n) for n in compute_nodes(gm0)],
+                                                            cpuset=emu.get("cpuset"))
+                log(f"{name} {mbps:g} Mb/s: {len(node_calibration)} layers calibrated in "
+                    f"{time.perf_counter() - t:.1f} s", flush=True)
             cl = make_cluster(mbps, memory_speed=memory_speed, calibration=calibration,
-                              stage_start_s=emu.get("stage_start_s"), row_shapes=row_shapes)
+                              stage_start_s=emu.get("stage_start_s"), node_calibration=node_calibration)
             gm = trace(model, (x0,))
             analyse(gm, cl)
             cost = CostModel(cl)
@@ -247,7 +248,7 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
             chosen = ["ofpm", "single"] + distinct[:n_baselines]
             cell = {"model": name, "input": size, "mbps": mbps, "ofpm_source": res.source, "solve_s": solve_s,
                     "memory_speed": memory_speed, "calibration": calibration, "model_speed": model_speed,
-                    "row_shapes": row_shapes,
+                    "node_calibration": node_calibration,
                     "predicted_all": {s: p.latency for s, p in pred.items()}, "runs": {}}
             cell["same_plan_as_single"] = plans["ofpm"].to_dict()["stages"] == plans["single"].to_dict()["stages"]
             with tempfile.TemporaryDirectory(prefix="edgepart-testbed-") as tmp:
@@ -330,13 +331,16 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
              + (f"Stage start: {emu['stage_start_s'] * 1e6:.0f} µs of the profiled machine ÷ speed per (device, stage) "
                 "(each device's `stage_start_ms`), as `stage_start.py` measured it inside the emulated workers. "
                 if emu.get("stage_start_s") is not None else "Stage start: the cost model's constant. ")
-             + ("Row shapes (each device's `row_shapes`): every layer of the model with more than one row timed at "
-                "up to 10 slice sizes (`emulate.measure_row_shapes`), so a slice costs its measured share of the "
-                "whole layer rather than the profile's — layers shaped / largest factor at 1 row per model: "
-                + "; ".join(f"{c['model']} {len(c['row_shapes'])} / "
-                            f"{max((pts[0][1] for pts in c['row_shapes'].values()), default=1.0):.2f}"
-                            for c in cells if c["mbps"] == cells[0]["mbps"]) + ". "
-                if any(c.get("row_shapes") for c in cells) else "Row shapes: the profile's. ")
+             + ("Per layer (each device's `node_calibration`, `emulate.measure_node_calibration`, measured per cell "
+                "right after the op types): every layer of the model but linear ones timed whole and at up to 10 slice "
+                "sizes, its time ÷ the profile's prediction relative to its op type's (so a layer and a slice of it "
+                "cost what they measured, the op type keeping its level) — layers / range of the whole-layer factors "
+                "per cell: "
+                + "; ".join(f"{c['model']}@{c['mbps']:g} {len(c['node_calibration'])} / "
+                            f"{min(p[-1][1] for p in c['node_calibration'].values()):.2f}–"
+                            f"{max(p[-1][1] for p in c['node_calibration'].values()):.2f}"
+                            for c in cells if c.get("node_calibration")) + ". "
+                if any(c.get("node_calibration") for c in cells) else "Per layer: the op type's calibration. ")
              + "Every output matched the original model.", "",
              f"Emulation of the first run: `{desc}`", "",
              "## Headline", "",
@@ -444,9 +448,9 @@ def main(argv=None):
     ap.add_argument("--time-scale", type=float, default=None)
     ap.add_argument("--no-model-speed", action="store_true",
                     help="calibrate op types on the model's layers only, without timing the model whole")
-    ap.add_argument("--no-row-shapes", action="store_true",
-                    help="predict slices with the profile's row scaling (no online timing of the model's layers "
-                         "at slice sizes, emulate.measure_row_shapes)")
+    ap.add_argument("--no-node-calibration", action="store_true",
+                    help="calibrate per op type only (no online timing of each of the model's layers whole and "
+                         "at slice sizes, emulate.measure_node_calibration)")
     ap.add_argument("--no-memory", action="store_true",
                     help="plan and predict with the profile as it is (no online memory speed / op-type calibration)")
     ap.add_argument("--stage-start", default="workers", choices=["workers", "constant"],
@@ -460,7 +464,7 @@ def main(argv=None):
     bands = args.bands or ([1000] if args.quick else BANDS)
     emu = {"probe": None, "cpuset": [int(c) for c in args.cpuset.split(",")] if args.cpuset else None,
            "period_us": args.period_us, "cpu": args.cpu, "time_scale": args.time_scale, "no_memory": args.no_memory,
-           "no_model_speed": args.no_model_speed, "no_row_shapes": args.no_row_shapes,
+           "no_model_speed": args.no_model_speed, "no_node_calibration": args.no_node_calibration,
            "host_speed": args.host_speed if args.host_speed == "auto" else float(args.host_speed),
            "stage_start_s": workers_stage_start() if args.stage_start == "workers" else None}
     if emu["host_speed"] == "auto":

@@ -37,15 +37,15 @@ class Device:
     # in its own time; None: the runtime's measured constant (cost.RUNTIME_STAGE_S) ÷ speed on a
     # profiled device, 0 without a profile
     stage_start_ms: float | None = None
-    # per node of the model being planned: how a slice of r rows really costs relative to the
-    # profile's prediction, ÷ the same ratio for the whole node, measured at a few row counts
-    # ((rows, factor), ...) (emulate.measure_row_shapes); a node without one keeps the prediction
-    row_shapes: tuple[tuple[str, tuple[tuple[int, float], ...]], ...] = ()
+    # per node of the model being planned: how it runs at r output rows now ÷ the profile's prediction,
+    # relative to its op type's ``calibration`` ((rows, factor), ...), measured at a few row counts and
+    # the whole node (emulate.measure_node_calibration); a node without one keeps its op type's
+    node_calibration: tuple[tuple[str, tuple[tuple[int, float], ...]], ...] = ()
 
 
-def _row_shapes(dev: dict) -> tuple:
-    shapes = dev.get("row_shapes") or {}
-    hint = "row_shapes must map node names to [[rows, factor], ...] with rows ascending from 1 and factors > 0"
+def _node_calibration(dev: dict) -> tuple:
+    shapes = dev.get("node_calibration") or {}
+    hint = "node_calibration must map node names to [[rows, factor], ...] with rows ascending from 1 and factors > 0"
     if not isinstance(shapes, dict):
         raise ClusterError(f"device {dev['name']!r}: {hint}")
     out = []
@@ -137,7 +137,7 @@ class Cluster:
             if not isinstance(dev, dict) or "name" not in dev:
                 raise ClusterError(f"devices[{i}] needs a 'name'")
             unknown = set(dev) - {"name", "speed", "memory_mb", "address", "profile", "memory_speed", "calibration",
-                                  "stage_start_ms", "row_shapes"}
+                                  "stage_start_ms", "node_calibration"}
             if unknown:
                 raise ClusterError(f"device {dev['name']!r}: unknown keys {sorted(unknown)}")
             devices.append(Device(name=str(dev["name"]), speed=float(dev.get("speed", 1.0)),
@@ -146,7 +146,7 @@ class Cluster:
                                   memory_speed=float(dev.get("memory_speed", 1.0)),
                                   calibration=_calibration(dev),
                                   stage_start_ms=_number_or_none(dev, "stage_start_ms"),
-                                  row_shapes=_row_shapes(dev)))
+                                  node_calibration=_node_calibration(dev)))
         links = d.get("links", {}) or {}
         return cls(devices, links.get("default"), links.get("overrides"), d.get("source"),
                    d.get("shared_medium", False))
@@ -195,8 +195,8 @@ class Cluster:
                 e["calibration"] = dict(d.calibration)
             if d.stage_start_ms is not None:
                 e["stage_start_ms"] = d.stage_start_ms
-            if d.row_shapes:
-                e["row_shapes"] = {node: [list(p) for p in pts] for node, pts in d.row_shapes}
+            if d.node_calibration:
+                e["node_calibration"] = {node: [list(p) for p in pts] for node, pts in d.node_calibration}
             devs.append(e)
         return {"source": self.source, "shared_medium": self.shared_medium, "devices": devs,
                 "links": {"default": dict(self.default_link), "overrides": copy.deepcopy(self.overrides)}}

@@ -42,15 +42,15 @@ HOST_PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "host.json"
 
 
 def demo_cluster(profile: Path | None, memory_speed: float = 1.0, calibration: dict | None = None,
-                 row_shapes: dict | None = None) -> dict:
+                 node_calibration: dict | None = None) -> dict:
     """The demo cluster; with a profile, every device's speed is relative to the profiled core
     (its memory streams at ``memory_speed`` × the profiled rate, each op type runs at its
-    ``calibration`` × the profiled speed and a slice of a layer costs its measured ``row_shapes``
+    ``calibration`` × the profiled speed and each layer, whole or sliced, its measured ``node_calibration``
     share of the whole layer, as measured just before)."""
     if profile is None:
         return DEMO_CLUSTER
     return {**DEMO_CLUSTER, "devices": [{**d, "profile": str(profile), "memory_speed": memory_speed,
-                                         "calibration": calibration or {}, "row_shapes": row_shapes or {}}
+                                         "calibration": calibration or {}, "node_calibration": node_calibration or {}}
                                         for d in DEMO_CLUSTER["devices"]]}
 
 
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     model, (x0,) = models.get(args.model, input_size=size)
     profile = HOST_PROFILE if HOST_PROFILE.is_file() and not args.no_profile else None
     emulate = not args.no_emulate
-    probe, cpuset, memory_speed, calibration, model_speed, row_shapes = None, None, 1.0, {}, None, {}
+    probe, cpuset, memory_speed, calibration, model_speed, node_calibration = None, None, 1.0, {}, None, {}
     if emulate and profile is not None:
         from edgepart.runtime.emulate import HostSpeedProbe, netns_available
         if netns_available()[0]:
@@ -134,17 +134,17 @@ def main(argv: list[str] | None = None) -> int:
             nodes = [node_info(n) for n in compute_nodes(analyse(trace(model, (x0,))))]
             cal = probe.calibrate(2.0, nodes=nodes, forward=lambda: model(x0))
             memory_speed, calibration, model_speed = cal["memory_speed"], cal["calibration"], cal["model_speed"]
-            # and how its layers' time follows the rows of a slice (thin slices of layers with large
-            # weights cost far more than their share of the rows)
-            from edgepart.runtime.emulate import measure_row_shapes
-            row_shapes = measure_row_shapes(probe.profile, nodes, cpuset=cpuset)
-    cluster = edgepart.Cluster.from_dict(demo_cluster(profile, memory_speed, calibration, row_shapes))
+            # and each layer, whole and sliced, relative to its op type (layers of one type drift apart
+            # by size; thin slices of layers with large weights cost far more than their share of the rows)
+            from edgepart.runtime.emulate import measure_node_calibration
+            node_calibration = measure_node_calibration(probe.profile, nodes, cpuset=cpuset)
+    cluster = edgepart.Cluster.from_dict(demo_cluster(profile, memory_speed, calibration, node_calibration))
     print(f"model {args.model} at {size}x{size}; cluster: {cluster}; strategy {strategy}")
     if probe is not None:
         print(f"online calibration (speed now ÷ profiled, relative to the CPU's): memory {memory_speed:.2f}; "
               f"model whole {model_speed:.2f}; op types (× model) "
               + ", ".join(f"{f} {v:.2f}" for f, v in calibration.items())
-              + f"; row shapes of {len(row_shapes)} layers")
+              + f"; {len(node_calibration)} layers calibrated one by one, whole and sliced")
     g = torch.Generator().manual_seed(1)
     inputs = [torch.randn(x0.shape, generator=g) for _ in range(args.requests)]
     with torch.no_grad():
@@ -187,7 +187,7 @@ def _compile_run_report(work: Path, args, model, x0, cluster, strategy, inputs, 
               f"{min(part['memory_speeds'] + base['memory_speeds']):.2f}–"
               f"{max(part['memory_speeds'] + base['memory_speeds']):.2f}")
     print(f"cost model: {'FCPM profile ' + str(profile.name) + ' ÷ speed' if profile else 'FLOPs ÷ speed'}"
-          f"{', calibrated online (memory speed, op types, row shapes)' if probe is not None else ''}")
+          f"{', calibrated online (memory speed, op types, layers)' if probe is not None else ''}")
     print(f"| run | requests | predicted (ms) | median latency (ms) | error | min (ms) | max rel. error |")
     print(f"|---|---|---|---|---|---|---|")
     print(f"| {strategy} on {len(cluster)} devices | {len(inputs)} | {pred_part.latency * 1e3:.1f} | {p50 * 1e3:.1f} | "

@@ -269,34 +269,35 @@ def test_probe_calibration_with_the_model_whole(host):
                                                          nodes=infos)["model_speed"] is None
 
 
-def test_row_shape_scales_slices_not_the_whole_node(tiny):
-    """A device's measured row shape multiplies the prediction of a slice (linear between the
-    measured points, the nearest point outside them); the whole node and other devices keep theirs."""
+def test_node_calibration_scales_a_node_whole_and_sliced(tiny):
+    """A device's measured node calibration multiplies the prediction of that node at those rows
+    (linear between the measured points, the nearest point outside them); other nodes and devices
+    keep their op type's."""
     conv, other = [n for n in compute_nodes(tiny) if n.meta["op"].kind == "conv2d"][:2]
     assert conv.meta["rows"] == 32
     cl = Cluster.from_dict({"devices": [
-        {"name": "a", "speed": 0.5, "row_shapes": {conv.name: [[2, 3.0], [16, 2.0], [32, 1.0]]}},
+        {"name": "a", "speed": 0.5, "node_calibration": {conv.name: [[2, 3.0], [16, 2.0], [32, 0.8]]}},
         {"name": "b", "speed": 0.5}]})
     cm = CostModel(cl, profiles={"a": _StubProfile(), "b": _StubProfile()}, runtime_node_s=0, runtime_pad_byte_s=0)
-    assert cm.compute_time(conv, "a") == pytest.approx(0.032 / 0.5)                  # whole: as predicted
-    assert cm.compute_time(conv, "a", 32) == pytest.approx(0.032 / 0.5)
+    assert cm.compute_time(conv, "a") == pytest.approx(0.032 * 0.8 / 0.5)            # whole: its own level
+    assert cm.compute_time(conv, "a", 32) == pytest.approx(0.032 * 0.8 / 0.5)
     assert cm.compute_time(conv, "a", 1) == pytest.approx(0.001 * 3.0 / 0.5)         # below the first point
     assert cm.compute_time(conv, "a", 9) == pytest.approx(0.009 * 2.5 / 0.5)         # halfway from 2 to 16
-    assert cm.compute_time(conv, "a", 24) == pytest.approx(0.024 * 1.5 / 0.5)
+    assert cm.compute_time(conv, "a", 24) == pytest.approx(0.024 * 1.4 / 0.5)
     assert cm.compute_time(conv, "b", 9) == pytest.approx(0.009 / 0.5)               # b measured none
     assert cm.compute_time(other, "a", 9) == pytest.approx(0.009 / 0.5)              # nor this node
 
 
-def test_row_shapes_round_trip_and_are_checked():
+def test_node_calibration_round_trip_and_are_checked():
     from edgepart.errors import ClusterError
-    cl = Cluster.from_dict({"devices": [{"name": "a", "row_shapes": {"c1": [[1, 2.0], [4, 1.0]]}}]})
-    assert cl.device("a").row_shapes == (("c1", ((1, 2.0), (4, 1.0))),)
-    assert Cluster.from_dict(cl.to_dict()).device("a").row_shapes == cl.device("a").row_shapes
+    cl = Cluster.from_dict({"devices": [{"name": "a", "node_calibration": {"c1": [[1, 2.0], [4, 1.0]]}}]})
+    assert cl.device("a").node_calibration == (("c1", ((1, 2.0), (4, 1.0))),)
+    assert Cluster.from_dict(cl.to_dict()).device("a").node_calibration == cl.device("a").node_calibration
     for bad in ([[4, 1.0], [1, 2.0]], [[1, 0.0]], [[0, 1.0]], [], [[1]], "steep"):
-        with pytest.raises(ClusterError, match="'a', node 'c1': row_shapes must map"):
-            Cluster.from_dict({"devices": [{"name": "a", "row_shapes": {"c1": bad}}]})
-    with pytest.raises(ClusterError, match="'a': row_shapes must map"):
-        Cluster.from_dict({"devices": [{"name": "a", "row_shapes": [[1, 2.0]]}]})
+        with pytest.raises(ClusterError, match="'a', node 'c1': node_calibration must map"):
+            Cluster.from_dict({"devices": [{"name": "a", "node_calibration": {"c1": bad}}]})
+    with pytest.raises(ClusterError, match="'a': node_calibration must map"):
+        Cluster.from_dict({"devices": [{"name": "a", "node_calibration": [[1, 2.0]]}]})
 
 
 def test_row_points():
@@ -307,26 +308,29 @@ def test_row_points():
 
 
 class _PerRowProfile:
-    """Predicts 1 µs per output row: a slice's measured shape against it is what the layer really does."""
+    """Predicts 1 µs per output row of any node: measured against it, a factor is what the layer really does."""
 
     def predict(self, info, rows, load=0.0, context="sequence"):
         return 1e-6 * (info["rows"] if rows is None else rows)
 
 
-def test_row_shapes_measured_on_real_layers(tiny):
-    """Timed for real: each shaped node's curve is at row_points, ends at 1.0 for the whole node, and a
+def test_node_calibration_measured_on_real_layers(tiny):
+    """Timed for real: every node but linear ones is calibrated at row_points; the whole-node factors of
+    an op type average 1 weighted by predicted time (the op type keeps its level); and a
     convolution's one-row slice costs at least its average row (a fixed cost per call does not
     shrink with the rows)."""
-    from edgepart.runtime.emulate import measure_row_shapes, row_points
+    from edgepart.fcpm.ops import family
+    from edgepart.runtime.emulate import measure_node_calibration, row_points
     infos = [node_info(n) for n in compute_nodes(tiny)]
-    shapes = measure_row_shapes(_PerRowProfile(), infos, budget_s=0.5, min_full_s=0.0)
-    multi = [i for i in infos if i["rows"] > 1 and i["kind"] != "linear"]
-    assert multi and set(shapes) <= {i["name"] for i in multi}
-    conv = next(i for i in multi if i["kind"] == "conv2d")
-    assert conv["name"] in shapes
-    for i in multi:
-        if i["name"] in shapes:
-            pts = shapes[i["name"]]
-            assert [r for r, _ in pts] == row_points(i["rows"])
-            assert pts[-1][1] == 1.0 and all(0.5 <= f <= 3.0 for _, f in pts)
-    assert shapes[conv["name"]][0][1] > 1.0
+    prof = _PerRowProfile()
+    cal = measure_node_calibration(prof, infos, budget_s=0.5, bounds=(1e-3, 1e3))
+    timed = [i for i in infos if family(i) not in ("linear", "trivial")]
+    assert timed and set(cal) == {i["name"] for i in timed}
+    for i in timed:
+        assert [r for r, _ in cal[i["name"]]] == row_points(i["rows"])
+    for fam in {family(i) for i in timed}:
+        members = [i for i in timed if family(i) == fam]
+        weighted = sum(prof.predict(i, None) * cal[i["name"]][-1][1] for i in members)
+        assert weighted == pytest.approx(sum(prof.predict(i, None) for i in members), rel=0.01), fam
+    conv = cal[next(i for i in timed if i["kind"] == "conv2d")["name"]]
+    assert conv[0][1] > conv[-1][1]

@@ -223,9 +223,9 @@ def test_resnet50_8_heterogeneous_gap_and_time():
     assert obj <= dp * 1.01 + 1e-12
 
 
-def test_row_shapes_reach_the_milp_and_the_simulator():
-    """Measured row shapes where a slice costs as much as the whole layer: splitting no longer pays, and
-    the MILP's plan (whole stages) is predicted exactly as the simulator judges it, shapes included."""
+def test_node_calibration_reaches_the_milp_and_the_simulator():
+    """A measured node calibration where a slice costs twice the whole layer: splitting no longer pays,
+    and the MILP's plan (whole stages) is predicted exactly as the simulator judges it, calibration included."""
     gm = tiny_graph(16, c=16)
     names = [n.name for n in gm.graph.nodes if n.op == "call_module" or n.op == "call_function"]
     base = Cluster.homogeneous(2, bandwidth_mbps=1000, latency_ms=0.05)
@@ -236,13 +236,13 @@ def test_row_shapes_reach_the_milp_and_the_simulator():
     # measured: a slice of any r < H rows costs twice the whole layer (factor 2H / r)
     flat = {n: [[r, 2.0 * rows[n] / r] for r in range(1, rows[n])] + [[rows[n], 1.0]]
             for n in names if rows.get(n, 1) > 1}
-    shaped = Cluster.from_dict({**base.to_dict(), "devices": [{**d, "row_shapes": flat}
+    calibrated = Cluster.from_dict({**base.to_dict(), "devices": [{**d, "node_calibration": flat}
                                                             for d in base.to_dict()["devices"]]})
-    cost = CostModel(shaped, profiles=profiles)
+    cost = CostModel(calibrated, profiles=profiles)
     conv = next(n for n in gm.graph.nodes if n.name in flat)
     H = rows[conv.name]
     assert all(cost.compute_time(conv, "d0", r) >= cost.compute_time(conv, "d0") - 1e-12 for r in range(1, H))
-    res = solve_ofpm(gm, shaped, cost)
+    res = solve_ofpm(gm, calibrated, cost)
     assert all(s.kind == "whole" for s in res.plan.stages)
-    sim = simulate(build_schedule(gm, res.plan, shaped), shaped, cost, gm=gm)
+    sim = simulate(build_schedule(gm, res.plan, calibrated), calibrated, cost, gm=gm)
     assert res.predicted == pytest.approx(sim.latency, rel=1e-12)

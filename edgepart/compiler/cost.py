@@ -85,8 +85,8 @@ def calibrated_prediction(prof, info: dict, rows: int | None, load: float = 0.0,
     return t
 
 
-def row_shape_factor(shape: list, rows: int) -> float:
-    """The measured row shape (``[[rows, factor], ...]``, rows ascending) at ``rows``: linear between
+def node_factor(shape: list, rows: int) -> float:
+    """A node's measured calibration (``[[rows, factor], ...]``, rows ascending) at ``rows``: linear between
     the measured points, the nearest point's factor outside them."""
     if rows <= shape[0][0]:
         return float(shape[0][1])
@@ -129,8 +129,8 @@ class CostModel:
             self.memory_speed = {d: float(memory_speed) for d in cluster.names}
         # per device and op type (FCPM family): speed now ÷ when profiled (emulate.measure_family_speeds)
         self.calibration = {d.name: dict(d.calibration) for d in cluster.devices}
-        # per device and node: how a slice really scales with its rows (emulate.measure_row_shapes)
-        self.row_shapes = {d.name: dict(d.row_shapes) for d in cluster.devices}
+        # per device and node: how it runs, whole and sliced, relative to its op type (emulate.measure_node_calibration)
+        self.node_calibration = {d.name: dict(d.node_calibration) for d in cluster.devices}
         self.fallback_devices = [d for d in cluster.names if d not in self.profiles]
         self._warned = False
 
@@ -144,7 +144,8 @@ class CostModel:
         """Seconds for ``device`` to compute ``rows`` output rows of ``node`` (all rows if None).
 
         With a profile: (the profile's prediction ÷ the device's ``calibration`` of the node's op
-        type, its memory-bound share ÷ ``memory_speed``, + the device program's own overhead per
+        type, × the node's own ``node_calibration`` at these rows, its memory-bound share ÷
+        ``memory_speed``, + the device program's own overhead per
         node, :meth:`runtime_overhead`) ÷ the device's speed (relative to the profiled machine);
         without: FLOPs ÷ (speed × reference FLOP/s). Load slows both (the profile models it itself)."""
         info = node_info(node)
@@ -156,9 +157,9 @@ class CostModel:
         if prof is not None:
             t = calibrated_prediction(prof, info, rows, self.loads.get(device, 0.0), self.calibration.get(device),
                                       self.memory_speed.get(device, 1.0))
-            shape = self.row_shapes.get(device, {}).get(info.get("name"))
-            if shape and rows < total_rows:
-                t *= row_shape_factor(shape, rows)
+            shape = self.node_calibration.get(device, {}).get(info.get("name"))
+            if shape:
+                t *= node_factor(shape, rows)
             t += self.runtime_overhead(info, rows)
             return t / self._speed(device)
         self.warn_fallback()

@@ -292,7 +292,7 @@ class OFPMModel:
                 key = ("own", d.name)
             else:
                 key = (d.speed, d.memory_mb, d.profile, d.memory_speed, d.calibration, d.stage_start_ms,
-                       d.row_shapes)
+                       d.node_calibration)
             seen.setdefault(key, d.name)
         return list(seen.values())
 

@@ -608,9 +608,9 @@ def model_speed(profile, nodes: list[dict], calibration: dict[str, float], memor
 
 
 def row_points(total: int, max_points: int = 10) -> list[int]:
-    """Row counts at which a node of ``total`` output rows is timed for its row shape: every count up
-    to ``max_points`` rows, else 1, 2, 3 and a geometric series up to ``total`` (the thin slices,
-    where the shape bends, densest)."""
+    """Row counts at which a node of ``total`` output rows is timed: every count up to ``max_points``
+    rows, else 1, 2, 3 and a geometric series up to ``total`` (the thin slices, where the time per
+    row bends, densest)."""
     if total <= max_points:
         return list(range(1, total + 1))
     pts = {1, 2, 3, total}
@@ -620,62 +620,68 @@ def row_points(total: int, max_points: int = 10) -> list[int]:
     return sorted(p for p in pts if 1 <= p <= total)
 
 
-def measure_row_shapes(profile, nodes: list[dict], budget_s: float = 4.0, cpuset: list[int] | None = None,
-                       min_full_s: float = 100e-6, bounds: tuple[float, float] = (0.5, 3.0)) -> dict[str, list]:
-    """How a model's row-splittable layers really scale with the rows a slice computes, measured now.
+def measure_node_calibration(profile, nodes: list[dict], budget_s: float = 4.0, cpuset: list[int] | None = None,
+                             bounds: tuple[float, float] = (0.33, 3.0)) -> dict[str, list]:
+    """How each layer of a model runs now — whole and as slices of its rows — relative to its op type.
 
-    The FCPM predicts a slice of ``r`` of a layer's ``H`` rows from features of the slice; it is
-    least accurate for thin slices of layers with large weights (VGG-16's 512-channel 3×3
-    convolutions at 1–3 of 10 rows ran 1.3–2.5× their prediction on this machine, the whole layer
-    within 10 %), because the weights are read whole however few rows are computed. DCFP's online
-    step knows the model: each of its layers with more than one row (``nodes``, ``cost.node_info``;
-    those predicted under ``min_full_s`` whole are skipped) is timed at the row counts
-    :func:`row_points` picks, and its shape is
+    The op-type calibration (:func:`measure_family_speeds`, × :func:`model_speed`) sets one factor per
+    op type, time-weighted over the model's layers; the layers of one type drift apart by size around
+    it (MobileNetV2's first layers, large activations and few channels, ran 0.56–0.9× the time its
+    conv / bn / act factors predict on this machine while its late 1×1 convolutions ran 1.0–1.2×),
+    and the FCPM is least accurate for thin slices of layers with large weights (VGG-16's
+    512-channel 3×3 convolutions at 1–3 of 10 rows ran 1.3–2.5× their prediction, the whole layer
+    within 10 %: the weights are read whole however few rows are computed). DCFP's online step
+    knows the model: each of its layers (``nodes``, ``cost.node_info``; not linear layers, whose
+    weight streaming is ``memory_speed``'s) is timed whole and, if it has several rows, at the row
+    counts :func:`row_points` picks; its factor at r rows is
 
-        factor(r) = (measured(r) ÷ predicted(r)) ÷ (measured(H) ÷ predicted(H)),
+        factor(r) = (measured(r) ÷ predicted(r)) ÷ (Σ measured ÷ Σ predicted over its op type's layers, whole),
 
-    so factor(H) = 1: the level of the whole layer stays the op-type calibration's and model speed's
-    job (:meth:`HostSpeedProbe.calibrate`); this corrects only how a slice's time follows from it.
-    Returns {node name: [[rows, factor], ...]} (factors clamped to ``bounds``), a ``row_shapes``
-    entry of :class:`edgepart.compiler.cost.CostModel`, which interpolates between the points.
-    Timing: thread CPU, one torch thread, pinned to ``cpuset``, medians of ≥ 3 calls."""
+    the profile's isolated prediction throughout. The level of an op type stays the op-type
+    calibration's (a factor's time-weighted mean over an op type's layers whole is 1), so this
+    only redistributes time between layers and rows. Returns {node name: [[rows, factor], ...]}
+    (factors clamped to ``bounds``), a device's ``node_calibration`` (``CostModel`` interpolates
+    between the points). Measured time never falls as a slice grows (running max), so noise does not
+    make a planner prefer a bigger slice. Timing: thread CPU, one torch thread, pinned to ``cpuset``,
+    medians of ≥ 3 calls."""
     import time
 
     from edgepart.fcpm.ops import Runner, family, time_callable
     prof = profile if hasattr(profile, "predict") else _load_profile(profile)
-    todo = []
-    for info in nodes:
-        total = int(info.get("rows", 1) or 1)
-        if total <= 1 or family(info) in ("linear", "trivial") or not info.get("name"):
-            continue
-        if prof.predict(info, None, context="isolated") < min_full_s:
-            continue
-        todo.append((info, row_points(total)))
+    todo = [(info, row_points(int(info.get("rows", 1) or 1))) for info in nodes
+            if info.get("name") and family(info) not in ("linear", "trivial")]
     n_points = sum(len(p) for _, p in todo) or 1
-    shapes: dict[str, list] = {}
+    ratios: dict[str, dict[int, float]] = {}
+    sums: dict[str, list[float]] = {}          # op type -> [Σ predicted, Σ measured] of whole layers
     with _pinned_one_thread(cpuset):
         for info, pts in todo:
             measured: dict[int, float] = {}
             for r in pts:
                 try:
                     run = Runner(info, r)
-                except Exception:   # noqa: BLE001 — a node the profiler cannot build alone keeps its prediction
+                except Exception:   # noqa: BLE001 — a node the profiler cannot build alone keeps its op type's
                     measured = {}
                     break
                 measured[r] = time_callable(run, target_s=budget_s / n_points, min_repeats=3, max_repeats=30,
-                                            warmup_s=0.005, clock=time.thread_time)["t"]
-            total = int(info["rows"])
+                                            warmup_s=0.002, clock=time.thread_time)["t"]
+            total = pts[-1]
             if total not in measured:
                 continue
-            # measured time never falls as the slice grows (a noisy point must not make a planner prefer
-            # the bigger slice): running max, then relative to the prediction
             ratio, peak = {}, 0.0
             for r in sorted(measured):
                 peak = max(peak, measured[r])
                 ratio[r] = peak / max(prof.predict(info, r, context="isolated"), 1e-9)
-            shapes[info["name"]] = [[r, round(min(bounds[1], max(bounds[0], v / ratio[total])), 3)]
-                                    for r, v in sorted(ratio.items())]
-    return shapes
+            ratios[info["name"]] = ratio
+            acc = sums.setdefault(family(info), [0.0, 0.0])
+            acc[0] += prof.predict(info, None, context="isolated")
+            acc[1] += peak                     # the whole node's time, as its factor uses it
+    fam_of = {info["name"]: family(info) for info, _ in todo}
+    out = {}
+    for name, ratio in ratios.items():
+        p, m = sums[fam_of[name]]
+        level = m / p if p > 0 else 1.0
+        out[name] = [[r, round(min(bounds[1], max(bounds[0], v / level)), 3)] for r, v in sorted(ratio.items())]
+    return out
 
 
 def _retime_nodes(prof, nodes: list[dict], budget_s: float) -> dict[str, tuple[float, float]]:
