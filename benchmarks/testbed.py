@@ -389,6 +389,22 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
                     row.append(f"{v['compute_s'] * 1e3:.1f} / {v['predicted_compute_s'] * 1e3:.1f} "
                                f"(thr {v['throttled_periods']:.0f}, pf {v.get('page_faults', 0):.0f})")
             lines.append(f"| {c['model']} | {c['mbps']:g} | {s} | " + " | ".join(row) + f" | {r['host_speed']:.3f} |")
+    lines += ["", "## Per stage of the ofpm plan (measured ÷ predicted)", "",
+              "Each (device, stage) run: the worker's time inside that stage (`stage_us:S`) × time_scale ÷ the "
+              "simulator's time of that run; in brackets the share of it during which other devices compute "
+              "too (simulated; on the testbed they share one core).", "",
+              "| model | Mbit/s | stage: device ratio (co-running) |", "|---|---|---|"]
+    for c in cells:
+        r = c["runs"]["ofpm"]
+        per_stage: dict[int, list[str]] = {}
+        for n, _ in DEVICES:
+            for st, f in (r["devices"].get(n) or {}).get("stages", {}).items():
+                if f.get("predicted_s"):
+                    per_stage.setdefault(int(st), []).append(
+                        f"{n} {f['wall_s'] / f['predicted_s']:.2f} ({min(1.0, f['co_running_s'] / f['predicted_s']):.0%})")
+        if per_stage:
+            lines.append(f"| {c['model']} | {c['mbps']:g} | "
+                         + "; ".join(f"{st}: {', '.join(v)}" for st, v in sorted(per_stage.items())) + " |")
     write_keeping_analysis(path, "\n".join(lines) + "\n")
 
 
@@ -457,9 +473,19 @@ def main(argv=None):
                     help="cost of a stage start: as measured inside the emulated workers by stage_start.py "
                          "(results/stage_start.json; four workers share one core), or the cost model's constant")
     ap.add_argument("--out", default="testbed")
+    ap.add_argument("--from-json", action="store_true",
+                    help="re-render results/<out>.md and .png from results/<out>.json without running anything")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="FCPM profile has no model")
+    if args.from_json:
+        saved = json.loads((RESULTS / f"{args.out}.json").read_text())
+        write_markdown(saved["cells"], RESULTS / f"{args.out}.md", saved.get("argv", ""), saved["emulation"],
+                       saved.get("requests", args.requests), saved.get("warmup", args.warmup),
+                       saved.get("rounds", args.rounds))
+        plot(saved["cells"], RESULTS / f"{args.out}.png")
+        print(f"re-rendered {RESULTS / args.out}.{{md,png}}")
+        return
     model_names = args.models or (["vgg16"] if args.quick else list(MODELS))
     bands = args.bands or ([1000] if args.quick else BANDS)
     emu = {"probe": None, "cpuset": [int(c) for c in args.cpuset.split(",")] if args.cpuset else None,
@@ -475,7 +501,9 @@ def main(argv=None):
                 rounds=max(1, args.rounds))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps({"emulation": {k: v for k, v in emu.items() if k != "probe"},
-                                                         "cells": cells}, indent=1))
+                                                         "argv": " ".join(sys.argv[1:] if argv is None else argv),
+                                                         "requests": args.requests, "warmup": args.warmup,
+                                                         "rounds": max(1, args.rounds), "cells": cells}, indent=1))
     write_markdown(cells, RESULTS / f"{args.out}.md", " ".join(sys.argv[1:] if argv is None else argv), emu,
                    args.requests, args.warmup, max(1, args.rounds))
     plot(cells, RESULTS / f"{args.out}.png")
