@@ -334,3 +334,13 @@ def test_node_calibration_measured_on_real_layers(tiny):
         assert weighted == pytest.approx(sum(prof.predict(i, None) for i in members), rel=0.01), fam
     conv = cal[next(i for i in timed if i["kind"] == "conv2d")["name"]]
     assert conv[0][1] > conv[-1][1]
+
+
+def test_compile_warns_of_node_calibration_for_another_model():
+    """A node calibration naming nodes the model does not have (measured on another model, a typo)
+    would silently not apply: compile says so, naming the device and the nodes."""
+    import edgepart
+    model, (x,) = models.get("tinynet")
+    cl = Cluster.from_dict({"devices": [{"name": "a", "node_calibration": {"features_28": [[1, 2.0]]}}]})
+    with pytest.warns(UserWarning, match="device 'a': node_calibration names 1 node.*features_28"):
+        edgepart.compile(model, (x,), cl, strategy="single")

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -214,8 +215,20 @@ def compile(model: torch.nn.Module, example_inputs, cluster: Cluster, strategy="
         example_inputs = (example_inputs,)
     gm = trace(model, tuple(example_inputs))
     analyse(gm, cluster)
+    _warn_unknown_calibrated_nodes(gm, cluster)
     plan = make_plan(gm, cluster, strategy)
     return compile_plan(gm, plan, cluster, name or type(model).__name__)
+
+
+def _warn_unknown_calibrated_nodes(gm: fx.GraphModule, cluster: Cluster) -> None:
+    """A device's ``node_calibration`` measured for another model (or a typo) would silently not apply."""
+    names = {n.name for n in gm.graph.nodes}
+    for d in cluster.devices:
+        unknown = sorted(node for node, _ in d.node_calibration if node not in names)
+        if unknown:
+            warnings.warn(f"device {d.name!r}: node_calibration names {len(unknown)} node(s) this model does not "
+                          f"have ({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}); they are ignored — "
+                          "measure it on this model (emulate.measure_node_calibration)", stacklevel=3)
 
 
 def compile_plan(gm: fx.GraphModule, plan: Plan, cluster: Cluster, model_name: str) -> Bundle:
