@@ -45,8 +45,8 @@ def demo_cluster(profile: Path | None, memory_speed: float = 1.0, calibration: d
                  node_calibration: dict | None = None) -> dict:
     """The demo cluster; with a profile, every device's speed is relative to the profiled core
     (its memory streams at ``memory_speed`` × the profiled rate, each op type runs at its
-    ``calibration`` × the profiled speed and each layer, whole or sliced, its measured ``node_calibration``
-    share of the whole layer, as measured just before)."""
+    ``calibration`` × the profiled speed, and each layer, whole or sliced, deviates from its op type
+    by its ``node_calibration``, all as measured just before)."""
     if profile is None:
         return DEMO_CLUSTER
     return {**DEMO_CLUSTER, "devices": [{**d, "profile": str(profile), "memory_speed": memory_speed,
