@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from edgepart import models
 from edgepart.cluster import Cluster
@@ -250,6 +251,44 @@ def test_model_speed_times_the_model_whole(host):
     # clamped by default
     assert model_speed(host, infos, {}, 1.0, lambda: model(x), relative_to=1e3, budget_s=0.2) == 0.5
     assert model_speed(host, infos, {}, 1.0, lambda: model(x), relative_to=1e-3, budget_s=0.2) == 2.0
+
+
+def test_model_speed_of_the_device_program_takes_its_charge_off(host, monkeypatch):
+    """model_speed(program=True): the measured time of the device program less the cost model's charge
+    for the program (cost.program_overhead of every node) is what the calibrated layers must add up
+    to — exact values with the timer fixed; at least half the measured time stays the layers'."""
+    import edgepart.fcpm.ops as ops
+    from edgepart.compiler.cost import calibrated_prediction, program_overhead
+    from edgepart.fcpm.ops import family
+    from edgepart.runtime.emulate import model_speed
+    model, (x,) = models.get("mobilenet_v2", input_size=64)
+    infos = [node_info(n) for n in compute_nodes(analyse(trace(model, (x,))))]
+    layers = sum(calibrated_prediction(host, i, None) for i in infos if family(i) != "trivial")
+    charge = sum(program_overhead(i, i["rows"]) for i in infos)
+    assert charge == pytest.approx(sum(CostModel(Cluster.from_dict(
+        {"devices": [{"name": "a", "profile": str(HOST)}]})).runtime_overhead(i, i["rows"]) for i in infos))
+    free = (1e-6, 1e6)
+    measured = 2 * (layers + charge)
+    monkeypatch.setattr(ops, "time_callable", lambda fn, **kw: {"t": measured})
+    eager = model_speed(host, infos, {}, 1.0, lambda: None, bounds=free)
+    program = model_speed(host, infos, {}, 1.0, lambda: None, bounds=free, program=True)
+    assert eager == pytest.approx(layers / measured)
+    assert program == pytest.approx(layers / (measured - charge))
+    assert program == pytest.approx(layers / (2 * layers + charge)) and program > eager
+    monkeypatch.setattr(ops, "time_callable", lambda fn, **kw: {"t": charge})     # all of it "charge"
+    assert model_speed(host, infos, {}, 1.0, lambda: None, bounds=free, program=True) == pytest.approx(
+        layers / (0.5 * charge))
+
+
+def test_program_forward_runs_the_models_device_program():
+    """emulate.program_forward: the model compiled for one device and run as a worker runs it."""
+    from edgepart.runtime.emulate import program_forward
+    for name in ("mobilenet_v2", "resnet18"):
+        model, (x,) = models.get(name, input_size=64)
+        with torch.no_grad():
+            ref = model(x)
+        y = program_forward(model, (x,))()
+        assert y.shape == ref.shape and float((y - ref).abs().max()) <= 1e-4 * float(ref.abs().max()), name
 
 
 def test_probe_calibration_with_the_model_whole(host):

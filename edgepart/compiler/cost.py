@@ -85,6 +85,13 @@ def calibrated_prediction(prof, info: dict, rows: int | None, load: float = 0.0,
     return t
 
 
+def program_overhead(info: dict, rows: int, node_s: float = RUNTIME_NODE_S,
+                     pad_byte_s: float = RUNTIME_PAD_BYTE_S) -> float:
+    """Seconds (profiled machine) the device program adds to ``rows`` rows of a node over the layer
+    the profile predicts: ``node_s`` per node + ``pad_byte_s`` per byte of row-padded input."""
+    return node_s + pad_byte_s * padded_input_bytes(info, rows)
+
+
 def node_factor(shape: list, rows: int) -> float:
     """A node's measured calibration (``[[rows, factor], ...]``, rows ascending) at ``rows``: linear between
     the measured points, the nearest point's factor outside them."""
@@ -168,7 +175,7 @@ class CostModel:
 
     def runtime_overhead(self, info: dict, rows: int) -> float:
         """Seconds (profiled machine) the device program adds to ``rows`` rows of a node."""
-        return self.runtime_node_s + self.runtime_pad_byte_s * padded_input_bytes(info, rows)
+        return program_overhead(info, rows, self.runtime_node_s, self.runtime_pad_byte_s)
 
     def stage_start_time(self, device: str) -> float:
         """Seconds ``device`` adds to each stage it runs (cold start after waiting for its pieces);
