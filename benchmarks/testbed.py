@@ -204,11 +204,6 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
         inputs = [torch.randn(x0.shape, generator=g) for _ in range(n_requests)]
         with torch.no_grad():
             refs = [model(x) for x in inputs]
-        # the model timed whole as a device runs it: its device program (emulate.program_forward)
-        program = None
-        if emu.get("probe") is not None and not emu.get("no_memory") and not emu.get("no_model_speed"):
-            from edgepart.runtime.emulate import program_forward
-            program = program_forward(model, (x0,))
         for mbps in bands:
             # online calibration (DCFP): memory bandwidth relative to the profile, ÷ the CPU speed the
             # emulator normalises away; measured now, planned and predicted with
@@ -216,8 +211,17 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
             memory_speed, calibration, model_speed = 1.0, {}, None
             if emu.get("probe") is not None and not emu.get("no_memory"):
                 gm0 = analyse(trace(model, (x0,)))      # calibrated on the model's own layers, and on it whole
-                cal = emu["probe"].calibrate(2.0, nodes=[node_info(n) for n in compute_nodes(gm0)],
-                                             forward=program, program=True)
+                # the model timed whole as a device runs it: its device program in a worker (emulate.ProgramTimer),
+                # stopped before the testbed's workers start
+                timer = None
+                if not emu.get("no_model_speed"):
+                    from edgepart.runtime.emulate import ProgramTimer
+                    timer = ProgramTimer(model, (x0,), cpuset=emu.get("cpuset"))
+                try:
+                    cal = emu["probe"].calibrate(2.0, nodes=[node_info(n) for n in compute_nodes(gm0)], forward=timer)
+                finally:
+                    if timer is not None:
+                        timer.close()
                 memory_speed, calibration, model_speed = cal["memory_speed"], cal["calibration"], cal["model_speed"]
             node_calibration = {}
             if emu.get("probe") is not None and not emu.get("no_memory") and not emu.get("no_node_calibration"):
@@ -329,7 +333,8 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
              "per op type Σ predicted ÷ Σ measured over the model's own layers timed whole, ÷ host_speed "
              "(`emulate.measure_family_speeds(nodes=...)`), then all of them × the model's speed timed whole "
              + ("(its calibrated prediction, with the cost model's charge for the device program, ÷ its device program "
-                "run whole, `emulate.model_speed(program=True)`) — " if emu.get("model_speed_of") == "program" else
+                "run whole in a worker, `emulate.ProgramTimer`, `emulate.model_speed`) — "
+                if emu.get("model_speed_of") == "program in a worker" else
                 "(its calibrated prediction ÷ its forward pass, `emulate.model_speed`) — ")
              + "memory speed / model speed / conv / dwconv / bn / act:relu per cell: "
              + "; ".join(f"{c['model']}@{c['mbps']:g} {c.get('memory_speed', 1.0):.2f} / "
@@ -501,7 +506,7 @@ def main(argv=None):
            "no_model_speed": args.no_model_speed, "no_node_calibration": args.no_node_calibration,
            "host_speed": args.host_speed if args.host_speed == "auto" else float(args.host_speed),
            "stage_start_s": workers_stage_start() if args.stage_start == "workers" else None,
-           "model_speed_of": "program"}
+           "model_speed_of": "program in a worker"}
     if emu["host_speed"] == "auto":
         from edgepart.runtime.emulate import HostSpeedProbe
         emu["probe"] = HostSpeedProbe(PROFILE, emu["cpuset"], kind=args.probe)

@@ -126,15 +126,16 @@ def main(argv: list[str] | None = None) -> int:
             # the host's speed now, but memory bandwidth drifts on its own — measure it and plan with it.
             # Op types drift apart too (memory-bound ones slow down most when others share the caches):
             # time this model's own layers, so each op type is calibrated where the model spends its time,
-            # and the model whole as a device runs it (its device program), which its layers timed one by
-            # one do not add up to.
+            # and the model whole as a device runs it (its device program, in a worker), which its layers
+            # timed one by one do not add up to.
             from edgepart.compiler.cost import node_info
             from edgepart.compiler.plan import compute_nodes
             from edgepart.compiler.trace import trace
             from edgepart.passes import analyse
             nodes = [node_info(n) for n in compute_nodes(analyse(trace(model, (x0,))))]
-            from edgepart.runtime.emulate import program_forward
-            cal = probe.calibrate(2.0, nodes=nodes, forward=program_forward(model, (x0,)), program=True)
+            from edgepart.runtime.emulate import ProgramTimer
+            with ProgramTimer(model, (x0,), cpuset=cpuset) as timer:
+                cal = probe.calibrate(2.0, nodes=nodes, forward=timer)
             memory_speed, calibration, model_speed = cal["memory_speed"], cal["calibration"], cal["model_speed"]
             # and each layer, whole and sliced, relative to its op type (layers of one type drift apart
             # by size; thin slices of layers with large weights cost far more than their share of the rows)

@@ -291,6 +291,29 @@ def test_program_forward_runs_the_models_device_program():
         assert y.shape == ref.shape and float((y - ref).abs().max()) <= 1e-4 * float(ref.abs().max()), name
 
 
+def test_program_timer_times_the_program_in_a_worker(host, monkeypatch):
+    """emulate.ProgramTimer: the model's one-device program deployed to a local worker and its stages'
+    thread CPU read from the worker's stats — about what the same program takes here (timed for real);
+    model_speed given one takes the program's charge off like program=True (exact, its timing fixed)."""
+    import time
+
+    from edgepart.compiler.cost import calibrated_prediction, program_overhead
+    from edgepart.fcpm.ops import family, time_callable
+    from edgepart.runtime.emulate import ProgramTimer, model_speed, program_forward
+    model, (x,) = models.get("resnet18", input_size=64)
+    here = time_callable(program_forward(model, (x,)), target_s=0.3, clock=time.thread_time)["t"]
+    with ProgramTimer(model, (x,)) as timer:
+        assert list(timer.cluster.devices) == ["device"]
+        there = timer.time(budget_s=0.3)
+        assert 0.4 < there / here < 2.5, (there, here)
+        infos = [node_info(n) for n in compute_nodes(analyse(trace(model, (x,))))]
+        layers = sum(calibrated_prediction(host, i, None) for i in infos if family(i) != "trivial")
+        charge = sum(program_overhead(i, i["rows"]) for i in infos)
+        monkeypatch.setattr(ProgramTimer, "time", lambda self, budget_s=1.0: 3 * (layers + charge))
+        k = model_speed(host, infos, {}, 1.0, timer, bounds=(1e-6, 1e6))
+        assert k == pytest.approx(layers / (3 * layers + 2 * charge))
+
+
 def test_probe_calibration_with_the_model_whole(host):
     """calibrate(forward=...) scales every op type of the model (linear too) by its model speed."""
     from edgepart.runtime.emulate import HostSpeedProbe

@@ -463,7 +463,7 @@ class HostSpeedProbe:
         return r
 
     def calibrate(self, budget_s: float = 2.0, rounds: int = 3, family_budget_s: float = 3.0,
-                  nodes: list[dict] | None = None, forward: Callable[[], object] | None = None,
+                  nodes: list[dict] | None = None, forward: "Callable[[], object] | ProgramTimer | None" = None,
                   program: bool = False) -> dict:
         """The online calibration of an emulated device's cost model, measured now: {"host_speed",
         "memory_speed" and "calibration" (per op type), both relative to host_speed — the emulator
@@ -484,7 +484,8 @@ class HostSpeedProbe:
         ``model_speed`` = (the cost model's prediction of that pass with these calibrations) ÷
         (its measured time × host speed): the device's calibrated prediction of the whole model is
         then what was measured, and the op types keep the proportions their own layers showed.
-        ``program=True``: ``forward`` runs the device program (:func:`program_forward`; see :func:`model_speed`)."""
+        ``forward`` may be a :class:`ProgramTimer` (the program timed in a worker), and ``program=True`` says a
+        callable ``forward`` runs the device program (:func:`program_forward`; see :func:`model_speed`)."""
         import statistics
         per_round = []
         for _ in range(max(1, rounds)):
@@ -591,15 +592,16 @@ def measure_family_speeds(profile, per_family: int = 3, budget_s: float = 3.0, c
 
 
 def model_speed(profile, nodes: list[dict], calibration: dict[str, float], memory_speed: float,
-                forward: Callable[[], object], relative_to: float = 1.0, cpuset: list[int] | None = None,
+                forward: "Callable[[], object] | ProgramTimer", relative_to: float = 1.0, cpuset: list[int] | None = None,
                 budget_s: float = 1.0, bounds: tuple[float, float] = (0.5, 2.0), program: bool = False) -> float:
     """How fast a whole model runs now relative to its calibrated prediction: Σ over ``nodes`` of the
     profile's in-network prediction as calibrated (``cost.calibrated_prediction``, what
     ``CostModel.compute_time`` charges before the runtime's own overhead) ÷ (``forward()``'s thread CPU time ×
     ``relative_to``). Clamped to ``bounds`` (0.5–2): one disturbed timing must not halve every prediction.
 
-    ``program=True``: ``forward`` runs edgepart's device program of the whole model (:func:`program_forward`),
-    what a device really runs, and the cost model's own charge for the program (``cost.program_overhead``
+    ``forward`` is timed here (thread CPU, pinned to ``cpuset``), or, a :class:`ProgramTimer`, in its worker.
+    ``program=True`` (implied by a ``ProgramTimer``): ``forward`` runs edgepart's device program of the
+    whole model (:func:`program_forward`), what a device really runs, and the cost model's own charge for the program (``cost.program_overhead``
     of every node) is taken off its time first, so the calibrated prediction *with* that charge is what
     was measured. Timing the eager model instead leaves the charge unchecked: its fit (13.6 µs per node +
     0.21 ns per padded byte, ``results/runtime_overhead.md``) says 5.3 ms for MobileNetV2 at 224 where
@@ -611,10 +613,14 @@ def model_speed(profile, nodes: list[dict], calibration: dict[str, float], memor
     from edgepart.fcpm.ops import family, time_callable
     predicted = sum(calibrated_prediction(profile, info, None, 0.0, calibration, memory_speed)
                     for info in nodes if family(info) != "trivial")
+    program = program or isinstance(forward, ProgramTimer)
     overhead = sum(program_overhead(info, max(1, int(info.get("rows", 1) or 1))) for info in nodes) if program else 0.0
-    with _pinned_one_thread(cpuset):
-        measured = time_callable(forward, target_s=budget_s, min_repeats=3, max_repeats=20,
-                                 clock=time.thread_time)["t"]
+    if isinstance(forward, ProgramTimer):
+        measured = forward.time(budget_s)
+    else:
+        with _pinned_one_thread(cpuset):
+            measured = time_callable(forward, target_s=budget_s, min_repeats=3, max_repeats=20,
+                                     clock=time.thread_time)["t"]
     # at least half of the measured time is the layers': a charge that large is the fit's error, not the program's
     layers = max(measured * relative_to - overhead, 0.5 * measured * relative_to)
     return min(bounds[1], max(bounds[0], predicted / max(layers, 1e-9)))
@@ -651,6 +657,58 @@ def program_forward(model, example_inputs) -> Callable[[], object]:
                 prog.run_stage(s, store)
         return prog.make_output(store)
     return forward
+
+
+class ProgramTimer:
+    """Times a model's device program as a worker runs it: the model compiled for one device, deployed
+    to one local worker process (unemulated, pinned to ``cpuset``) and the worker's thread CPU time in
+    its stages (``stage_cpu_us`` of its stats) read per request. For :func:`model_speed`: the devices
+    are such workers, and a driver process that has built and run other models times the same program
+    differently from a fresh worker (MobileNetV2 after VGG-16 on this VM: up to 20 % slower).
+
+        with ProgramTimer(model, (x,), cpuset=[1]) as timer:
+            seconds = timer.time(budget_s=1.0)
+    """
+
+    def __init__(self, model, example_inputs, cpuset: list[int] | None = None):
+        import warnings
+
+        from edgepart.cluster import Cluster
+        from edgepart.compiler.bundle import compile as compile_model
+        from edgepart.runtime.local import LocalCluster
+        if not isinstance(example_inputs, (tuple, list)):
+            example_inputs = (example_inputs,)
+        self.inputs = tuple(example_inputs)
+        one = Cluster.from_dict({"source": "device", "devices": [{"name": "device", "speed": 1.0}], "links": {}})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")      # no profile: the plan is one device whatever the costs say
+            bundle = compile_model(model, self.inputs, one, strategy="single")
+        self.cluster = LocalCluster(bundle, cpuset=cpuset)
+        self.cluster.infer(*self.inputs)         # deployed and warm
+
+    def _stage_cpu_s(self) -> float:
+        stats = self.cluster.stats()["device"]
+        return sum(v for k, v in stats.items() if k.startswith("stage_cpu_us:")) / 1e6
+
+    def time(self, budget_s: float = 1.0, min_repeats: int = 3, max_repeats: int = 20) -> float:
+        """Median thread CPU seconds of the worker's stages per request, over requests sent for about ``budget_s``."""
+        import statistics
+        import time
+        t0, per = time.perf_counter(), []
+        while len(per) < max_repeats and (len(per) < min_repeats or time.perf_counter() - t0 < budget_s):
+            before = self._stage_cpu_s()
+            self.cluster.infer(*self.inputs)
+            per.append(self._stage_cpu_s() - before)
+        return statistics.median(per)
+
+    def close(self) -> None:
+        self.cluster.close()
+
+    def __enter__(self) -> "ProgramTimer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def row_points(total: int, max_points: int = 10) -> list[int]:
