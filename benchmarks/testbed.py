@@ -303,6 +303,16 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
     return cells
 
 
+# how a run timed the model whole (its json's emulation "model_speed_of"), for the markdown
+MODEL_SPEED_OF = {
+    None: "(its calibrated prediction ÷ its forward pass, `emulate.model_speed`) — ",
+    "program": "(its calibrated prediction, with the cost model's charge for the device program, ÷ its device "
+               "program run whole in the planning process, `emulate.model_speed(program=True)`) — ",
+    "program in a worker": "(its calibrated prediction, with the cost model's charge for the device program, ÷ its "
+                           "device program run whole in a worker, `emulate.ProgramTimer`) — ",
+}
+
+
 def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, warmup: int, rounds: int = 1,
                    generated: str | None = None) -> None:
     ofpm_err = [c["runs"]["ofpm"]["error"] for c in cells]
@@ -332,10 +342,7 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
              "`calibration`; medians of 3 rounds): memory speed = the profile's largest linear layer re-timed ÷ host_speed; "
              "per op type Σ predicted ÷ Σ measured over the model's own layers timed whole, ÷ host_speed "
              "(`emulate.measure_family_speeds(nodes=...)`), then all of them × the model's speed timed whole "
-             + ("(its calibrated prediction, with the cost model's charge for the device program, ÷ its device program "
-                "run whole in a worker, `emulate.ProgramTimer`, `emulate.model_speed`) — "
-                if emu.get("model_speed_of") == "program in a worker" else
-                "(its calibrated prediction ÷ its forward pass, `emulate.model_speed`) — ")
+             + MODEL_SPEED_OF.get(emu.get("model_speed_of"), MODEL_SPEED_OF[None])
              + "memory speed / model speed / conv / dwconv / bn / act:relu per cell: "
              + "; ".join(f"{c['model']}@{c['mbps']:g} {c.get('memory_speed', 1.0):.2f} / "
                          f"{c['model_speed'] if c.get('model_speed') is not None else '–'} / "
