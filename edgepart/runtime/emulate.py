@@ -601,8 +601,8 @@ def model_speed(profile, nodes: list[dict], calibration: dict[str, float], memor
 
     ``forward`` is timed here (thread CPU, pinned to ``cpuset``), or, a :class:`ProgramTimer`, in its worker.
     ``program=True`` (implied by a ``ProgramTimer``): ``forward`` runs edgepart's device program of the
-    whole model (:func:`program_forward`), what a device really runs, and the cost model's own charge for the program (``cost.program_overhead``
-    of every node) is taken off its time first, so the calibrated prediction *with* that charge is what
+    whole model (:func:`program_forward`), what a device really runs, and the cost model's own charge for
+    the program (``cost.program_overhead`` of every node) is taken off its time first, so the calibrated prediction *with* that charge is what
     was measured. Timing the eager model instead leaves the charge unchecked: its fit (13.6 µs per node +
     0.21 ns per padded byte, ``results/runtime_overhead.md``) says 5.3 ms for MobileNetV2 at 224 where
     the program measured 1.5 ms more than the eager model, and the testbed's MobileNetV2 stages ran
@@ -626,64 +626,44 @@ def model_speed(profile, nodes: list[dict], calibration: dict[str, float], memor
     return min(bounds[1], max(bounds[0], predicted / max(layers, 1e-9)))
 
 
-def program_forward(model, example_inputs) -> Callable[[], object]:
-    """A callable that runs ``model``'s edgepart device program on ``example_inputs``: the model compiled
-    for one device (strategy ``single``) and every stage run in this process, as a worker runs it
-    (input put in a fresh row store, stages in order, output assembled). For timing the model as
-    the runtime executes it (:func:`model_speed` with ``program=True``)."""
+def _one_device_bundle(model, example_inputs: tuple):
+    """``model`` compiled for a cluster of one device named ``device`` (its whole device program)."""
     import warnings
-
-    import torch
 
     from edgepart.cluster import Cluster
     from edgepart.compiler.bundle import compile as compile_model
-    if not isinstance(example_inputs, (tuple, list)):
-        example_inputs = (example_inputs,)
     one = Cluster.from_dict({"source": "device", "devices": [{"name": "device", "speed": 1.0}], "links": {}})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")          # no profile: the plan is one device whatever the costs say
-        bundle = compile_model(model, tuple(example_inputs), one, strategy="single")
-    prog = bundle.programs()["device"]
-    names = [s["name"] for s in bundle.manifest["inputs"]]
-    tensors = bundle.manifest["tensors"]
-    stages = sorted(prog.rows_by_stage)
+        return compile_model(model, example_inputs, one, strategy="single")
 
-    def forward():
-        store = prog.new_store()
-        for name, x in zip(names, example_inputs):
-            store.put(name, 0, tensors[name]["rows"] if name in tensors else 1, x)
-        with torch.no_grad():
-            for s in stages:
-                prog.run_stage(s, store)
-        return prog.make_output(store)
-    return forward
+
+def program_forward(model, example_inputs) -> Callable[[], object]:
+    """A callable that runs ``model``'s edgepart device program on ``example_inputs`` in this process:
+    the model compiled for one device (strategy ``single``) and run by the reference executor, as a
+    worker runs it. For timing the model as the runtime executes it (:func:`model_speed` with
+    ``program=True``)."""
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    bundle = _one_device_bundle(model, inputs)
+    return lambda: bundle.run_local(*inputs)
 
 
 class ProgramTimer:
     """Times a model's device program as a worker runs it: the model compiled for one device, deployed
     to one local worker process (unemulated, pinned to ``cpuset``) and the worker's thread CPU time in
     its stages (``stage_cpu_us`` of its stats) read per request. For :func:`model_speed`: the devices
-    are such workers, and a driver process that has built and run other models times the same program
-    differently from a fresh worker (MobileNetV2 after VGG-16 on this VM: up to 20 % slower).
+    are such workers, and timed in the planning process instead the same program read far less
+    steadily (MobileNetV2 on this VM: model speed 0.88–1.33 between rounds of one calibration there,
+    1.15–1.28 in a worker).
 
         with ProgramTimer(model, (x,), cpuset=[1]) as timer:
             seconds = timer.time(budget_s=1.0)
     """
 
     def __init__(self, model, example_inputs, cpuset: list[int] | None = None):
-        import warnings
-
-        from edgepart.cluster import Cluster
-        from edgepart.compiler.bundle import compile as compile_model
         from edgepart.runtime.local import LocalCluster
-        if not isinstance(example_inputs, (tuple, list)):
-            example_inputs = (example_inputs,)
-        self.inputs = tuple(example_inputs)
-        one = Cluster.from_dict({"source": "device", "devices": [{"name": "device", "speed": 1.0}], "links": {}})
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")      # no profile: the plan is one device whatever the costs say
-            bundle = compile_model(model, self.inputs, one, strategy="single")
-        self.cluster = LocalCluster(bundle, cpuset=cpuset)
+        self.inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        self.cluster = LocalCluster(_one_device_bundle(model, self.inputs), cpuset=cpuset)
         self.cluster.infer(*self.inputs)         # deployed and warm
 
     def _stage_cpu_s(self) -> float:
