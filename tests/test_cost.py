@@ -202,7 +202,7 @@ def test_family_speeds_need_recorded_timings(host):
 
 def test_family_speeds_from_the_models_own_layers(host, tiny):
     """Calibrated on a model's nodes: one value per op type it has (linear left to memory_speed),
-    Σ predicted ÷ Σ measured; a node twice as slow as profiled reads 0.5× (timed for real)."""
+    Σ predicted ÷ Σ measured; a profile predicting twice the time reads 2× (timed for real)."""
     from edgepart.runtime.emulate import measure_family_speeds
     infos = [node_info(n) for n in compute_nodes(tiny)]
     kinds = {n.meta["op"].kind for n in compute_nodes(tiny)}
@@ -210,15 +210,18 @@ def test_family_speeds_from_the_models_own_layers(host, tiny):
     assert "conv" in cal and "linear" not in cal and all(0.2 <= v <= 5.0 for v in cal.values())
     assert "linear" in kinds
 
-    class Twice:     # predicts half of what the host profile predicts: the layers run "2x slower"
+    # predicts twice what the host profile predicts: the layers run "2x faster" than this profile.
+    # Doubling (not halving) keeps the result off the 0.2 clamp on a slow host (CI read 0.258 once).
+    class Twice:
         measurements = None
 
         def predict(self, info, rows=None, load=0.0, context="sequence"):
-            return host.predict(info, rows, load, context=context) / 2
+            return host.predict(info, rows, load, context=context) * 2
     conv = [i for i in infos if i["kind"] == "conv2d"]
     a = measure_family_speeds(host, budget_s=0.5, nodes=conv)["conv"]
     b = measure_family_speeds(Twice(), budget_s=0.5, nodes=conv)["conv"]
-    assert b / a == pytest.approx(0.5, rel=0.35), (a, b)
+    assert a <= 2.5, a                      # else 2a would meet the 5.0 clamp and the check is void
+    assert b / a == pytest.approx(2.0, rel=0.35), (a, b)
 
 
 def test_probe_calibration_is_relative_to_the_host_speed(host):
