@@ -110,8 +110,10 @@ def test_profile_of_a_25_percent_worker_predicts_its_times_not_the_hosts(emu):
           f"predicts {sum(slow.predict(i) for i in stage) * 1e3:.2f} ms, the 1-core profile "
           f"{sum(fast.predict(i) for i in stage) * 1e3:.2f} ms")
     # 4x from the quota, times what a throttled core loses per CPU-second on this VM (caches cold after
-    # every stall: 1.15-1.5x more CPU time per op, measured outside edgepart), plus quick-fit noise
-    assert 2.5 <= ratio <= 7.0, ratio
+    # every stall: 1.15-1.5x more CPU time per op, measured outside edgepart), plus quick-fit noise and
+    # a shared host's drift between the two profiles (CI once read 7.1). The lower bound is the check:
+    # the host's own times would read ~1x; the upper one catches the quota counted twice (16x).
+    assert 2.5 <= ratio <= 10.0, ratio
 
 
 def test_probe_measures_links_and_writes_a_cluster_file(emu, tmp_path):
@@ -136,8 +138,9 @@ def test_probe_measures_links_and_writes_a_cluster_file(emu, tmp_path):
           "; ".join(f"{x['from']}->{x['to']} {x['bandwidth_mbps']:.1f} Mbit/s rtt {x['rtt_ms']:.2f} ms "
                     f"msg {x['overhead_us']:.0f} us" for x in dirs))
     assert {(x["from"], x["to"]) for x in dirs} == {("fast", "slow"), ("slow", "fast")}
-    assert 60 <= link["bandwidth_mbps"] <= 120
-    assert all(60 <= x["bandwidth_mbps"] <= 120 for x in dirs)
+    # the shaped 100 Mbit/s, not loopback's Gbit/s; the lower bound leaves room for a busy shared host
+    assert 45 <= link["bandwidth_mbps"] <= 120
+    assert all(45 <= x["bandwidth_mbps"] <= 120 for x in dirs)
     assert data["links"]["overrides"] == [{"a": "fast", "b": "slow", "bandwidth_mbps": link["bandwidth_mbps"],
                                            "latency_ms": link["latency_ms"]}]
 
