@@ -115,7 +115,7 @@ def measure(bundle_dir: Path, inputs, refs, warmup: int, emu: dict) -> dict:
     hss, mss = [], []
     t_start = time.perf_counter()
     with LocalCluster(bundle_dir, emulate=True, cpuset=emu.get("cpuset"), cpu_period_us=emu.get("period_us"),
-                      host_speed=hs0, time_scale=ts, cpu=emu.get("cpu", "dilate"), io_cpus=emu.get("io_cpus")) as c:
+                      host_speed=hs0, time_scale=ts, cpu=emu.get("cpu", "dilate")) as c:
         started = time.perf_counter() - t_start
 
         def one(x):
@@ -475,8 +475,6 @@ def main(argv=None):
     ap.add_argument("--baselines", type=int, default=1, help="how many of the best baselines to run too")
     ap.add_argument("--time-limit", type=float, default=10.0, help="MILP time limit (s)")
     ap.add_argument("--cpuset", default="1", help="CPUs the workers are pinned to ('' = not pinned)")
-    ap.add_argument("--io-cpus", default="",
-                    help="CPUs the workers' socket threads run on, off the devices' core ('' = with the compute)")
     ap.add_argument("--cpu", default="dilate", choices=["dilate", "quota"],
                     help="how a device's CPU share is enforced (see edgepart/runtime/emulate.py)")
     ap.add_argument("--period-us", type=int, default=None, help="cgroup cfs period (default: the emulator's)")
@@ -511,7 +509,6 @@ def main(argv=None):
     model_names = args.models or (["vgg16"] if args.quick else list(MODELS))
     bands = args.bands or ([1000] if args.quick else BANDS)
     emu = {"probe": None, "cpuset": [int(c) for c in args.cpuset.split(",")] if args.cpuset else None,
-           "io_cpus": [int(c) for c in args.io_cpus.split(",")] if args.io_cpus else None,
            "period_us": args.period_us, "cpu": args.cpu, "time_scale": args.time_scale, "no_memory": args.no_memory,
            "no_model_speed": args.no_model_speed, "no_node_calibration": args.no_node_calibration,
            "host_speed": args.host_speed if args.host_speed == "auto" else float(args.host_speed),

@@ -129,51 +129,6 @@ def test_dilated_cpu_shares_pinning_and_host_speed(bundle):
     assert not os.path.exists(sharedir)
 
 
-def _thread_affinities(pid: int) -> list[set[int]]:
-    return [os.sched_getaffinity(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")]
-
-
-@pytest.mark.root
-@pytest.mark.skipif(not netns_available()[0], reason=f"netns emulation unavailable: {netns_available()[1]}")
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
-def test_socket_threads_run_off_the_devices_core(bundle):
-    """io_cpus: every worker's compute stays on the devices' cpuset, its socket threads move to io_cpus;
-    outputs exact."""
-    model, x, d, manifest = bundle
-    cpus = sorted(os.sched_getaffinity(0))
-    dev_cpu, io_cpu = cpus[0], cpus[1]
-    with edgepart.LocalCluster(d, emulate=True, cpu="dilate", cpuset=[dev_cpu], io_cpus=[io_cpu]) as c:
-        with torch.no_grad():
-            assert_close(c.infer(x), model(x))
-        for dev, pid in c.pids.items():
-            assert c.emulator.links_config(dev)["cpu"]["io_cpus"] == [io_cpu]
-            aff = _thread_affinities(pid)
-            assert {dev_cpu} in aff and {io_cpu} in aff, (dev, aff)   # compute thread; reader/sender threads
-            assert all(a in ({dev_cpu}, {io_cpu}) for a in aff), (dev, aff)
-        assert all(v["compute_us"] > 0 for v in c.stats().values())
-
-
-def test_io_cpus_need_dilation_and_a_cpu_of_their_own(bundle):
-    from edgepart.runtime.emulate import Emulator
-    manifest = bundle[3]
-    with pytest.raises(ValueError, match="needs cpu='dilate'"):
-        Emulator(manifest, cpu="quota", io_cpus=[1], mode="inprocess")
-    with pytest.raises(ValueError, match="overlap"):
-        Emulator(manifest, cpu="dilate", cpuset=[0, 1], io_cpus=[1], mode="inprocess")
-
-
-def test_io_thread_moves_itself_to_the_io_cpus(monkeypatch):
-    from edgepart.runtime import worker
-    cpu = max(os.sched_getaffinity(0))
-    monkeypatch.setattr(worker, "IO_CPUS", {cpu})
-    seen = []
-    worker._io_thread(lambda: seen.append(os.sched_getaffinity(0)), "t").join(5)
-    assert seen == [{cpu}]
-    monkeypatch.setattr(worker, "IO_CPUS", None)
-    worker._io_thread(lambda: seen.append(os.sched_getaffinity(0)), "t").join(5)
-    assert seen[1] == os.sched_getaffinity(0)
-
-
 def test_cpu_dilation_reads_and_follows_the_share_file(tmp_path):
     from edgepart.runtime.worker import CpuDilation
     f = tmp_path / "share"

@@ -93,8 +93,7 @@ def netns_available() -> tuple[bool, str]:
 class Emulator:
     def __init__(self, manifest: dict, time_scale: float | None = None, mode: str | None = None,
                  cpus: int | None = None, period_us: int | None = None, cpuset: list[int] | None = None,
-                 host_speed: float | None = None, defer_limits: bool = False, cpu: str = "quota",
-                 io_cpus: list[int] | None = None):
+                 host_speed: float | None = None, defer_limits: bool = False, cpu: str = "quota"):
         cl = manifest["cluster"]
         self.devices = [d["name"] for d in cl["devices"] if d["name"] in manifest["devices"]]
         self.speed = {d["name"]: float(d.get("speed", 1.0)) for d in cl["devices"]}
@@ -121,12 +120,6 @@ class Emulator:
         self.limited = False
         self.period_us = int(period_us or PERIOD_US)
         self.cpuset = sorted({int(c) for c in cpuset}) if cpuset else None
-        # CPUs the workers' socket threads run on (dilated stages only): off the devices' shared core
-        self.io_cpus = sorted({int(c) for c in io_cpus}) if io_cpus else None
-        if self.io_cpus and cpu != "dilate":
-            raise ValueError("io_cpus needs cpu='dilate' (a cgroup quota would cover the I/O threads too)")
-        if self.io_cpus and self.cpuset and set(self.io_cpus) & set(self.cpuset):
-            raise ValueError(f"io_cpus {self.io_cpus} overlap the devices' cpuset {self.cpuset}")
         self.host_speed = float(host_speed or 1.0)
         if not self.host_speed > 0:
             raise ValueError(f"host_speed must be > 0, got {host_speed}")
@@ -287,8 +280,7 @@ class Emulator:
             else:
                 peers[other] = {"bandwidth_mbps": ln["bandwidth_mbps"], "latency_ms": ln["latency_ms"]}
         if self.mode == "netns" and self.cpu == "dilate":    # compute stages dilated (worker.CpuDilation)
-            return {"peers": peers, "cpu": {"share_file": self.share_file(device),
-                                            **({"io_cpus": self.io_cpus} if self.io_cpus else {})}}
+            return {"peers": peers, "cpu": {"share_file": self.share_file(device)}}
         if self.mode == "netns":
             # the worker's cgroup CPU quota in cores, for remote profiling (edgepart.fcpm): the worker cannot
             # read it itself, `ip netns exec` hides /sys/fs/cgroup
@@ -318,8 +310,7 @@ class Emulator:
             parts.append("cpu " + ", ".join(f"{d}={self.cores(d):.3f} core" for d in self.devices)
                          + (" (dilated stages" if self.cpu == "dilate" else f" (quota, period {self.period_us / 1000:g} ms")
                          + (f", host_speed {self.host_speed:.3g}" if self.host_speed != 1.0 else "")
-                         + (f", pinned to CPU {','.join(map(str, self.cpuset))}" if self.cpuset else "")
-                         + (f", socket I/O on CPU {','.join(map(str, self.io_cpus))}" if self.io_cpus else "") + ")")
+                         + (f", pinned to CPU {','.join(map(str, self.cpuset))}" if self.cpuset else "") + ")")
         links = ", ".join(f"{'-'.join(sorted(k))}: {v['bandwidth_mbps'] * s:.3g} Mbit/s + "
                           f"{v['latency_ms'] / s:.3g} ms" for k, v in self.link.items())
         return "; ".join(parts + [links])

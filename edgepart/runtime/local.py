@@ -9,7 +9,7 @@ Every worker runs in its own process group and watches this process, so nothing
 outlives the cluster: ``close()`` (also called on error, at exit, and by ``with``)
 terminates the groups, and a worker whose parent vanished exits by itself.
 ``emulate=True`` shapes CPU and links from the manifest's cluster (see emulate.py; ``time_scale``,
-``cpu`` ("quota" or "dilate"), ``cpu_period_us``, ``cpuset``, ``io_cpus`` and ``host_speed`` are the Emulator's knobs).
+``cpu`` ("quota" or "dilate"), ``cpu_period_us``, ``cpuset`` and ``host_speed`` are the Emulator's knobs).
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class LocalCluster:
                  startup_timeout: float = 60.0, log_dir: str | os.PathLike | None = None,
                  time_scale: float | None = None, cpu_period_us: int | None = None,
                  cpuset: list[int] | None = None, host_speed: float | None = None, cpu: str = "quota",
-                 io_cpus: list[int] | None = None, **session_kw):
+                 **session_kw):
         from edgepart.compiler.bundle import read_manifest
         self.dir, self._tmp_bundle = bundle_dir_of(bundle_or_dir)
         self.manifest = read_manifest(self.dir)
@@ -75,7 +75,7 @@ class LocalCluster:
                 self.emulator = Emulator(self.manifest, time_scale=time_scale,
                                          mode=emulate if isinstance(emulate, str) else None,
                                          period_us=cpu_period_us, cpuset=cpuset, host_speed=host_speed,
-                                         defer_limits=True, cpu=cpu, io_cpus=io_cpus)
+                                         defer_limits=True, cpu=cpu)
             for d in self.devices:
                 self._spawn(d, 0)
             self.session = self.connect()

@@ -79,23 +79,6 @@ class Shaper:
 
 
 INLINE_MAX = 64 << 10          # frames up to this size are written by the calling thread when nothing is queued
-# Emulation: CPUs this process's I/O threads (socket readers and writers) run on, while the compute thread stays
-# on the CPU the emulated devices share; set from the worker's "cpu" config ("io_cpus"). None: not moved.
-IO_CPUS: set[int] | None = None
-
-
-def _io_thread(target, name: str, args: tuple = ()) -> threading.Thread:
-    """Start a daemon I/O thread, moved to IO_CPUS first if set: on a testbed where every emulated
-    device's compute shares one core, a device's network I/O (the kernel's copies and the veth
-    traffic its writes trigger) must not take that core's time — the cost model charges a link its
-    bandwidth and latency, not the sender's or receiver's CPU."""
-    def run():
-        if IO_CPUS:
-            os.sched_setaffinity(0, IO_CPUS)
-        target(*args)
-    t = threading.Thread(target=run, name=name, daemon=True)
-    t.start()
-    return t
 _FLUSH = object()              # queue marker: finish writing a frame that send_nowait only partly wrote
 
 
@@ -122,7 +105,8 @@ class OutQueue:
         self.busy = False                  # the thread is writing
         self.on_error = on_error
         self.dead = False
-        self.t = _io_thread(self._run, f"out-{name}")
+        self.t = threading.Thread(target=self._run, name=f"out-{name}", daemon=True)
+        self.t.start()
 
     def put(self, header: dict, parts=()) -> None:
         err = None
@@ -195,7 +179,8 @@ class PeerLink:
         self.busy = False
         self.ch: Channel | None = None
         self.closed = False
-        self.t = _io_thread(self._run, f"peer-{device}")
+        self.t = threading.Thread(target=self._run, name=f"peer-{device}", daemon=True)
+        self.t.start()
 
     def put(self, header: dict, parts=(), req: "Req | None" = None) -> None:
         err = None
@@ -393,9 +378,6 @@ class Worker:
         self.links_cfg = links or {}          # emulation: {"peers": {dev: {"bandwidth_mbps", "latency_ms"}}}
         cpu_cfg = self.links_cfg.get("cpu") or {}    # emulation: {"cpu": {"share_file": path}}
         self.dilation = CpuDilation(str(cpu_cfg["share_file"])) if cpu_cfg.get("share_file") else None
-        if cpu_cfg.get("io_cpus"):
-            global IO_CPUS
-            IO_CPUS = {int(c) for c in cpu_cfg["io_cpus"]}
         self.lock = threading.RLock()
         self.device: str | None = None
         self.bundle_id: str | None = None
@@ -476,7 +458,8 @@ class Worker:
                 log.warning("refused connection from %s: %d connections already open", addr, MAX_CONNECTIONS)
                 sock.close()
                 continue
-            _io_thread(self._serve_conn, f"conn-{addr[1]}", (sock, addr))
+            threading.Thread(target=self._serve_conn, args=(sock, addr), name=f"conn-{addr[1]}",
+                             daemon=True).start()
 
     def _serve_conn(self, sock: socket.socket, addr) -> None:
         where = "%s:%s" % addr[:2]
@@ -767,8 +750,7 @@ class Worker:
             if self.computing or not self.runq:
                 return
             rc = self.recent_compute
-            # readers on the I/O CPUs never compute: the stage would run off the emulated devices' core
-            if IO_CPUS or len(rc) < 4 or max(rc) > INLINE_COMPUTE_S:
+            if len(rc) < 4 or max(rc) > INLINE_COMPUTE_S:
                 self.runq_cv.notify()
                 return
             req = self._pop_runnable()
