@@ -91,6 +91,23 @@ def test_wrong_input_shape_names_the_expected_shape():
         bundle.run_local(x.double())
 
 
+def test_weights_changed_on_disk_after_loading_do_not_change_the_program(tmp_path):
+    """Weights are copied out of the safetensors file's mapping (runtime.program.load_weights): the
+    file overwritten in place after loading leaves the loaded programs' output as it was."""
+    model, (x,) = zoo.get("tinynet")
+    out = edgepart.compile(model, (x,), edgepart.Cluster.homogeneous(2), strategy="even").save(tmp_path / "b")
+    loaded = edgepart.load_bundle(out)
+    with torch.no_grad():
+        ref = model(x)
+    for dev in loaded.manifest["devices"]:
+        w = out / "devices" / f"{dev}.safetensors"
+        header = 8 + int.from_bytes(w.read_bytes()[:8], "little")
+        with open(w, "r+b") as f:                 # same inode, same size: every weight byte zeroed
+            f.seek(header)
+            f.write(bytes(w.stat().st_size - header))
+    assert_close(loaded.run_local(x), ref)
+
+
 def test_tampered_or_incomplete_bundle_is_refused_naming_the_file(tmp_path):
     model, (x,) = zoo.get("tinynet")
     # "even" so that both devices hold a program (ofpm keeps this tiny net on one device)

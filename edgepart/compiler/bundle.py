@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from edgepart.cluster import Cluster
 from edgepart.compiler.codegen import generate
@@ -29,7 +29,7 @@ from edgepart.compiler.trace import COMPUTE_OPS, trace
 from edgepart.errors import BundleError, EdgepartError, InputShapeError
 from edgepart.passes import analyse
 from edgepart.passes.shapes import _fetch_attr, dtype_name
-from edgepart.runtime.program import DTYPES, DeviceProgram, RowStore, sha256_file, verify_file
+from edgepart.runtime.program import DTYPES, DeviceProgram, RowStore, load_weights, sha256_file, verify_file
 
 SCHEMA_VERSION = 1
 VERSION = "0.1.0"
@@ -308,8 +308,5 @@ def load_bundle(directory: str | os.PathLike) -> Bundle:
         for rel in spec["files"]:
             verify_file(directory, rel, manifest)
         sources[dev] = (directory / spec["program"]).read_text()
-        try:
-            weights[dev] = load_file(str(directory / spec["weights"]))
-        except Exception as e:  # noqa: BLE001 — safetensors raises several types
-            raise BundleError(f"{directory / spec['weights']}: not a readable safetensors file: {e}") from e
+        weights[dev] = load_weights(directory / spec["weights"])
     return Bundle(manifest, sources, weights, directory=directory)
