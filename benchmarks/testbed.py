@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -213,15 +214,10 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
                 gm0 = analyse(trace(model, (x0,)))      # calibrated on the model's own layers, and on it whole
                 # the model timed whole as a device runs it: its device program in a worker (emulate.ProgramTimer),
                 # stopped before the testbed's workers start
-                timer = None
-                if not emu.get("no_model_speed"):
-                    from edgepart.runtime.emulate import ProgramTimer
-                    timer = ProgramTimer(model, (x0,), cpuset=emu.get("cpuset"))
-                try:
+                from edgepart.runtime.emulate import ProgramTimer
+                with (nullcontext() if emu.get("no_model_speed")
+                      else ProgramTimer(model, (x0,), cpuset=emu.get("cpuset"))) as timer:
                     cal = emu["probe"].calibrate(2.0, nodes=[node_info(n) for n in compute_nodes(gm0)], forward=timer)
-                finally:
-                    if timer is not None:
-                        timer.close()
                 memory_speed, calibration, model_speed = cal["memory_speed"], cal["calibration"], cal["model_speed"]
             node_calibration = {}
             if emu.get("probe") is not None and not emu.get("no_memory") and not emu.get("no_node_calibration"):

@@ -664,7 +664,11 @@ class ProgramTimer:
         from edgepart.runtime.local import LocalCluster
         self.inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         self.cluster = LocalCluster(_one_device_bundle(model, self.inputs), cpuset=cpuset)
-        self.cluster.infer(*self.inputs)         # deployed and warm
+        try:
+            self.cluster.infer(*self.inputs)     # deployed and warm
+        except BaseException:
+            self.cluster.close()                 # no worker left behind by a failed first request
+            raise
 
     def _stage_cpu_s(self) -> float:
         stats = self.cluster.stats()["device"]
