@@ -170,9 +170,9 @@ for kb in (64, 120, 200, 500, 1000, 4000, 16000, 40000):     # ReLU outputs of t
         time_callable(fn, target_s=0.001, min_repeats=3, max_repeats=3, warmup_s=0)
     else:
         for _ in range(3): fn()
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    f0 = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt      # this thread's: the one calling fn
     for _ in range(20): fn()
-    out.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 20)
+    out.append((resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - f0) / 20)
 print(max(out))
 """
 
@@ -189,4 +189,6 @@ def test_timing_uses_the_workers_malloc_settings_so_outputs_are_not_page_faulted
                                             text=True, check=True).stdout)
     assert any(run("plain") >= 5 for _ in range(10)), \
         "glibc's defaults never faulted here in 10 runs: this test cannot tell the difference"
-    assert all(run("timed") < 0.5 for _ in range(3))
+    # an output page-faulted in per call costs >= 16 faults (64 KB, the smallest); stray faults of a busy
+    # host (CI once read > 0.5 per call) are not that
+    assert all(run("timed") < 2 for _ in range(3))
