@@ -156,7 +156,9 @@ def measure(bundle_dir: Path, inputs, refs, warmup: int, emu: dict) -> dict:
                       # per stage, per request: wall time (emulated device's time) and raw CPU time of this host
                       "stages": {k.split(":", 1)[1]: {"wall_s": (v - a.get(k, 0)) * 1e-6 * scale / n,
                                                       "cpu_s": (b.get("stage_cpu_us:" + k.split(":", 1)[1], 0)
-                                                                - a.get("stage_cpu_us:" + k.split(":", 1)[1], 0)) * 1e-6 / n}
+                                                                - a.get("stage_cpu_us:" + k.split(":", 1)[1], 0)) * 1e-6 / n,
+                                                      "preempted": (b.get("stage_preempted:" + k.split(":", 1)[1], 0)
+                                                                    - a.get("stage_preempted:" + k.split(":", 1)[1], 0)) / n}
                                  for k, v in b.items() if k.startswith("stage_us:")},
                       "cores": cores.get(d)}
     lat_s = [t * scale for t in lat]
@@ -164,6 +166,12 @@ def measure(bundle_dir: Path, inputs, refs, warmup: int, emu: dict) -> dict:
             "worst_rel_error": worst, "time_scale": scale, "host_speed": statistics.median(hss) if hss else hs0,
             "host_speeds": hss, "memory_speeds": mss, "host_speed_start": hs0, "emulation": desc, "devices": per_dev,
             "startup_s": started, "wall_s": time.perf_counter() - t_start}
+
+
+def preempted(device_run: dict) -> float | None:
+    """Times per request a device's compute thread was preempted mid-stage (None: not recorded)."""
+    got = [st["preempted"] for st in device_run.get("stages", {}).values() if "preempted" in st]
+    return sum(got) if got else None
 
 
 def merge_rounds(runs: list[dict]) -> dict:
@@ -391,7 +399,9 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
     lines += ["", "## Per-device compute (ms per request: measured / predicted)", "",
               "Measured = the worker's time inside `run` actions (quota stalls included) × time_scale; "
               "predicted = the simulator's compute time of that device. *thr* = cgroup periods throttled "
-              "per request; *pf* = minor page faults per request in the device's stages.", "",
+              "per request; *pf* = minor page faults per request in the device's stages; *pre* = times per "
+              "request its compute thread was preempted mid-stage (by another worker, a socket thread or "
+              "another program on the shared CPU).", "",
               "| model | Mbit/s | strategy | " + " | ".join(n for n, _ in DEVICES) + " | host_speed |",
               "|---|---|---|" + "---|" * len(DEVICES) + "---|"]
     for c in cells:
@@ -403,7 +413,8 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
                     row.append("–")
                 else:
                     row.append(f"{v['compute_s'] * 1e3:.1f} / {v['predicted_compute_s'] * 1e3:.1f} "
-                               f"(thr {v['throttled_periods']:.0f}, pf {v.get('page_faults', 0):.0f})")
+                               f"(thr {v['throttled_periods']:.0f}, pf {v.get('page_faults', 0):.0f}"
+                               + (f", pre {pre:.0f}" if (pre := preempted(v)) is not None else "") + ")")
             lines.append(f"| {c['model']} | {c['mbps']:g} | {s} | " + " | ".join(row) + f" | {r['host_speed']:.3f} |")
     lines += ["", "## Per stage of the ofpm plan (measured ÷ predicted)", "",
               "Each (device, stage) run: the worker's time inside that stage (`stage_us:S`) × time_scale ÷ the "

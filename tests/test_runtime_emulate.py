@@ -69,6 +69,9 @@ def test_netns_cgroup_testbed_shapes_and_cleans_up(bundle):
             assert quota == round(emu.speed[dev] * s * period) and quota >= 1000
             assert f"/proc/{pid}/ns/net" and os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
             assert "tbf" in sh(f"ip netns exec {emu.ns[dev]} tc qdisc show")
+            # not pinned: the kernel's default packet steering is left alone
+            assert emu.net_cpus == [] and set(sh(f"ip netns exec {emu.ns[dev]} sh -c "
+                                                 "'cat /sys/class/net/*/queues/rx-*/rps_cpus'").split()) <= {"0", "00"}
         y = c.infer(x)
         with torch.no_grad():
             assert_close(y, model(x))
@@ -117,6 +120,11 @@ def test_dilated_cpu_shares_pinning_and_host_speed(bundle):
             assert share == pytest.approx(emu.speed[dev] * s / 0.8)
             assert os.sched_getaffinity(pid) == {0}
             assert emu.links_config(dev)["cpu"]["share_file"] == emu.share_file(dev)
+            # the links' packets are received on the other CPUs (RPS), not charged to the pinned workers
+            others = sorted(set(range(os.cpu_count())) - {0})
+            assert emu.net_cpus == others
+            masks = sh(f"ip netns exec {emu.ns[dev]} sh -c 'cat /sys/class/net/*/queues/rx-*/rps_cpus'").split()
+            assert masks and {int(m.replace(",", ""), 16) for m in masks} == {sum(1 << c for c in others)}
         with torch.no_grad():
             ref = model(x)
         assert_close(c.infer(x), ref)
@@ -124,7 +132,9 @@ def test_dilated_cpu_shares_pinning_and_host_speed(bundle):
         for dev in c.pids:
             assert float(open(emu.share_file(dev)).read()) == pytest.approx(emu.speed[dev] * s / 0.5)
         assert_close(c.infer(x), ref)
-        assert c.stats()[c.devices[0]]["compute_us"] > 0
+        stats = c.stats()[c.devices[0]]
+        assert stats["compute_us"] > 0
+        assert any(k.startswith("stage_preempted:") for k in stats)   # per stage, for the testbed's table
         sharedir = emu.sharedir
     assert not os.path.exists(sharedir)
 

@@ -843,12 +843,13 @@ class Worker:
             elif op == "run":
                 t0 = time.perf_counter()
                 c0 = time.thread_time()
-                f0 = _thread_faults()
+                f0, s0 = _thread_usage()
                 try:
                     prog.run_stage(act["stage"], store)
                 except Exception as e:  # noqa: BLE001
                     raise EdgepartError(f"stage {act['stage']}: {type(e).__name__}: {e}") from e
-                cpu, faults = time.thread_time() - c0, _thread_faults() - f0
+                f1, s1 = _thread_usage()
+                cpu, faults = time.thread_time() - c0, f1 - f0
                 dt = self.dilation.stretch(t0, c0) if self.dilation else time.perf_counter() - t0
                 req.compute_s += dt
                 self.stats["compute_us"] += int(dt * 1e6)
@@ -856,6 +857,8 @@ class Worker:
                 self.stats[f"stage_us:{act['stage']}"] += int(dt * 1e6)
                 self.stats[f"stage_cpu_us:{act['stage']}"] += int(cpu * 1e6)
                 self.stats[f"stage_faults:{act['stage']}"] += faults
+                # preempted mid-stage (by another worker or this one's socket threads on a shared CPU)
+                self.stats[f"stage_preempted:{act['stage']}"] += s1 - s0
             elif op == "send":
                 a, b = act["rows"]
                 piece = store.get(act["tensor"], a, b)
@@ -974,9 +977,13 @@ def _sha256(path: Path) -> str:
 _RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", None)     # Linux only
 
 
-def _thread_faults() -> int:
-    """Page faults of the calling thread so far (0 where the OS does not count them per thread)."""
-    return resource.getrusage(_RUSAGE_THREAD).ru_minflt if _RUSAGE_THREAD is not None else 0
+def _thread_usage() -> tuple[int, int]:
+    """(minor page faults, involuntary context switches) of the calling thread so far ((0, 0) where the
+    OS does not count them per thread)."""
+    if _RUSAGE_THREAD is None:
+        return 0, 0
+    u = resource.getrusage(_RUSAGE_THREAD)
+    return u.ru_minflt, u.ru_nivcsw
 
 
 def build_parser() -> argparse.ArgumentParser:
