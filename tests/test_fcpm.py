@@ -190,5 +190,43 @@ def test_timing_uses_the_workers_malloc_settings_so_outputs_are_not_page_faulted
     assert any(run("plain") >= 5 for _ in range(10)), \
         "glibc's defaults never faulted here in 10 runs: this test cannot tell the difference"
     # an output page-faulted in per call costs >= 16 faults (64 KB, the smallest); stray faults of a busy
-    # host (CI once read > 0.5 per call) are not that
-    assert all(run("timed") < 2 for _ in range(3))
+    # host (CI once read > 0.5 per call) or a heap settling once in its first calls (44 in 20, seen with
+    # every thread on the main heap) are not that
+    assert all(run("timed") < 8 for _ in range(3))
+
+
+_ARENA_FAULTS = r"""
+import resource, sys, threading
+import torch
+from edgepart.runtime.allocator import keep_freed_memory
+if sys.argv[1] == "worker":
+    assert keep_freed_memory()
+else:                                   # what the settings were before the main-heap fix: no mmap, no trim
+    import ctypes, ctypes.util
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    assert libc.mallopt(-4, 0) and libc.mallopt(-1, 2 ** 31 - 1)
+out = []
+def compute():                           # a worker's compute thread: 30 MB held, a 38 MB buffer per call
+    held = torch.ones(30 << 18)
+    for _ in range(5):
+        f0 = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+        buf = torch.ones(38 << 18)
+        del buf
+        out.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - f0)
+t = threading.Thread(target=compute)
+t.start()
+t.join()
+print(max(out[1:]))
+"""
+
+
+def test_a_workers_compute_thread_reuses_a_buffer_larger_than_what_its_own_heap_has_left():
+    """glibc gives a thread an arena of 64 MiB heaps and unmaps a heap once it is entirely free, so a
+    38 MB buffer next to 30 MB held came from a fresh heap — page-faulted in — on every call
+    (4,800–9,700 faults) even with mmap off and trimming off; the worker's settings use the main heap."""
+    import subprocess
+    import sys
+    run = lambda mode: int(subprocess.run([sys.executable, "-c", _ARENA_FAULTS, mode], capture_output=True,  # noqa: E731
+                                          text=True, check=True).stdout)
+    assert run("without_main_heap") > 2000, "the case this test pins no longer faults here: it cannot tell"
+    assert run("worker") < 100             # 38 MB is 9,728 pages

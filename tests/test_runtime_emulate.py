@@ -94,6 +94,8 @@ def test_inprocess_limiter_without_root(bundle):
         c = edgepart.LocalCluster(d, emulate="inprocess")
     with c:
         assert c.emulator.mode == "inprocess" and c.time_scale == 1.0
+        a, b = c.devices
+        assert c.emulator.links_config(a)["peers"][b]["nic_mbps"] == BW    # the sender's NIC (worker.SenderNic)
         y = c.infer(x)
         with torch.no_grad():
             assert_close(y, model(x))
@@ -120,6 +122,8 @@ def test_dilated_cpu_shares_pinning_and_host_speed(bundle):
             assert share == pytest.approx(emu.speed[dev] * s / 0.8)
             assert os.sched_getaffinity(pid) == {0}
             assert emu.links_config(dev)["cpu"]["share_file"] == emu.share_file(dev)
+            other = next(o for o in c.pids if o != dev)
+            assert emu.links_config(dev)["peers"][other]["nic_mbps"] == pytest.approx(BW * s)
             # the links' packets are received on the other CPUs (RPS), not charged to the pinned workers
             others = sorted(set(range(os.cpu_count())) - {0})
             assert emu.net_cpus == others
@@ -151,3 +155,17 @@ def test_cpu_dilation_reads_and_follows_the_share_file(tmp_path):
     f.write_text("7")                 # out of range: refused, the last good share stays
     os.utime(f, ns=(2, 2))
     assert dil.current() == 0.5
+
+
+def test_sender_nic_sends_one_message_at_a_time_in_the_order_sent():
+    """A device's messages to all its peers share its NIC, FIFO, each holding it for latency + bytes ÷
+    bandwidth — the simulator's switched links — so a scatter to several peers is not sent in parallel."""
+    from edgepart.runtime.worker import SenderNic, Shaper
+    nic = SenderNic()
+    to_b = Shaper(None, latency_ms=500.0, nic=nic, nic_mbps=8e-3)        # 1000 bytes/s, 0.5 s latency
+    to_c = Shaper(None, latency_ms=250.0, nic=nic, nic_mbps=16e-3)       # 2000 bytes/s
+    assert to_b.release_time(10.0, 1000) == pytest.approx(10.5)          # NIC busy 10.0 .. 11.5
+    assert to_c.release_time(10.2, 1000) == pytest.approx(11.75)         # waits for it: 11.5 + 0.25; busy to 12.25
+    assert to_b.release_time(13.0, 0) == pytest.approx(13.5)             # idle NIC: only the latency
+    alone = Shaper(None, latency_ms=500.0)                                # no NIC: the delay line only
+    assert alone.release_time(10.0, 10**9) == pytest.approx(10.5)

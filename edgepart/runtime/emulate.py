@@ -302,10 +302,13 @@ class Emulator:
             if other == device:
                 continue
             ln = self.link[frozenset((device, other))]
+            # nic_mbps: the sender's NIC sends one message at a time, as the cost model assumes (worker.SenderNic)
             if self.mode == "netns":      # bandwidth is shaped by tc; the sender adds the latency
-                peers[other] = {"bandwidth_mbps": None, "latency_ms": ln["latency_ms"] / self.time_scale}
+                peers[other] = {"bandwidth_mbps": None, "latency_ms": ln["latency_ms"] / self.time_scale,
+                                "nic_mbps": ln["bandwidth_mbps"] * self.time_scale}
             else:
-                peers[other] = {"bandwidth_mbps": ln["bandwidth_mbps"], "latency_ms": ln["latency_ms"]}
+                peers[other] = {"bandwidth_mbps": ln["bandwidth_mbps"], "latency_ms": ln["latency_ms"],
+                                "nic_mbps": ln["bandwidth_mbps"]}
         if self.mode == "netns" and self.cpu == "dilate":    # compute stages dilated (worker.CpuDilation)
             return {"peers": peers, "cpu": {"share_file": self.share_file(device)}}
         if self.mode == "netns":
