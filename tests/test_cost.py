@@ -409,3 +409,11 @@ def test_compile_warns_of_node_calibration_for_another_model():
     cl = Cluster.from_dict({"devices": [{"name": "a", "node_calibration": {"features_28": [[1, 2.0]]}}]})
     with pytest.warns(UserWarning, match="device 'a': node_calibration names 1 node.*features_28"):
         edgepart.compile(model, (x,), cl, strategy="single")
+
+
+def test_one_low_slice_reading_is_not_what_the_planner_gets_to_pick():
+    """A dip at one slice size (noise) takes its neighbours' median; the end points stay as measured."""
+    from edgepart.runtime.emulate import smooth_slice_factors
+    pts = [(1, 2.0), (2, 1.0), (3, 0.66), (4, 0.95), (5, 0.9), (8, 1.0)]
+    assert smooth_slice_factors(pts) == [(1, 2.0), (2, 1.0), (3, 0.95), (4, 0.9), (5, 0.95), (8, 1.0)]
+    assert smooth_slice_factors([(1, 3.0), (2, 0.5)]) == [(1, 3.0), (2, 0.5)]
