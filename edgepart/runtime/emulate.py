@@ -33,8 +33,11 @@ With root, cgroup v1 and network namespaces (``mode == "netns"``):
 * **Links**: each worker runs in its own network namespace; every pair of devices
   is joined by its own veth pair whose two ends are shaped with ``tc qdisc ... tbf``
   at the pair's bandwidth × s. ``netem`` is not available here, so the link latency
-  (÷ s) is added by the sender (a delay line in the worker's peer queue). The
-  client reaches each worker over an extra, unshaped veth pair.
+  (÷ s) is added by the sender (a delay line in the worker's peer queue). A worker's
+  messages to all its peers share its one NIC, one message at a time in the order it
+  sends them (``worker.SenderNic``), as the cost model's switched links assume; and the
+  packets are processed on the CPUs outside ``cpuset`` (RPS), not charged to the workers.
+  The client reaches each worker over an extra, unshaped veth pair.
 
 ``s`` (``time_scale``, ≤ 1) slows the whole testbed down uniformly so it fits this
 machine: a device of speed 1.0 is one core of this machine (÷ host_speed), and a
