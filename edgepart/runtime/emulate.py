@@ -124,9 +124,8 @@ class Emulator:
         self.limited = False
         self.period_us = int(period_us or PERIOD_US)
         self.cpuset = sorted({int(c) for c in cpuset}) if cpuset else None
-        if net_cpus == "auto":
-            others = sorted(set(range(os.cpu_count() or 1)) - set(self.cpuset or range(os.cpu_count() or 1)))
-            net_cpus = others
+        if net_cpus == "auto":          # the CPUs the workers are not pinned to (none if not pinned)
+            net_cpus = sorted(set(range(os.cpu_count() or 1)) - set(self.cpuset)) if self.cpuset else []
         self.net_cpus = sorted({int(c) for c in net_cpus}) if net_cpus else []
         self.host_speed = float(host_speed or 1.0)
         if not self.host_speed > 0:
