@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgepart import models  # noqa: E402
-from edgepart.compiler.cost import node_info  # noqa: E402
+from edgepart.compiler.cost.model import node_info  # noqa: E402
 from edgepart.compiler.trace import COMPUTE_OPS, trace  # noqa: E402
 from edgepart.fcpm.features import clean_info, features  # noqa: E402
 from edgepart.fcpm.load import BackgroundLoad, cpu_count  # noqa: E402

@@ -29,12 +29,12 @@ sys.path.insert(0, str(ROOT))
 
 from edgepart import models  # noqa: E402
 from edgepart.cluster import Cluster  # noqa: E402
-from edgepart.compiler import baselines  # noqa: E402,F401
-from edgepart.compiler.cost import CostModel  # noqa: E402
-from edgepart.compiler.ofpm import solve_ofpm  # noqa: E402
-from edgepart.compiler.planners import STRATEGIES  # noqa: E402
+from edgepart.compiler.planning import baselines  # noqa: E402,F401
+from edgepart.compiler.cost.model import CostModel  # noqa: E402
+from edgepart.compiler.planning.ofpm import solve_ofpm  # noqa: E402
+from edgepart.compiler.planning.registry import STRATEGIES  # noqa: E402
 from edgepart.compiler.schedule import build_schedule  # noqa: E402
-from edgepart.compiler.simulator import simulate  # noqa: E402
+from edgepart.compiler.cost.simulator import simulate  # noqa: E402
 from edgepart.compiler.trace import trace  # noqa: E402
 from edgepart.passes import analyse  # noqa: E402
 

@@ -35,12 +35,12 @@ sys.path.insert(0, str(ROOT))
 from edgepart import models  # noqa: E402
 from edgepart.cluster import Cluster  # noqa: E402
 from edgepart.compiler.bundle import compile_plan  # noqa: E402
-from edgepart.compiler.cost import node_info, padded_input_bytes  # noqa: E402
-from edgepart.compiler.plan import compute_nodes  # noqa: E402
-from edgepart.compiler.planners import STRATEGIES  # noqa: E402
+from edgepart.compiler.cost.model import node_info, padded_input_bytes  # noqa: E402
+from edgepart.compiler.planning.plan import compute_nodes  # noqa: E402
+from edgepart.compiler.planning.registry import STRATEGIES  # noqa: E402
 from edgepart.compiler.trace import trace  # noqa: E402
 from edgepart.passes import analyse  # noqa: E402
-from edgepart.runtime.emulate import HostSpeedProbe  # noqa: E402
+from edgepart.compiler.cost.calibration import HostSpeedProbe  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 PROFILE = ROOT / "profiles" / "host.json"

@@ -20,8 +20,8 @@ sys.path.insert(0, str(ROOT))
 
 from edgepart import models  # noqa: E402
 from edgepart.cluster import Cluster  # noqa: E402
-from edgepart.compiler.cost import CostModel  # noqa: E402
-from edgepart.compiler.ofpm import OFPMModel, simulated_latency  # noqa: E402
+from edgepart.compiler.cost.model import CostModel  # noqa: E402
+from edgepart.compiler.planning.ofpm import OFPMModel, simulated_latency  # noqa: E402
 from edgepart.compiler.trace import trace  # noqa: E402
 from edgepart.passes import analyse  # noqa: E402
 

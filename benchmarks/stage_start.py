@@ -40,13 +40,13 @@ sys.path.insert(0, str(ROOT))
 
 from edgepart import models  # noqa: E402
 from edgepart.cluster import Cluster  # noqa: E402
-from edgepart.compiler import baselines  # noqa: E402,F401 — registers modnn
+from edgepart.compiler.planning import baselines  # noqa: E402,F401 — registers modnn
 from edgepart.compiler.bundle import compile_plan  # noqa: E402
-from edgepart.compiler.cost import RUNTIME_STAGE_S  # noqa: E402
-from edgepart.compiler.planners import STRATEGIES  # noqa: E402
+from edgepart.compiler.cost.model import RUNTIME_STAGE_S  # noqa: E402
+from edgepart.compiler.planning.registry import STRATEGIES  # noqa: E402
 from edgepart.compiler.trace import trace  # noqa: E402
 from edgepart.passes import analyse  # noqa: E402
-from edgepart.runtime.emulate import HostSpeedProbe  # noqa: E402
+from edgepart.compiler.cost.calibration import HostSpeedProbe  # noqa: E402
 from edgepart.runtime.program import DeviceProgram  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -82,7 +82,7 @@ def time_in_workers(bundle, x, requests: int, cpu: int, host_speed: float) -> di
     """{(device, stage): thread CPU seconds per request} in emulated workers sharing CPU ``cpu``."""
     import tempfile
 
-    from edgepart.runtime.local import LocalCluster
+    from edgepart.testbed.local import LocalCluster
     ts = min(1.0, 0.9 * 0.8 * host_speed / len(bundle.devices))   # every device's share fits the one CPU
     with tempfile.TemporaryDirectory(prefix="edgepart-stage-start-") as tmp:
         bundle.save(tmp)
@@ -111,7 +111,7 @@ def main(argv=None):
     ap.add_argument("--requests", type=int, default=10, help="requests timed in the workers")
     args = ap.parse_args(argv)
     if args.workers is None:
-        from edgepart.runtime.emulate import netns_available
+        from edgepart.testbed.emulator import netns_available
         args.workers = int(netns_available()[0])
     warnings.filterwarnings("ignore")
     os.sched_setaffinity(0, {args.cpu})

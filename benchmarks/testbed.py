@@ -43,13 +43,13 @@ sys.path.insert(0, str(ROOT))
 
 from edgepart import models  # noqa: E402
 from edgepart.cluster import Cluster  # noqa: E402
-from edgepart.compiler import baselines  # noqa: E402,F401
+from edgepart.compiler.planning import baselines  # noqa: E402,F401
 from edgepart.compiler.bundle import compile_plan  # noqa: E402
-from edgepart.compiler.cost import CostModel, node_info  # noqa: E402
-from edgepart.compiler.ofpm import solve_ofpm  # noqa: E402
-from edgepart.compiler.plan import compute_nodes  # noqa: E402
-from edgepart.compiler.planners import STRATEGIES  # noqa: E402
-from edgepart.compiler.simulator import simulate  # noqa: E402
+from edgepart.compiler.cost.model import CostModel, node_info  # noqa: E402
+from edgepart.compiler.planning.ofpm import solve_ofpm  # noqa: E402
+from edgepart.compiler.planning.plan import compute_nodes  # noqa: E402
+from edgepart.compiler.planning.registry import STRATEGIES  # noqa: E402
+from edgepart.compiler.cost.simulator import simulate  # noqa: E402
 from edgepart.compiler.trace import trace  # noqa: E402
 from edgepart.passes import analyse  # noqa: E402
 
@@ -107,7 +107,7 @@ def measure(bundle_dir: Path, inputs, refs, warmup: int, emu: dict) -> dict:
     for drift: every device's quota must fit the pinned CPUs), then re-measured (about 1 s) before
     every request and the quotas re-scaled to it (``Emulator.set_host_speed``), so drift of this
     machine's speed between and during runs does not bias one strategy against another."""
-    from edgepart.runtime.local import LocalCluster
+    from edgepart.testbed.local import LocalCluster
     auto = emu.get("host_speed") == "auto"
     hs0 = calibrate(emu, 2.0) if auto else float(emu.get("host_speed") or 1.0)
     ncpu = len(emu["cpuset"]) if emu.get("cpuset") else (os.cpu_count() or 1)
@@ -222,7 +222,7 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
                 gm0 = analyse(trace(model, (x0,)))      # calibrated on the model's own layers, and on it whole
                 # the model timed whole as a device runs it: its device program in a worker (emulate.ProgramTimer),
                 # stopped before the testbed's workers start
-                from edgepart.runtime.emulate import ProgramTimer
+                from edgepart.compiler.cost.calibration import ProgramTimer
                 with (nullcontext() if emu.get("no_model_speed")
                       else ProgramTimer(model, (x0,), cpuset=emu.get("cpuset"))) as timer:
                     cal = emu["probe"].calibrate(2.0, nodes=[node_info(n) for n in compute_nodes(gm0)], forward=timer)
@@ -230,7 +230,7 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
             node_calibration = {}
             if emu.get("probe") is not None and not emu.get("no_memory") and not emu.get("no_node_calibration"):
                 # right after the op types, in the same state of the host: each layer whole and sliced
-                from edgepart.runtime.emulate import measure_node_calibration
+                from edgepart.compiler.cost.calibration import measure_node_calibration
                 t = time.perf_counter()
                 node_calibration = measure_node_calibration(emu["probe"].profile,
                                                             [node_info(n) for n in compute_nodes(gm0)],
@@ -483,7 +483,7 @@ def main(argv=None):
     ap.add_argument("--time-limit", type=float, default=10.0, help="MILP time limit (s)")
     ap.add_argument("--cpuset", default="1", help="CPUs the workers are pinned to ('' = not pinned)")
     ap.add_argument("--cpu", default="dilate", choices=["dilate", "quota"],
-                    help="how a device's CPU share is enforced (see edgepart/runtime/emulate.py)")
+                    help="how a device's CPU share is enforced (see edgepart/testbed/emulator.py)")
     ap.add_argument("--period-us", type=int, default=None, help="cgroup cfs period (default: the emulator's)")
     ap.add_argument("--host-speed", default="auto", help="'auto' (measure before each run) or a number")
     ap.add_argument("--probe", default="networks", choices=["networks", "layers"],
@@ -522,7 +522,7 @@ def main(argv=None):
            "stage_start_s": workers_stage_start() if args.stage_start == "workers" else None,
            "model_speed_of": "program in a worker"}
     if emu["host_speed"] == "auto":
-        from edgepart.runtime.emulate import HostSpeedProbe
+        from edgepart.compiler.cost.calibration import HostSpeedProbe
         emu["probe"] = HostSpeedProbe(PROFILE, emu["cpuset"], kind=args.probe)
     t = time.perf_counter()
     cells = run(model_names, bands, args.requests, args.warmup, emu, args.time_limit, args.baselines,

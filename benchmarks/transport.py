@@ -168,7 +168,7 @@ def throughput(quick: bool, sizes=None, total=None, host="127.0.0.1", prefix=())
 
 def shaped_throughput(quick: bool, mbit: float = 1000.0) -> list[dict] | None:
     """The same comparison across a veth pair shaped with tc tbf (receiver in its own netns); None without root."""
-    from edgepart.runtime.emulate import _run, netns_available
+    from edgepart.testbed.emulator import _run, netns_available
     ok, why = netns_available()
     if not ok:
         print(f"(shaped-link rows skipped: {why})")

@@ -8,7 +8,7 @@
 """
 from edgepart.cluster import Cluster, Device
 from edgepart.compiler.bundle import Bundle, compile, load_bundle
-from edgepart.compiler.plan import Plan, Stage
+from edgepart.compiler.planning.plan import Plan, Stage
 from edgepart.errors import (BundleError, ClusterError, EdgepartError, InputShapeError, PlanError, TraceError,
                              UnsupportedOpError)
 
@@ -24,6 +24,6 @@ def __getattr__(name):  # the runtime is imported lazily: compiling needs no soc
         from edgepart.runtime.client import connect
         return connect
     if name == "LocalCluster":
-        from edgepart.runtime.local import LocalCluster
+        from edgepart.testbed.local import LocalCluster
         return LocalCluster
     raise AttributeError(f"module 'edgepart' has no attribute {name!r}")

@@ -62,7 +62,7 @@ def _max_rel_error(y, ref) -> float:
 
 def _measure(bundle_dir: Path, inputs: list[torch.Tensor], refs: list, emulate: bool, label: str,
              probe=None, cpuset=None) -> dict:
-    from edgepart.runtime.local import LocalCluster
+    from edgepart.testbed.local import LocalCluster
     latencies, worst, speeds, mems = [], 0.0, [], []
 
     def sample(budget_s: float) -> None:          # host speed, and memory speed relative to it
@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     emulate = not args.no_emulate
     probe, cpuset, memory_speed, calibration, model_speed, node_calibration = None, None, 1.0, {}, None, {}
     if emulate and profile is not None:
-        from edgepart.runtime.emulate import HostSpeedProbe, netns_available
+        from edgepart.compiler.cost.calibration import HostSpeedProbe
+        from edgepart.testbed.emulator import netns_available
         if netns_available()[0]:
             cpuset = [max(os.sched_getaffinity(0))] if len(os.sched_getaffinity(0)) > 1 else None
             probe = HostSpeedProbe(profile, cpuset)
@@ -128,18 +129,18 @@ def main(argv: list[str] | None = None) -> int:
             # time this model's own layers, so each op type is calibrated where the model spends its time,
             # and the model whole as a device runs it (its device program, in a worker), which its layers
             # timed one by one do not add up to.
-            from edgepart.compiler.cost import node_info
-            from edgepart.compiler.plan import compute_nodes
+            from edgepart.compiler.cost.model import node_info
+            from edgepart.compiler.planning.plan import compute_nodes
             from edgepart.compiler.trace import trace
             from edgepart.passes import analyse
             nodes = [node_info(n) for n in compute_nodes(analyse(trace(model, (x0,))))]
-            from edgepart.runtime.emulate import ProgramTimer
+            from edgepart.compiler.cost.calibration import ProgramTimer
             with ProgramTimer(model, (x0,), cpuset=cpuset) as timer:
                 cal = probe.calibrate(2.0, nodes=nodes, forward=timer)
             memory_speed, calibration, model_speed = cal["memory_speed"], cal["calibration"], cal["model_speed"]
             # and each layer, whole and sliced, relative to its op type (layers of one type drift apart
             # by size; thin slices of layers with large weights cost far more than their share of the rows)
-            from edgepart.runtime.emulate import measure_node_calibration
+            from edgepart.compiler.cost.calibration import measure_node_calibration
             node_calibration = measure_node_calibration(probe.profile, nodes, cpuset=cpuset)
     cluster = edgepart.Cluster.from_dict(demo_cluster(profile, memory_speed, calibration, node_calibration))
     print(f"model {args.model} at {size}x{size}; cluster: {cluster}; strategy {strategy}")
@@ -176,7 +177,7 @@ def _compile_run_report(work: Path, args, model, x0, cluster, strategy, inputs, 
     local_err = _max_rel_error(edgepart.load_bundle(work / "plan").run_local(inputs[0]), refs[0])
     print(f"reference executor: relative error {local_err:.2g}")
 
-    from edgepart.compiler.simulator import simulate_bundle
+    from edgepart.compiler.cost.simulator import simulate_bundle
     pred_part, pred_single = simulate_bundle(bundle), simulate_bundle(single)
     part = _measure(work / "plan", inputs, refs, emulate, strategy, probe, cpuset)
     base = _measure(work / "single", inputs, refs, emulate, "single", probe, cpuset)

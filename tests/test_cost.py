@@ -6,10 +6,10 @@ import torch
 
 from edgepart import models
 from edgepart.cluster import Cluster
-from edgepart.compiler.cost import (REFERENCE_FLOPS, RUNTIME_NODE_S, RUNTIME_PAD_BYTE_S, RUNTIME_STAGE_S, CostModel,
+from edgepart.compiler.cost.model import (REFERENCE_FLOPS, RUNTIME_NODE_S, RUNTIME_PAD_BYTE_S, RUNTIME_STAGE_S, CostModel,
                                    node_info, padded_input_bytes)
-from edgepart.compiler.plan import Plan, Stage, compute_nodes
-from edgepart.compiler.simulator import simulate_plan
+from edgepart.compiler.planning.plan import Plan, Stage, compute_nodes
+from edgepart.compiler.cost.simulator import simulate_plan
 from edgepart.compiler.trace import trace
 from edgepart.fcpm import DeviceProfile
 from edgepart.passes import analyse
@@ -185,7 +185,7 @@ def test_calibration_divides_one_op_type(host, tmp_path):
 
 
 def test_family_speeds_are_measured_per_op_type(host):
-    from edgepart.runtime.emulate import measure_family_speeds
+    from edgepart.compiler.cost.calibration import measure_family_speeds
     speeds = measure_family_speeds(host, per_family=1, budget_s=0.5)
     assert {"conv", "dwconv", "maxpool", "bn"} <= set(speeds) and "linear" not in speeds
     assert all(0.2 <= v <= 5 for v in speeds.values()), speeds      # clamped to [0.2, 5], 3 decimals
@@ -194,7 +194,7 @@ def test_family_speeds_are_measured_per_op_type(host):
 
 
 def test_family_speeds_need_recorded_timings(host):
-    from edgepart.runtime.emulate import measure_family_speeds
+    from edgepart.compiler.cost.calibration import measure_family_speeds
     bare = DeviceProfile(host.families, host.meta, measurements=None)
     with pytest.raises(ValueError, match="no recorded timings"):
         measure_family_speeds(bare)
@@ -203,7 +203,7 @@ def test_family_speeds_need_recorded_timings(host):
 def test_family_speeds_from_the_models_own_layers(host, tiny):
     """Calibrated on a model's nodes: one value per op type it has (linear left to memory_speed),
     Σ predicted ÷ Σ measured; a profile predicting twice the time reads 2× (timed for real)."""
-    from edgepart.runtime.emulate import measure_family_speeds
+    from edgepart.compiler.cost.calibration import measure_family_speeds
     infos = [node_info(n) for n in compute_nodes(tiny)]
     kinds = {n.meta["op"].kind for n in compute_nodes(tiny)}
     cal = measure_family_speeds(host, budget_s=0.5, nodes=infos)
@@ -225,7 +225,7 @@ def test_family_speeds_from_the_models_own_layers(host, tiny):
 
 
 def test_probe_calibration_is_relative_to_the_host_speed(host):
-    from edgepart.runtime.emulate import HostSpeedProbe
+    from edgepart.compiler.cost.calibration import HostSpeedProbe
     cal = HostSpeedProbe(host, kind="layers").calibrate(0.6, rounds=3, family_budget_s=1.5)
     assert cal["host_speed"] > 0 and 0 < cal["memory_speed"] < 10
     assert {"conv", "bn"} <= set(cal["calibration"])
@@ -241,7 +241,7 @@ def test_probe_calibration_is_relative_to_the_host_speed(host):
 def test_model_speed_times_the_model_whole(host):
     """The calibrated prediction of a whole forward pass ÷ its measured time: a pass that does the
     work twice reads half the speed (timed for real), and one disturbed timing is clamped."""
-    from edgepart.runtime.emulate import model_speed
+    from edgepart.compiler.cost.calibration import model_speed
     model, (x,) = models.get("resnet18", input_size=64)
     infos = [node_info(n) for n in compute_nodes(analyse(trace(model, (x,))))]
     free = (1e-6, 1e6)       # unclamped: the ratio itself (this host may be far from the profile's speed)
@@ -261,9 +261,9 @@ def test_model_speed_of_the_device_program_takes_its_charge_off(host, monkeypatc
     for the program (cost.program_overhead of every node) is what the calibrated layers must add up
     to — exact values with the timer fixed; at least half the measured time stays the layers'."""
     import edgepart.fcpm.ops as ops
-    from edgepart.compiler.cost import calibrated_prediction, program_overhead
+    from edgepart.compiler.cost.model import calibrated_prediction, program_overhead
     from edgepart.fcpm.ops import family
-    from edgepart.runtime.emulate import model_speed
+    from edgepart.compiler.cost.calibration import model_speed
     model, (x,) = models.get("mobilenet_v2", input_size=64)
     infos = [node_info(n) for n in compute_nodes(analyse(trace(model, (x,))))]
     layers = sum(calibrated_prediction(host, i, None) for i in infos if family(i) != "trivial")
@@ -285,7 +285,7 @@ def test_model_speed_of_the_device_program_takes_its_charge_off(host, monkeypatc
 
 def test_program_forward_runs_the_models_device_program():
     """emulate.program_forward: the model compiled for one device and run as a worker runs it."""
-    from edgepart.runtime.emulate import program_forward
+    from edgepart.compiler.cost.calibration import program_forward
     for name in ("mobilenet_v2", "resnet18"):
         model, (x,) = models.get(name, input_size=64)
         with torch.no_grad():
@@ -300,9 +300,9 @@ def test_program_timer_times_the_program_in_a_worker(host, monkeypatch):
     model_speed given one takes the program's charge off like program=True (exact, its timing fixed)."""
     import time
 
-    from edgepart.compiler.cost import calibrated_prediction, program_overhead
+    from edgepart.compiler.cost.model import calibrated_prediction, program_overhead
     from edgepart.fcpm.ops import family, time_callable
-    from edgepart.runtime.emulate import ProgramTimer, model_speed, program_forward
+    from edgepart.compiler.cost.calibration import ProgramTimer, model_speed, program_forward
     model, (x,) = models.get("resnet18", input_size=64)
     here = time_callable(program_forward(model, (x,)), target_s=0.3, clock=time.thread_time)["t"]
     with ProgramTimer(model, (x,)) as timer:
@@ -319,7 +319,7 @@ def test_program_timer_times_the_program_in_a_worker(host, monkeypatch):
 
 def test_probe_calibration_with_the_model_whole(host):
     """calibrate(forward=...) scales every op type of the model (linear too) by its model speed."""
-    from edgepart.runtime.emulate import HostSpeedProbe
+    from edgepart.compiler.cost.calibration import HostSpeedProbe
     model, (x,) = models.get("resnet18", input_size=64)
     infos = [node_info(n) for n in compute_nodes(analyse(trace(model, (x,))))]
     cal = HostSpeedProbe(host, kind="layers").calibrate(0.4, rounds=1, family_budget_s=1.0, nodes=infos,
@@ -366,7 +366,7 @@ def test_node_calibration_round_trip_and_are_checked():
 
 
 def test_row_points():
-    from edgepart.runtime.emulate import row_points
+    from edgepart.compiler.cost.calibration import row_points
     assert row_points(1) == [1] and row_points(7) == list(range(1, 8))
     p = row_points(160)
     assert p[:3] == [1, 2, 3] and p[-1] == 160 and len(p) <= 10 and p == sorted(set(p))
@@ -385,7 +385,7 @@ def test_node_calibration_measured_on_real_layers(tiny):
     convolution's one-row slice costs at least its average row (a fixed cost per call does not
     shrink with the rows)."""
     from edgepart.fcpm.ops import family
-    from edgepart.runtime.emulate import measure_node_calibration, row_points
+    from edgepart.compiler.cost.calibration import measure_node_calibration, row_points
     infos = [node_info(n) for n in compute_nodes(tiny)]
     prof = _PerRowProfile()
     cal = measure_node_calibration(prof, infos, budget_s=0.5, bounds=(1e-3, 1e3))
@@ -413,7 +413,7 @@ def test_compile_warns_of_node_calibration_for_another_model():
 
 def test_one_low_slice_reading_is_not_what_the_planner_gets_to_pick():
     """A dip at one slice size (noise) takes its neighbours' median; the end points stay as measured."""
-    from edgepart.runtime.emulate import smooth_slice_factors
+    from edgepart.compiler.cost.calibration import smooth_slice_factors
     pts = [(1, 2.0), (2, 1.0), (3, 0.66), (4, 0.95), (5, 0.9), (8, 1.0)]
     assert smooth_slice_factors(pts) == [(1, 2.0), (2, 1.0), (3, 0.95), (4, 0.9), (5, 0.95), (8, 1.0)]
     assert smooth_slice_factors([(1, 3.0), (2, 0.5)]) == [(1, 3.0), (2, 0.5)]

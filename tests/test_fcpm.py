@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from edgepart.cluster import Cluster
-from edgepart.compiler.cost import CostModel, node_info
+from edgepart.compiler.cost.model import CostModel, node_info
 from edgepart.compiler.trace import COMPUTE_OPS, trace
 from edgepart.fcpm import DeviceProfile, metrics
 from edgepart.fcpm.load import BackgroundLoad, plan_load

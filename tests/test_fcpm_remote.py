@@ -14,7 +14,7 @@ import yaml
 
 import edgepart
 from edgepart import models as zoo
-from edgepart.compiler.plan import Plan, Stage, compute_nodes
+from edgepart.compiler.planning.plan import Plan, Stage, compute_nodes
 from edgepart.compiler.trace import trace
 from edgepart.errors import EdgepartError
 from edgepart.fcpm import DeviceProfile

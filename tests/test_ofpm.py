@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-import edgepart.compiler.baselines  # noqa: F401 — registers the baselines (warm start)
+import edgepart.compiler.planning.baselines  # noqa: F401 — registers the baselines (warm start)
 from edgepart.cluster import Cluster, Device
-from edgepart.compiler.cost import CostModel
-from edgepart.compiler.ofpm import OFPMModel, dag_shortest_path, simulated_latency, solve_ofpm
-from edgepart.compiler.plan import Plan, Stage
+from edgepart.compiler.cost.model import CostModel
+from edgepart.compiler.planning.ofpm import OFPMModel, dag_shortest_path, simulated_latency, solve_ofpm
+from edgepart.compiler.planning.plan import Plan, Stage
 from edgepart.compiler.schedule import build_schedule
-from edgepart.compiler.simulator import simulate
+from edgepart.compiler.cost.simulator import simulate
 from edgepart.compiler.trace import trace
 from edgepart.passes import analyse
 

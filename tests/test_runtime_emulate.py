@@ -11,7 +11,7 @@ import torch
 
 import edgepart
 from edgepart import models as zoo
-from edgepart.runtime.emulate import netns_available
+from edgepart.testbed.emulator import netns_available
 from tests.conftest import assert_close
 
 pytestmark = pytest.mark.timeout(120)

@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 
 from edgepart.cluster import Cluster, Device
-from edgepart.compiler.cost import CostModel
-from edgepart.compiler.plan import Plan, Stage, compute_nodes
+from edgepart.compiler.cost.model import CostModel
+from edgepart.compiler.planning.plan import Plan, Stage, compute_nodes
 from edgepart.compiler.schedule import build_schedule
-from edgepart.compiler.simulator import simulate, simulate_plan
+from edgepart.compiler.cost.simulator import simulate, simulate_plan
 from edgepart.compiler.trace import trace
 from edgepart.passes import analyse
 
@@ -112,7 +112,7 @@ def test_split_halo_rows_are_charged(chain):
 
 def test_64_devices_fast():
     from edgepart import models
-    from edgepart.compiler.planners import plan_proportional
+    from edgepart.compiler.planning.registry import plan_proportional
     m, (x,) = models.get("tinynet")
     gm = trace(m, (x,))
     analyse(gm)

@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 
 from edgepart.cluster import Cluster
 from edgepart.compiler.codegen import generate
-from edgepart.compiler.plan import Plan
-from edgepart.compiler.planners import make_plan
+from edgepart.compiler.planning.plan import Plan
+from edgepart.compiler.planning.registry import make_plan
 from edgepart.compiler.schedule import Schedule, build_schedule
 from edgepart.compiler.trace import COMPUTE_OPS, trace
 from edgepart.errors import BundleError, EdgepartError, InputShapeError

@@ -5,15 +5,15 @@ and a Gantt chart of the simulated schedule.
     print(explain(bundle))                      # a freshly compiled bundle (has .graph, .schedule)
     gantt(bundle, None, "plan.png")
 
-Times come from the simulator (edgepart.compiler.simulator), i.e. from the one cost model.
+Times come from the simulator (edgepart.compiler.cost.simulator), i.e. from the one cost model.
 """
 from __future__ import annotations
 
 import io
 
 from edgepart.cluster import Cluster
-from edgepart.compiler.cost import CostModel
-from edgepart.compiler.simulator import SimResult, simulate
+from edgepart.compiler.cost.model import CostModel
+from edgepart.compiler.cost.simulator import SimResult, simulate
 
 
 def _resolve(obj, cluster: Cluster | None, gm=None):

@@ -6,7 +6,7 @@ FCPM learns the kernels generated device code calls: a convolution slice is
 with no H padding (border rows padded explicitly with ``F.pad``), average pooling
 and interpolation go through ``edgepart.runtime.rowops``, and so on.
 
-``info`` is the dict :func:`edgepart.compiler.cost.node_info` returns (kind,
+``info`` is the dict :func:`edgepart.compiler.cost.model.node_info` returns (kind,
 params, shape, in_shape, flops, rows, ...), so a zoo model's node and a
 synthetic sweep configuration are built the same way.
 """

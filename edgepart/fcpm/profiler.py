@@ -369,7 +369,7 @@ def design_nets(n: int, seed: int = 0, max_flops: float = 4e9) -> list[tuple[tor
 
 
 def net_infos(net, x) -> list[dict]:
-    from edgepart.compiler.cost import node_info
+    from edgepart.compiler.cost.model import node_info
     from edgepart.compiler.trace import COMPUTE_OPS, trace
     from edgepart.passes import analyse
     gm = analyse(trace(net, (x,)))

@@ -68,11 +68,11 @@ import pulp
 import torch.fx as fx
 
 from edgepart.cluster import Cluster
-from edgepart.compiler.cost import CostModel
-from edgepart.compiler.plan import Plan, Stage, compute_nodes
-from edgepart.compiler.planners import blocks, runs, share_rows
+from edgepart.compiler.cost.model import CostModel
+from edgepart.compiler.planning.plan import Plan, Stage, compute_nodes
+from edgepart.compiler.planning.registry import blocks, runs, share_rows
 from edgepart.compiler.schedule import build_schedule, proportional_partition
-from edgepart.compiler.simulator import simulate
+from edgepart.compiler.cost.simulator import simulate
 from edgepart.passes.rowmap import input_windows
 
 # ------------------------------------------------------------------------------------------------------------
@@ -662,9 +662,9 @@ def refine_slices(gm, plan: Plan, cluster: Cluster, cost: CostModel, budget_s: f
 
 def warm_start_plans(gm, cluster) -> dict[str, Plan]:
     """Simple and baseline plans the MILP plan is compared against (by exact simulation)."""
-    from edgepart.compiler import baselines, planners  # noqa: F401 — registers the baselines
+    from edgepart.compiler.planning import baselines, registry  # noqa: F401 — registers the baselines
     out = {}
-    for name, fn in planners.STRATEGIES.items():
+    for name, fn in registry.STRATEGIES.items():
         if name == "ofpm":
             continue
         try:
@@ -713,7 +713,7 @@ def plan_ofpm(gm: fx.GraphModule, cluster: Cluster) -> Plan:
 
 
 def register() -> None:
-    from edgepart.compiler.planners import register_strategy
+    from edgepart.compiler.planning.registry import register_strategy
     register_strategy("ofpm", plan_ofpm)
 
 

@@ -71,7 +71,7 @@ class LocalCluster:
         _live.add(self)
         try:
             if emulate:
-                from edgepart.runtime.emulate import Emulator
+                from edgepart.testbed.emulator import Emulator
                 self.emulator = Emulator(self.manifest, time_scale=time_scale,
                                          mode=emulate if isinstance(emulate, str) else None,
                                          period_us=cpu_period_us, cpuset=cpuset, host_speed=host_speed,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from edgepart.cluster import Cluster
-from edgepart.compiler.plan import Plan, Stage, compute_nodes
+from edgepart.compiler.planning.plan import Plan, Stage, compute_nodes
 from edgepart.errors import PlanError
 
 ELEMENTWISE = {"batch_norm", "activation", "identity", "pointwise"}
@@ -128,8 +128,8 @@ def make_plan(gm: fx.GraphModule, cluster: Cluster, strategy) -> Plan:
     if strategy not in STRATEGIES:
         # The solver and the published baselines register themselves on import; importing them
         # here (not at module top) keeps planners free of a cycle and `import edgepart` light.
-        import edgepart.compiler.baselines  # noqa: F401
-        import edgepart.compiler.ofpm  # noqa: F401
+        import edgepart.compiler.planning.baselines  # noqa: F401
+        import edgepart.compiler.planning.ofpm  # noqa: F401
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)} or pass a Plan")
     return STRATEGIES[strategy](gm, cluster)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from edgepart.cluster import Cluster
-from edgepart.compiler.cost import CostModel
+from edgepart.compiler.cost.model import CostModel
 from edgepart.compiler.schedule import Schedule
 
 

@@ -46,9 +46,9 @@ import networkx as nx
 import torch.fx as fx
 
 from edgepart.cluster import Cluster
-from edgepart.compiler.cost import CostModel
-from edgepart.compiler.plan import Plan, Stage, compute_nodes
-from edgepart.compiler.planners import ELEMENTWISE, _merge_whole, blocks, register_strategy, runs, slices_for
+from edgepart.compiler.cost.model import CostModel
+from edgepart.compiler.planning.plan import Plan, Stage, compute_nodes
+from edgepart.compiler.planning.registry import ELEMENTWISE, _merge_whole, blocks, register_strategy, runs, slices_for
 
 # ------------------------------------------------------------------------------------------------------------
 
@@ -157,7 +157,7 @@ def plan_modnn(gm: fx.GraphModule, cluster: Cluster) -> Plan:
 
 
 def plan_deepthings(gm: fx.GraphModule, cluster: Cluster, cost: CostModel | None = None) -> Plan:
-    from edgepart.compiler.ofpm import simulated_latency
+    from edgepart.compiler.planning.ofpm import simulated_latency
     cost = cost or CostModel(cluster)
     gateway = cluster.source
     all_runs = runs(gm)
@@ -186,7 +186,7 @@ def plan_deepthings(gm: fx.GraphModule, cluster: Cluster, cost: CostModel | None
 
 
 def plan_aofl(gm: fx.GraphModule, cluster: Cluster, cost: CostModel | None = None) -> Plan:
-    from edgepart.compiler.ofpm import OFPMModel, dag_shortest_path
+    from edgepart.compiler.planning.ofpm import OFPMModel, dag_shortest_path
 
     class EqualTiles(OFPMModel):
         def canonical_slices(self, rows, k):
@@ -200,7 +200,7 @@ def plan_aofl(gm: fx.GraphModule, cluster: Cluster, cost: CostModel | None = Non
 
 
 def plan_edgeld(gm: fx.GraphModule, cluster: Cluster, cost: CostModel | None = None) -> Plan:
-    from edgepart.compiler.ofpm import OFPMModel
+    from edgepart.compiler.planning.ofpm import OFPMModel
     cost = cost or CostModel(cluster)
     fastest = cluster.fastest()
     devices = cluster.names
