@@ -58,7 +58,7 @@ def halo_overhead(gm, schedule) -> float:
     for dev, stages in schedule.rows.items():
         for table in stages.values():
             for name, e in table.items():
-                a, b = e["out"]
+                a, b = e.out
                 n = nodes[name]
                 done += n.meta.get("flops", 0) * (b - a) / max(1, n.meta["rows"])
     return done / max(total, 1) - 1.0

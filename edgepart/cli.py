@@ -80,8 +80,8 @@ def cmd_compile(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from edgepart.compiler.bundle import read_manifest
     from edgepart.compiler.inspect import plan_table
+    from edgepart.runtime.program import read_manifest
     manifest = read_manifest(args.dir)
     print(plan_table(manifest))
     return 0

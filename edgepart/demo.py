@@ -210,7 +210,7 @@ def _compile_run_report(work: Path, args, model, x0, cluster, strategy, inputs, 
     print()
     print(f"latency per request (ms), {strategy}: " + " ".join(f"{t * 1e3:.1f}" for t in part["latencies"]))
     print(f"latency per request (ms), single: " + " ".join(f"{t * 1e3:.1f}" for t in base["latencies"]))
-    moved = sum(t[5] for t in bundle.manifest["transfers"])
+    moved = sum(t.nbytes for t in bundle.manifest.transfers)
     print(f"\nbytes moved per request (plan): {moved:,}")
     print(f"speed-up over the fastest single device ({cluster.fastest()}): {b50 / p50:.2f}x measured, "
           f"{pred_single.latency / pred_part.latency:.2f}x predicted")

@@ -99,7 +99,7 @@ def test_weights_changed_on_disk_after_loading_do_not_change_the_program(tmp_pat
     loaded = edgepart.load_bundle(out)
     with torch.no_grad():
         ref = model(x)
-    for dev in loaded.manifest["devices"]:
+    for dev in loaded.manifest.devices:
         w = out / "devices" / f"{dev}.safetensors"
         header = 8 + int.from_bytes(w.read_bytes()[:8], "little")
         with open(w, "r+b") as f:                 # same inode, same size: every weight byte zeroed

@@ -105,7 +105,7 @@ def test_split_halo_rows_are_charged(chain):
     nodes = {n.name: n for n in chain.graph.nodes}
     for dev in ("d0", "d1"):
         rows = sched.rows[dev][0]
-        expect = sum(cost.compute_time(nodes[n], dev, e["out"][1] - e["out"][0]) for n, e in rows.items())
+        expect = sum(cost.compute_time(nodes[n], dev, e.out[1] - e.out[0]) for n, e in rows.items())
         assert r.devices[dev]["compute"] == pytest.approx(expect)
         assert expect > sum(cost.compute_time(nodes[n], dev) for n in ns) / 2   # halo recomputed
 

@@ -8,10 +8,7 @@ every file; loading checks all of it and refuses anything tampered or missing.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,18 +19,20 @@ from safetensors.torch import save_file
 
 from edgepart.cluster import Cluster
 from edgepart.compiler.codegen import generate
+from edgepart.compiler.inspect import plan_table
 from edgepart.compiler.planning.plan import Plan
 from edgepart.compiler.planning.registry import make_plan
 from edgepart.compiler.schedule import Schedule, build_schedule
 from edgepart.compiler.trace import COMPUTE_OPS, trace
-from edgepart.errors import BundleError, EdgepartError, InputShapeError
+from edgepart.errors import EdgepartError
+from edgepart.ir.hashing import sha256_file, verify_file
+from edgepart.ir.manifest import MANIFEST, DeviceSpec, InputSpec, Manifest, NodeCost
 from edgepart.passes import analyse
-from edgepart.passes.shapes import _fetch_attr, dtype_name
-from edgepart.runtime.program import DTYPES, DeviceProgram, RowStore, load_weights, sha256_file, verify_file
+from edgepart.passes.shapes import _fetch_attr
+from edgepart.runtime.interpreter import run_reference
+from edgepart.runtime.program import DeviceProgram, check_inputs, load_weights, read_manifest
 
-SCHEMA_VERSION = 1
 VERSION = "0.1.0"
-MANIFEST = "manifest.json"
 
 
 def _output_structure(arg: Any) -> dict:
@@ -66,9 +65,12 @@ def compile_report(gm: fx.GraphModule) -> dict:
 
 
 class Bundle:
-    """A compiled model: manifest + per-device program sources + per-device weights."""
+    """A compiled model: its manifest, the source of each device's program and each device's weights.
 
-    def __init__(self, manifest: dict, sources: dict[str, str], weights: dict[str, dict[str, torch.Tensor]],
+    A freshly compiled bundle also holds the annotated graph and the schedule (for simulation and
+    ``--explain``); a loaded one does not."""
+
+    def __init__(self, manifest: Manifest, sources: dict[str, str], weights: dict[str, dict[str, torch.Tensor]],
                  directory: Path | None = None, graph: fx.GraphModule | None = None,
                  schedule: Schedule | None = None):
         self.manifest = manifest
@@ -82,43 +84,51 @@ class Bundle:
     # --- views ---------------------------------------------------------------
     @property
     def plan(self) -> Plan:
-        return Plan.from_dict(self.manifest["plan"])
+        return Plan.from_dict(self.manifest.plan)
 
     @property
     def report(self) -> dict:
-        return self.manifest["report"]
+        return self.manifest.report
 
     @property
     def devices(self) -> list[str]:
-        return list(self.manifest["devices"])
+        return list(self.manifest.devices)
 
     @property
     def cluster(self) -> Cluster:
-        return Cluster.from_dict(self.manifest["cluster"])
+        return Cluster.from_dict(self.manifest.cluster)
 
     # --- save / load -----------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
+        """Write the bundle to ``directory`` (created if needed): each device's program and weights, then
+        the manifest with their sha256, written last and atomically. Device files of an earlier bundle
+        in the same directory that this one does not list are removed."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "devices").mkdir(exist_ok=True)
+        if directory.exists() and not directory.is_dir():
+            raise EdgepartError(f"{directory}: exists and is not a directory; choose another --out")
+        (directory / "devices").mkdir(parents=True, exist_ok=True)
         files = {}
-        for dev, spec in self.manifest["devices"].items():
-            prog = directory / spec["program"]
+        for dev, spec in self.manifest.devices.items():
+            prog = directory / spec.program
             prog.write_text(self.sources[dev])
-            files[spec["program"]] = sha256_file(prog)
-            wpath = directory / spec["weights"]
+            files[spec.program] = sha256_file(prog)
+            wpath = directory / spec.weights
             save_file({k: v.contiguous() for k, v in self.weights[dev].items()}, str(wpath),
                       metadata={"device": dev, "edgepart": VERSION})
-            files[spec["weights"]] = sha256_file(wpath)
-        self.manifest["files"] = files
+            files[spec.weights] = sha256_file(wpath)
+        for stale in (directory / "devices").iterdir():
+            if f"devices/{stale.name}" not in files and stale.is_file():
+                stale.unlink()
+        self.manifest = self.manifest.with_files(files)
         tmp = directory / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(self.manifest, indent=1))
+        tmp.write_text(self.manifest.to_json())
         tmp.replace(directory / MANIFEST)
         self.dir = directory
         return directory
 
     # --- running -----------------------------------------------------------------
     def programs(self) -> dict[str, DeviceProgram]:
+        """Every device's program, loaded in this process (once)."""
         if self._programs is None:
             self._programs = {d: DeviceProgram(self.manifest, d, self.sources[d], self.weights[d])
                               for d in self.devices}
@@ -129,79 +139,11 @@ class Bundle:
 
     def run_local(self, *inputs):
         """Reference executor: every device's program in this process, moving exactly the manifest's pieces."""
-        return run_reference(self.programs(), self.manifest, check_inputs(self.manifest, inputs))
+        xs = check_inputs(self.manifest, inputs)
+        return run_reference(self.programs(), {s.name: x for s, x in zip(self.manifest.inputs, xs)})
 
     def summary(self) -> str:
-        from edgepart.compiler.inspect import plan_table
         return plan_table(self.manifest)
-
-
-def check_inputs(manifest: dict, inputs: tuple) -> tuple:
-    specs = manifest["inputs"]
-    if len(inputs) == 1 and isinstance(inputs[0], (tuple, list)) and len(specs) > 1:
-        inputs = tuple(inputs[0])
-    if len(inputs) != len(specs):
-        raise InputShapeError(f"the bundle takes {len(specs)} input(s) "
-                              f"({', '.join(s['name'] for s in specs)}), got {len(inputs)}")
-    out = []
-    for x, s in zip(inputs, specs):
-        if not isinstance(x, torch.Tensor):
-            raise InputShapeError(f"input {s['name']!r} must be a torch.Tensor of shape {tuple(s['shape'])}, "
-                                  f"got {type(x).__name__}")
-        if tuple(x.shape) != tuple(s["shape"]):
-            raise InputShapeError(f"input {s['name']!r} has shape {tuple(x.shape)} but the bundle was compiled for "
-                                  f"shape {tuple(s['shape'])}; resize the input or compile again for this shape")
-        if dtype_name(x.dtype) != s["dtype"]:
-            raise InputShapeError(f"input {s['name']!r} has dtype {dtype_name(x.dtype)} but the bundle expects "
-                                  f"{s['dtype']}")
-        out.append(x)
-    return tuple(out)
-
-
-def run_reference(programs: dict[str, DeviceProgram], manifest: dict, inputs: tuple):
-    """Step every device's action list; a recv waits for its piece. Detects deadlock."""
-    names = [s["name"] for s in manifest["inputs"]]
-    stores = {d: p.new_store() for d, p in programs.items()}
-    pc = {d: 0 for d in programs}
-    mailbox: dict[tuple, torch.Tensor] = {}
-    result = None
-    while True:
-        progressed = False
-        for dev, prog in programs.items():
-            acts = prog.actions
-            while pc[dev] < len(acts):
-                act = acts[pc[dev]]
-                op = act["op"]
-                if op == "input":
-                    x = inputs[names.index(act["tensor"])]
-                    stores[dev].put(act["tensor"], 0, manifest["tensors"][act["tensor"]]["rows"], x)
-                elif op == "recv":
-                    key = (act["from"], dev, act["tensor"], *act["rows"])
-                    if key not in mailbox:
-                        break
-                    stores[dev].put(act["tensor"], *act["rows"], mailbox.pop(key))
-                elif op == "run":
-                    try:
-                        prog.run_stage(act["stage"], stores[dev])
-                    except EdgepartError:
-                        raise
-                    except Exception as e:
-                        raise EdgepartError(f"device {dev!r}, stage {act['stage']}: {type(e).__name__}: {e}") from e
-                elif op == "send":
-                    a, b = act["rows"]
-                    piece = stores[dev].get(act["tensor"], a, b)
-                    mailbox[(dev, act["to"], act["tensor"], a, b)] = piece.contiguous().clone()
-                elif op == "output":
-                    result = prog.make_output(stores[dev])
-                else:
-                    raise BundleError(f"device {dev!r}: unknown action {op!r}")
-                pc[dev] += 1
-                progressed = True
-        if all(pc[d] == len(p.actions) for d, p in programs.items()):
-            return result
-        if not progressed:
-            waiting = {d: programs[d].actions[pc[d]] for d in programs if pc[d] < len(programs[d].actions)}
-            raise BundleError(f"the bundle's actions deadlock; devices waiting: {waiting}")
 
 
 def compile(model: torch.nn.Module, example_inputs, cluster: Cluster, strategy="ofpm",
@@ -241,72 +183,41 @@ def compile_plan(gm: fx.GraphModule, plan: Plan, cluster: Cluster, model_name: s
         keys = sorted(programs[dev]["weight_keys"] | set(consts.values()))
         weights[dev] = {k: _fetch_attr(gm, k).detach().contiguous().clone() for k in keys}
         sources[dev] = programs[dev]["source"]
-        devices[dev] = {"program": f"devices/{dev}.py", "weights": f"devices/{dev}.safetensors",
-                        "files": [f"devices/{dev}.py", f"devices/{dev}.safetensors"],
-                        "actions": schedule.actions[dev],
-                        "rows": {str(k): v for k, v in schedule.rows[dev].items()},
-                        "constants": consts}
+        devices[dev] = DeviceSpec(program=f"devices/{dev}.py", weights=f"devices/{dev}.safetensors",
+                                  files=(f"devices/{dev}.py", f"devices/{dev}.safetensors"),
+                                  actions=tuple(schedule.actions[dev]), rows=dict(schedule.rows[dev]),
+                                  constants=consts)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "edgepart_version": VERSION,
-        "model": model_name,
-        "source_device": schedule.source,
-        "inputs": [{"name": p.name, "dtype": p.meta["dtype"], "shape": list(p.meta["shape"])} for p in placeholders],
-        "output": _output_structure(output.args[0]),
-        "cluster": cluster.to_dict(),
-        "plan": plan.to_dict(),
-        "tensors": schedule.tensors,
-        "owners": {t: [list(o) for o in os_] for t, os_ in schedule.owners.items()},
-        "transfers": [[t.tensor, t.a, t.b, t.src, t.dst, t.nbytes, t.stage] for t in schedule.transfers],
-        "node_costs": {n.name: {"macs": n.meta.get("macs", 0), "flops": n.meta.get("flops", 0),
-                                "rows": n.meta["rows"]} for n in gm.graph.nodes if n.op in COMPUTE_OPS},
-        "devices": devices,
-        "report": compile_report(gm),
-        "files": {},
-    }
-    return Bundle(manifest, sources, weights, graph=gm, schedule=schedule)
-
-
-REQUIRED_KEYS = ("schema_version", "source_device", "inputs", "output", "cluster", "plan", "tensors",
-                 "devices", "files")
-
-
-def read_manifest(directory: str | os.PathLike) -> dict:
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise BundleError(f"{path}: no manifest.json here; is {directory} a bundle directory (edgepart compile --out)?")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}: not valid JSON ({e}); the bundle is corrupted, compile it again") from e
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{path}: must hold a JSON object")
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise BundleError(f"{path}: missing keys {missing}; not an edgepart bundle or a damaged one")
-    if manifest["schema_version"] != SCHEMA_VERSION:
-        raise BundleError(f"{path}: schema version {manifest['schema_version']!r}, this edgepart reads "
-                          f"version {SCHEMA_VERSION}; compile the bundle again with this version")
-    for dev, spec in manifest["devices"].items():
-        for key in ("program", "weights", "files", "actions", "rows"):
-            if key not in spec:
-                raise BundleError(f"{path}: device {dev!r} lacks {key!r}")
-        for rel in spec["files"]:
-            if Path(rel).is_absolute() or ".." in Path(rel).parts:
-                raise BundleError(f"{path}: device {dev!r} names file {rel!r} outside the bundle")
-    return manifest
+    manifest = Manifest(
+        model=model_name,
+        source_device=schedule.source,
+        inputs=tuple(InputSpec(p.name, p.meta["dtype"], tuple(p.meta["shape"])) for p in placeholders),
+        output=_output_structure(output.args[0]),
+        cluster=cluster.to_dict(),
+        plan=plan.to_dict(),
+        tensors=dict(schedule.tensors),
+        owners={t: tuple(os_) for t, os_ in schedule.owners.items()},
+        transfers=tuple(schedule.transfers),
+        node_costs={n.name: NodeCost(n.meta.get("macs", 0), n.meta.get("flops", 0), n.meta["rows"])
+                    for n in gm.graph.nodes if n.op in COMPUTE_OPS},
+        devices=devices,
+        report=compile_report(gm),
+        edgepart_version=VERSION,
+    )
+    bundle = Bundle(manifest, sources, weights, graph=gm, schedule=schedule)
+    bundle.programs()       # every program loads here, or the compile fails naming the device
+    return bundle
 
 
 def load_bundle(directory: str | os.PathLike) -> Bundle:
+    """The bundle saved in ``directory``, every file checked against the manifest's sha256."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     sources, weights = {}, {}
-    for dev, spec in manifest["devices"].items():
-        for rel in spec["files"]:
-            verify_file(directory, rel, manifest)
-        sources[dev] = (directory / spec["program"]).read_text()
-        weights[dev] = load_weights(directory / spec["weights"])
+    for dev, spec in manifest.devices.items():
+        for rel in spec.files:
+            verify_file(directory, rel, manifest.files)
+        sources[dev] = (directory / spec.program).read_text()
+        weights[dev] = load_weights(directory / spec.weights)
     return Bundle(manifest, sources, weights, directory=directory)

@@ -6,6 +6,8 @@ import io
 from rich.console import Console
 from rich.table import Table
 
+from edgepart.ir.manifest import Manifest
+
 
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -15,15 +17,15 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
-def stage_rows(manifest: dict) -> list[dict]:
+def stage_rows(manifest: Manifest) -> list[dict]:
     """Per stage: kind, devices with their rows, MACs, bytes received by the stage."""
-    costs = manifest.get("node_costs", {})
+    costs = manifest.node_costs
     moved: dict[int, int] = {}
-    for t in manifest.get("transfers", []):
-        moved[t[6]] = moved.get(t[6], 0) + t[5]
+    for t in manifest.transfers:
+        moved[t.stage] = moved.get(t.stage, 0) + t.nbytes
     out = []
-    for i, st in enumerate(manifest["plan"]["stages"]):
-        macs = sum(costs.get(n, {}).get("macs", 0) for n in st["nodes"])
+    for i, st in enumerate(manifest.plan["stages"]):
+        macs = sum(costs[n].macs for n in st["nodes"] if n in costs)
         if st["kind"] == "whole":
             where = st["device"]
         else:
@@ -35,21 +37,21 @@ def stage_rows(manifest: dict) -> list[dict]:
     return out
 
 
-def plan_table(manifest: dict) -> str:
-    table = Table(title=f"{manifest['model']}: plan '{manifest['plan'].get('strategy')}' on "
-                        f"{len(manifest['cluster']['devices'])} devices (source {manifest['source_device']})")
+def plan_table(manifest: Manifest) -> str:
+    table = Table(title=f"{manifest.model}: plan '{manifest.plan.get('strategy')}' on "
+                        f"{len(manifest.cluster['devices'])} devices (source {manifest.source_device})")
     for col in ("stage", "kind", "nodes", "devices / rows", "MMACs", "bytes in"):
         table.add_column(col, justify="right" if col in ("stage", "MMACs", "bytes in") else "left")
     for r in stage_rows(manifest):
         table.add_row(str(r["stage"]), r["kind"], r["nodes"], r["devices"], f"{r['macs'] / 1e6:.1f}",
                       _fmt_bytes(r["bytes_in"]))
-    final = sum(t[5] for t in manifest.get("transfers", []) if t[6] == len(manifest["plan"]["stages"]))
-    total = sum(t[5] for t in manifest.get("transfers", []))
+    final = sum(t.nbytes for t in manifest.transfers if t.stage == manifest.stage_count)
+    total = sum(t.nbytes for t in manifest.transfers)
     buf = io.StringIO()
     console = Console(file=buf, width=140, force_terminal=False)
     console.print(table)
-    rep = manifest.get("report", {})
-    console.print(f"total {rep.get('macs', 0) / 1e9:.3f} GMACs; {len(manifest.get('transfers', []))} transfers, "
+    rep = manifest.report
+    console.print(f"total {rep.get('macs', 0) / 1e9:.3f} GMACs; {len(manifest.transfers)} transfers, "
                   f"{_fmt_bytes(total)} moved ({_fmt_bytes(final)} to return the output)")
     for u in rep.get("unknown_ops", []):
         console.print(f"note: {u['node']} ({u['op']}) is not known to edgepart: runs whole on one device")

@@ -20,31 +20,20 @@ import torch.fx as fx
 from edgepart.cluster import Cluster
 from edgepart.compiler.planning.plan import Plan, compute_nodes, validate_plan
 from edgepart.errors import PlanError
+from edgepart.ir.manifest import Action, EmitOutput, NodeRows, Recv, Run, Send, TakeInput, TensorSpec, Transfer, Window
 from edgepart.passes.rowmap import input_windows
 
 Interval = tuple[int, int]
-
-
-@dataclass(frozen=True)
-class Transfer:
-    tensor: str
-    a: int
-    b: int
-    src: str
-    dst: str
-    nbytes: int
-    stage: int          # the stage that consumes it (len(stages) for the final output)
-    producer_stage: int  # the stage that produced it (-1 for a model input)
 
 
 @dataclass
 class Schedule:
     plan: Plan
     source: str
-    tensors: dict[str, dict]                       # name -> {"dtype", "shape", "rows"}
+    tensors: dict[str, TensorSpec]
     owners: dict[str, list[tuple[str, int, int]]]  # tensor -> [(device, a, b)]
-    rows: dict[str, dict[int, dict[str, dict]]]    # device -> stage -> node -> {"out": [a,b], "in": {p: [lo,hi,pt,pb]}}
-    actions: dict[str, list[dict]]
+    rows: dict[str, dict[int, dict[str, NodeRows]]]  # device -> stage -> node (in execution order) -> its rows
+    actions: dict[str, list[Action]]
     transfers: list[Transfer] = field(default_factory=list)
     constants: dict[str, set[str]] = field(default_factory=dict)  # device -> get_attr nodes it reads
 
@@ -76,8 +65,8 @@ def _subtract(need: Interval, held: list[Interval]) -> list[Interval]:
     return [(a, b) for a, b in parts if b > a]
 
 
-def _piece_bytes(meta: dict, a: int, b: int) -> int:
-    return meta["bytes"] * (b - a) // max(1, meta["rows"])
+def _piece_bytes(total_bytes: int, rows: int, a: int, b: int) -> int:
+    return total_bytes * (b - a) // max(1, rows)
 
 
 def proportional_partition(rows: int, anchor_rows: int, slices) -> list[tuple[str, int, int]]:
@@ -99,11 +88,11 @@ def build_schedule(gm: fx.GraphModule, plan: Plan, cluster: Cluster) -> Schedule
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
     stage_of = {name: i for i, st in enumerate(plan.stages) for name in st.nodes}
 
-    tensors = {}
+    tensors: dict[str, TensorSpec] = {}
     for n in gm.graph.nodes:
         if n.op in ("placeholder", "call_module", "call_function", "call_method"):
-            tensors[n.name] = {"dtype": n.meta["dtype"], "shape": list(n.meta["shape"]) if n.meta["shape"] else None,
-                               "rows": n.meta["rows"], "bytes": n.meta["bytes"]}
+            tensors[n.name] = TensorSpec(n.meta["dtype"], tuple(n.meta["shape"]) if n.meta["shape"] else None,
+                                         n.meta["rows"])
 
     owners: dict[str, list[tuple[str, int, int]]] = {p.name: [(source, 0, p.meta["rows"])] for p in placeholders}
     held: dict[str, dict[str, list[Interval]]] = {d: {} for d in cluster.names}
@@ -111,15 +100,15 @@ def build_schedule(gm: fx.GraphModule, plan: Plan, cluster: Cluster) -> Schedule
         held[source][p.name] = [(0, p.meta["rows"])]
     rows: dict[str, dict[int, dict[str, dict]]] = {d: {} for d in cluster.names}
     constants: dict[str, set[str]] = {d: set() for d in cluster.names}
-    keyed: dict[str, list[tuple[tuple, dict]]] = {d: [] for d in cluster.names}
+    keyed: dict[str, list[tuple[tuple, Action]]] = {d: [] for d in cluster.names}
     transfers: list[Transfer] = []
     for p in placeholders:
-        keyed[source].append(((-1, 0, 0), {"op": "input", "tensor": p.name}))
+        keyed[source].append(((-1, 0, 0), TakeInput(p.name)))
 
     def producer_stage(t: str) -> int:
         return stage_of.get(t, -1)
 
-    def fetch(dev: str, t: str, need: Interval, consumer_stage: int) -> list[dict]:
+    def fetch(dev: str, t: str, need: Interval, consumer_stage: int) -> list[Recv]:
         """Transfers that bring rows ``need`` of tensor t to dev; returns dev's recv actions."""
         recvs = []
         for a, b in _subtract(need, held[dev].get(t, [])):
@@ -129,16 +118,15 @@ def build_schedule(gm: fx.GraphModule, plan: Plan, cluster: Cluster) -> Schedule
                     continue
                 if owner == dev:
                     raise PlanError(f"internal: device {dev!r} owns rows [{pa}, {pb}) of {t!r} but does not hold them")
-                if tensors[t]["shape"] is None:
+                if tensors[t].shape is None:
                     raise PlanError(f"node {t!r} produces a tuple, which cannot move between devices "
                                     f"({owner!r} → {dev!r}); put it and its users in one whole stage")
-                tr = Transfer(t, pa, pb, owner, dev, _piece_bytes(tensors[t], pa, pb), consumer_stage,
-                              producer_stage(t))
+                tr = Transfer(t, pa, pb, owner, dev, _piece_bytes(nodes[t].meta["bytes"], tensors[t].rows, pa, pb),
+                              consumer_stage, producer_stage(t))
                 transfers.append(tr)
                 ps = producer_stage(t)
-                keyed[owner].append(((ps, 2, consumer_stage, len(transfers)),
-                                     {"op": "send", "tensor": t, "rows": [pa, pb], "to": dev}))
-                recvs.append({"op": "recv", "tensor": t, "rows": [pa, pb], "from": owner})
+                keyed[owner].append(((ps, 2, consumer_stage, len(transfers)), Send(t, pa, pb, dev)))
+                recvs.append(Recv(t, pa, pb, owner))
                 held[dev].setdefault(t, []).append((pa, pb))
         return recvs
 
@@ -177,7 +165,7 @@ def build_schedule(gm: fx.GraphModule, plan: Plan, cluster: Cluster) -> Schedule
                 if n not in dem:
                     continue
                 wins = input_windows(nodes[n], *dem[n])
-                table[n] = {"out": list(dem[n]), "in": {p: list(w) for p, w in wins.items()}}
+                table[n] = NodeRows(tuple(dem[n]), {p: Window(*w) for p, w in wins.items()})
                 for p, (lo, hi, _, _) in wins.items():
                     if nodes[p].op == "get_attr":
                         constants[dev].add(p)
@@ -187,7 +175,7 @@ def build_schedule(gm: fx.GraphModule, plan: Plan, cluster: Cluster) -> Schedule
             for p in sorted(external, key=order.__getitem__):
                 recvs += fetch(dev, p, _hull(external[p]), si)
             keyed[dev] += [((si, 0, 0), r) for r in recvs]
-            keyed[dev].append(((si, 1, 0), {"op": "run", "stage": si}))
+            keyed[dev].append(((si, 1, 0), Run(si)))
             rows[dev][si] = table
             for n, iv in dem.items():
                 held[dev].setdefault(n, []).append(iv)
@@ -199,16 +187,14 @@ def build_schedule(gm: fx.GraphModule, plan: Plan, cluster: Cluster) -> Schedule
         if nodes[t].op == "get_attr":
             constants[source].add(t)
             continue
-        recvs += fetch(source, t, (0, tensors[t]["rows"]), final)
+        recvs += fetch(source, t, (0, tensors[t].rows), final)
     keyed[source] += [((final, 0, 0), r) for r in recvs]
-    keyed[source].append(((final, 1, 0), {"op": "output"}))
+    keyed[source].append(((final, 1, 0), EmitOutput()))
 
     actions = {}
     for dev in cluster.names:
         acts = [a for _, a in sorted(keyed[dev], key=lambda kv: kv[0])]
         if acts:
             actions[dev] = acts
-    for t in tensors.values():
-        t.pop("bytes")
     return Schedule(plan, source, tensors, owners, {d: r for d, r in rows.items() if d in actions},
                     actions, transfers, {d: c for d, c in constants.items() if d in actions})

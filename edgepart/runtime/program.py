@@ -7,9 +7,7 @@ manifest, so a new plan changes data, not code.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
 import os
 import types
 from pathlib import Path
@@ -18,12 +16,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from edgepart.errors import BundleError
+from edgepart.errors import BundleError, InputShapeError
+from edgepart.ir import output as output_tree
+from edgepart.ir.dtypes import DTYPES, dtype_name
+from edgepart.ir.hashing import verify_file
+from edgepart.ir.manifest import MANIFEST, EmitOutput, Manifest, NodeRows, Run, Send, TensorSpec
 from edgepart.runtime.rowops import pad_rows
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8,
-          "int8": torch.int8, "bool": torch.bool}
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -85,7 +83,7 @@ class RowStore:
 class StageContext:
     """What a generated stage function sees: its rows of each node, via the store."""
 
-    def __init__(self, table: dict[str, dict], store: RowStore, tensors: dict[str, dict]):
+    def __init__(self, table: dict[str, NodeRows], store: RowStore, tensors: dict[str, TensorSpec]):
         self.table = table
         self.store = store
         self.tensors = tensors
@@ -93,55 +91,46 @@ class StageContext:
     def _get(self, producer: str, lo: int, hi: int):
         if hi <= lo:   # a window entirely in the border padding: no real rows at all
             meta = self.tensors[producer]
-            shape = list(meta["shape"])
+            shape = list(meta.shape)
             shape[2] = 0
-            return torch.zeros(shape, dtype=DTYPES[meta["dtype"]])
+            return torch.zeros(shape, dtype=DTYPES[meta.dtype])
         return self.store.get(producer, lo, hi)
 
     def rows(self, node: str, producer: str, fill: float | None = None):
-        lo, hi, top, bottom = self.table[node]["in"][producer]
-        x = self._get(producer, lo, hi)
-        if top or bottom:
+        w = self.table[node].inputs[producer]
+        x = self._get(producer, w.lo, w.hi)
+        if w.top or w.bottom:
             if fill is None:
-                raise RuntimeError(f"node {node!r}: window of {producer!r} needs {top}+{bottom} padding rows "
+                raise RuntimeError(f"node {node!r}: window of {producer!r} needs {w.top}+{w.bottom} padding rows "
                                    "but the op has no padding value")
-            x = pad_rows(x, top, bottom, fill)
+            x = pad_rows(x, w.top, w.bottom, fill)
         return x
 
     def window(self, node: str, producer: str):
         """The real rows of ``producer`` that ``node`` needs, without border padding."""
-        lo, hi, _, _ = self.table[node]["in"][producer]
-        return self._get(producer, lo, hi)
+        w = self.table[node].inputs[producer]
+        return self._get(producer, w.lo, w.hi)
 
     def nrows(self, node: str) -> int:
-        a, b = self.table[node]["out"]
+        a, b = self.table[node].out
         return b - a
 
     def border(self, node: str, producer: str) -> tuple[int, int]:
-        _, _, top, bottom = self.table[node]["in"][producer]
-        return top, bottom
+        w = self.table[node].inputs[producer]
+        return w.top, w.bottom
 
     def span(self, node: str, producer: str) -> tuple[int, int]:
-        lo, hi, _, _ = self.table[node]["in"][producer]
-        return lo, hi
+        w = self.table[node].inputs[producer]
+        return w.lo, w.hi
 
     def out(self, node: str) -> tuple[int, int]:
-        a, b = self.table[node]["out"]
-        return a, b
+        return self.table[node].out
 
     def put(self, node: str, value) -> None:
-        a, b = self.table[node]["out"]
+        a, b = self.table[node].out
         if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[2] != b - a:
             raise RuntimeError(f"node {node!r} produced {value.shape[2]} rows, expected rows [{a}, {b})")
         self.store.put(node, a, b, value)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def build_module(class_path: str, kwargs: dict) -> torch.nn.Module:
@@ -154,41 +143,47 @@ def build_module(class_path: str, kwargs: dict) -> torch.nn.Module:
 
 
 class DeviceProgram:
-    def __init__(self, manifest: dict, device: str, source: str, weights: dict[str, torch.Tensor]):
-        if device not in manifest["devices"]:
-            raise BundleError(f"device {device!r} is not in this bundle (devices: {list(manifest['devices'])})")
+    """A device's generated program loaded and ready: its stage code, weights and actions.
+
+    Loading executes the program's source (see docs/security.md: a bundle is code) and rebuilds the
+    torch.nn modules it names; it raises BundleError naming the device if any of that fails."""
+
+    def __init__(self, manifest: Manifest, device: str, source: str, weights: dict[str, torch.Tensor]):
         self.manifest = manifest
         self.device = device
-        self.spec = manifest["devices"][device]
-        self.actions: list[dict] = self.spec["actions"]
-        self.rows_by_stage = {int(k): v for k, v in self.spec["rows"].items()}
+        self.spec = manifest.device(device)
+        self.actions = self.spec.actions
         self.weights = weights
         self.module = types.ModuleType(f"edgepart_device_{device}")
         self.module.__file__ = f"<bundle:{device}.py>"
-        exec(compile(source, self.module.__file__, "exec"), self.module.__dict__)
-        self.modules: dict[str, torch.nn.Module] = {}
-        for name, (class_path, kwargs, keys) in getattr(self.module, "MODULES", {}).items():
-            m = build_module(class_path, kwargs)
-            m.load_state_dict({k.split(name + ".", 1)[1]: weights[k] for k in keys}, strict=True)
-            self.modules[name] = m.eval()
+        try:
+            exec(compile(source, self.module.__file__, "exec"), self.module.__dict__)
+            self.modules: dict[str, torch.nn.Module] = {}
+            for name, (class_path, kwargs, keys) in getattr(self.module, "MODULES", {}).items():
+                m = build_module(class_path, kwargs)
+                m.load_state_dict({k.split(name + ".", 1)[1]: weights[k] for k in keys}, strict=True)
+                self.modules[name] = m.eval()
+        except BundleError:
+            raise
+        except Exception as e:  # noqa: BLE001 — any failure to load is the bundle's, named by device
+            raise BundleError(f"device {device!r}: its program does not load: {type(e).__name__}: {e}") from e
         self.nodes = getattr(self.module, "NODES", {})
-        self.constants = {name: weights[key] for name, key in self.spec.get("constants", {}).items()}
-        self.free_after = free_after(self.actions, self.rows_by_stage, manifest.get("output", {}))
+        missing = sorted({key for key in self.spec.constants.values() if key not in weights})
+        if missing:
+            raise BundleError(f"device {device!r}: constants {missing} are not in its weights file")
+        self.constants = {name: weights[key] for name, key in self.spec.constants.items()}
+        self.free_after = free_after(self.actions, self.spec.rows, manifest.output)
 
     @classmethod
-    def from_bundle(cls, bundle_dir, device: str, manifest: dict | None = None) -> "DeviceProgram":
+    def from_bundle(cls, bundle_dir, device: str, manifest: Manifest | None = None) -> "DeviceProgram":
         bundle_dir = Path(bundle_dir)
         if manifest is None:
-            from edgepart.compiler.bundle import read_manifest
             manifest = read_manifest(bundle_dir)
-        if device not in manifest["devices"]:
-            raise BundleError(f"{bundle_dir}: no device {device!r} in manifest (devices: {list(manifest['devices'])})")
-        files = manifest["devices"][device]["files"]
-        for rel in files:
-            verify_file(bundle_dir, rel, manifest)
-        prog_rel, weights_rel = manifest["devices"][device]["program"], manifest["devices"][device]["weights"]
-        source = (bundle_dir / prog_rel).read_text()
-        weights = load_weights(bundle_dir / weights_rel) if weights_rel else {}
+        spec = manifest.device(device)
+        for rel in spec.files:
+            verify_file(bundle_dir, rel, manifest.files)
+        source = (bundle_dir / spec.program).read_text()
+        weights = load_weights(bundle_dir / spec.weights) if spec.weights else {}
         return cls(manifest, device, source, weights)
 
     def new_store(self) -> RowStore:
@@ -198,10 +193,10 @@ class DeviceProgram:
         return store
 
     def run_stage(self, stage: int, store: RowStore) -> None:
-        table = self.rows_by_stage.get(stage)
+        table = self.spec.rows.get(stage)
         if table is None:
             raise BundleError(f"device {self.device!r} has no part in stage {stage}")
-        ctx = StageContext(table, store, self.manifest["tensors"])
+        ctx = StageContext(table, store, self.manifest.tensors)
         with torch.no_grad():
             for node in table:               # the manifest lists a stage's nodes in execution order
                 fn = self.nodes.get(node)
@@ -213,23 +208,20 @@ class DeviceProgram:
                     store.drop(t)            # its last reader on this device: let the allocator reuse it
 
     def piece_spec(self, tensor: str, a: int, b: int) -> tuple[torch.dtype, tuple[int, ...]]:
-        meta = self.manifest["tensors"].get(tensor)
-        if meta is None or meta["shape"] is None:
+        meta = self.manifest.tensors.get(tensor)
+        if meta is None or meta.shape is None:
             raise KeyError(f"unknown tensor {tensor!r}")
-        shape = list(meta["shape"])
-        if len(shape) == 4:
-            shape[2] = b - a
-        return DTYPES[meta["dtype"]], tuple(shape)
+        return DTYPES[meta.dtype], meta.piece_shape(a, b)
 
     def make_output(self, store: RowStore):
-        tensors = self.manifest["tensors"]
+        tensors = self.manifest.tensors
 
         def leaf(t: str):
-            return store.get(t, 0, tensors[t]["rows"]).contiguous() if t in tensors else store.get(t, 0, 1)
-        return build_output(self.manifest["output"], leaf)
+            return store.get(t, 0, tensors[t].rows).contiguous() if t in tensors else store.get(t, 0, 1)
+        return output_tree.walk(self.manifest.output, leaf)
 
 
-def free_after(actions: list[dict], rows_by_stage: dict, output: dict) -> dict[tuple[int, str], list[str]]:
+def free_after(actions, rows_by_stage: dict[int, dict[str, NodeRows]], output: dict) -> dict[tuple[int, str], list[str]]:
     """(stage, node) -> the tensors whose last reader on this device is that node.
 
     A request's store would otherwise hold every intermediate tensor until the request ends, so
@@ -238,16 +230,14 @@ def free_after(actions: list[dict], rows_by_stage: dict, output: dict) -> dict[t
     model. Tensors a later ``send`` or the output reads are kept."""
     last: dict[str, tuple] = {}
     for act in actions:
-        op = act.get("op")
-        if op == "run":
-            table = rows_by_stage.get(int(act["stage"]), {})
-            for node, entry in table.items():
-                for producer in (entry.get("in") or {}):
-                    last[producer] = (int(act["stage"]), node)
-        elif op == "send":
-            last[act["tensor"]] = ("send",)
-        elif op == "output":
-            for t in _output_tensors(output):
+        if isinstance(act, Run):
+            for node, entry in rows_by_stage.get(act.stage, {}).items():
+                for producer in entry.inputs:
+                    last[producer] = (act.stage, node)
+        elif isinstance(act, Send):
+            last[act.tensor] = ("send",)
+        elif isinstance(act, EmitOutput):
+            for t in output_tree.leaves(output):
                 last[t] = ("output",)
     out: dict[tuple[int, str], list[str]] = {}
     for t, where in last.items():
@@ -256,37 +246,31 @@ def free_after(actions: list[dict], rows_by_stage: dict, output: dict) -> dict[t
     return out
 
 
-def _output_tensors(structure: dict) -> list[str]:
-    out: list[str] = []
-    build_output(structure, out.append) if structure else None
-    return out
-
-
-def build_output(structure: dict, leaf):
-    """The model's output from the manifest's output structure (tensors nested in tuples, lists,
-    dicts, constants), ``leaf(tensor_name)`` giving each tensor in order of appearance."""
-    if "tensor" in structure:
-        return leaf(structure["tensor"])
-    if "tuple" in structure:
-        return tuple(build_output(x, leaf) for x in structure["tuple"])
-    if "list" in structure:
-        return [build_output(x, leaf) for x in structure["list"]]
-    if "dict" in structure:
-        return {k: build_output(v, leaf) for k, v in structure["dict"].items()}
-    return structure.get("const")
-
-
-def verify_file(bundle_dir: Path, rel: str, manifest: dict) -> None:
-    path = Path(bundle_dir) / rel
-    expected = manifest["files"].get(rel)
-    if expected is None:
-        raise BundleError(f"{path}: not listed in manifest.json; the bundle is inconsistent, compile it again")
+def read_manifest(directory: str | os.PathLike) -> Manifest:
+    """The typed manifest of the bundle in ``directory`` (BundleError naming the file if it is not one)."""
+    path = Path(directory) / MANIFEST
     if not path.is_file():
-        raise BundleError(f"{path}: missing; the bundle is incomplete, copy it again or compile it again")
-    if sha256_file(path) != expected:
-        raise BundleError(f"{path}: sha256 does not match manifest.json; the file was modified or corrupted — "
-                          "refusing to load it (recompile or copy the bundle again)")
+        raise BundleError(f"{path}: no manifest.json here; is {directory} a bundle directory (edgepart compile --out)?")
+    return Manifest.from_json(path.read_bytes(), str(path))
 
 
-def manifest_json(manifest: dict) -> str:
-    return json.dumps(manifest, indent=1, sort_keys=False)
+def check_inputs(manifest: Manifest, inputs: tuple) -> tuple:
+    """``inputs`` as the bundle takes them (one tuple or list of them is unpacked), each checked
+    against the manifest's inputs; InputShapeError naming the input and what to do otherwise."""
+    specs = manifest.inputs
+    if len(inputs) == 1 and isinstance(inputs[0], (tuple, list)) and len(specs) > 1:
+        inputs = tuple(inputs[0])
+    if len(inputs) != len(specs):
+        raise InputShapeError(f"the bundle takes {len(specs)} input(s) "
+                              f"({', '.join(s.name for s in specs)}), got {len(inputs)}")
+    for x, s in zip(inputs, specs):
+        if not isinstance(x, torch.Tensor):
+            raise InputShapeError(f"input {s.name!r} must be a torch.Tensor of shape {s.shape}, "
+                                  f"got {type(x).__name__}")
+        if tuple(x.shape) != s.shape:
+            raise InputShapeError(f"input {s.name!r} has shape {tuple(x.shape)} but the bundle was compiled for "
+                                  f"shape {s.shape}; resize the input or compile again for this shape")
+        if dtype_name(x.dtype) != s.dtype:
+            raise InputShapeError(f"input {s.name!r} has dtype {dtype_name(x.dtype)} but the bundle expects "
+                                  f"{s.dtype}")
+    return tuple(inputs)

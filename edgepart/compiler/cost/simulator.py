@@ -33,7 +33,8 @@ import torch.fx as fx
 
 from edgepart.cluster import Cluster
 from edgepart.compiler.cost.model import CostModel
-from edgepart.compiler.schedule import Schedule
+from edgepart.compiler.schedule import Schedule, build_schedule
+from edgepart.ir.manifest import EmitOutput, NodeRows, Recv, Run, Send
 
 
 @dataclass
@@ -80,12 +81,12 @@ class SimResult:
                 "bytes_moved": sum(t.nbytes for t in self.transfers), "transfers": len(self.transfers)}
 
 
-def stage_compute_time(cost: CostModel, nodes: dict[str, fx.Node], device: str, table: dict) -> float:
+def stage_compute_time(cost: CostModel, nodes: dict[str, fx.Node], device: str, table: dict[str, NodeRows]) -> float:
     """Compute time of one device's part of one stage (its rows of each node, halo included),
     with the cost of starting the stage."""
     total = 0.0
     for name, entry in table.items():
-        a, b = entry["out"]
+        a, b = entry.out
         if b > a:
             total += cost.compute_time(nodes[name], device, b - a)
     return (total + cost.stage_start_time(device)) if total > 0 else 0.0
@@ -132,9 +133,8 @@ def simulate(schedule: Schedule, cluster: Cluster, cost: CostModel | None = None
         acts = actions[dev]
         while pc[dev] < len(acts):
             act = acts[pc[dev]]
-            op = act["op"]
-            if op == "recv":
-                key = (act["from"], dev, act["tensor"], *act["rows"])
+            if isinstance(act, Recv):
+                key = (act.src, dev, act.tensor, act.a, act.b)
                 if key not in arrivals:
                     waiting[key] = dev
                     blocked.add(dev)
@@ -146,12 +146,12 @@ def simulate(schedule: Schedule, cluster: Cluster, cost: CostModel | None = None
                     pc[dev] += 1
                     heapq.heappush(heap, (clock[dev], order[dev], dev))   # keep global time order
                     break
-            elif op == "run":
-                si = act["stage"]
+            elif isinstance(act, Run):
+                si = act.stage
                 table = schedule.rows[dev][si]
                 dur = stage_compute_time(cost, nodes, dev, table)
                 start = clock[dev]
-                runs.append(RunTiming(dev, si, start, start + dur, {n: tuple(e["out"]) for n, e in table.items()}))
+                runs.append(RunTiming(dev, si, start, start + dur, {n: e.out for n, e in table.items()}))
                 rcause.append(cause[dev])
                 clock[dev] = start + dur
                 compute[dev] += dur
@@ -160,18 +160,17 @@ def simulate(schedule: Schedule, cluster: Cluster, cost: CostModel | None = None
                     pc[dev] += 1
                     heapq.heappush(heap, (clock[dev], order[dev], dev))
                     break
-            elif op == "send":
-                a, b = act["rows"]
-                dst = act["to"]
-                nbytes = nbytes_of[(act["tensor"], a, b)]
+            elif isinstance(act, Send):
+                a, b, dst = act.a, act.b, act.dst
+                nbytes = nbytes_of[(act.tensor, a, b)]
                 q = "medium" if shared else dev
                 ready = clock[dev]
                 start = max(ready, nic_free.get(q, 0.0))
                 dur = cost.transfer_time(nbytes, dev, dst)
                 arrival = start + dur
                 nic_free[q] = arrival
-                key = (dev, dst, act["tensor"], a, b)
-                timings.append(TransferTiming(act["tensor"], a, b, dev, dst, nbytes, -1, ready, start, arrival))
+                key = (dev, dst, act.tensor, a, b)
+                timings.append(TransferTiming(act.tensor, a, b, dev, dst, nbytes, -1, ready, start, arrival))
                 if start > ready and nic_last.get(q) is not None:
                     tcause.append(("transfer", nic_last[q]))
                 else:
@@ -182,7 +181,7 @@ def simulate(schedule: Schedule, cluster: Cluster, cost: CostModel | None = None
                     w = waiting.pop(key)
                     blocked.discard(w)
                     heapq.heappush(heap, (clock[w], order[w], w))
-            elif op == "output":
+            elif isinstance(act, EmitOutput):
                 latency = clock[dev]
                 out_cause = cause[dev]
             pc[dev] += 1
@@ -227,7 +226,6 @@ def _critical_path(out_cause, runs, rcause, timings, tcause) -> list[dict]:
 
 def simulate_plan(gm: fx.GraphModule, plan, cluster: Cluster, cost: CostModel | None = None) -> SimResult:
     """build_schedule + simulate."""
-    from edgepart.compiler.schedule import build_schedule
     return simulate(build_schedule(gm, plan, cluster), cluster, cost, gm=gm)
 
 
