@@ -86,9 +86,11 @@ class _Collector(ast.NodeVisitor):
         self.module, self.is_package, self.modules, self.package, self.path = module, is_package, modules, package, path
         self.depth = 0                                 # > 0: inside a function
         self.imports: list[Import] = []
+        self._seen: set[tuple[int, str]] = set()
 
     def _add(self, node: ast.stmt, target: str) -> None:
-        if within(target, self.package):
+        if within(target, self.package) and (node.lineno, target) not in self._seen:  # one edge per statement
+            self._seen.add((node.lineno, target))
             self.imports.append(Import(self.module, target, self.path, node.lineno, node.end_lineno or node.lineno,
                                        self.depth > 0, ast.unparse(node)))
 
