@@ -9,7 +9,7 @@ from edgepart import models
 torch.set_num_threads(1)
 
 EXPECTED_NAMES = ["vgg16", "alexnet", "resnet18", "resnet50", "mobilenet_v2", "inception",
-                  "yolov2_tiny", "se_resnet", "unet", "tinynet"]
+                  "yolov2_tiny", "se_resnet", "unet", "tinynet", "vgg_small", "resnet_small", "mobilenet_v2_small"]
 
 
 def test_names():

@@ -147,19 +147,20 @@ class Bundle:
 
 
 def compile(model: torch.nn.Module, example_inputs, cluster: Cluster, strategy="ofpm",
-            name: str | None = None) -> Bundle:
+            name: str | None = None, version: dict | None = None) -> Bundle:
     """Trace, analyse, plan, schedule and generate code: returns an in-memory Bundle.
 
     ``strategy`` is a strategy name (default ``"ofpm"``, the MILP; ``single``, ``even``,
     ``proportional`` and the baselines ``neurosurgeon``, ``dads``, ``modnn``, ``deepthings``,
-    ``aofl``, ``edgeld``), a :class:`Plan`, or a plan dict."""
+    ``aofl``, ``edgeld``), a :class:`Plan`, or a plan dict. ``version`` (a JSON-able dict: the
+    model version's name, scale, accuracy; see edgepart.versions) goes into the manifest as is."""
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     gm = trace(model, tuple(example_inputs))
     analyse(gm, cluster)
     _warn_unknown_calibrated_nodes(gm, cluster)
     plan = make_plan(gm, cluster, strategy)
-    return compile_plan(gm, plan, cluster, name or type(model).__name__)
+    return compile_plan(gm, plan, cluster, name or type(model).__name__, version)
 
 
 def _warn_unknown_calibrated_nodes(gm: fx.GraphModule, cluster: Cluster) -> None:
@@ -173,7 +174,8 @@ def _warn_unknown_calibrated_nodes(gm: fx.GraphModule, cluster: Cluster) -> None
                           "measure it on this model (emulate.measure_node_calibration)", stacklevel=3)
 
 
-def compile_plan(gm: fx.GraphModule, plan: Plan, cluster: Cluster, model_name: str) -> Bundle:
+def compile_plan(gm: fx.GraphModule, plan: Plan, cluster: Cluster, model_name: str,
+                 version: dict | None = None) -> Bundle:
     schedule = build_schedule(gm, plan, cluster)
     programs = generate(gm, schedule, model_name, VERSION)
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -203,6 +205,7 @@ def compile_plan(gm: fx.GraphModule, plan: Plan, cluster: Cluster, model_name: s
                     for n in gm.graph.nodes if n.op in COMPUTE_OPS},
         devices=devices,
         report=compile_report(gm),
+        version=version,
         edgepart_version=VERSION,
     )
     bundle = Bundle(manifest, sources, weights, graph=gm, schedule=schedule)
