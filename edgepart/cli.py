@@ -2,6 +2,8 @@
 
     edgepart compile MODEL --cluster FILE [--strategy S] --out DIR [--input-size N]
     edgepart inspect DIR
+    edgepart train MODEL --dataset mnist --out DIR
+    edgepart versions MODEL --scales 1,0.75,0.5,0.25 --dataset mnist --out DIR | edgepart versions show DIR
     edgepart worker / deploy / run / profile / probe   (runtime and profiling)
 
 MODEL is a zoo name (``edgepart models`` lists them) or ``path/to/file.py:factory``
@@ -94,6 +96,58 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    # why: the training stack (datasets, torch-pruning) is loaded only by the commands that use it
+    from edgepart.versions import TrainConfig, train_model
+    torch.set_num_threads(args.threads)
+    config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    try:
+        record = train_model(args.model, args.out, args.dataset, args.input_size, config, args.split_seed)
+    except KeyError as e:
+        raise EdgepartError(str(e).strip("'\"")) from e
+    print(f"{args.model} on {args.dataset}: test accuracy {100 * record['test_accuracy']:.2f} % "
+          f"({record['split_sizes']['test']} images), validation {100 * record['val_accuracy']:.2f} %, "
+          f"{record['train_seconds']:.0f} s; written to {args.out}")
+    return 0
+
+
+def cmd_versions(args) -> int:
+    # why: the training stack (datasets, torch-pruning, rich) is loaded only by the commands that use it
+    from rich.console import Console
+
+    from edgepart.versions import TrainConfig, VersionSet, build_version_set
+    from edgepart.versions.table import rich_table
+    if args.target == "show":
+        if not args.dir:
+            raise EdgepartError("usage: edgepart versions show DIR")
+        Console(width=None if sys.stdout.isatty() else 120).print(rich_table(VersionSet.load(args.dir)))
+        return 0
+    if not args.out:
+        raise EdgepartError("edgepart versions MODEL needs --out DIR")
+    torch.set_num_threads(args.threads)
+    scales = [float(s) for s in args.scales.split(",")]
+    if any(not 0 < s <= 1 for s in scales):
+        raise EdgepartError(f"--scales {args.scales}: every scale must be in (0, 1]")
+    try:
+        vs = build_version_set(args.target, args.out, scales, args.dataset, args.input_size,
+                               TrainConfig(epochs=args.epochs, seed=args.seed), int8=not args.no_int8,
+                               split_seed=args.split_seed)
+    except KeyError as e:
+        raise EdgepartError(str(e).strip("'\"")) from e
+    Console(width=None if sys.stdout.isatty() else 120).print(rich_table(vs))
+    print(f"version set written to {args.out} in {vs.info['build_seconds']:.0f} s")
+    return 0
+
+
+def _training_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "digits"])
+    p.add_argument("--input-size", type=int, default=32, help="images are resized to this side (default 32)")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0, help="weights and batch order")
+    p.add_argument("--split-seed", type=int, default=0, help="the train/validation/test split")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+
+
 # Commands with their own argument parsers: `edgepart worker --listen ...` hands everything
 # after the command name to the module, so its --help and options work unchanged.
 DELEGATED = {
@@ -127,6 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_inspect)
     m = sub.add_parser("models", help="list the model zoo")
     m.set_defaults(func=cmd_models)
+    t = sub.add_parser("train", help="train a small zoo model on a data set (weights, spec, metadata)")
+    t.add_argument("model", help="vgg_small | resnet_small | mobilenet_v2_small")
+    t.add_argument("--out", required=True, help="directory for weights.safetensors, arch.json, meta.json")
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--batch-size", type=int, default=32)
+    _training_arguments(t)
+    t.set_defaults(func=cmd_train)
+    v = sub.add_parser("versions", help="build a model's version set (pruned scales, int8), or show one",
+                       description="edgepart versions MODEL --scales 1,0.75,0.5,0.25 --out DIR | "
+                                   "edgepart versions show DIR")
+    v.add_argument("target", help="a model to build versions of, or 'show'")
+    v.add_argument("dir", nargs="?", help="with 'show': the version set directory")
+    v.add_argument("--scales", default="1,0.75,0.5,0.25", help="fractions of channels kept")
+    v.add_argument("--out", help="version set directory to write")
+    v.add_argument("--no-int8", action="store_true", help="no int8 version")
+    _training_arguments(v)
+    v.set_defaults(func=cmd_versions)
     for name, (_, _, helptext) in DELEGATED.items():
         sub.add_parser(name, help=helptext, add_help=False)
     return p

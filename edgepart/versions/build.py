@@ -27,7 +27,7 @@ from edgepart.versions.store import (FORMAT, VersionRecord, VersionSet, save_ver
 from edgepart.versions.training import TrainConfig, accuracy, train
 
 META = "meta.json"
-FINETUNE = TrainConfig(epochs=3, lr=1e-3)
+FINETUNE = TrainConfig(epochs=3, lr=1e-3)       # after pruning: short, from the pruned weights
 CALIBRATION_IMAGES = 512       # the first training images observe the int8 activation ranges
 
 

@@ -19,9 +19,9 @@ from edgepart.datasets import Split
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 6
-    lr: float = 3e-3
-    batch_size: int = 64
+    epochs: int = 12
+    lr: float = 2e-3
+    batch_size: int = 32
     weight_decay: float = 1e-4
     shift: int = 2            # random translation, pixels
     seed: int = 0
