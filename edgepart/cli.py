@@ -112,11 +112,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_versions(args) -> int:
-    # why: the training stack (datasets, torch-pruning, rich) is loaded only by the commands that use it
     from rich.console import Console
 
+    # why: the training stack (datasets, torch-pruning) is loaded only by the commands that use it
     from edgepart.versions import TrainConfig, VersionSet, build_version_set
-    from edgepart.versions.table import rich_table
+    from edgepart.versions.table import rich_table  # why: as above
     if args.target == "show":
         if not args.dir:
             raise EdgepartError("usage: edgepart versions show DIR")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -117,7 +118,6 @@ def test_local_cluster_of_a_pruned_version_predicts_like_the_module(sets, digits
 
 
 def test_tampered_weights_are_refused(sets, tmp_path):
-    import shutil
     d = tmp_path / "vs"
     shutil.copytree(sets["vgg_small"].dir, d)
     w = d / "scale-0.25" / WEIGHTS

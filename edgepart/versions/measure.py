@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from edgepart.cluster import Cluster
-from edgepart.compiler.bundle import Bundle, compile
+from edgepart.compiler.bundle import Bundle
+from edgepart.compiler.bundle import compile as compile_model
 from edgepart.compiler.cost.model import CostModel
 from edgepart.compiler.cost.simulator import simulate_plan
 
@@ -66,7 +67,7 @@ def _median_ms(fn, x: torch.Tensor, repeats: int) -> float:
 
 
 def single_device_bundle(model: nn.Module, example: torch.Tensor, profile: Path | None = HOST_PROFILE) -> Bundle:
-    return compile(model, (example,), single_device_cluster(profile), strategy="single")
+    return compile_model(model, (example,), single_device_cluster(profile), strategy="single")
 
 
 def predicted_ms(bundle: Bundle) -> float:

@@ -21,7 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from edgepart.compiler.bundle import Bundle, compile
+from edgepart.compiler.bundle import Bundle
+from edgepart.compiler.bundle import compile as compile_model
 from edgepart.errors import EdgepartError
 from edgepart.ir.hashing import sha256_file
 from edgepart.versions import pruning, quantize
@@ -158,7 +159,7 @@ class VersionSet:
         if not record.partitionable:
             raise EdgepartError(f"version {name!r} runs only whole, in-process ({record.note or 'not compilable'})")
         model, x = self.model(name)
-        return compile(model, (x,), cluster, strategy=strategy, name=f"{self.model_name}:{name}",
+        return compile_model(model, (x,), cluster, strategy=strategy, name=f"{self.model_name}:{name}",
                        version=record.manifest_entry(self.model_name))
 
     def _known(self, name: str) -> str:
