@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from edgepart.compiler.trace import COMPUTE_OPS
+from edgepart.passes.graph import COMPUTE_OPS
 
 # Row-local elementwise functions: output row i depends only on row i of each input
 # (inputs with a single row broadcast and are needed whole).

@@ -101,6 +101,7 @@ def make_units(gm: fx.GraphModule) -> list[Unit]:
 
 
 def param_bytes(gm: fx.GraphModule, node: fx.Node) -> int:
+    """Bytes of the weights ``node`` reads: its module's parameters and buffers, and get_attr inputs."""
     total = 0
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
@@ -108,9 +109,7 @@ def param_bytes(gm: fx.GraphModule, node: fx.Node) -> int:
             total += t.numel() * t.element_size()
     for p in node.all_input_nodes:
         if p.op == "get_attr":
-            v = p.meta.get("value_example")
-            if hasattr(v, "numel"):
-                total += v.numel() * v.element_size()
+            total += p.meta["bytes"]
     return total
 
 
