@@ -73,10 +73,3 @@ def _tree_bytes(v) -> int:
     if isinstance(v, dict):
         return sum(_tree_bytes(x) for x in v.values())
     return 0
-
-
-def _fetch_attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
