@@ -178,7 +178,7 @@ def _warn_unknown_calibrated_nodes(gm: fx.GraphModule, cluster: Cluster) -> None
         if unknown:
             warnings.warn(f"device {d.name!r}: node_calibration names {len(unknown)} node(s) this model does not "
                           f"have ({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}); they are ignored — "
-                          "measure it on this model (emulate.measure_node_calibration)", stacklevel=3)
+                          "measure it on this model (edgepart.compiler.cost.calibration.layers.measure_node_calibration)", stacklevel=3)
 
 
 def compile_plan(gm: fx.GraphModule, plan: Plan, cluster: Cluster, model_name: str) -> Bundle:
