@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from edgepart.compiler.explain import explain, gantt
+from edgepart.compiler.inspect import plan_table
 from edgepart.errors import EdgepartError
 
 
@@ -52,7 +54,6 @@ def load_model(spec: str, input_size: int | None = None, input_shape: str | None
 
 def cmd_compile(args) -> int:
     import edgepart
-    from edgepart.compiler.inspect import plan_table
     model, inputs, name = load_model(args.model, args.input_size, args.input_shape)
     cluster = edgepart.Cluster.from_file(args.cluster) if args.cluster else edgepart.Cluster.homogeneous(args.devices)
     bundle = edgepart.compile(model, inputs, cluster, strategy=args.strategy, name=name)
@@ -64,23 +65,16 @@ def cmd_compile(args) -> int:
         y = edgepart.load_bundle(out).run_local(*inputs)
         err = float((y - ref).abs().max()) if isinstance(ref, torch.Tensor) else 0.0
         print(f"check: run_local vs model: max abs error {err:.3g}")
-    if getattr(args, "explain", False) or getattr(args, "gantt", None):
-        try:
-            from edgepart.compiler import explain as ex
-        except ImportError:
-            print("--explain/--gantt need edgepart.compiler.explain (not available in this build)")
-        else:
-            if args.explain:
-                print(ex.explain(bundle))
-            if args.gantt:
-                ex.gantt(bundle, None, args.gantt)
-                print(f"schedule drawn to {args.gantt}")
+    if args.explain:
+        print(explain(bundle))
+    if args.gantt:
+        gantt(bundle, None, args.gantt)
+        print(f"schedule drawn to {args.gantt}")
     print(f"bundle written to {out}")
     return 0
 
 
 def cmd_inspect(args) -> int:
-    from edgepart.compiler.inspect import plan_table
     from edgepart.runtime.program import read_manifest
     manifest = read_manifest(args.dir)
     print(plan_table(manifest))
