@@ -11,7 +11,7 @@ import torch
 
 import edgepart
 from edgepart import models as zoo
-from edgepart.runtime.client import WorkerDied
+from edgepart.errors import WorkerDied
 from tests.conftest import assert_close
 
 pytestmark = pytest.mark.timeout(90)
