@@ -20,7 +20,6 @@ import argparse
 import concurrent.futures as cf
 import hashlib
 import itertools
-import json
 import logging
 import mmap
 import os
@@ -35,8 +34,7 @@ import torch
 
 from edgepart.errors import BundleError, EdgepartError, WorkerDied, error_for
 from edgepart.runtime.program import build_output
-from edgepart.runtime.protocol import (DTYPES, Channel, PeerClosed, ProtocolError, as_key, iter_leaves,
-                                       read_key)
+from edgepart.runtime.protocol import Channel, PeerClosed, ProtocolError, as_key, iter_leaves, read_key
 
 log = logging.getLogger("edgepart.client")
 

@@ -87,8 +87,8 @@ class Server:
         self.register("pong", lambda conn, f: None)
         self.register("bye", self._on_bye)
 
-    def register(self, kind: str, handle: Callable[[Conn, Frame], None], expect: Callable[[Conn, dict], Any] | None = None,
-                 roles: tuple[str, ...] | None = None) -> None:
+    def register(self, kind: str, handle: Callable[[Conn, Frame], None],
+                 expect: Callable[[Conn, dict], Any] | None = None, roles: tuple[str, ...] | None = None) -> None:
         """Take frames of ``kind`` (see :class:`Handler`); a kind is registered once."""
         if kind in self.handlers:
             raise ValueError(f"frame kind {kind!r} is already registered")

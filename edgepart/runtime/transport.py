@@ -11,7 +11,6 @@ EOF and, when a frame cannot be written, fails the request it belongs to and rep
 from __future__ import annotations
 
 import collections
-import logging
 import threading
 import time
 from typing import Callable, Protocol
@@ -20,8 +19,6 @@ import torch
 
 from edgepart.errors import ErrorCode
 from edgepart.runtime.protocol import Channel, Failure, PeerClosed, ProtocolError
-
-log = logging.getLogger("edgepart.worker")
 
 INLINE_MAX = 64 << 10          # frames up to this size are written by the calling thread when nothing is queued
 FRAME_EXTRA = 200              # bytes a frame adds on the wire besides its payload, as a shaper counts them

@@ -60,8 +60,6 @@ import os
 import shutil
 import subprocess
 import warnings
-from collections.abc import Callable
-from contextlib import contextmanager
 
 log = logging.getLogger("edgepart.emulate")
 CGROOT = "/sys/fs/cgroup/cpu"
@@ -304,7 +302,7 @@ class Emulator:
             if other == device:
                 continue
             ln = self.link[frozenset((device, other))]
-            # nic_mbps: the sender's NIC sends one message at a time, as the cost model assumes (testbed.links.SenderNic)
+            # nic_mbps: the sender's NIC sends one message at a time, as the cost model assumes (links.SenderNic)
             if self.mode == "netns":      # bandwidth is shaped by tc; the sender adds the latency
                 peers[other] = {"bandwidth_mbps": None, "latency_ms": ln["latency_ms"] / self.time_scale,
                                 "nic_mbps": ln["bandwidth_mbps"] * self.time_scale}
