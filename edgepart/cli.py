@@ -91,8 +91,8 @@ def cmd_models(args) -> int:
 # Commands with their own argument parsers: `edgepart worker --listen ...` hands everything
 # after the command name to the module, so its --help and options work unchanged.
 DELEGATED = {
-    "worker": ("edgepart.runtime.worker", "main", "run a worker on a device"),
-    "deploy": ("edgepart.runtime.deploy", "main", "deploy a bundle to running workers"),
+    "worker": ("edgepart.worker_main", "main", "run a worker on a device"),
+    "deploy": ("edgepart.runtime.deploy_client", "main", "deploy a bundle to running workers"),
     "run": ("edgepart.runtime.client", "run_main", "run an input through deployed workers"),
     "profile": ("edgepart.fcpm.profiler", "main", "profile this device (or a worker) for the FCPM"),
     "probe": ("edgepart.fcpm.probe", "main", "measure links between workers into a cluster file"),

@@ -20,7 +20,6 @@ import argparse
 import concurrent.futures as cf
 import hashlib
 import itertools
-import json
 import logging
 import mmap
 import os
@@ -33,23 +32,11 @@ from typing import Any
 
 import torch
 
-from edgepart.errors import BundleError, EdgepartError
-from edgepart.runtime.protocol import (DTYPES, Channel, PeerClosed, ProtocolError, as_key, iter_leaves,
-                                       read_key)
+from edgepart.errors import BundleError, EdgepartError, WorkerDied, error_for
+from edgepart.runtime.program import build_output
+from edgepart.runtime.protocol import Channel, PeerClosed, ProtocolError, as_key, iter_leaves, read_key
 
 log = logging.getLogger("edgepart.client")
-
-
-class WorkerDied(EdgepartError):
-    """A worker died or stopped answering; ``device`` names it."""
-
-    def __init__(self, device: str, message: str):
-        super().__init__(message)
-        self.device = device
-
-
-class RemoteError(EdgepartError):
-    """A request failed on a worker (the message says which device and why)."""
 
 
 def load_endpoints(endpoints) -> dict[str, str]:
@@ -183,8 +170,9 @@ class Session:
                 if time.monotonic() > deadline:
                     raise EdgepartError(f"device {link.device!r} at {link.address}: no answer within {timeout:.0f} s")
                 continue
-            if h["kind"] == "deploy_error":
-                raise BundleError(f"device {link.device!r}: {h.get('error')}")
+            if h["kind"] == "deploy_error":          # code deploy_failed: a BundleError
+                raise error_for(h.get("code"), h.get("device") or link.device,
+                                f"device {link.device!r}: {h.get('message')}")
             if h["kind"] in kinds:
                 return h
 
@@ -262,16 +250,13 @@ class Session:
         if link.ch is ch:
             self._dead(link, reason)
 
-    def _remote_error(self, h: dict) -> EdgepartError:
-        msg = str(h.get("error", "failed"))
-        import re
-        m = re.search(r"device '([^']+)' (is down|unreachable)", msg)
-        if m:
-            return WorkerDied(m.group(1), f"request failed: {msg}")
-        return RemoteError(f"request failed on device {h.get('device')!r}: {msg}")
+    @staticmethod
+    def _remote_error(h: dict) -> EdgepartError:
+        """The exception for an ``error`` frame, by its code (errors.ERROR_CLASSES): WorkerDied naming the
+        device that is down for ``peer_down``, else a RemoteError."""
+        return error_for(h.get("code"), h.get("device"), f"request failed: {h.get('message', 'failed')}")
 
     def _rebuild(self, values: list, parts: list):
-        from edgepart.runtime.program import build_output
         it_v, it_p = iter(values), iter(parts)
 
         def leaf(_name):    # a value sent inline in the header, else the next raw tensor part

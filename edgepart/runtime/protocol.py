@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from edgepart.errors import EdgepartError
+from edgepart.errors import EdgepartError, ErrorCode
 
 MAGIC = b"EPRT"
 VERSION = 2
@@ -190,6 +190,36 @@ class Frame:
 
     def get(self, key, default=None):
         return self.header.get(key, default)
+
+
+MAX_MESSAGE = 2000                      # characters of an error frame's message
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What an error frame (``error``, ``fail``, ``deploy_error``, ``profile_error``, ``probe_error``)
+    says: why (``code``), the device it is about (for ``peer_down`` the device that is down, else the
+    one it happened on) and a message for people. Receivers decide by the code, never the message."""
+
+    code: ErrorCode
+    device: str | None
+    message: str
+
+    def fields(self) -> dict:
+        """The frame's header fields ``{code, device, message}``."""
+        return {"code": self.code.value, "device": self.device, "message": self.message[:MAX_MESSAGE]}
+
+    @classmethod
+    def from_header(cls, h: dict) -> "Failure":
+        """Read the fields of a frame a worker received; ProtocolError if they are malformed."""
+        device, message = h.get("device"), h.get("message")
+        try:
+            code = ErrorCode(h.get("code"))
+        except ValueError:
+            raise ProtocolError(f"unknown error code {str(h.get('code'))[:40]!r}") from None
+        if not (device is None or isinstance(device, str) and len(device) <= 64) or not isinstance(message, str):
+            raise ProtocolError("error frame needs device (a name or null) and message (a string)")
+        return cls(code, device, message[:MAX_MESSAGE])
 
 
 def _kdf(key: bytes, *items: bytes) -> bytes:

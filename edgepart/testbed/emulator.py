@@ -17,7 +17,7 @@ With root, cgroup v1 and network namespaces (``mode == "netns"``):
     stages; a 100 ms period instead lets a slow device start each request with a whole period's
     quota at full speed (faster than its speed).
   - ``"dilate"``: every compute stage lasts its CPU time ÷ q on the wall clock (the worker runs
-    it, then sleeps the rest: ``worker.CpuDilation``), exact per stage, and a piece arriving
+    it, then sleeps the rest: ``testbed.cpu.CpuDilation``), exact per stage, and a piece arriving
     meanwhile is received at once. Message handling (framing, MACs, copies) is not slowed down,
     only compute stages; workers are not rate-limited (no quota).
 
@@ -35,7 +35,7 @@ With root, cgroup v1 and network namespaces (``mode == "netns"``):
   at the pair's bandwidth × s. ``netem`` is not available here, so the link latency
   (÷ s) is added by the sender (a delay line in the worker's peer queue). A worker's
   messages to all its peers share its one NIC, one message at a time in the order it
-  sends them (``worker.SenderNic``), as the cost model's switched links assume; and the
+  sends them (``testbed.links.SenderNic``), as the cost model's switched links assume; and the
   packets are processed on the CPUs outside ``cpuset`` (RPS), not charged to the workers.
   The client reaches each worker over an extra, unshaped veth pair.
 
@@ -60,8 +60,6 @@ import os
 import shutil
 import subprocess
 import warnings
-from collections.abc import Callable
-from contextlib import contextmanager
 
 log = logging.getLogger("edgepart.emulate")
 CGROOT = "/sys/fs/cgroup/cpu"
@@ -304,14 +302,14 @@ class Emulator:
             if other == device:
                 continue
             ln = self.link[frozenset((device, other))]
-            # nic_mbps: the sender's NIC sends one message at a time, as the cost model assumes (worker.SenderNic)
+            # nic_mbps: the sender's NIC sends one message at a time, as the cost model assumes (links.SenderNic)
             if self.mode == "netns":      # bandwidth is shaped by tc; the sender adds the latency
                 peers[other] = {"bandwidth_mbps": None, "latency_ms": ln["latency_ms"] / self.time_scale,
                                 "nic_mbps": ln["bandwidth_mbps"] * self.time_scale}
             else:
                 peers[other] = {"bandwidth_mbps": ln["bandwidth_mbps"], "latency_ms": ln["latency_ms"],
                                 "nic_mbps": ln["bandwidth_mbps"]}
-        if self.mode == "netns" and self.cpu == "dilate":    # compute stages dilated (worker.CpuDilation)
+        if self.mode == "netns" and self.cpu == "dilate":    # compute stages dilated (testbed.cpu.CpuDilation)
             return {"peers": peers, "cpu": {"share_file": self.share_file(device)}}
         if self.mode == "netns":
             # the worker's cgroup CPU quota in cores, for remote profiling (edgepart.fcpm): the worker cannot
