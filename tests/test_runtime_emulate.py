@@ -33,9 +33,9 @@ def bundle(tmp_path_factory):
 def link_bound_s(manifest, scale):
     """A lower bound on one request's time: the bytes its busiest link carries / the link's (scaled) bandwidth."""
     per_link = {}
-    for t in manifest["transfers"]:
-        k = (t[3], t[4])                     # links are full duplex: each direction is shaped on its own
-        per_link[k] = per_link.get(k, 0) + t[5]
+    for t in manifest.transfers:
+        k = (t.src, t.dst)                   # links are full duplex: each direction is shaped on its own
+        per_link[k] = per_link.get(k, 0) + t.nbytes
     return max(per_link.values()) * 8 / (BW * scale * 1e6)
 
 

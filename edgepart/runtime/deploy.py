@@ -12,14 +12,16 @@ The client side is deploy_client.py.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from edgepart.errors import EdgepartError, ErrorCode
+from edgepart.ir.hashing import sha256_file
+from edgepart.ir.manifest import Manifest, Recv
 from edgepart.runtime.execution import Deployment, Executor
 from edgepart.runtime.program import DeviceProgram
 from edgepart.runtime.protocol import Failure, FileSink, Frame, ProtocolError, dtype_name
@@ -38,7 +40,7 @@ class Upload:
     bundle_id: str
     device: str
     peers: dict[str, str]
-    manifest: dict
+    manifest: Manifest
     dir: Path
     need: set[str]                                     # files still to come
     sink: tuple[str, Path, FileSink] | None = None     # (path, temp file, sink) while a file frame is received
@@ -81,12 +83,12 @@ class Deployer:
         try:
             if hashlib.sha256(manifest_bytes).hexdigest() != bid:
                 raise EdgepartError("the manifest's sha256 does not match the bundle id it was sent with")
-            manifest = json.loads(manifest_bytes)
-            if not isinstance(manifest, dict) or device not in manifest.get("devices", {}):
+            manifest = Manifest.from_json(manifest_bytes, "the deployed manifest")
+            if device not in manifest.devices:
                 raise EdgepartError(f"device {device!r} is not in this bundle")
             if not isinstance(peers, dict) or not all(isinstance(v, str) for v in peers.values()):
                 raise EdgepartError("deploy needs peers {device: 'host:port'}")
-            for d in manifest["devices"]:
+            for d in manifest.devices:
                 if d != device and d not in peers:
                     raise EdgepartError(f"deploy gives no address for peer device {d!r}")
             active = self.executor.active
@@ -97,11 +99,11 @@ class Deployer:
             bdir.mkdir(parents=True, exist_ok=True)
             (bdir / "manifest.json").write_bytes(manifest_bytes)
             need = []
-            for rel in manifest["devices"][device]["files"]:
-                if Path(rel).is_absolute() or ".." in Path(rel).parts or rel not in manifest.get("files", {}):
-                    raise EdgepartError(f"bundle file {rel!r} is outside the bundle or not in its file list")
+            for rel in manifest.devices[device].files:     # each inside the bundle (checked when parsed)
+                if rel not in manifest.files:
+                    raise EdgepartError(f"bundle file {rel!r} is not in the manifest's file list")
                 p = bdir / rel
-                if not (p.is_file() and _sha256(p) == manifest["files"][rel]):
+                if not (p.is_file() and not p.is_symlink() and sha256_file(p) == manifest.files[rel]):
                     need.append(rel)
             self.uploads[conn] = Upload(bid, device, peers, manifest, bdir, set(need))
             conn.out.put({"kind": "deploy_need", "files": need})
@@ -115,8 +117,10 @@ class Deployer:
             raise ProtocolError(f"file {str(rel)[:100]!r} was not asked for by a deploy on this connection")
         target = up.dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + f".part{os.getpid()}")
-        sink = FileSink(open(tmp, "wb"), self.max_payload)
+        # a temporary name of its own: two connections may deploy the same file at once
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".part")
+        tmp = Path(tmp_name)
+        sink = FileSink(os.fdopen(fd, "wb"), self.max_payload)
         up.sink = (rel, tmp, sink)
         return sink
 
@@ -125,7 +129,7 @@ class Deployer:
         rel, tmp, sink = up.sink
         up.sink = None
         sink.f.close()
-        want = up.manifest["files"][rel]
+        want = up.manifest.files[rel]
         if sink.sha256.hexdigest() != want:
             tmp.unlink(missing_ok=True)
             self._refuse(conn, up.device, f"bundle file {rel!r}: sha256 {sink.sha256.hexdigest()[:16]}… does not "
@@ -143,9 +147,9 @@ class Deployer:
                 raise EdgepartError("commit without a deploy in progress (an earlier step was refused)")
             if up.need:
                 raise EdgepartError(f"commit before all files arrived; missing {sorted(up.need)}")
-            prog = DeviceProgram.from_bundle(up.dir, up.device)
+            prog = DeviceProgram.from_bundle(up.dir, up.device, up.manifest)
             self._activate(prog, up.bundle_id, up.peers)
-            log.info("deployed bundle %s as device %r (%s)", up.bundle_id[:12], up.device, up.manifest.get("model"))
+            log.info("deployed bundle %s as device %r (%s)", up.bundle_id[:12], up.device, up.manifest.model)
             conn.out.put({"kind": "deploy_ok", "device": up.device})
         except Exception as e:  # noqa: BLE001 — any load failure is reported to the deployer
             self._refuse(conn, up and up.device, f"worker {self.address()}: {type(e).__name__}: {e}")
@@ -167,36 +171,27 @@ class Deployer:
         device = prog.device
         recv_specs = {}
         for act in prog.actions:
-            if act["op"] == "recv":
-                a, b = act["rows"]
-                dt, shape = prog.piece_spec(act["tensor"], a, b)
-                recv_specs[(act["from"], act["tensor"], a, b)] = (dtype_name(dt), tuple(shape))
-        partners = {act.get("from") or act.get("to") for act in prog.actions if act["op"] in ("recv", "send")}
+            if isinstance(act, Recv):
+                dt, shape = prog.piece_spec(act.tensor, act.a, act.b)
+                recv_specs[act.key] = (dtype_name(dt), tuple(shape))
+        partners = prog.spec.partners
         begin = []
-        if device == manifest["source_device"]:
-            for d, spec in manifest["devices"].items():
-                if d != device and spec["actions"] and spec["actions"][0]["op"] != "recv":
+        if device == manifest.source_device:
+            for d, spec in manifest.devices.items():
+                if d != device and spec.actions and not isinstance(spec.actions[0], Recv):
                     begin.append(d)
         hello = {"role": "peer", "name": device, "bundle": bid}
         links = {}
         for d, addr in peers.items():
-            if d == device or d not in manifest["devices"]:
+            if d == device or d not in manifest.devices:
                 continue
             shaper = self.link_shaper(d, True) if self.link_shaper is not None else None
             links[d] = PeerLink(d, addr, self.key, hello, shaper, self.executor.fail, self.executor.peer_down,
                                 on_sent=self._count_sent)
         self.executor.activate(Deployment(
             program=prog, bundle_id=bid, peers=dict(peers), links=links, recv_specs=recv_specs,
-            input_specs=[(s["dtype"], tuple(s["shape"])) for s in manifest["inputs"]],
-            partners=partners | ({manifest["source_device"]} - {device}) | set(begin), begin_targets=begin))
+            input_specs=[(s.dtype, s.shape) for s in manifest.inputs],
+            partners=partners | ({manifest.source_device} - {device}) | set(begin), begin_targets=begin))
 
     def _count_sent(self, n: int) -> None:
         self.executor.stats["bytes_sent"] += n
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -27,8 +27,11 @@ from typing import Any, Protocol
 import torch
 
 from edgepart.errors import EdgepartError, ErrorCode
+from edgepart.ir import output as output_tree
+from edgepart.ir.manifest import Manifest, Recv, Run, Send, TakeInput
+from edgepart.runtime.interpreter import StageError, advance
 from edgepart.runtime.program import DeviceProgram
-from edgepart.runtime.protocol import Failure, Frame, ProtocolError, iter_leaves
+from edgepart.runtime.protocol import Failure, Frame, ProtocolError
 from edgepart.runtime.server import Conn, Server
 from edgepart.runtime.transport import PeerLink, Writer
 
@@ -66,16 +69,12 @@ class Deployment:
         return self.program.device
 
     @property
-    def manifest(self) -> dict:
+    def manifest(self) -> Manifest:
         return self.program.manifest
 
     @property
     def source(self) -> str:
-        return self.program.manifest["source_device"]
-
-
-class StageFailed(EdgepartError):
-    """A compute stage raised (the request fails with code ``stage_failed``)."""
+        return self.program.manifest.source_device
 
 
 class Req:
@@ -208,7 +207,7 @@ class Executor:
             self.finished.pop(rid, None)
             req = self._get_req(rid)
             req.client = conn.out
-            req.inputs = {s["name"]: x for s, x in zip(self.active.manifest["inputs"], frame.parts)}
+            req.inputs = {s.name: x for s, x in zip(self.active.manifest.inputs, frame.parts)}
             if req.waiting == ("input",):
                 req.waiting = None
                 self._schedule(req)
@@ -326,7 +325,9 @@ class Executor:
         device = self.device
         try:
             self._advance(req)
-        except StageFailed as e:
+        except _Cancelled:
+            pass
+        except StageError as e:
             log.exception("request %s failed", req.id)
             self.fail(req, Failure(ErrorCode.STAGE_FAILED, device, f"device {device!r}: {e}"))
         except Exception as e:  # noqa: BLE001 — a failing request must not stop the worker
@@ -338,71 +339,31 @@ class Executor:
                 if self.runq:
                     self.runq_cv.notify()
 
-    # --- the action interpreter: one request's actions, from req.pc until it must wait or is done ---
+    # --- one request's actions, from req.pc until it must wait or is done (runtime.interpreter) ---
     def _advance(self, req: Req) -> None:
-        prog = req.program
-        acts = prog.actions
-        store = req.store
-        while not req.cancelled:
-            if req.pc >= len(acts):
-                self._finish(req)
-                return
-            act = acts[req.pc]
-            op = act["op"]
-            if op == "input":
-                with self.lock:
-                    if req.inputs is None:
-                        req.waiting = ("input",)
-                        return
-                t = act["tensor"]
-                store.put(t, 0, prog.manifest["tensors"][t]["rows"], req.inputs[t])
-            elif op == "recv":
-                a, b = act["rows"]
-                key = (act["from"], act["tensor"], a, b)
-                with self.lock:
-                    v = req.mailbox.pop(key, None)
-                    if v is None:
-                        req.waiting = key
-                        return
-                store.put(act["tensor"], a, b, v)
-            elif op == "run":
-                t0 = time.perf_counter()
-                c0 = time.thread_time()
-                f0, s0 = _thread_usage()
-                try:
-                    prog.run_stage(act["stage"], store)
-                except Exception as e:  # noqa: BLE001
-                    raise StageFailed(f"stage {act['stage']}: {type(e).__name__}: {e}") from e
-                f1, s1 = _thread_usage()
-                cpu, faults = time.thread_time() - c0, f1 - f0
-                dt = self.stage_clock.stretch(t0, c0) if self.stage_clock else time.perf_counter() - t0
-                req.compute_s += dt
-                self.stats["compute_us"] += int(dt * 1e6)
-                # per stage, so a testbed can compare each stage with its prediction
-                self.stats[f"stage_us:{act['stage']}"] += int(dt * 1e6)
-                self.stats[f"stage_cpu_us:{act['stage']}"] += int(cpu * 1e6)
-                self.stats[f"stage_faults:{act['stage']}"] += faults
-                # preempted mid-stage (by another worker or this one's socket threads on a shared CPU)
-                self.stats[f"stage_preempted:{act['stage']}"] += s1 - s0
-            elif op == "send":
-                a, b = act["rows"]
-                piece = store.get(act["tensor"], a, b)
-                piece = piece.contiguous() if isinstance(piece, torch.Tensor) else torch.as_tensor(piece)
-                link = self.active.links.get(act["to"])
-                if link is None:
-                    raise EdgepartError(f"no link to device {act['to']!r}")
-                link.put({"kind": "piece", "req": req.id, "tensor": act["tensor"], "rows": [a, b],
-                          "from": prog.device}, [piece], req)
-            elif op == "output":
-                out = prog.make_output(store)
-                values, parts = _flatten_output(out, prog.manifest["output"])
-                if req.client is not None:
-                    req.client.put({"kind": "result", "req": req.id, "values": values,
-                                    "compute_ms": round(req.compute_s * 1e3, 3)}, parts)
-            else:
-                raise EdgepartError(f"unknown action {op!r}")
-            req.pc += 1
-            req.touched = time.monotonic()
+        if req.cancelled:
+            return
+        req.pc, waiting = advance(req.program, req.store, req.pc, _RequestHost(self, req))
+        req.touched = time.monotonic()
+        if waiting is None:
+            self._finish(req)
+
+    def _timed_stage(self, req: Req, act: Run, run) -> None:
+        t0 = time.perf_counter()
+        c0 = time.thread_time()
+        f0, s0 = _thread_usage()
+        run()
+        f1, s1 = _thread_usage()
+        cpu, faults = time.thread_time() - c0, f1 - f0
+        dt = self.stage_clock.stretch(t0, c0) if self.stage_clock else time.perf_counter() - t0
+        req.compute_s += dt
+        self.stats["compute_us"] += int(dt * 1e6)
+        # per stage, so a testbed can compare each stage with its prediction
+        self.stats[f"stage_us:{act.stage}"] += int(dt * 1e6)
+        self.stats[f"stage_cpu_us:{act.stage}"] += int(cpu * 1e6)
+        self.stats[f"stage_faults:{act.stage}"] += faults
+        # preempted mid-stage (by another worker or this one's socket threads on a shared CPU)
+        self.stats[f"stage_preempted:{act.stage}"] += s1 - s0
 
     # --- ending requests ----------------------------------------------------------------------
     def _finish(self, req: Req) -> None:
@@ -461,26 +422,55 @@ class Executor:
                                      f"waiting for {r.waiting}"))
 
 
-def _flatten_output(out, spec: dict) -> tuple[list, list]:
-    """Leaves of the output in the manifest's order: tensors go as parts, anything else as a JSON value."""
-    values, parts = [], []
+class _Cancelled(Exception):
+    """The request was cancelled while it ran: stop advancing it."""
 
-    def walk(o, s):
-        if "tensor" in s:
-            if isinstance(o, torch.Tensor):
+
+class _RequestHost:
+    """What :func:`runtime.interpreter.advance` needs for one request on this worker: inputs from the
+    client's frame, pieces from the request's mailbox, stages timed (and dilated), pieces to peers."""
+
+    def __init__(self, executor: "Executor", req: Req):
+        self.ex = executor
+        self.req = req
+
+    def take_input(self, act: TakeInput):
+        with self.ex.lock:
+            if self.req.inputs is None:
+                self.req.waiting = ("input",)
+                return None
+        return self.req.inputs[act.tensor]
+
+    def take_piece(self, act: Recv):
+        with self.ex.lock:
+            v = self.req.mailbox.pop(act.key, None)
+            if v is None:
+                self.req.waiting = act.key
+        return v
+
+    def run_stage(self, act: Run, run) -> None:
+        if self.req.cancelled:
+            raise _Cancelled
+        self.ex._timed_stage(self.req, act, run)
+
+    def send_piece(self, act: Send, piece) -> None:
+        link = self.ex.active.links.get(act.dst)
+        if link is None:
+            raise EdgepartError(f"no link to device {act.dst!r}")
+        link.put({"kind": "piece", "req": self.req.id, "tensor": act.tensor, "rows": [act.a, act.b],
+                  "from": self.req.program.device}, [piece], self.req)
+
+    def emit_output(self, value) -> None:
+        values, parts = [], []
+        for leaf in output_tree.flatten(value, self.req.program.manifest.output):
+            if isinstance(leaf, torch.Tensor):      # tensors go as parts, anything else as a JSON value
                 values.append(None)
-                parts.append(o.contiguous())
+                parts.append(leaf.contiguous())
             else:
-                values.append(o if isinstance(o, (int, float, bool, str)) or o is None else str(o))
-        elif "tuple" in s or "list" in s:
-            for x, ss in zip(o, s.get("tuple", s.get("list"))):
-                walk(x, ss)
-        elif "dict" in s:
-            for k, ss in s["dict"].items():
-                walk(o[k], ss)
-    walk(out, spec)
-    assert len(values) == len(list(iter_leaves(spec)))
-    return values, parts
+                values.append(leaf if isinstance(leaf, (int, float, bool, str)) or leaf is None else str(leaf))
+        if self.req.client is not None:
+            self.req.client.put({"kind": "result", "req": self.req.id, "values": values,
+                                 "compute_ms": round(self.req.compute_s * 1e3, 3)}, parts)
 
 
 _RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", None)     # Linux only

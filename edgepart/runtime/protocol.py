@@ -39,13 +39,14 @@ import socket
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from edgepart.errors import EdgepartError, ErrorCode
+from edgepart.ir.dtypes import DTYPE_NAMES, DTYPES
 
 MAGIC = b"EPRT"
 VERSION = 2
@@ -64,13 +65,7 @@ _NONCE_P = b"p\x00\x00\x00"
 MAX_CHUNKS = 1 << 24
 _EMPTY = b""
 
-# dtype names allowed on the wire (an allow-list: anything else is refused)
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
-    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# dtype names allowed on the wire: the IR's one table (an allow-list: anything else is refused)
 MAX_DIMS = 8
 # how a received part is allocated: a numpy array (cheaper to create than a torch tensor) that the tensor
 # shares; bfloat16, which numpy lacks, is allocated as uint16 and viewed
@@ -753,15 +748,3 @@ def as_key(key) -> bytes:
 
 def tensor_spec(t: torch.Tensor) -> tuple[str, tuple[int, ...]]:
     return dtype_name(t.dtype), tuple(t.shape)
-
-
-def iter_leaves(spec: dict) -> Iterable[str]:
-    """Tensor names in a manifest output structure, depth first."""
-    if "tensor" in spec:
-        yield spec["tensor"]
-    elif "tuple" in spec or "list" in spec:
-        for s in spec.get("tuple", spec.get("list")):
-            yield from iter_leaves(s)
-    elif "dict" in spec:
-        for s in spec["dict"].values():
-            yield from iter_leaves(s)

@@ -61,6 +61,9 @@ import shutil
 import subprocess
 import warnings
 
+from edgepart.cluster import Cluster
+from edgepart.ir.manifest import Manifest
+
 log = logging.getLogger("edgepart.emulate")
 CGROOT = "/sys/fs/cgroup/cpu"
 PERIOD_US = 10_000        # cfs period of a quota (cpu="quota")
@@ -92,23 +95,19 @@ def netns_available() -> tuple[bool, str]:
 
 
 class Emulator:
-    def __init__(self, manifest: dict, time_scale: float | None = None, mode: str | None = None,
+    def __init__(self, manifest: Manifest, time_scale: float | None = None, mode: str | None = None,
                  cpus: int | None = None, period_us: int | None = None, cpuset: list[int] | None = None,
                  host_speed: float | None = None, defer_limits: bool = False, cpu: str = "quota",
                  net_cpus: list[int] | str | None = "auto"):
-        cl = manifest["cluster"]
-        self.devices = [d["name"] for d in cl["devices"] if d["name"] in manifest["devices"]]
-        self.speed = {d["name"]: float(d.get("speed", 1.0)) for d in cl["devices"]}
-        links = cl.get("links", {}) or {}
-        default = {"bandwidth_mbps": 100.0, "latency_ms": 1.0, **(links.get("default") or {})}
+        cluster = Cluster.from_dict(manifest.cluster)
+        self.devices = [d for d in cluster.names if d in manifest.devices]
+        self.speed = {d.name: float(d.speed) for d in cluster.devices}
         self.link = {}
         for i, a in enumerate(self.devices):
             for b in self.devices[i + 1:]:
-                self.link[frozenset((a, b))] = dict(default)
-        for o in links.get("overrides", []) or []:
-            k = frozenset((o["a"], o["b"]))
-            if k in self.link:
-                self.link[k].update({x: float(o[x]) for x in ("bandwidth_mbps", "latency_ms") if x in o})
+                link = cluster.link(a, b)
+                self.link[frozenset((a, b))] = {"bandwidth_mbps": float(link["bandwidth_mbps"]),
+                                                "latency_ms": float(link["latency_ms"])}
         ok, why = netns_available() if mode in (None, "netns") else (False, "in-process emulation requested")
         if mode == "netns" and not ok:
             raise RuntimeError(f"netns emulation unavailable: {why}")

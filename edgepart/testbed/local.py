@@ -8,7 +8,7 @@
 Every worker runs in its own process group and watches this process, so nothing
 outlives the cluster: ``close()`` (also called on error, at exit, and by ``with``)
 terminates the groups, and a worker whose parent vanished exits by itself.
-``emulate=True`` shapes CPU and links from the manifest's cluster (see emulator.py; ``time_scale``,
+``emulate=True`` shapes CPU and links from the manifest's cluster (see testbed/emulator.py; ``time_scale``,
 ``cpu`` ("quota" or "dilate"), ``cpu_period_us``, ``cpuset`` and ``host_speed`` are the Emulator's knobs).
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pathlib import Path
 
 from edgepart.errors import EdgepartError
 from edgepart.runtime.client import Session, bundle_dir_of
+from edgepart.runtime.program import read_manifest
 from edgepart.runtime.protocol import as_key
 from edgepart.testbed.emulator import Emulator
 
@@ -49,10 +50,9 @@ class LocalCluster:
                  time_scale: float | None = None, cpu_period_us: int | None = None,
                  cpuset: list[int] | None = None, host_speed: float | None = None, cpu: str = "quota",
                  **session_kw):
-        from edgepart.compiler.bundle import read_manifest
         self.dir, self._tmp_bundle = bundle_dir_of(bundle_or_dir)
         self.manifest = read_manifest(self.dir)
-        self.devices = list(self.manifest["devices"])
+        self.devices = list(self.manifest.devices)
         self.key = as_key(key) if key is not None else os.urandom(32)
         self.threads = threads
         self.startup_timeout = startup_timeout
