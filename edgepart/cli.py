@@ -17,9 +17,14 @@ from pathlib import Path
 
 import torch
 
+from edgepart import models
+from edgepart.cluster import Cluster
+from edgepart.compiler.bundle import compile as compile_model
+from edgepart.compiler.bundle import load_bundle
 from edgepart.compiler.explain import explain, gantt
 from edgepart.compiler.inspect import plan_table
 from edgepart.errors import EdgepartError
+from edgepart.runtime.program import read_manifest
 
 
 def load_model(spec: str, input_size: int | None = None, input_shape: str | None = None):
@@ -44,7 +49,6 @@ def load_model(spec: str, input_size: int | None = None, input_shape: str | None
         if not isinstance(inputs, (tuple, list)):
             inputs = (inputs,)
         return model.eval(), tuple(inputs), Path(path).stem
-    from edgepart import models
     try:
         model, inputs = models.get(spec, input_size=input_size)
     except KeyError as e:
@@ -53,16 +57,15 @@ def load_model(spec: str, input_size: int | None = None, input_shape: str | None
 
 
 def cmd_compile(args) -> int:
-    import edgepart
     model, inputs, name = load_model(args.model, args.input_size, args.input_shape)
-    cluster = edgepart.Cluster.from_file(args.cluster) if args.cluster else edgepart.Cluster.homogeneous(args.devices)
-    bundle = edgepart.compile(model, inputs, cluster, strategy=args.strategy, name=name)
+    cluster = Cluster.from_file(args.cluster) if args.cluster else Cluster.homogeneous(args.devices)
+    bundle = compile_model(model, inputs, cluster, strategy=args.strategy, name=name)
     out = bundle.save(args.out)
     print(plan_table(bundle.manifest))
     if args.check:
         with torch.no_grad():
             ref = model(*inputs)
-        y = edgepart.load_bundle(out).run_local(*inputs)
+        y = load_bundle(out).run_local(*inputs)
         err = float((y - ref).abs().max()) if isinstance(ref, torch.Tensor) else 0.0
         print(f"check: run_local vs model: max abs error {err:.3g}")
     if args.explain:
@@ -75,14 +78,12 @@ def cmd_compile(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from edgepart.runtime.program import read_manifest
     manifest = read_manifest(args.dir)
     print(plan_table(manifest))
     return 0
 
 
 def cmd_models(args) -> int:
-    from edgepart import models
     for n in models.names():
         print(f"{n:14s} default input {models.default_input_size(n)}")
     return 0
