@@ -9,7 +9,7 @@ of the input of every row-padded convolution or pooling), the kernel, and a put 
 zoo model this times, in one process pinned to one CPU with one torch thread, interleaved, the
 eager forward and the whole model as one stage of a single-device bundle (thread CPU time,
 median of repeats, median over rounds), converts the difference to the profiled machine's time
-with the host speed (``emulate.HostSpeedProbe``, measured each round), and fits
+with the host speed (``HostSpeedProbe``, measured each round), and fits
 ``overhead = a × nodes + b × bytes of row-padded inputs`` (non-negative least squares). The
 cost model uses the result (``cost.RUNTIME_NODE_S``, ``cost.RUNTIME_PAD_BYTE_S``).
 
@@ -40,7 +40,7 @@ from edgepart.compiler.planning.plan import compute_nodes  # noqa: E402
 from edgepart.compiler.planning.registry import STRATEGIES  # noqa: E402
 from edgepart.compiler.trace import trace  # noqa: E402
 from edgepart.passes import analyse  # noqa: E402
-from edgepart.compiler.cost.calibration import HostSpeedProbe  # noqa: E402
+from edgepart.compiler.cost.calibration.host_speed import HostSpeedProbe  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 PROFILE = ROOT / "profiles" / "host.json"
@@ -68,8 +68,8 @@ def main(argv=None):
         padded = sum(padded_input_bytes(node_info(n), None) for n in nodes)
         b = compile_plan(gm, STRATEGIES["single"](gm, cl), cl, name)
         prog = b.programs()["h"]
-        stage = next(iter(prog.rows_by_stage))
-        inp = b.manifest["inputs"][0]["name"]
+        stage = next(iter(prog.spec.rows))
+        inp = b.manifest.inputs[0].name
 
         def program():
             s = prog.new_store()

@@ -10,7 +10,7 @@ devices, one stage per layer), runs every device's program in one process (``Bun
 one torch thread, pinned to one CPU) and times each (device, stage) run by thread CPU time, in
 two interleaved modes: back to back (warm), and after a ``--wait`` ms sleep before each stage
 (as after a wait for pieces). The difference per run, converted to the profiled machine's time
-with the host speed (``emulate.HostSpeedProbe``), is the stage-start cost; its median over all
+with the host speed (``HostSpeedProbe``), is the stage-start cost; its median over all
 runs is what the cost model charges per (device, stage) (``cost.RUNTIME_STAGE_S``).
 
 With root (``--workers``, the default when network namespaces are available) the same bundle
@@ -46,7 +46,7 @@ from edgepart.compiler.cost.model import RUNTIME_STAGE_S  # noqa: E402
 from edgepart.compiler.planning.registry import STRATEGIES  # noqa: E402
 from edgepart.compiler.trace import trace  # noqa: E402
 from edgepart.passes import analyse  # noqa: E402
-from edgepart.compiler.cost.calibration import HostSpeedProbe  # noqa: E402
+from edgepart.compiler.cost.calibration.host_speed import HostSpeedProbe  # noqa: E402
 from edgepart.runtime.program import DeviceProgram  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

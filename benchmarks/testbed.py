@@ -13,7 +13,8 @@ then the bundle runs on ``LocalCluster(emulate=True)``: every worker in a cgroup
 quota of its speed, all pinned to one CPU (``--cpuset``; workers never run at the same time
 as each other, as devices of a real cluster would not share a core), links shaped with tbf.
 Before each run the host's current speed relative to the profile is measured
-(``emulate.measure_host_speed``: a sample of the profile's recorded layers re-timed) and the
+(``HostSpeedProbe``: whole forward passes of reference networks, or ``--probe layers``: a sample
+of the profile's recorded layers re-timed) and the
 quotas are scaled by it, so an emulated device really has the speed the cluster declares
 even when other programs slow this machine's cores down. Measured = median over
 ``--rounds`` × ``--requests`` sequential requests after warm-up, × time_scale (the emulated
@@ -33,7 +34,6 @@ import sys
 import tempfile
 import time
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -45,9 +45,10 @@ from edgepart import models  # noqa: E402
 from edgepart.cluster import Cluster  # noqa: E402
 from edgepart.compiler.planning import baselines  # noqa: E402,F401
 from edgepart.compiler.bundle import compile_plan  # noqa: E402
-from edgepart.compiler.cost.model import CostModel, node_info  # noqa: E402
+from edgepart.compiler.cost.calibration import Calibration, calibrate  # noqa: E402
+from edgepart.compiler.cost.calibration.host_speed import HostSpeedProbe  # noqa: E402
+from edgepart.compiler.cost.model import CostModel  # noqa: E402
 from edgepart.compiler.planning.ofpm import solve_ofpm  # noqa: E402
-from edgepart.compiler.planning.plan import compute_nodes  # noqa: E402
 from edgepart.compiler.planning.registry import STRATEGIES  # noqa: E402
 from edgepart.compiler.cost.simulator import simulate  # noqa: E402
 from edgepart.compiler.trace import trace  # noqa: E402
@@ -64,19 +65,18 @@ BANDS = [100, 1000]
 TOLERANCE = 0.15
 
 
-def make_cluster(mbps: float, profile: Path = PROFILE, memory_speed: float = 1.0,
-                 calibration: dict | None = None, stage_start_s: float | None = None,
-                 node_calibration: dict | None = None) -> Cluster:
-    """The testbed's cluster; ``stage_start_s``: seconds of the profiled machine a stage start costs
-    (each device's ``stage_start_ms`` is it ÷ speed; None: the cost model's constant); ``node_calibration``:
-    the model's layers measured whole and sliced (``emulate.measure_node_calibration``; every device is this host)."""
+def make_cluster(mbps: float, profile: Path = PROFILE, calibration: Calibration | None = None,
+                 stage_start_s: float | None = None) -> Cluster:
+    """The testbed's cluster; ``calibration``: the online calibration of the model on this host
+    (``edgepart.compiler.cost.calibration.calibrate``; every device is this host), None: the profile as
+    it is; ``stage_start_s``: seconds of the profiled machine a stage start costs (each device's
+    ``stage_start_ms`` is it ÷ speed; None: the cost model's constant)."""
     extra = lambda s: {} if stage_start_s is None else {"stage_start_ms": stage_start_s * 1e3 / s}  # noqa: E731
-    return Cluster.from_dict({
+    description = {
         "source": "phone",
-        "devices": [{"name": n, "speed": s, "profile": str(profile), "memory_speed": memory_speed,
-                     "calibration": calibration or {}, "node_calibration": node_calibration or {}, **extra(s)}
-                    for n, s in DEVICES],
-        "links": {"default": {"bandwidth_mbps": mbps, "latency_ms": 0.5}}})
+        "devices": [{"name": n, "speed": s, "profile": str(profile), **extra(s)} for n, s in DEVICES],
+        "links": {"default": {"bandwidth_mbps": mbps, "latency_ms": 0.5}}}
+    return Cluster.from_dict(description if calibration is None else calibration.apply(description))
 
 
 def workers_stage_start() -> float | None:
@@ -96,7 +96,7 @@ def max_rel_error(y, ref) -> float:
     return float((y - ref).abs().max()) / max(float(ref.abs().max()), 1e-12)
 
 
-def calibrate(emu: dict, budget_s: float) -> float:
+def host_speed_now(emu: dict, budget_s: float) -> float:
     return emu["probe"].measure(budget_s)["host_speed"]
 
 
@@ -109,7 +109,7 @@ def measure(bundle_dir: Path, inputs, refs, warmup: int, emu: dict) -> dict:
     machine's speed between and during runs does not bias one strategy against another."""
     from edgepart.testbed.local import LocalCluster
     auto = emu.get("host_speed") == "auto"
-    hs0 = calibrate(emu, 2.0) if auto else float(emu.get("host_speed") or 1.0)
+    hs0 = host_speed_now(emu, 2.0) if auto else float(emu.get("host_speed") or 1.0)
     ncpu = len(emu["cpuset"]) if emu.get("cpuset") else (os.cpu_count() or 1)
     speeds = [s for _, s in DEVICES]
     ts = emu.get("time_scale") or min(1.0, 0.8 * hs0 / max(speeds), 0.9 * ncpu * 0.8 * hs0 / sum(speeds))
@@ -214,31 +214,18 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
         with torch.no_grad():
             refs = [model(x) for x in inputs]
         for mbps in bands:
-            # online calibration (DCFP): memory bandwidth relative to the profile, ÷ the CPU speed the
-            # emulator normalises away; measured now, planned and predicted with
-            # and each op type's speed relative to the CPU's (measure_family_speeds)
-            memory_speed, calibration, model_speed = 1.0, {}, None
+            # online calibration (DCFP), measured now, planned and predicted with: memory bandwidth and each
+            # op type's speed relative to the CPU speed the emulator normalises away, on the model's own
+            # layers and the model whole as a device runs it (its device program in a worker, stopped
+            # before the testbed's workers start), then each layer whole and sliced
+            cal = None
             if emu.get("probe") is not None and not emu.get("no_memory"):
-                gm0 = analyse(trace(model, (x0,)))      # calibrated on the model's own layers, and on it whole
-                # the model timed whole as a device runs it: its device program in a worker (emulate.ProgramTimer),
-                # stopped before the testbed's workers start
-                from edgepart.compiler.cost.calibration import ProgramTimer
-                with (nullcontext() if emu.get("no_model_speed")
-                      else ProgramTimer(model, (x0,), cpuset=emu.get("cpuset"))) as timer:
-                    cal = emu["probe"].calibrate(2.0, nodes=[node_info(n) for n in compute_nodes(gm0)], forward=timer)
-                memory_speed, calibration, model_speed = cal["memory_speed"], cal["calibration"], cal["model_speed"]
-            node_calibration = {}
-            if emu.get("probe") is not None and not emu.get("no_memory") and not emu.get("no_node_calibration"):
-                # right after the op types, in the same state of the host: each layer whole and sliced
-                from edgepart.compiler.cost.calibration import measure_node_calibration
-                t = time.perf_counter()
-                node_calibration = measure_node_calibration(emu["probe"].profile,
-                                                            [node_info(n) for n in compute_nodes(gm0)],
-                                                            cpuset=emu.get("cpuset"))
-                log(f"{name} {mbps:g} Mb/s: {len(node_calibration)} layers calibrated in "
-                    f"{time.perf_counter() - t:.1f} s", flush=True)
-            cl = make_cluster(mbps, memory_speed=memory_speed, calibration=calibration,
-                              stage_start_s=emu.get("stage_start_s"), node_calibration=node_calibration)
+                cal = calibrate(model, (x0,), emu["probe"], time_model=not emu.get("no_model_speed"),
+                                time_layers=not emu.get("no_node_calibration"))
+                if "layers" in cal.measured:
+                    log(f"{name} {mbps:g} Mb/s: {len(cal.node_calibration)} layers calibrated in "
+                        f"{cal.layer_seconds:.1f} s", flush=True)
+            cl = make_cluster(mbps, calibration=cal, stage_start_s=emu.get("stage_start_s"))
             gm = trace(model, (x0,))
             analyse(gm, cl)
             cost = CostModel(cl)
@@ -260,8 +247,9 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
                                                  for o in ("ofpm", "single"))]
             chosen = ["ofpm", "single"] + distinct[:n_baselines]
             cell = {"model": name, "input": size, "mbps": mbps, "ofpm_source": res.source, "solve_s": solve_s,
-                    "memory_speed": memory_speed, "calibration": calibration, "model_speed": model_speed,
-                    "node_calibration": node_calibration,
+                    "memory_speed": cal.memory_speed if cal else 1.0, "calibration": cal.calibration if cal else {},
+                    "model_speed": cal.model_speed if cal else None,
+                    "node_calibration": cal.node_calibration if cal else {},
                     "predicted_all": {s: p.latency for s, p in pred.items()}, "runs": {}}
             cell["same_plan_as_single"] = plans["ofpm"].to_dict()["stages"] == plans["single"].to_dict()["stages"]
             with tempfile.TemporaryDirectory(prefix="edgepart-testbed-") as tmp:
@@ -309,11 +297,11 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
 
 # how a run timed the model whole (its json's emulation "model_speed_of"), for the markdown
 MODEL_SPEED_OF = {
-    None: "(its calibrated prediction ÷ its forward pass, `emulate.model_speed`) — ",
+    None: "(its calibrated prediction ÷ its forward pass, `whole_model.model_speed`) — ",
     "program": "(its calibrated prediction, with the cost model's charge for the device program, ÷ its device "
-               "program run whole in the planning process, `emulate.model_speed(program=True)`) — ",
+               "program run whole in the planning process, `whole_model.model_speed(program=True)`) — ",
     "program in a worker": "(its calibrated prediction, with the cost model's charge for the device program, ÷ its "
-                           "device program run whole in a worker, `emulate.ProgramTimer`) — ",
+                           "device program run whole in a worker, `program.ProgramTimer`) — ",
 }
 
 
@@ -345,7 +333,7 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
              "Online calibration before planning each cell (DCFP's online step; the cluster's `memory_speed` and "
              "`calibration`; medians of 3 rounds): memory speed = the profile's largest linear layer re-timed ÷ host_speed; "
              "per op type Σ predicted ÷ Σ measured over the model's own layers timed whole, ÷ host_speed "
-             "(`emulate.measure_family_speeds(nodes=...)`), then all of them × the model's speed timed whole "
+             "(`op_types.measure_family_speeds(nodes=...)`), then all of them × the model's speed timed whole "
              + MODEL_SPEED_OF.get(emu.get("model_speed_of"), MODEL_SPEED_OF[None])
              + "memory speed / model speed / conv / dwconv / bn / act:relu per cell: "
              + "; ".join(f"{c['model']}@{c['mbps']:g} {c.get('memory_speed', 1.0):.2f} / "
@@ -355,7 +343,7 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
              + (f"Stage start: {emu['stage_start_s'] * 1e6:.0f} µs of the profiled machine ÷ speed per (device, stage) "
                 "(each device's `stage_start_ms`), as `stage_start.py` measured it inside the emulated workers. "
                 if emu.get("stage_start_s") is not None else "Stage start: the cost model's constant. ")
-             + ("Per layer (each device's `node_calibration`, `emulate.measure_node_calibration`, measured per cell "
+             + ("Per layer (each device's `node_calibration`, `layers.measure_node_calibration`, measured per cell "
                 "right after the op types): every layer of the model but linear ones timed whole and at up to 10 slice "
                 "sizes, its time ÷ the profile's prediction relative to its op type's (so a layer and a slice of it "
                 "cost what they measured, the op type keeping its level) — layers / range of the whole-layer factors "
@@ -487,13 +475,13 @@ def main(argv=None):
     ap.add_argument("--period-us", type=int, default=None, help="cgroup cfs period (default: the emulator's)")
     ap.add_argument("--host-speed", default="auto", help="'auto' (measure before each run) or a number")
     ap.add_argument("--probe", default="networks", choices=["networks", "layers"],
-                    help="host-speed probe (emulate.HostSpeedProbe)")
+                    help="host-speed probe (HostSpeedProbe)")
     ap.add_argument("--time-scale", type=float, default=None)
     ap.add_argument("--no-model-speed", action="store_true",
                     help="calibrate op types on the model's layers only, without timing the model whole")
     ap.add_argument("--no-node-calibration", action="store_true",
                     help="calibrate per op type only (no online timing of each of the model's layers whole and "
-                         "at slice sizes, emulate.measure_node_calibration)")
+                         "at slice sizes, measure_node_calibration)")
     ap.add_argument("--no-memory", action="store_true",
                     help="plan and predict with the profile as it is (no online memory speed / op-type calibration)")
     ap.add_argument("--stage-start", default="workers", choices=["workers", "constant"],
@@ -522,7 +510,6 @@ def main(argv=None):
            "stage_start_s": workers_stage_start() if args.stage_start == "workers" else None,
            "model_speed_of": "program in a worker"}
     if emu["host_speed"] == "auto":
-        from edgepart.compiler.cost.calibration import HostSpeedProbe
         emu["probe"] = HostSpeedProbe(PROFILE, emu["cpuset"], kind=args.probe)
     t = time.perf_counter()
     cells = run(model_names, bands, args.requests, args.warmup, emu, args.time_limit, args.baselines,

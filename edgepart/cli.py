@@ -19,7 +19,14 @@ from pathlib import Path
 
 import torch
 
+from edgepart import models
+from edgepart.cluster import Cluster
+from edgepart.compiler.bundle import compile as compile_model
+from edgepart.compiler.bundle import load_bundle
+from edgepart.compiler.explain import explain, gantt
+from edgepart.compiler.inspect import plan_table
 from edgepart.errors import EdgepartError
+from edgepart.runtime.program import read_manifest
 
 
 def load_model(spec: str, input_size: int | None = None, input_shape: str | None = None):
@@ -44,7 +51,6 @@ def load_model(spec: str, input_size: int | None = None, input_shape: str | None
         if not isinstance(inputs, (tuple, list)):
             inputs = (inputs,)
         return model.eval(), tuple(inputs), Path(path).stem
-    from edgepart import models
     try:
         model, inputs = models.get(spec, input_size=input_size)
     except KeyError as e:
@@ -53,44 +59,33 @@ def load_model(spec: str, input_size: int | None = None, input_shape: str | None
 
 
 def cmd_compile(args) -> int:
-    import edgepart
-    from edgepart.compiler.inspect import plan_table
     model, inputs, name = load_model(args.model, args.input_size, args.input_shape)
-    cluster = edgepart.Cluster.from_file(args.cluster) if args.cluster else edgepart.Cluster.homogeneous(args.devices)
-    bundle = edgepart.compile(model, inputs, cluster, strategy=args.strategy, name=name)
+    cluster = Cluster.from_file(args.cluster) if args.cluster else Cluster.homogeneous(args.devices)
+    bundle = compile_model(model, inputs, cluster, strategy=args.strategy, name=name)
     out = bundle.save(args.out)
     print(plan_table(bundle.manifest))
     if args.check:
         with torch.no_grad():
             ref = model(*inputs)
-        y = edgepart.load_bundle(out).run_local(*inputs)
+        y = load_bundle(out).run_local(*inputs)
         err = float((y - ref).abs().max()) if isinstance(ref, torch.Tensor) else 0.0
         print(f"check: run_local vs model: max abs error {err:.3g}")
-    if getattr(args, "explain", False) or getattr(args, "gantt", None):
-        try:
-            from edgepart.compiler import explain as ex
-        except ImportError:
-            print("--explain/--gantt need edgepart.compiler.explain (not available in this build)")
-        else:
-            if args.explain:
-                print(ex.explain(bundle))
-            if args.gantt:
-                ex.gantt(bundle, None, args.gantt)
-                print(f"schedule drawn to {args.gantt}")
+    if args.explain:
+        print(explain(bundle))
+    if args.gantt:
+        gantt(bundle, None, args.gantt)
+        print(f"schedule drawn to {args.gantt}")
     print(f"bundle written to {out}")
     return 0
 
 
 def cmd_inspect(args) -> int:
-    from edgepart.compiler.inspect import plan_table
-    from edgepart.runtime.program import read_manifest
     manifest = read_manifest(args.dir)
     print(plan_table(manifest))
     return 0
 
 
 def cmd_models(args) -> int:
-    from edgepart import models
     for n in models.names():
         print(f"{n:14s} default input {models.default_input_size(n)}")
     return 0
@@ -151,8 +146,8 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
 # Commands with their own argument parsers: `edgepart worker --listen ...` hands everything
 # after the command name to the module, so its --help and options work unchanged.
 DELEGATED = {
-    "worker": ("edgepart.runtime.worker", "main", "run a worker on a device"),
-    "deploy": ("edgepart.runtime.deploy", "main", "deploy a bundle to running workers"),
+    "worker": ("edgepart.worker_main", "main", "run a worker on a device"),
+    "deploy": ("edgepart.runtime.deploy_client", "main", "deploy a bundle to running workers"),
     "run": ("edgepart.runtime.client", "run_main", "run an input through deployed workers"),
     "profile": ("edgepart.fcpm.profiler", "main", "profile this device (or a worker) for the FCPM"),
     "probe": ("edgepart.fcpm.probe", "main", "measure links between workers into a cluster file"),

@@ -28,10 +28,10 @@ class Device:
     address: str | None = None  # host:port of its worker, if known
     profile: str | None = None  # path of its FCPM profile JSON (edgepart profile), if any
     # how fast it streams weights from memory now ÷ when its profile was taken (measured online,
-    # e.g. emulate.HostSpeedProbe); the cost model divides memory-bound layers' time by it
+    # e.g. calibration.host_speed.HostSpeedProbe); the cost model divides memory-bound layers' time by it
     memory_speed: float = 1.0
     # per op type (FCPM family): how fast it runs now ÷ when profiled, beyond ``speed``
-    # (emulate.measure_family_speeds); a missing family is 1.0
+    # (calibration.op_types.measure_family_speeds); a missing family is 1.0
     calibration: tuple[tuple[str, float], ...] = ()
     # ms this device loses each time it starts a stage (cold caches after waiting for its pieces),
     # in its own time; None: the runtime's measured constant (cost.RUNTIME_STAGE_S) ÷ speed on a
@@ -39,7 +39,7 @@ class Device:
     stage_start_ms: float | None = None
     # per node of the model being planned: how it runs at r output rows now ÷ the profile's prediction,
     # relative to its op type's ``calibration`` ((rows, factor), ...), measured at a few row counts and
-    # the whole node (emulate.measure_node_calibration); a node without one keeps its op type's
+    # the whole node (calibration.layers.measure_node_calibration); a node without one keeps its op type's
     node_calibration: tuple[tuple[str, tuple[tuple[int, float], ...]], ...] = ()
 
 

@@ -9,7 +9,7 @@ its cores (``profiles/host.json``) and its speed is a fraction of that core, so 
 the planner optimises is the one the emulated testbed realises. The testbed (root) pins the
 workers to one CPU, stretches every compute stage to its device's speed (``cpu="dilate"``)
 and scales the shares by the host's speed measured just before each request
-(``emulate.HostSpeedProbe``), so other programs slowing this machine down do not change
+(``HostSpeedProbe``), so other programs slowing this machine down do not change
 the emulated devices' speeds.
 """
 from __future__ import annotations
@@ -26,7 +26,12 @@ import torch
 
 import edgepart
 from edgepart import models
+from edgepart.compiler.cost.calibration import Calibration, calibrate
+from edgepart.compiler.cost.calibration.host_speed import HostSpeedProbe
+from edgepart.compiler.cost.simulator import simulate_bundle
 from edgepart.compiler.inspect import plan_table
+from edgepart.testbed.emulator import netns_available
+from edgepart.testbed.local import LocalCluster
 
 DEMO_CLUSTER = {
     "source": "phone",
@@ -41,17 +46,13 @@ DEMO_CLUSTER = {
 HOST_PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "host.json"
 
 
-def demo_cluster(profile: Path | None, memory_speed: float = 1.0, calibration: dict | None = None,
-                 node_calibration: dict | None = None) -> dict:
-    """The demo cluster; with a profile, every device's speed is relative to the profiled core
-    (its memory streams at ``memory_speed`` × the profiled rate, each op type runs at its
-    ``calibration`` × the profiled speed, and each layer, whole or sliced, deviates from its op type
-    by its ``node_calibration``, all as measured just before)."""
+def demo_cluster(profile: Path | None, calibration: Calibration | None = None) -> dict:
+    """The demo cluster; with a profile, every device's speed is relative to the profiled core, and
+    with a calibration (measured just before) so are its memory speed, op types and layers."""
     if profile is None:
         return DEMO_CLUSTER
-    return {**DEMO_CLUSTER, "devices": [{**d, "profile": str(profile), "memory_speed": memory_speed,
-                                         "calibration": calibration or {}, "node_calibration": node_calibration or {}}
-                                        for d in DEMO_CLUSTER["devices"]]}
+    profiled = {**DEMO_CLUSTER, "devices": [{**d, "profile": str(profile)} for d in DEMO_CLUSTER["devices"]]}
+    return profiled if calibration is None else calibration.apply(profiled)
 
 
 def _max_rel_error(y, ref) -> float:
@@ -62,7 +63,6 @@ def _max_rel_error(y, ref) -> float:
 
 def _measure(bundle_dir: Path, inputs: list[torch.Tensor], refs: list, emulate: bool, label: str,
              probe=None, cpuset=None) -> dict:
-    from edgepart.testbed.local import LocalCluster
     latencies, worst, speeds, mems = [], 0.0, [], []
 
     def sample(budget_s: float) -> None:          # host speed, and memory speed relative to it
@@ -92,7 +92,7 @@ def _measure(bundle_dir: Path, inputs: list[torch.Tensor], refs: list, emulate: 
         scale, emulation = c.time_scale, c.emulation
     stats = {d: {k: v - s0.get(d, {}).get(k, 0) for k, v in st.items() if isinstance(v, (int, float))}
              for d, st in s1.items()}
-    # Emulation may dilate time uniformly to fit this machine (see runtime/emulate.py):
+    # Emulation may dilate time uniformly to fit this machine (see testbed/emulator.py):
     # measured × time_scale is the emulated devices' own time.
     return {"latencies": [t * scale for t in latencies], "worst": worst, "stats": stats,
             "scale": scale, "emulation": emulation, "host_speeds": speeds,
@@ -116,39 +116,24 @@ def main(argv: list[str] | None = None) -> int:
     model, (x0,) = models.get(args.model, input_size=size)
     profile = HOST_PROFILE if HOST_PROFILE.is_file() and not args.no_profile else None
     emulate = not args.no_emulate
-    probe, cpuset, memory_speed, calibration, model_speed, node_calibration = None, None, 1.0, {}, None, {}
-    if emulate and profile is not None:
-        from edgepart.compiler.cost.calibration import HostSpeedProbe
-        from edgepart.testbed.emulator import netns_available
-        if netns_available()[0]:
-            cpuset = [max(os.sched_getaffinity(0))] if len(os.sched_getaffinity(0)) > 1 else None
-            probe = HostSpeedProbe(profile, cpuset)
-            # Online step of DCFP: the emulator keeps each device's CPU speed as declared whatever
-            # the host's speed now, but memory bandwidth drifts on its own — measure it and plan with it.
-            # Op types drift apart too (memory-bound ones slow down most when others share the caches):
-            # time this model's own layers, so each op type is calibrated where the model spends its time,
-            # and the model whole as a device runs it (its device program, in a worker), which its layers
-            # timed one by one do not add up to.
-            from edgepart.compiler.cost.model import node_info
-            from edgepart.compiler.planning.plan import compute_nodes
-            from edgepart.compiler.trace import trace
-            from edgepart.passes import analyse
-            nodes = [node_info(n) for n in compute_nodes(analyse(trace(model, (x0,))))]
-            from edgepart.compiler.cost.calibration import ProgramTimer
-            with ProgramTimer(model, (x0,), cpuset=cpuset) as timer:
-                cal = probe.calibrate(2.0, nodes=nodes, forward=timer)
-            memory_speed, calibration, model_speed = cal["memory_speed"], cal["calibration"], cal["model_speed"]
-            # and each layer, whole and sliced, relative to its op type (layers of one type drift apart
-            # by size; thin slices of layers with large weights cost far more than their share of the rows)
-            from edgepart.compiler.cost.calibration import measure_node_calibration
-            node_calibration = measure_node_calibration(probe.profile, nodes, cpuset=cpuset)
-    cluster = edgepart.Cluster.from_dict(demo_cluster(profile, memory_speed, calibration, node_calibration))
+    probe, cpuset, calibration = None, None, None
+    if emulate and profile is not None and netns_available()[0]:
+        cpuset = [max(os.sched_getaffinity(0))] if len(os.sched_getaffinity(0)) > 1 else None
+        probe = HostSpeedProbe(profile, cpuset)
+        # Online step of DCFP: the emulator keeps each device's CPU speed as declared whatever the
+        # host's speed now, but memory bandwidth drifts on its own, op types drift apart (memory-bound
+        # ones slow down most when others share the caches), the model run whole as a device runs it
+        # (its device program, in a worker) is not its layers timed one by one, and layers of one type
+        # drift apart by size (thin slices of layers with large weights cost far more than their share
+        # of the rows): measure all of it on this model now and plan with it.
+        calibration = calibrate(model, (x0,), probe)
+    cluster = edgepart.Cluster.from_dict(demo_cluster(profile, calibration))
     print(f"model {args.model} at {size}x{size}; cluster: {cluster}; strategy {strategy}")
-    if probe is not None:
-        print(f"online calibration (speed now ÷ profiled, relative to the CPU's): memory {memory_speed:.2f}; "
-              f"model whole {model_speed:.2f}; op types (× model) "
-              + ", ".join(f"{f} {v:.2f}" for f, v in calibration.items())
-              + f"; {len(node_calibration)} layers calibrated one by one, whole and sliced")
+    if calibration is not None:
+        print(f"online calibration (speed now ÷ profiled, relative to the CPU's): memory {calibration.memory_speed:.2f}; "
+              f"model whole {calibration.model_speed:.2f}; op types (× model) "
+              + ", ".join(f"{f} {v:.2f}" for f, v in calibration.calibration.items())
+              + f"; {len(calibration.node_calibration)} layers calibrated one by one, whole and sliced")
     g = torch.Generator().manual_seed(1)
     inputs = [torch.randn(x0.shape, generator=g) for _ in range(args.requests)]
     with torch.no_grad():
@@ -177,7 +162,6 @@ def _compile_run_report(work: Path, args, model, x0, cluster, strategy, inputs, 
     local_err = _max_rel_error(edgepart.load_bundle(work / "plan").run_local(inputs[0]), refs[0])
     print(f"reference executor: relative error {local_err:.2g}")
 
-    from edgepart.compiler.cost.simulator import simulate_bundle
     pred_part, pred_single = simulate_bundle(bundle), simulate_bundle(single)
     part = _measure(work / "plan", inputs, refs, emulate, strategy, probe, cpuset)
     base = _measure(work / "single", inputs, refs, emulate, "single", probe, cpuset)
@@ -192,8 +176,8 @@ def _compile_run_report(work: Path, args, model, x0, cluster, strategy, inputs, 
               f"{max(part['memory_speeds'] + base['memory_speeds']):.2f}")
     print(f"cost model: {'FCPM profile ' + str(profile.name) + ' ÷ speed' if profile else 'FLOPs ÷ speed'}"
           f"{', calibrated online (memory speed, op types, layers)' if probe is not None else ''}")
-    print(f"| run | requests | predicted (ms) | median latency (ms) | error | min (ms) | max rel. error |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| run | requests | predicted (ms) | median latency (ms) | error | min (ms) | max rel. error |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| {strategy} on {len(cluster)} devices | {len(inputs)} | {pred_part.latency * 1e3:.1f} | {p50 * 1e3:.1f} | "
           f"{(p50 / pred_part.latency - 1) * 100:+.1f}% | {min(part['latencies']) * 1e3:.1f} | {part['worst']:.1g} |")
     print(f"| single ({cluster.fastest()}) | {len(inputs)} | {pred_single.latency * 1e3:.1f} | {b50 * 1e3:.1f} | "
@@ -209,7 +193,7 @@ def _compile_run_report(work: Path, args, model, x0, cluster, strategy, inputs, 
                   f"{s.get('bytes_sent', 0) / n:,.0f} | {s.get('bytes_received', 0) / n:,.0f} |")
     print()
     print(f"latency per request (ms), {strategy}: " + " ".join(f"{t * 1e3:.1f}" for t in part["latencies"]))
-    print(f"latency per request (ms), single: " + " ".join(f"{t * 1e3:.1f}" for t in base["latencies"]))
+    print("latency per request (ms), single: " + " ".join(f"{t * 1e3:.1f}" for t in base["latencies"]))
     moved = sum(t.nbytes for t in bundle.manifest.transfers)
     print(f"\nbytes moved per request (plan): {moved:,}")
     print(f"speed-up over the fastest single device ({cluster.fastest()}): {b50 / p50:.2f}x measured, "

@@ -6,11 +6,9 @@ import pytest
 import torch
 
 import edgepart
-import edgepart.compiler.planning.baselines  # noqa: F401 — registers the baselines
-import edgepart.compiler.planning.ofpm  # noqa: F401 — registers ofpm
 from edgepart import models
 from edgepart.cluster import Cluster
-from edgepart.compiler.planning.baselines import plan_neurosurgeon
+from edgepart.compiler.planning.baselines import plan_dads, plan_neurosurgeon
 from edgepart.compiler.cost.model import CostModel
 from edgepart.compiler.planning.ofpm import simulated_latency
 from edgepart.compiler.planning.plan import Plan, Stage, compute_nodes
@@ -67,6 +65,5 @@ def test_dads_never_worse_than_neurosurgeon_on_chains():
     for bw in (1, 10, 100, 1000):
         cl = Cluster.heterogeneous([1.0, 8.0], bandwidth_mbps=bw, latency_ms=0.0)
         cost = CostModel(cl)
-        from edgepart.compiler.planning.baselines import plan_dads
         assert (simulated_latency(gm, plan_dads(gm, cl), cl, cost)
                 <= simulated_latency(gm, plan_neurosurgeon(gm, cl), cl, cost) * 1.0 + 2e-3)

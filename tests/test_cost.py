@@ -2,7 +2,6 @@
 from pathlib import Path
 
 import pytest
-import torch
 
 from edgepart import models
 from edgepart.cluster import Cluster
@@ -184,156 +183,6 @@ def test_calibration_divides_one_op_type(host, tmp_path):
         Cluster.from_dict({"devices": [{"name": "a", "calibration": [1, 2]}]})
 
 
-def test_family_speeds_are_measured_per_op_type(host):
-    from edgepart.compiler.cost.calibration import measure_family_speeds
-    speeds = measure_family_speeds(host, per_family=1, budget_s=0.5)
-    assert {"conv", "dwconv", "maxpool", "bn"} <= set(speeds) and "linear" not in speeds
-    assert all(0.2 <= v <= 5 for v in speeds.values()), speeds      # clamped to [0.2, 5], 3 decimals
-    # relative to a host speed: every value divided by it (up to the clamp)
-    assert measure_family_speeds(host, per_family=1, budget_s=0.5, relative_to=100.0)["conv"] == pytest.approx(0.2, abs=1e-3)
-
-
-def test_family_speeds_need_recorded_timings(host):
-    from edgepart.compiler.cost.calibration import measure_family_speeds
-    bare = DeviceProfile(host.families, host.meta, measurements=None)
-    with pytest.raises(ValueError, match="no recorded timings"):
-        measure_family_speeds(bare)
-
-
-def test_family_speeds_from_the_models_own_layers(host, tiny):
-    """Calibrated on a model's nodes: one value per op type it has (linear left to memory_speed),
-    Σ predicted ÷ Σ measured; a profile predicting twice the time reads 2× (timed for real)."""
-    from edgepart.compiler.cost.calibration import measure_family_speeds
-    infos = [node_info(n) for n in compute_nodes(tiny)]
-    kinds = {n.meta["op"].kind for n in compute_nodes(tiny)}
-    cal = measure_family_speeds(host, budget_s=0.5, nodes=infos)
-    assert "conv" in cal and "linear" not in cal and all(0.2 <= v <= 5.0 for v in cal.values())
-    assert "linear" in kinds
-
-    # predicts twice what the host profile predicts: the layers run "2x faster" than this profile.
-    # Doubling (not halving) keeps the result off the 0.2 clamp on a slow host (CI read 0.258 once).
-    class Twice:
-        measurements = None
-
-        def predict(self, info, rows=None, load=0.0, context="sequence"):
-            return host.predict(info, rows, load, context=context) * 2
-    conv = [i for i in infos if i["kind"] == "conv2d"]
-    a = measure_family_speeds(host, budget_s=0.5, nodes=conv)["conv"]
-    b = measure_family_speeds(Twice(), budget_s=0.5, nodes=conv)["conv"]
-    assert a <= 2.5, a                      # else 2a would meet the 5.0 clamp and the check is void
-    assert b / a == pytest.approx(2.0, rel=0.35), (a, b)
-
-
-def test_probe_calibration_is_relative_to_the_host_speed(host):
-    from edgepart.compiler.cost.calibration import HostSpeedProbe
-    cal = HostSpeedProbe(host, kind="layers").calibrate(0.6, rounds=3, family_budget_s=1.5)
-    assert cal["host_speed"] > 0 and 0 < cal["memory_speed"] < 10
-    assert {"conv", "bn"} <= set(cal["calibration"])
-    assert len(cal["rounds"]) == 3                    # each value: the median of its three rounds
-    assert cal["calibration"]["conv"] == sorted(r["calibration"]["conv"] for r in cal["rounds"])[1]
-    assert cal["host_speed"] == sorted(r["host_speed"] for r in cal["rounds"])[1]
-    # what the cluster description takes as a device's keys
-    cl = Cluster.from_dict({"devices": [{"name": "a", "profile": str(HOST), "memory_speed": cal["memory_speed"],
-                                         "calibration": cal["calibration"]}]})
-    assert dict(cl.device("a").calibration) == cal["calibration"]
-
-
-def test_model_speed_times_the_model_whole(host):
-    """The calibrated prediction of a whole forward pass ÷ its measured time: a pass that does the
-    work twice reads half the speed (timed for real), and one disturbed timing is clamped."""
-    from edgepart.compiler.cost.calibration import model_speed
-    model, (x,) = models.get("resnet18", input_size=64)
-    infos = [node_info(n) for n in compute_nodes(analyse(trace(model, (x,))))]
-    free = (1e-6, 1e6)       # unclamped: the ratio itself (this host may be far from the profile's speed)
-    once = model_speed(host, infos, {}, 1.0, lambda: model(x), budget_s=0.5, bounds=free)
-    twice = model_speed(host, infos, {}, 1.0, lambda: (model(x), model(x)), budget_s=0.5, bounds=free)
-    assert twice / once == pytest.approx(0.5, rel=0.3), (once, twice)
-    # a calibration that says conv runs twice as fast as profiled halves conv's share of the prediction
-    faster = model_speed(host, infos, {"conv": 2.0}, 1.0, lambda: model(x), budget_s=0.5, bounds=free)
-    assert faster < once
-    # clamped by default
-    assert model_speed(host, infos, {}, 1.0, lambda: model(x), relative_to=1e3, budget_s=0.2) == 0.5
-    assert model_speed(host, infos, {}, 1.0, lambda: model(x), relative_to=1e-3, budget_s=0.2) == 2.0
-
-
-def test_model_speed_of_the_device_program_takes_its_charge_off(host, monkeypatch):
-    """model_speed(program=True): the measured time of the device program less the cost model's charge
-    for the program (cost.program_overhead of every node) is what the calibrated layers must add up
-    to — exact values with the timer fixed; at least half the measured time stays the layers'."""
-    import edgepart.fcpm.ops as ops
-    from edgepart.compiler.cost.model import calibrated_prediction, program_overhead
-    from edgepart.fcpm.ops import family
-    from edgepart.compiler.cost.calibration import model_speed
-    model, (x,) = models.get("mobilenet_v2", input_size=64)
-    infos = [node_info(n) for n in compute_nodes(analyse(trace(model, (x,))))]
-    layers = sum(calibrated_prediction(host, i, None) for i in infos if family(i) != "trivial")
-    charge = sum(program_overhead(i, i["rows"]) for i in infos)
-    assert charge == pytest.approx(sum(CostModel(Cluster.from_dict(
-        {"devices": [{"name": "a", "profile": str(HOST)}]})).runtime_overhead(i, i["rows"]) for i in infos))
-    free = (1e-6, 1e6)
-    measured = 2 * (layers + charge)
-    monkeypatch.setattr(ops, "time_callable", lambda fn, **kw: {"t": measured})
-    eager = model_speed(host, infos, {}, 1.0, lambda: None, bounds=free)
-    program = model_speed(host, infos, {}, 1.0, lambda: None, bounds=free, program=True)
-    assert eager == pytest.approx(layers / measured)
-    assert program == pytest.approx(layers / (measured - charge))
-    assert program == pytest.approx(layers / (2 * layers + charge)) and program > eager
-    monkeypatch.setattr(ops, "time_callable", lambda fn, **kw: {"t": charge})     # all of it "charge"
-    assert model_speed(host, infos, {}, 1.0, lambda: None, bounds=free, program=True) == pytest.approx(
-        layers / (0.5 * charge))
-
-
-def test_program_forward_runs_the_models_device_program():
-    """emulate.program_forward: the model compiled for one device and run as a worker runs it."""
-    from edgepart.compiler.cost.calibration import program_forward
-    for name in ("mobilenet_v2", "resnet18"):
-        model, (x,) = models.get(name, input_size=64)
-        with torch.no_grad():
-            ref = model(x)
-        y = program_forward(model, (x,))()
-        assert y.shape == ref.shape and float((y - ref).abs().max()) <= 1e-4 * float(ref.abs().max()), name
-
-
-def test_program_timer_times_the_program_in_a_worker(host, monkeypatch):
-    """emulate.ProgramTimer: the model's one-device program deployed to a local worker and its stages'
-    thread CPU read from the worker's stats — about what the same program takes here (timed for real);
-    model_speed given one takes the program's charge off like program=True (exact, its timing fixed)."""
-    import time
-
-    from edgepart.compiler.cost.model import calibrated_prediction, program_overhead
-    from edgepart.fcpm.ops import family, time_callable
-    from edgepart.compiler.cost.calibration import ProgramTimer, model_speed, program_forward
-    model, (x,) = models.get("resnet18", input_size=64)
-    here = time_callable(program_forward(model, (x,)), target_s=0.3, clock=time.thread_time)["t"]
-    with ProgramTimer(model, (x,)) as timer:
-        assert list(timer.cluster.devices) == ["device"]
-        there = timer.time(budget_s=0.3)
-        assert 0.4 < there / here < 2.5, (there, here)
-        infos = [node_info(n) for n in compute_nodes(analyse(trace(model, (x,))))]
-        layers = sum(calibrated_prediction(host, i, None) for i in infos if family(i) != "trivial")
-        charge = sum(program_overhead(i, i["rows"]) for i in infos)
-        monkeypatch.setattr(ProgramTimer, "time", lambda self, budget_s=1.0: 3 * (layers + charge))
-        k = model_speed(host, infos, {}, 1.0, timer, bounds=(1e-6, 1e6))
-        assert k == pytest.approx(layers / (3 * layers + 2 * charge))
-
-
-def test_probe_calibration_with_the_model_whole(host):
-    """calibrate(forward=...) scales every op type of the model (linear too) by its model speed."""
-    from edgepart.compiler.cost.calibration import HostSpeedProbe
-    model, (x,) = models.get("resnet18", input_size=64)
-    infos = [node_info(n) for n in compute_nodes(analyse(trace(model, (x,))))]
-    cal = HostSpeedProbe(host, kind="layers").calibrate(0.4, rounds=1, family_budget_s=1.0, nodes=infos,
-                                                          forward=lambda: model(x))
-    k = cal["model_speed"]
-    assert 0.5 <= k <= 2.0 and cal["rounds"][0]["model_speed"] == pytest.approx(k, abs=1e-3)
-    per_type = cal["rounds"][0]["calibration"]
-    assert "linear" not in per_type and cal["calibration"]["linear"] == pytest.approx(k, abs=2e-3)
-    for f, v in per_type.items():
-        assert cal["calibration"][f] == pytest.approx(v * k, abs=2e-3), f
-    assert HostSpeedProbe(host, kind="layers").calibrate(0.4, rounds=1, family_budget_s=0.5,
-                                                         nodes=infos)["model_speed"] is None
-
-
 def test_node_calibration_scales_a_node_whole_and_sliced(tiny):
     """A device's measured node calibration multiplies the prediction of that node at those rows
     (linear between the measured points, the nearest point outside them); other nodes and devices
@@ -365,42 +214,6 @@ def test_node_calibration_round_trip_and_are_checked():
         Cluster.from_dict({"devices": [{"name": "a", "node_calibration": [[1, 2.0]]}]})
 
 
-def test_row_points():
-    from edgepart.compiler.cost.calibration import row_points
-    assert row_points(1) == [1] and row_points(7) == list(range(1, 8))
-    p = row_points(160)
-    assert p[:3] == [1, 2, 3] and p[-1] == 160 and len(p) <= 10 and p == sorted(set(p))
-
-
-class _PerRowProfile:
-    """Predicts 1 µs per output row of any node: measured against it, a factor is what the layer really does."""
-
-    def predict(self, info, rows, load=0.0, context="sequence"):
-        return 1e-6 * (info["rows"] if rows is None else rows)
-
-
-def test_node_calibration_measured_on_real_layers(tiny):
-    """Timed for real: every node but linear ones is calibrated at row_points; the whole-node factors of
-    an op type average 1 weighted by predicted time (the op type keeps its level); and a
-    convolution's one-row slice costs at least its average row (a fixed cost per call does not
-    shrink with the rows)."""
-    from edgepart.fcpm.ops import family
-    from edgepart.compiler.cost.calibration import measure_node_calibration, row_points
-    infos = [node_info(n) for n in compute_nodes(tiny)]
-    prof = _PerRowProfile()
-    cal = measure_node_calibration(prof, infos, budget_s=0.5, bounds=(1e-3, 1e3))
-    timed = [i for i in infos if family(i) not in ("linear", "trivial")]
-    assert timed and set(cal) == {i["name"] for i in timed}
-    for i in timed:
-        assert [r for r, _ in cal[i["name"]]] == row_points(i["rows"])
-    for fam in {family(i) for i in timed}:
-        members = [i for i in timed if family(i) == fam]
-        weighted = sum(prof.predict(i, None) * cal[i["name"]][-1][1] for i in members)
-        assert weighted == pytest.approx(sum(prof.predict(i, None) for i in members), rel=0.01), fam
-    conv = cal[next(i for i in timed if i["kind"] == "conv2d")["name"]]
-    assert conv[0][1] > conv[-1][1]
-
-
 def test_compile_warns_of_node_calibration_for_another_model():
     """A node calibration naming nodes the model does not have (measured on another model, a typo)
     would silently not apply: compile says so, naming the device and the nodes."""
@@ -409,11 +222,3 @@ def test_compile_warns_of_node_calibration_for_another_model():
     cl = Cluster.from_dict({"devices": [{"name": "a", "node_calibration": {"features_28": [[1, 2.0]]}}]})
     with pytest.warns(UserWarning, match="device 'a': node_calibration names 1 node.*features_28"):
         edgepart.compile(model, (x,), cl, strategy="single")
-
-
-def test_one_low_slice_reading_is_not_what_the_planner_gets_to_pick():
-    """A dip at one slice size (noise) takes its neighbours' median; the end points stay as measured."""
-    from edgepart.compiler.cost.calibration import smooth_slice_factors
-    pts = [(1, 2.0), (2, 1.0), (3, 0.66), (4, 0.95), (5, 0.9), (8, 1.0)]
-    assert smooth_slice_factors(pts) == [(1, 2.0), (2, 1.0), (3, 0.95), (4, 0.9), (5, 0.95), (8, 1.0)]
-    assert smooth_slice_factors([(1, 3.0), (2, 0.5)]) == [(1, 3.0), (2, 0.5)]

@@ -1,20 +1,23 @@
-"""OFPM MILP: optimum == brute force, prediction == simulator, memory limits, scale."""
+"""OFPM MILP: optimum == brute force over its state graph and over the plan space judged by the
+simulator, hand-computed latencies, the recorded winner and candidates, memory limits, scale."""
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 
-import edgepart.compiler.planning.baselines  # noqa: F401 — registers the baselines (warm start)
+from edgepart import models
 from edgepart.cluster import Cluster, Device
 from edgepart.compiler.cost.model import CostModel
+from edgepart.compiler.cost.simulator import simulate_plan
 from edgepart.compiler.planning.ofpm import OFPMModel, dag_shortest_path, simulated_latency, solve_ofpm
-from edgepart.compiler.planning.plan import Plan, Stage
-from edgepart.compiler.schedule import build_schedule
-from edgepart.compiler.cost.simulator import simulate
+from edgepart.compiler.planning.plan import Candidate, Plan, Stage, compute_nodes
+from edgepart.compiler.planning.registry import STRATEGIES, WARM_START
+from edgepart.compiler.planning.simple import plan_even
 from edgepart.compiler.trace import trace
 from edgepart.passes import analyse
 
@@ -108,35 +111,118 @@ def all_plans(gm, cl, model: OFPMModel):
             yield Plan([Stage(s.kind, list(s.nodes), s.device, list(s.slices)) for s in combo])
 
 
-@pytest.mark.parametrize("make", CLUSTERS[:3])
-def test_ofpm_close_to_exhaustive_search_by_simulation(make):
-    """Exhaustive search of the plan space with the simulator: ofpm (MILP + refinement + warm
-    start) is within 10 % of the best plan there, and never worse than the best whole-stage plan."""
-    gm = tiny_graph()
+# Slow devices (compute dominates), so the best plans of the tiny graph split, fuse and mix devices.
+COMPUTE_BOUND = [
+    lambda: Cluster.homogeneous(2, bandwidth_mbps=1000, latency_ms=0.05, speed=0.01),
+    lambda: Cluster.heterogeneous([0.01, 0.03], bandwidth_mbps=100, latency_ms=0.1),
+    lambda: Cluster.heterogeneous([0.01, 0.02, 0.04], bandwidth_mbps=1000, latency_ms=0.05),
+    lambda: Cluster([Device("a", 0.01), Device("b", 0.02), Device("c", 0.02)],
+                    {"bandwidth_mbps": 500, "latency_ms": 0.05}, shared_medium=True),
+]
+
+
+@pytest.mark.parametrize("make", COMPUTE_BOUND)
+def test_ofpm_against_exhaustive_search_by_simulation(make):
+    """Every plan of the plan space (512 or 3888 of them), each judged by the simulator: the best
+    whole-stage plan is exactly what the MILP finds over whole stages; ofpm (MILP + refinement + the
+    registry's warm start) is never worse than any whole-stage plan and within 5 % of the best plan
+    (the MILP's barrier model is not the simulator; refinement may leave the space, so ofpm may beat it).
+    Latencies of ofpm's plan are simulated here, not taken from ofpm."""
+    gm = tiny_graph(16)
     cl = make()
     cost = CostModel(cl)
     model = OFPMModel(gm, cl, max_fuse=3, build=False)
-    best = math.inf
-    best_vertical = math.inf
+    best = best_vertical = math.inf
     for plan in all_plans(gm, cl, model):
         lat = simulated_latency(gm, plan, cl, cost)
         best = min(best, lat)
         if all(s.kind == "whole" for s in plan.stages):
             best_vertical = min(best_vertical, lat)
-    res = solve_ofpm(gm, cl, cost, max_fuse=3)
-    assert res.predicted <= best_vertical + 1e-12
-    assert res.predicted <= best * 1.10
+    assert best < best_vertical / 1.15        # splitting pays on these clusters: the test discriminates
+
+    vertical = OFPMModel(gm, cl, max_fuse=3, ks=[])
+    path, obj, *_ = vertical.solve()
+    assert simulate_plan(gm, vertical.plan_from_path(path), cl, cost).latency == pytest.approx(best_vertical, rel=1e-9)
+    assert obj == pytest.approx(best_vertical, rel=1e-9)
+
+    res = solve_ofpm(gm, cl, cost, max_fuse=3, warm_start=WARM_START)
+    lat = simulate_plan(gm, res.plan, cl, cost).latency
+    assert lat <= best_vertical + 1e-12
+    assert lat <= best * 1.05
 
 
-@pytest.mark.parametrize("make", CLUSTERS)
-def test_predicted_equals_simulator(make):
+def test_offload_latency_by_hand():
+    """A device 10⁴× faster than the source behind a 1 Gbit/s, 0.5 ms link: the optimum sends the
+    input, computes everything there and returns the output. Its latency, by hand: 2 × 0.5 ms +
+    (3·16·16 + 5) float32 × 8 bit / 1 Gbit/s + FLOPs / (speed × reference FLOP/s)."""
     gm = tiny_graph(16)
-    cl = make()
+    cl = Cluster.heterogeneous([0.001, 10.0], bandwidth_mbps=1000, latency_ms=0.5)
     cost = CostModel(cl)
-    res = solve_ofpm(gm, cl, cost)
-    sim = simulate(build_schedule(gm, res.plan, cl), cl, cost, gm=gm)
-    assert res.predicted == pytest.approx(sim.latency, rel=1e-12)
-    assert res.milp_simulated >= res.predicted - 1e-12
+    res = solve_ofpm(gm, cl, cost, warm_start=WARM_START)
+    assert [(s.kind, s.device) for s in res.plan.stages] == [("whole", "d1")]
+    flops = sum(n.meta["flops"] for n in compute_nodes(gm))
+    by_hand = 2 * 0.5e-3 + (3 * 16 * 16 + 5) * 4 * 8 / 1e9 + flops / (10.0 * cost.reference_flops)
+    assert res.predicted == pytest.approx(by_hand, rel=1e-9)
+
+
+def test_a_better_warm_start_plan_wins_and_is_recorded():
+    """With split layouts switched off the MILP can only place whole stages; on two slow equal devices
+    and a fast network the even split is faster, so it wins and the plan says so. Every candidate's
+    recorded latency is what the simulator gives for that candidate's own plan."""
+    gm = tiny_graph(16)
+    cl = Cluster.homogeneous(2, bandwidth_mbps=10000, latency_ms=0.01, speed=0.01)
+    cost = CostModel(cl)
+    res = solve_ofpm(gm, cl, cost, ks=[], warm_start={"even": plan_even})
+    even = plan_even(gm, cl)
+    on_source = sum(cost.compute_time(n, "d0") for n in compute_nodes(gm))   # the MILP's plan: all on d0
+    assert res.plan.chosen == "warm:even" and res.source == "warm:even"
+    assert res.plan.strategy == "ofpm"
+    assert res.plan.stages == even.stages
+    assert [c.name for c in res.plan.candidates] == ["milp", "warm:even"]
+    assert res.plan.candidates[0].latency == pytest.approx(on_source, rel=1e-9)
+    assert res.plan.candidates[1].latency == pytest.approx(simulate_plan(gm, even, cl, cost).latency, rel=1e-12)
+    assert res.plan.candidates[1].latency < on_source
+    assert Plan.from_dict(res.plan.to_dict()) == res.plan
+
+
+def test_registry_ofpm_records_every_candidate():
+    """``strategy="ofpm"`` compares the MILP plan with every other strategy's, in the registry's order."""
+    m, (x,) = models.get("tinynet")
+    gm = trace(m, (x,))
+    analyse(gm)
+    cl = Cluster.heterogeneous([1.0, 3.0, 2.0], bandwidth_mbps=10000, latency_ms=0.01)
+    plan = STRATEGIES["ofpm"](gm, cl)
+    names = [c.name for c in plan.candidates]
+    assert names[0] == "milp" and names[-len(WARM_START):] == [f"warm:{k}" for k in WARM_START]
+    assert plan.chosen in names
+    assert all(c.error is None and c.latency > 0 for c in plan.candidates)
+    winner = next(c for c in plan.candidates if c.name == plan.chosen)
+    assert winner.latency == min(c.latency for c in plan.candidates)
+    assert winner.latency == pytest.approx(simulated_latency(gm, plan, cl, CostModel(cl)), rel=1e-12)
+
+
+def test_failing_candidate_is_logged_and_recorded(caplog):
+    """A warm-start planner that raises, and a plan that is not legal for the graph: both are logged
+    with their error and recorded in the plan; the others still compete."""
+    gm = tiny_graph(16)
+    cl = Cluster.homogeneous(2, bandwidth_mbps=10000, latency_ms=0.01, speed=0.01)
+
+    def boom(gm, cluster):
+        raise RuntimeError("boom")
+
+    illegal = Plan([Stage("whole", ["no_such_node"], device="d0")])
+    with caplog.at_level(logging.WARNING, logger="edgepart.planning"):
+        res = solve_ofpm(gm, cl, warm_start={"boom": boom, "illegal": illegal, "even": plan_even})
+    cands = {c.name: c for c in res.plan.candidates}
+    assert cands["warm:boom"] == Candidate("warm:boom", None, "RuntimeError: boom")
+    assert cands["warm:illegal"].latency is None and cands["warm:illegal"].error.startswith("PlanError")
+    assert cands["warm:even"].error is None and cands["warm:even"].latency > 0
+    assert res.plan.chosen not in ("warm:boom", "warm:illegal")
+    logged = [r.getMessage() for r in caplog.records if r.name == "edgepart.planning"]
+    assert any("warm:boom" in m and "RuntimeError: boom" in m for m in logged)
+    assert any("warm:illegal" in m and "PlanError" in m for m in logged)
+    assert "warm:boom" not in res.candidates     # the latency table holds only evaluated candidates
+    assert Plan.from_dict(res.plan.to_dict()).candidates == res.plan.candidates
 
 
 def test_objective_equals_simulator_for_vertical_plans():
@@ -209,15 +295,14 @@ def test_memory_limit_respected():
     assert used <= 0.02 * 2 ** 20
 
 
-def test_resnet50_8_heterogeneous_gap_and_time():
-    from edgepart import models
+@pytest.mark.slow
+def test_resnet50_8_heterogeneous_gap():
     m, (x,) = models.get("resnet50")
     gm = trace(m, (x,))
     analyse(gm)
     cl = Cluster.heterogeneous([1.0, 2.0, 4.0, 1.5, 3.0, 2.5, 1.0, 5.0], bandwidth_mbps=100)
     model = OFPMModel(gm, cl)
-    path, obj, solve_s, gap, status, solver = model.solve(time_limit=10)
-    assert solve_s <= 10.0 + 1.0
+    path, obj, _solve_s, gap, status, solver = model.solve(time_limit=10)
     assert gap <= 0.01
     _, dp = dag_shortest_path(model)
     assert obj <= dp * 1.01 + 1e-12
@@ -243,6 +328,7 @@ def test_node_calibration_reaches_the_milp_and_the_simulator():
     H = rows[conv.name]
     assert all(cost.compute_time(conv, "d0", r) >= cost.compute_time(conv, "d0") - 1e-12 for r in range(1, H))
     res = solve_ofpm(gm, calibrated, cost)
-    assert all(s.kind == "whole" for s in res.plan.stages)
-    sim = simulate(build_schedule(gm, res.plan, calibrated), calibrated, cost, gm=gm)
-    assert res.predicted == pytest.approx(sim.latency, rel=1e-12)
+    assert [(s.kind, s.device) for s in res.plan.stages] == [("whole", "d0")]
+    # by hand: one stage on the source, every node at its calibrated cost
+    by_hand = sum(cost.compute_time(n, "d0") for n in compute_nodes(gm)) + cost.stage_start_time("d0")
+    assert res.predicted == pytest.approx(by_hand, rel=1e-12)

@@ -1,15 +1,16 @@
 """The discrete-event simulator: hand-checked timings, contention models, scale."""
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
 import torch.nn as nn
 
+from edgepart import models
 from edgepart.cluster import Cluster, Device
 from edgepart.compiler.cost.model import CostModel
 from edgepart.compiler.planning.plan import Plan, Stage, compute_nodes
+from edgepart.compiler.planning.simple import plan_proportional
 from edgepart.compiler.schedule import build_schedule
 from edgepart.compiler.cost.simulator import simulate, simulate_plan
 from edgepart.compiler.trace import trace
@@ -96,32 +97,34 @@ def test_scatter_serialises_on_sender_nic_and_shared_medium(chain):
 
 
 def test_split_halo_rows_are_charged(chain):
+    """Three 3×3 convolutions split in halves of 16 rows: by hand, c3's 8 rows need 9 rows of c2
+    (and of the ReLU between), which need 10 rows of c1 (and its ReLU) — on each side."""
     cl = Cluster.homogeneous(2, bandwidth_mbps=1000, latency_ms=0)
     cost = CostModel(cl)
     ns = names(chain)
+    assert ns == ["c1", "relu", "c2", "relu_1", "c3"]
+    by_hand = {"d0": {"c1": (0, 10), "relu": (0, 10), "c2": (0, 9), "relu_1": (0, 9), "c3": (0, 8)},
+               "d1": {"c1": (6, 16), "relu": (6, 16), "c2": (7, 16), "relu_1": (7, 16), "c3": (8, 16)}}
     plan = Plan([Stage("split", ns, slices=[("d0", 0, 8), ("d1", 8, 16)])])
     sched = build_schedule(chain, plan, cl)
+    assert {d: {n: e.out for n, e in sched.rows[d][0].items()} for d in by_hand} == by_hand
     r = simulate(sched, cl, cost, gm=chain)
     nodes = {n.name: n for n in chain.graph.nodes}
-    for dev in ("d0", "d1"):
-        rows = sched.rows[dev][0]
-        expect = sum(cost.compute_time(nodes[n], dev, e.out[1] - e.out[0]) for n, e in rows.items())
+    for dev, rows in by_hand.items():
+        expect = sum(cost.compute_time(nodes[n], dev, b - a) for n, (a, b) in rows.items())
         assert r.devices[dev]["compute"] == pytest.approx(expect)
         assert expect > sum(cost.compute_time(nodes[n], dev) for n in ns) / 2   # halo recomputed
 
 
-def test_64_devices_fast():
-    from edgepart import models
-    from edgepart.compiler.planning.registry import plan_proportional
+def test_64_devices_simulate():
+    """64 devices simulate to a consistent result (how fast: benchmarks/solver_scaling.py)."""
     m, (x,) = models.get("tinynet")
     gm = trace(m, (x,))
     analyse(gm)
     cl = Cluster.heterogeneous([1 + (i % 4) for i in range(64)], bandwidth_mbps=100)
     plan = plan_proportional(gm, cl)
     sched = build_schedule(gm, plan, cl)
-    t = time.perf_counter()
     r = simulate(sched, cl, gm=gm)
-    assert time.perf_counter() - t < 2.0
     assert r.latency > 0
     for d, v in r.devices.items():
         assert v["compute"] <= r.latency + 1e-12

@@ -23,12 +23,12 @@ from edgepart.compiler.inspect import plan_table
 from edgepart.compiler.planning.plan import Plan
 from edgepart.compiler.planning.registry import make_plan
 from edgepart.compiler.schedule import Schedule, build_schedule
-from edgepart.compiler.trace import COMPUTE_OPS, trace
+from edgepart.compiler.trace import trace
 from edgepart.errors import EdgepartError
 from edgepart.ir.hashing import sha256_file, verify_file
 from edgepart.ir.manifest import MANIFEST, DeviceSpec, InputSpec, Manifest, NodeCost
 from edgepart.passes import analyse
-from edgepart.passes.shapes import _fetch_attr
+from edgepart.passes.graph import COMPUTE_OPS
 from edgepart.runtime.interpreter import run_reference
 from edgepart.runtime.program import DeviceProgram, check_inputs, load_weights, read_manifest
 
@@ -47,6 +47,14 @@ def _output_structure(arg: Any) -> dict:
     if arg is None or isinstance(arg, (int, float, str, bool)):
         return {"const": arg}
     raise EdgepartError(f"model output contains {type(arg).__name__}, which a bundle cannot return")
+
+
+def _state_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    """The parameter, buffer or tensor attribute ``target`` (a dotted path) of the graph module."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def compile_report(gm: fx.GraphModule) -> dict:
@@ -171,7 +179,7 @@ def _warn_unknown_calibrated_nodes(gm: fx.GraphModule, cluster: Cluster) -> None
         if unknown:
             warnings.warn(f"device {d.name!r}: node_calibration names {len(unknown)} node(s) this model does not "
                           f"have ({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}); they are ignored — "
-                          "measure it on this model (emulate.measure_node_calibration)", stacklevel=3)
+                          "measure it on this model (edgepart.compiler.cost.calibration.layers.measure_node_calibration)", stacklevel=3)
 
 
 def compile_plan(gm: fx.GraphModule, plan: Plan, cluster: Cluster, model_name: str,
@@ -183,7 +191,7 @@ def compile_plan(gm: fx.GraphModule, plan: Plan, cluster: Cluster, model_name: s
     for dev in schedule.devices():
         consts = {c: nodes[c].target for c in sorted(schedule.constants.get(dev, ()))}
         keys = sorted(programs[dev]["weight_keys"] | set(consts.values()))
-        weights[dev] = {k: _fetch_attr(gm, k).detach().contiguous().clone() for k in keys}
+        weights[dev] = {k: _state_tensor(gm, k).detach().contiguous().clone() for k in keys}
         sources[dev] = programs[dev]["source"]
         devices[dev] = DeviceSpec(program=f"devices/{dev}.py", weights=f"devices/{dev}.safetensors",
                                   files=(f"devices/{dev}.py", f"devices/{dev}.safetensors"),

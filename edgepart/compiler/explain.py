@@ -14,6 +14,7 @@ import io
 from edgepart.cluster import Cluster
 from edgepart.compiler.cost.model import CostModel
 from edgepart.compiler.cost.simulator import SimResult, simulate
+from edgepart.compiler.inspect import choice_lines, fmt_bytes
 
 
 def _resolve(obj, cluster: Cluster | None, gm=None):
@@ -31,11 +32,6 @@ def _fmt_t(s: float) -> str:
     return f"{s * 1e3:.2f} ms"
 
 
-def _fmt_b(n: float) -> str:
-    from edgepart.compiler.inspect import _fmt_bytes
-    return _fmt_bytes(n)
-
-
 def explain(bundle_or_schedule, cluster: Cluster | None = None, gm=None, cost: CostModel | None = None,
             sim: SimResult | None = None) -> str:
     """A text report: latency; per stage the devices with their rows, compute time, bytes and time of
@@ -48,8 +44,10 @@ def explain(bundle_or_schedule, cluster: Cluster | None = None, gm=None, cost: C
     w = out.write
     w(f"plan '{plan.strategy}': {len(plan.stages)} stages on {len(plan.devices())} of {len(cluster)} devices; "
       f"source {schedule.source}; {'shared medium' if cluster.shared_medium else 'switched links'}\n")
+    for line in choice_lines(plan.to_dict()):
+        w(line + "\n")
     w(f"predicted latency {_fmt_t(sim.latency)}; {len(sim.transfers)} transfers, "
-      f"{_fmt_b(sum(t.nbytes for t in sim.transfers))} moved\n\n")
+      f"{fmt_bytes(sum(t.nbytes for t in sim.transfers))} moved\n\n")
     runs = {(r.stage, r.device): r for r in sim.runs}
     nodes_meta = {n.name: n for n in gm.graph.nodes}
     by_stage: dict[int, list] = {}
@@ -61,7 +59,7 @@ def explain(bundle_or_schedule, cluster: Cluster | None = None, gm=None, cost: C
         ins = by_stage.get(si, [])
         w(f"stage {si} [{st.kind}] {label}\n")
         if ins:
-            w(f"  receives {len(ins)} pieces, {_fmt_b(sum(t.nbytes for t in ins))}, "
+            w(f"  receives {len(ins)} pieces, {fmt_bytes(sum(t.nbytes for t in ins))}, "
               f"network time {_fmt_t(sum(t.arrival - t.start for t in ins))}\n")
         devs = [(st.device, 0, None)] if st.kind == "whole" else st.slices
         for d, a, b in devs:
@@ -80,14 +78,14 @@ def explain(bundle_or_schedule, cluster: Cluster | None = None, gm=None, cost: C
               f"{_fmt_t(r.start)} → {_fmt_t(r.end)}\n")
     final = by_stage.get(len(plan.stages), [])
     if final:
-        w(f"output to {schedule.source}: {len(final)} pieces, {_fmt_b(sum(t.nbytes for t in final))}, "
+        w(f"output to {schedule.source}: {len(final)} pieces, {fmt_bytes(sum(t.nbytes for t in final))}, "
           f"arrives {_fmt_t(max(t.arrival for t in final))}\n")
     w("\ndevices:\n")
     for d, v in sim.devices.items():
         if v["compute"] == 0 and v["sent_bytes"] == 0:
             continue
         w(f"  {d:>8s}: compute {_fmt_t(v['compute'])} ({100 * v['compute'] / max(sim.latency, 1e-12):.0f}%), "
-          f"idle {_fmt_t(v['idle'])}, sent {_fmt_b(v['sent_bytes'])} in {_fmt_t(v['send_time'])}\n")
+          f"idle {_fmt_t(v['idle'])}, sent {fmt_bytes(v['sent_bytes'])} in {_fmt_t(v['send_time'])}\n")
     w("\ncritical path:\n")
     for p in sim.critical_path:
         if p["kind"] == "run":
@@ -95,7 +93,7 @@ def explain(bundle_or_schedule, cluster: Cluster | None = None, gm=None, cost: C
         else:
             q = f" (queued {_fmt_t(p['queued'])})" if p["queued"] > 0 else ""
             w(f"  {_fmt_t(p['start']):>12s} → {_fmt_t(p['end']):>12s}  send  {p['tensor']} rows "
-              f"[{p['rows'][0]}, {p['rows'][1]}) {p['src']}→{p['dst']} {_fmt_b(p['nbytes'])}{q}\n")
+              f"[{p['rows'][0]}, {p['rows'][1]}) {p['src']}→{p['dst']} {fmt_bytes(p['nbytes'])}{q}\n")
     return out.getvalue()
 
 

@@ -1,4 +1,4 @@
-"""Trace an nn.Module with torch.fx and run the analysis passes over it.
+"""Trace an nn.Module with torch.fx and record the shape metadata of every node on example inputs.
 
 The graph is compiled for fixed input shapes, so anything that only depends on
 shapes (``x.size(0)``, ``x.shape[2]``) is folded to a constant here: later passes,
@@ -12,12 +12,16 @@ import torch
 import torch.fx as fx
 
 from edgepart.errors import TraceError
-
-COMPUTE_OPS = ("call_module", "call_function", "call_method")
+from edgepart.passes.graph import COMPUTE_OPS
+from edgepart.passes.shapes import record_value
 
 
 class _Recorder(fx.Interpreter):
-    """Runs the graph once, recording each node's output value (shapes, constants)."""
+    """Runs the graph once, recording each node's shape metadata (passes.shapes.record_value).
+
+    fx.Interpreter frees each value after its last user has run, and only metadata
+    is recorded, so at most the live activations of the example run are held.
+    """
 
     def run_node(self, n: fx.Node) -> Any:
         try:
@@ -25,18 +29,8 @@ class _Recorder(fx.Interpreter):
         except Exception as e:  # name the node, not a frame deep inside torch
             raise TraceError(f"node {n.name!r} ({n.format_node()}) failed on the example input: "
                              f"{type(e).__name__}: {e}") from e
-        n.meta["value_example"] = value
+        record_value(n, value)
         return value
-
-
-def _is_tensor_tree(v: Any) -> bool:
-    if isinstance(v, torch.Tensor):
-        return True
-    if isinstance(v, (tuple, list)):
-        return any(_is_tensor_tree(x) for x in v)
-    if isinstance(v, dict):
-        return any(_is_tensor_tree(x) for x in v.values())
-    return False
 
 
 def _replace_in(arg: Any, node: fx.Node, value: Any) -> Any:
@@ -55,15 +49,11 @@ def _replace_in(arg: Any, node: fx.Node, value: Any) -> Any:
 
 
 def fold_shape_constants(gm: fx.GraphModule) -> fx.GraphModule:
-    """Replace nodes whose value holds no tensor (sizes, shapes, ints) by that constant."""
+    """Replace compute nodes whose value holds no tensor (sizes, shapes, ints) by that constant."""
     for n in list(gm.graph.nodes):
-        if n.op not in COMPUTE_OPS or "value_example" not in n.meta:
+        if n.op not in COMPUTE_OPS or "constant" not in n.meta:
             continue
-        v = n.meta["value_example"]
-        if _is_tensor_tree(v):
-            continue
-        if isinstance(v, torch.Size):
-            v = tuple(v)
+        v = n.meta["constant"]
         for user in list(n.users):
             user.args = _replace_in(user.args, n, v)
             user.kwargs = _replace_in(user.kwargs, n, v)
@@ -74,7 +64,7 @@ def fold_shape_constants(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def trace(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphModule:
-    """Symbolically trace ``model`` and record every node's value on ``example_inputs``."""
+    """Symbolically trace ``model`` and record every node's shape metadata on ``example_inputs``."""
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     if model.training:

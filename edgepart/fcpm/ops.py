@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from edgepart.ir.rows import interp_row_ranges
 from edgepart.runtime import rowops
 from edgepart.runtime.allocator import keep_freed_memory
 
@@ -302,7 +303,7 @@ class Runner:
             spec = {k: p.get(k) for k in ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor")}
             spec["mode"] = spec["mode"] or "nearest"
             h_in = int(in_shape[2])
-            ranges = rowops.interp_row_ranges(h_in, spec)
+            ranges = interp_row_ranges(h_in, spec)
             a, b_ = 0, g.rows
             if g.rows < g.total_rows:
                 a = (g.total_rows - g.rows) // 2

@@ -1,4 +1,8 @@
-"""Analysis passes over a traced fx.GraphModule; each annotates node.meta and returns the module."""
+"""Analysis passes over a traced fx.GraphModule; each annotates node.meta and returns the module.
+
+Shapes are recorded by compiler.trace while it runs the example inputs (passes.shapes);
+the passes here derive everything else from node.meta, the module and the arguments.
+"""
 from __future__ import annotations
 
 import torch.fx as fx
@@ -6,14 +10,14 @@ import torch.fx as fx
 from edgepart.passes.flops import annotate_flops
 from edgepart.passes.ops import annotate_ops
 from edgepart.passes.rowmap import annotate_rowmaps
-from edgepart.passes.shapes import annotate_shapes
+from edgepart.passes.shapes import check_shapes
 
-__all__ = ["analyse", "annotate_shapes", "annotate_ops", "annotate_rowmaps", "annotate_flops"]
+__all__ = ["analyse", "annotate_ops", "annotate_rowmaps", "annotate_flops"]
 
 
 def analyse(gm: fx.GraphModule, cluster=None) -> fx.GraphModule:
-    """Run every analysis pass in order (shapes → ops → row maps → FLOPs)."""
-    annotate_shapes(gm)
+    """Run every analysis pass in order (ops → row maps → FLOPs) on a graph from compiler.trace."""
+    check_shapes(gm)
     annotate_ops(gm)
     annotate_rowmaps(gm)
     annotate_flops(gm)

@@ -14,7 +14,7 @@ import math
 
 import torch.fx as fx
 
-from edgepart.compiler.trace import COMPUTE_OPS
+from edgepart.passes.graph import COMPUTE_OPS
 
 
 def _numel(shape) -> int:

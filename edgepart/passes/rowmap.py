@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from edgepart.compiler.trace import COMPUTE_OPS
-from edgepart.runtime.rowops import interp_row_ranges
+from edgepart.ir.rows import interp_row_ranges
+from edgepart.passes.graph import COMPUTE_OPS
 
 Window = tuple[int, int, int, int]   # (lo, hi, pad_top, pad_bottom)
 

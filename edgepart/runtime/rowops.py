@@ -6,10 +6,10 @@ the tensor's true border, so that any slicing gives the single-device result.
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 import torch.nn.functional as F
+
+from edgepart.ir.rows import interp_matrix
 
 
 def pad_rows(x: torch.Tensor, top: int, bottom: int, fill: float) -> torch.Tensor:
@@ -47,52 +47,6 @@ def avg_pool2d_rows(x: torch.Tensor, pad_top: int, pad_bottom: int, kernel, stri
     mask = (mh[:, None] * mw[None, :]).to(x.dtype)[None, None]
     count = F.avg_pool2d(mask, (kh, kw), (sh, sw), 0, False, True, 1)
     return total / count
-
-
-def _interp_kwargs(spec: dict, height_only: bool) -> dict:
-    size, scale = spec.get("size"), spec.get("scale_factor")
-    kw = dict(mode=spec["mode"])
-    if spec["mode"] in ("bilinear", "bicubic"):
-        kw["align_corners"] = spec.get("align_corners")
-    if size is not None:
-        hw = size if isinstance(size, (list, tuple)) else (size, size)
-        kw["size"] = (hw[0], 1) if height_only else None
-    else:
-        sh = scale[0] if isinstance(scale, (list, tuple)) else scale
-        kw["scale_factor"] = (float(sh), 1.0) if height_only else None
-        kw["recompute_scale_factor"] = spec.get("recompute_scale_factor")
-    return kw
-
-
-@lru_cache(maxsize=256)
-def _interp_matrix_cached(in_rows: int, key: tuple) -> torch.Tensor:
-    spec = dict(key)
-    eye = torch.eye(in_rows, dtype=torch.float32).reshape(1, in_rows, in_rows, 1)
-    out = F.interpolate(eye, **_interp_kwargs(spec, height_only=True))
-    return out[0, :, :, 0].contiguous()     # [in_rows, out_rows]: weight of input row r in output row i
-
-
-def _spec_key(spec: dict) -> tuple:
-    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in spec.items()))
-
-
-def interp_matrix(in_rows: int, spec: dict) -> torch.Tensor:
-    """The height part of an interpolation as a matrix, computed by PyTorch itself.
-
-    Interpolating an identity matrix gives each output row's weights over input rows
-    exactly as F.interpolate computes them, for any mode, size or scale factor.
-    """
-    return _interp_matrix_cached(in_rows, _spec_key(spec))
-
-
-def interp_row_ranges(in_rows: int, spec: dict) -> list[tuple[int, int]]:
-    """For every output row, the range [lo, hi) of input rows with a non-zero weight."""
-    m = interp_matrix(in_rows, spec)
-    ranges = []
-    for i in range(m.shape[1]):
-        nz = torch.nonzero(m[:, i]).flatten()
-        ranges.append((int(nz.min()), int(nz.max()) + 1) if len(nz) else (0, 0))
-    return ranges
 
 
 def interpolate_rows(x: torch.Tensor, lo: int, hi: int, a: int, b: int, in_rows: int, out_width: int,

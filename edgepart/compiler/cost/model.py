@@ -126,7 +126,7 @@ class CostModel:
         self.stage_start_ms = {d.name: d.stage_start_ms for d in cluster.devices}
         # How fast a profiled device streams weights from memory now, relative to when it was
         # profiled (memory bandwidth is shared with other programs and drifts on its own; see
-        # emulate.HostSpeedProbe): the memory-bound share of a prediction is divided by it.
+        # calibration.host_speed.HostSpeedProbe): the memory-bound share of a prediction is divided by it.
         # Default: each device's ``memory_speed`` in the cluster description.
         if memory_speed is None:
             self.memory_speed = {d.name: d.memory_speed for d in cluster.devices}
@@ -134,9 +134,9 @@ class CostModel:
             self.memory_speed = dict(memory_speed)
         else:
             self.memory_speed = {d: float(memory_speed) for d in cluster.names}
-        # per device and op type (FCPM family): speed now ÷ when profiled (emulate.measure_family_speeds)
+        # per device and op type (FCPM family): speed now ÷ when profiled (calibration.op_types.measure_family_speeds)
         self.calibration = {d.name: dict(d.calibration) for d in cluster.devices}
-        # per device and node: how it runs, whole and sliced, relative to its op type (emulate.measure_node_calibration)
+        # per device and node: how it runs, whole and sliced, relative to its op type (calibration.layers.measure_node_calibration)
         self.node_calibration = {d.name: dict(d.node_calibration) for d in cluster.devices}
         self.fallback_devices = [d for d in cluster.names if d not in self.profiles]
         self._warned = False

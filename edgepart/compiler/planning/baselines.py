@@ -47,8 +47,10 @@ import torch.fx as fx
 
 from edgepart.cluster import Cluster
 from edgepart.compiler.cost.model import CostModel
-from edgepart.compiler.planning.plan import Plan, Stage, compute_nodes
-from edgepart.compiler.planning.registry import ELEMENTWISE, _merge_whole, blocks, register_strategy, runs, slices_for
+from edgepart.compiler.planning.ofpm import OFPMModel, dag_shortest_path, simulated_latency
+from edgepart.compiler.planning.plan import Plan, Planner, Stage, compute_nodes
+from edgepart.compiler.planning.primitives import ELEMENTWISE, blocks, merge_whole, runs, slices_for
+from edgepart.compiler.schedule import proportional_partition
 
 # ------------------------------------------------------------------------------------------------------------
 
@@ -66,7 +68,7 @@ def _two_device_plan(gm, edge_nodes: list[str], cloud_nodes: list[str], edge: st
         stages.append(Stage("whole", edge_nodes, device=edge))
     if cloud_nodes:
         stages.append(Stage("whole", cloud_nodes, device=cloud))
-    return Plan(stages, name)
+    return Plan(stages, name, chosen=name)
 
 
 def _tensor_bytes(n: fx.Node) -> int:
@@ -153,16 +155,15 @@ def plan_modnn(gm: fx.GraphModule, cluster: Cluster) -> Plan:
                 stages.append(Stage("whole", [n.name for n in head], device=sl[0][0]))
             if tail:
                 stages.append(Stage("whole", [n.name for n in tail], device=owner))
-    return Plan(_merge_whole(stages), "modnn")
+    return Plan(merge_whole(stages), "modnn", chosen="modnn")
 
 
 def plan_deepthings(gm: fx.GraphModule, cluster: Cluster, cost: CostModel | None = None) -> Plan:
-    from edgepart.compiler.planning.ofpm import simulated_latency
     cost = cost or CostModel(cluster)
     gateway = cluster.source
     all_runs = runs(gm)
     nodes = [n.name for n in compute_nodes(gm)]
-    single = Plan([Stage("whole", nodes, device=gateway)], "deepthings")
+    single = Plan([Stage("whole", nodes, device=gateway)], "deepthings", chosen="deepthings")
     if not all_runs or not all_runs[0][0] or len(cluster) < 2:
         return single
     bl = blocks(all_runs[0][1])
@@ -178,29 +179,31 @@ def plan_deepthings(gm: fx.GraphModule, cluster: Cluster, cost: CostModel | None
         stages = [Stage("split", list(fused), slices=sl)]
         if rest:
             stages.append(Stage("whole", rest, device=gateway))
-        plan = Plan(stages, "deepthings")
+        plan = Plan(stages, "deepthings", chosen="deepthings")
         lat = simulated_latency(gm, plan, cluster, cost)
         if lat < best[0]:
             best = (lat, plan)
     return best[1]
 
 
+class _EqualTiles(OFPMModel):
+    """AOFL's state graph: split layouts are equal tiles over the k best devices."""
+
+    def canonical_slices(self, rows, k):
+        return slices_for(rows, self.P_devices(k), [1.0] * k)
+
+
 def plan_aofl(gm: fx.GraphModule, cluster: Cluster, cost: CostModel | None = None) -> Plan:
-    from edgepart.compiler.planning.ofpm import OFPMModel, dag_shortest_path
-
-    class EqualTiles(OFPMModel):
-        def canonical_slices(self, rows, k):
-            return slices_for(rows, self.P_devices(k), [1.0] * k)
-
     whole = list(dict.fromkeys([cluster.fastest(), cluster.source]))
     n = len(cluster)
-    model = EqualTiles(gm, cluster, cost, ks=list(range(2, n + 1)) if n <= 16 else None, whole_devices=whole)
+    model = _EqualTiles(gm, cluster, cost, ks=list(range(2, n + 1)) if n <= 16 else None, whole_devices=whole)
     path, _ = dag_shortest_path(model)
-    return model.plan_from_path(path, "aofl")
+    plan = model.plan_from_path(path, "aofl")
+    plan.chosen = "aofl"
+    return plan
 
 
 def plan_edgeld(gm: fx.GraphModule, cluster: Cluster, cost: CostModel | None = None) -> Plan:
-    from edgepart.compiler.planning.ofpm import OFPMModel
     cost = cost or CostModel(cluster)
     fastest = cluster.fastest()
     devices = cluster.names
@@ -218,7 +221,7 @@ def plan_edgeld(gm: fx.GraphModule, cluster: Cluster, cost: CostModel | None = N
             continue
         sl = _rebalance(model, u, sl)
         stages.append(Stage("split", names, slices=sl))
-    return Plan(_merge_whole(stages), "edgeld")
+    return Plan(merge_whole(stages), "edgeld", chosen="edgeld")
 
 
 def _rebalance(model, u: int, slices: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
@@ -232,7 +235,6 @@ def _rebalance(model, u: int, slices: list[tuple[str, int, int]]) -> list[tuple[
     def owners(mode_, rows):   # halo exchange from the same (current) row layout
         if mode_[0] == "halo":
             R = model.units[u].rows
-            from edgepart.compiler.schedule import proportional_partition
             return proportional_partition(rows, R, mode_[1]) if rows > 1 else [(mode_[1][-1][0], 0, 1)]
         return model_layout(mode_, rows)
 
@@ -266,13 +268,5 @@ def _rebalance(model, u: int, slices: list[tuple[str, int, int]]) -> list[tuple[
     return slices
 
 
-BASELINES = {"neurosurgeon": plan_neurosurgeon, "dads": plan_dads, "modnn": plan_modnn,
-             "deepthings": plan_deepthings, "aofl": plan_aofl, "edgeld": plan_edgeld}
-
-
-def register() -> None:
-    for name, fn in BASELINES.items():
-        register_strategy(name, fn)
-
-
-register()
+BASELINES: dict[str, Planner] = {"neurosurgeon": plan_neurosurgeon, "dads": plan_dads, "modnn": plan_modnn,
+                                 "deepthings": plan_deepthings, "aofl": plan_aofl, "edgeld": plan_edgeld}

@@ -1,7 +1,7 @@
 """OFPM: one MILP for vertical + horizontal partitioning (``strategy="ofpm"``).
 
 The network is a sequence of *units*: the blocks of every row-splittable run
-(``planners.blocks``: conv → BN → ReLU stay together) and every non-splittable
+(``primitives.blocks``: conv → BN → ReLU stay together) and every non-splittable
 run. A *cut* c lies between unit c−1 and unit c; the tensors live at a cut are
 those produced before it and used after it (skip connections included).
 
@@ -54,14 +54,20 @@ median ratio objective / simulated is 1.00. The final plan is always judged by
 the exact schedule + simulator, and that is what ``ofpm`` reports as its
 predicted latency. After the solve, candidates — the MILP plan, its refinement
 (slice boundaries moved ±1–2 rows on the exact simulator, ``refine_slices``),
-and the simple / baseline plans as a warm start — are compared by simulation and
-the best is returned; ``OFPMResult.source`` says which one won.
+and the warm-start plans the caller passes (the registry passes every other
+strategy) — are compared by simulation and the best is returned. The plan
+records which candidate won (``Plan.chosen``: ``milp``, ``milp+refine`` or
+``warm:<name>``) and every candidate with its latency or error
+(``Plan.candidates``); a candidate that fails is logged and recorded, never
+dropped silently.
 """
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import pulp
@@ -69,11 +75,13 @@ import torch.fx as fx
 
 from edgepart.cluster import Cluster
 from edgepart.compiler.cost.model import CostModel
-from edgepart.compiler.planning.plan import Plan, Stage, compute_nodes
-from edgepart.compiler.planning.registry import blocks, runs, share_rows
-from edgepart.compiler.schedule import build_schedule, proportional_partition
 from edgepart.compiler.cost.simulator import simulate
+from edgepart.compiler.planning.plan import Candidate, Plan, Planner, Stage
+from edgepart.compiler.planning.primitives import blocks, runs, slices_for
+from edgepart.compiler.schedule import build_schedule
 from edgepart.passes.rowmap import input_windows
+
+log = logging.getLogger("edgepart.planning")
 
 # ------------------------------------------------------------------------------------------------------------
 # the network as units and cuts
@@ -101,6 +109,7 @@ def make_units(gm: fx.GraphModule) -> list[Unit]:
 
 
 def param_bytes(gm: fx.GraphModule, node: fx.Node) -> int:
+    """Bytes of the weights ``node`` reads: its module's parameters and buffers, and get_attr inputs."""
     total = 0
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
@@ -108,9 +117,7 @@ def param_bytes(gm: fx.GraphModule, node: fx.Node) -> int:
             total += t.numel() * t.element_size()
     for p in node.all_input_nodes:
         if p.op == "get_attr":
-            v = p.meta.get("value_example")
-            if hasattr(v, "numel"):
-                total += v.numel() * v.element_size()
+            total += p.meta["bytes"]
     return total
 
 
@@ -195,10 +202,18 @@ class OFPMResult:
     gap: float                # relative MIP gap reported by the solver (0 = proven optimal for the model)
     status: str
     solver: str
-    source: str               # which candidate won: milp | milp+refine | warm:<name>
     n_vars: int = 0
     n_constraints: int = 0
-    candidates: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        """Which candidate won: milp | milp+refine | warm:<name> (the plan's ``chosen``)."""
+        return self.plan.chosen
+
+    @property
+    def candidates(self) -> dict[str, float]:
+        """Simulated latency of every candidate that could be planned and simulated, by name."""
+        return {c.name: c.latency for c in self.plan.candidates if c.error is None}
 
 
 class OFPMModel:
@@ -414,13 +429,7 @@ class OFPMModel:
         """Layout P(k) of a tensor with ``rows`` rows: rows ∝ effective speed of the k best devices.
         One fixed proportion per k keeps consecutive split stages aligned (only halo rows move)."""
         devs = self.P_devices(k)
-        counts = share_rows(rows, [self.eff_speed[d] for d in devs])
-        out, at = [], 0
-        for d, c in zip(devs, counts):
-            if c > 0:
-                out.append((d, at, at + c))
-                at += c
-        return out
+        return slices_for(rows, devs, [self.eff_speed[d] for d in devs])
 
     def _split_arcs(self) -> None:
         for j in range(1, self.U + 1):
@@ -660,61 +669,44 @@ def refine_slices(gm, plan: Plan, cluster: Cluster, cost: CostModel, budget_s: f
     return Plan(stages, plan.strategy), best
 
 
-def warm_start_plans(gm, cluster) -> dict[str, Plan]:
-    """Simple and baseline plans the MILP plan is compared against (by exact simulation)."""
-    from edgepart.compiler.planning import baselines, registry  # noqa: F401 — registers the baselines
-    out = {}
-    for name, fn in registry.STRATEGIES.items():
-        if name == "ofpm":
-            continue
-        try:
-            out[name] = fn(gm, cluster)
-        except Exception:   # noqa: BLE001 — a strategy that cannot plan this graph is skipped
-            continue
-    return out
+def _warm_candidate(gm, cluster: Cluster, cost: CostModel, name: str,
+                    entry: Plan | Planner) -> tuple[Candidate, Plan | None]:
+    """Plan (when ``entry`` is a planner) and simulate one warm-start candidate; a failure becomes the
+    candidate's error, logged, and the candidate takes no further part."""
+    try:
+        plan = entry if isinstance(entry, Plan) else entry(gm, cluster)
+        return Candidate(name, simulated_latency(gm, plan, cluster, cost)), plan
+    except Exception as e:   # noqa: BLE001 — a strategy that cannot plan this graph loses; its reason is kept
+        error = f"{type(e).__name__}: {e}"
+        log.warning("ofpm candidate %s failed: %s", name, error)
+        return Candidate(name, None, error), None
 
 
 def solve_ofpm(gm: fx.GraphModule, cluster: Cluster, cost: CostModel | None = None, *, time_limit: float = 10.0,
                gap: float = 1e-4, max_fuse: int = 12, ks: list[int] | None = None, refine_s: float = 1.0,
-               warm_start: dict[str, Plan] | bool = True, solver: str = "highs") -> OFPMResult:
+               warm_start: Mapping[str, Plan | Planner] | None = None, solver: str = "highs") -> OFPMResult:
+    """Solve the MILP, refine its plan, compare both with the ``warm_start`` plans (given, or made here
+    by the given planners) by exact simulation; the fastest wins (the MILP's plan on a tie, then the
+    first in order). The returned plan is labelled ``ofpm`` and records the winner and every candidate."""
     t0 = time.perf_counter()
     cost = cost or CostModel(cluster)
     model = OFPMModel(gm, cluster, cost, max_fuse=max_fuse, ks=ks)
     path, obj, solve_time, mip_gap, status, used = model.solve(time_limit=time_limit, gap=gap, solver=solver)
     milp_plan = model.plan_from_path(path)
     milp_sim = simulated_latency(gm, milp_plan, cluster, cost)
-    cands = {"milp": (milp_plan, milp_sim)}
+    cands: list[tuple[Candidate, Plan | None]] = [(Candidate("milp", milp_sim), milp_plan)]
     if refine_s > 0 and any(s.kind == "split" for s in milp_plan.stages):
         rp, rl = refine_slices(gm, milp_plan, cluster, cost, refine_s)
-        cands["milp+refine"] = (rp, rl)
-    if warm_start:
-        plans = warm_start if isinstance(warm_start, dict) else warm_start_plans(gm, cluster)
-        for name, p in plans.items():
-            try:
-                cands[f"warm:{name}"] = (p, simulated_latency(gm, p, cluster, cost))
-            except Exception:   # noqa: BLE001
-                continue
-    best_name = min(cands, key=lambda k: (cands[k][1], k != "milp"))
-    plan = cands[best_name][0]
-    plan = Plan(plan.stages, "ofpm")
-    return OFPMResult(plan, cands[best_name][1], obj, milp_sim, solve_time, model.build_time,
-                      time.perf_counter() - t0, mip_gap, status, used, best_name, model.n_vars,
-                      model.n_constraints, {k: v[1] for k, v in cands.items()})
+        cands.append((Candidate("milp+refine", rl), rp))
+    for name, entry in (warm_start or {}).items():
+        cands.append(_warm_candidate(gm, cluster, cost, f"warm:{name}", entry))
+    best, best_plan = min(((c, p) for c, p in cands if c.error is None),
+                          key=lambda cp: (cp[0].latency, cp[0].name != "milp"))
+    plan = Plan(best_plan.stages, "ofpm", chosen=best.name, candidates=[c for c, _ in cands])
+    return OFPMResult(plan, best.latency, obj, milp_sim, solve_time, model.build_time,
+                      time.perf_counter() - t0, mip_gap, status, used, model.n_vars, model.n_constraints)
 
 
-LAST_RESULT: OFPMResult | None = None
-
-
-def plan_ofpm(gm: fx.GraphModule, cluster: Cluster) -> Plan:
-    """``strategy="ofpm"``: the MILP plan (or a better warm-start plan, by exact simulation)."""
-    global LAST_RESULT
-    LAST_RESULT = solve_ofpm(gm, cluster)
-    return LAST_RESULT.plan
-
-
-def register() -> None:
-    from edgepart.compiler.planning.registry import register_strategy
-    register_strategy("ofpm", plan_ofpm)
-
-
-register()
+def plan_ofpm(gm: fx.GraphModule, cluster: Cluster, warm_start: Mapping[str, Plan | Planner] | None = None) -> Plan:
+    """``strategy="ofpm"``: the MILP plan, or a better warm-start plan by exact simulation (see solve_ofpm)."""
+    return solve_ofpm(gm, cluster, warm_start=warm_start).plan

@@ -5,9 +5,16 @@ one device. A *split* stage runs a connected group of row-splittable nodes on
 several devices; each owns a contiguous row range ("slice") of the stage's last
 node (its anchor), and computes whatever rows of the other nodes that needs,
 halo included. Transfers are derived from the plan (see schedule.py).
+
+A plan made by a strategy also says how it was chosen: ``chosen`` names the
+candidate that won (the strategy's own name for a strategy that makes one plan;
+``milp``, ``milp+refine`` or ``warm:<strategy>`` for ofpm), and ``candidates``
+lists every candidate a strategy compared, with its predicted latency or the
+error that ruled it out.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch.fx as fx
@@ -42,17 +49,40 @@ class Stage:
 
 
 @dataclass
+class Candidate:
+    """One plan a strategy compared: its predicted latency (seconds, exact schedule + simulator), or
+    ``error`` (``"Type: message"``) when it could not be planned or evaluated (then no latency)."""
+    name: str
+    latency: float | None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "latency": self.latency, "error": self.error}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Candidate":
+        latency = d.get("latency")
+        return cls(str(d["name"]), None if latency is None else float(latency), d.get("error"))
+
+
+@dataclass
 class Plan:
     stages: list[Stage]
     strategy: str = "custom"
+    chosen: str | None = None                   # the winning candidate; None for a plan not made by a strategy
+    candidates: list[Candidate] = field(default_factory=list)   # what the strategy compared (ofpm)
 
     def to_dict(self) -> dict:
-        return {"strategy": self.strategy, "stages": [s.to_dict() for s in self.stages]}
+        return {"strategy": self.strategy, "chosen": self.chosen,
+                "candidates": [c.to_dict() for c in self.candidates],
+                "stages": [s.to_dict() for s in self.stages]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
+        """Also reads plans written before ``chosen`` / ``candidates`` existed (they stay unset)."""
         try:
-            return cls([Stage.from_dict(s) for s in d["stages"]], d.get("strategy", "custom"))
+            return cls([Stage.from_dict(s) for s in d["stages"]], d.get("strategy", "custom"), d.get("chosen"),
+                       [Candidate.from_dict(c) for c in d.get("candidates") or []])
         except (KeyError, TypeError, IndexError, ValueError) as e:
             raise PlanError(f"malformed plan: {type(e).__name__}: {e}") from e
 
@@ -63,6 +93,10 @@ class Plan:
                 if d not in seen:
                     seen.append(d)
         return seen
+
+
+Planner = Callable[[fx.GraphModule, Cluster], Plan]
+"""A strategy: plans a traced, analysed graph for a cluster."""
 
 
 def compute_nodes(gm: fx.GraphModule) -> list[fx.Node]:
