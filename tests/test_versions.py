@@ -18,6 +18,7 @@ from edgepart.compiler.planning import baselines  # noqa: F401 — registers the
 from edgepart.compiler.planning.registry import STRATEGIES
 from edgepart.errors import EdgepartError, UnsupportedOpError
 from edgepart.models.compact import ARCHS
+from edgepart.runtime.client import Session
 from edgepart.versions import TrainConfig, VersionSet, build_version_set, train_model
 from edgepart.versions.store import WEIGHTS
 from edgepart.versions.training import predict
@@ -145,3 +146,27 @@ def test_cli_versions_show_and_unknown_model(sets, capsys, tmp_path):
     assert "scale-0.25" in out and "int8" in out
     assert cli_main(["versions", "vgg16", "--out", str(tmp_path / "x")]) == 2
     assert "trainable models" in capsys.readouterr().err
+
+
+def test_a_second_deploy_links_files_the_worker_already_holds(sets, digits, tmp_path):
+    """Workers keep received weights by sha256: deploying another bundle whose weights have the same content
+    (here the same version under another plan of the same split) does not send them again."""
+    vs = sets["vgg_small"]
+    model, _ = vs.model("scale-0.50")
+    cluster = edgepart.Cluster.homogeneous(2)
+    first = vs.compile("scale-0.50", cluster, "even").save(tmp_path / "a")
+    second = vs.compile("scale-0.50", cluster, "proportional").save(tmp_path / "b")
+    assert (first / "manifest.json").read_bytes() != (second / "manifest.json").read_bytes()
+    images = digits.test.x[:4]
+    with edgepart.LocalCluster(first) as c:
+        c.infer(images[:1])
+        with Session(second, c.endpoints, c.key) as s:
+            got = torch.stack([s.infer(images[i:i + 1]).argmax(1)[0] for i in range(len(images))])
+        for dev in c.devices:
+            held = {p.stat().st_ino for p in (c.tmp / "work" / dev / "blobs").iterdir()}
+            bundles = list((c.tmp / "work" / dev / "bundles").iterdir())
+            assert len(bundles) == 2
+            for b in bundles:                        # both bundles' weights are links to the held copies
+                files = list((b / "devices").glob("*.safetensors"))
+                assert files and all(p.stat().st_ino in held for p in files)
+    assert torch.equal(got, predict(model, images))

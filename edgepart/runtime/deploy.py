@@ -5,7 +5,15 @@ workers; the worker answers with the files it does not already hold with the man
 (``deploy_need``), receives each of them to disk (checked against the manifest as it arrives),
 and on ``commit`` loads the device's program — every file checked again — and activates it:
 requests of the previous bundle fail and links to the new bundle's peers are opened on demand.
-Deploying the bundle that is already active, with the same peers, is a no-op. Any refusal is a
+Deploying the bundle that is already active, with the same peers, is a no-op.
+
+Weights files are also kept by content: every ``.safetensors`` file received is hard-linked as
+``workdir/blobs/<sha256>``, and a later deploy of any bundle that lists weights with a held sha256 links
+them from there instead of asking for them. Model versions deployed one after another therefore send
+only the weights that differ (weights that another version, or the same version under another plan,
+already brought are not sent again). Programs are small and always sent. A link is a new name for the
+same bytes; nothing rewrites a file in place (received files replace their temporary names), and
+loading checks every sha256 again. Any refusal is a
 ``deploy_error`` frame (code ``deploy_failed``) and ends that deploy, not the connection.
 The client side is deploy_client.py.
 """
@@ -15,6 +23,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,6 +40,7 @@ from edgepart.runtime.transport import LinkShaperFactory, PeerLink
 log = logging.getLogger("edgepart.worker")
 
 MAX_MANIFEST = 64 << 20
+WEIGHTS_SUFFIX = ".safetensors"      # the files kept by sha256 across bundles (see the module docstring)
 
 
 @dataclass
@@ -103,7 +113,9 @@ class Deployer:
                 if rel not in manifest.files:
                     raise EdgepartError(f"bundle file {rel!r} is not in the manifest's file list")
                 p = bdir / rel
-                if not (p.is_file() and not p.is_symlink() and sha256_file(p) == manifest.files[rel]):
+                if p.is_file() and not p.is_symlink() and sha256_file(p) == manifest.files[rel]:
+                    continue
+                if not (rel.endswith(WEIGHTS_SUFFIX) and self._link_held(manifest.files[rel], p)):
                     need.append(rel)
             self.uploads[conn] = Upload(bid, device, peers, manifest, bdir, set(need))
             conn.out.put({"kind": "deploy_need", "files": need})
@@ -137,6 +149,8 @@ class Deployer:
                                           f"— refused")
             return
         os.replace(tmp, up.dir / rel)
+        if rel.endswith(WEIGHTS_SUFFIX):
+            self._hold(up.dir / rel, want)
         up.need.discard(rel)
         conn.out.put({"kind": "file_ok", "path": rel})
 
@@ -153,6 +167,34 @@ class Deployer:
             conn.out.put({"kind": "deploy_ok", "device": up.device})
         except Exception as e:  # noqa: BLE001 — any load failure is reported to the deployer
             self._refuse(conn, up and up.device, f"worker {self.address()}: {type(e).__name__}: {e}")
+
+    def _blob(self, sha: str) -> Path:
+        return self.workdir / "blobs" / sha
+
+    def _hold(self, path: Path, sha: str) -> None:
+        """Keep a received file under its sha256 for later deploys (best effort: a failure only costs a resend)."""
+        blob = self._blob(sha)
+        try:
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            tmp = blob.with_name(f".{sha}.{uuid.uuid4().hex}")
+            os.link(path, tmp)
+            os.replace(tmp, blob)
+        except OSError as e:
+            log.warning("could not keep %s by sha256 (it will be sent again next time): %s", path.name, e)
+
+    def _link_held(self, sha: str, target: Path) -> bool:
+        """Link a held file with this sha256 to ``target``; False when none is held or it no longer matches."""
+        blob = self._blob(sha)
+        try:
+            if not blob.is_file() or blob.is_symlink() or sha256_file(blob) != sha:
+                return False
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+            os.link(blob, tmp)
+            os.replace(tmp, target)
+            return True
+        except OSError:
+            return False
 
     def _drop(self, conn: Conn) -> None:
         """Forget the connection's deploy, removing a file it was receiving."""
