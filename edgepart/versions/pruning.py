@@ -39,7 +39,9 @@ def prune(model: nn.Module, scale: float, example: torch.Tensor) -> nn.Module:
 
 
 def rebuild(spec: dict, state: dict[str, torch.Tensor]) -> nn.Module:
-    """The plain module ``spec`` describes with ``state`` loaded (strict: every tensor, matching shapes)."""
-    model = from_spec(spec)
-    model.load_state_dict(state, strict=True)
+    """The plain module ``spec`` describes with ``state`` loaded (strict: every tensor, matching shapes).
+    Built on the meta device and given the loaded tensors: no initialisation, the global RNG untouched."""
+    with torch.device("meta"):
+        model = from_spec(spec)
+    model.load_state_dict(state, strict=True, assign=True)
     return model.eval()

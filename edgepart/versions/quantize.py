@@ -115,7 +115,8 @@ def from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
 def rebuild(spec: dict, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
             example: torch.Tensor) -> torch.fx.GraphModule:
     """The int8 module of architecture ``spec`` with the stored quantised weights and activation ranges."""
-    qmodel = _convert(from_spec(spec), example, example)    # structure only: every value is overwritten below
+    with torch.random.fork_rng(devices=[]):                 # the fresh module's init leaves the global RNG alone
+        qmodel = _convert(from_spec(spec), example, example)    # structure only: every value is overwritten below
     state = OrderedDict(from_tensors(tensors, metadata))
     # quantised modules read their state-dict format version from _metadata (Linear's packed params
     # moved between versions); the freshly converted module has the same modules, so the same versions
