@@ -47,6 +47,14 @@ ACTIVATION_MODULES = {
     nn.Hardsigmoid: "F.hardsigmoid({x})",
     nn.Mish: "F.mish({x})",
 }
+# Functions of other libraries that are the identity of their first argument when the named argument
+# (at the given position, with the given default) is False — stochastic depth / drop path in eval mode.
+# Keyed by module + qualified name, so nothing is imported to recognise them; written as the identity.
+EVAL_IDENTITY_FUNCTIONS: dict[str, tuple[str, int, bool]] = {
+    "torchvision.ops.stochastic_depth.stochastic_depth": ("training", 3, True),
+    "timm.layers.drop.drop_path": ("training", 2, False),
+    "timm.models.layers.drop.drop_path": ("training", 2, False),
+}
 IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.AlphaDropout)
 INTERP_MODULES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
 INTERP_MODES = {"nearest", "nearest-exact", "bilinear", "bicubic"}
@@ -140,6 +148,22 @@ def _bind(gm: fx.GraphModule, n: fx.Node, target) -> dict:
     return dict(kw.kwargs) if kw is not None else {}
 
 
+def _qualified(target) -> str:
+    return f"{getattr(target, '__module__', None)}.{getattr(target, '__qualname__', repr(target))}"
+
+
+def _eval_identity(n: fx.Node, target) -> OpSpec | None:
+    """An identity OpSpec when ``target`` is in EVAL_IDENTITY_FUNCTIONS and its switch is literally False."""
+    entry = EVAL_IDENTITY_FUNCTIONS.get(_qualified(target))
+    if entry is None or not n.args or not isinstance(n.args[0], fx.Node):
+        return None
+    arg, position, default = entry
+    switch = n.kwargs.get(arg, n.args[position] if len(n.args) > position else default)
+    if switch is not False:
+        return None
+    return OpSpec("identity", {}, n.args[0], True, label=f"{target.__name__} (the identity with {arg}=False)")
+
+
 def recognise(gm: fx.GraphModule, n: fx.Node) -> OpSpec:
     if n.op == "call_module":
         m = _submodule(gm, n.target)
@@ -197,7 +221,8 @@ def recognise(gm: fx.GraphModule, n: fx.Node) -> OpSpec:
             return OpSpec("adaptive_avg_pool2d", dict(output_size=m.output_size), n.args[0], False,
                           "adaptive pooling windows depend on the whole height", repr(m))
         return OpSpec("generic", {"module": n.target}, n.args[0] if n.args else None, False,
-                      f"module type {t.__module__}.{t.__qualname__} is not known to edgepart", repr(m))
+                      f"module type {t.__module__}.{t.__qualname__} is not known to edgepart: it runs whole, "
+                      "rebuilt on the device from its class, constructor arguments and weights", repr(m))
 
     if n.op == "call_function":
         target = INPLACE_FUNCTIONS.get(n.target, n.target)
@@ -237,13 +262,17 @@ def recognise(gm: fx.GraphModule, n: fx.Node) -> OpSpec:
             if training is True:
                 return OpSpec("generic_function", {}, None, False, "dropout in training mode", "dropout")
             return OpSpec("pointwise", {}, None, True, label=getattr(target, "__name__", str(target)))
+        identity = _eval_identity(n, target)
+        if identity is not None:
+            return identity
         if target is torch.flatten:
             return OpSpec("generic_function", {}, None, False, "flatten merges rows", "flatten")
         if target is F.adaptive_avg_pool2d:
             return OpSpec("generic_function", {}, None, False,
                           "adaptive pooling windows depend on the whole height", "adaptive_avg_pool2d")
         name = getattr(target, "__name__", repr(target))
-        return OpSpec("generic_function", {}, None, False, f"function {name} is not known to be row-local", name)
+        return OpSpec("generic_function", {}, None, False,
+                      f"function {_qualified(target)} is not known to be row-local", name)
 
     if n.op == "call_method":
         if n.target in POINTWISE_METHODS:
