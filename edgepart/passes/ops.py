@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edgepart.passes.graph import COMPUTE_OPS
+from edgepart.passes.pools import ROW_MEAN_SUFFIX
 
 # Row-local elementwise functions: output row i depends only on row i of each input
 # (inputs with a single row broadcast and are needed whole).
@@ -63,7 +64,7 @@ INTERP_MODES = {"nearest", "nearest-exact", "bilinear", "bicubic"}
 @dataclass
 class OpSpec:
     kind: str                      # conv2d | max_pool2d | avg_pool2d | pad | batch_norm | activation |
-                                   # identity | interpolate | pointwise | linear | generic
+                                   # identity | interpolate | pointwise | row_mean | linear | generic
     params: dict[str, Any] = field(default_factory=dict)
     input: fx.Node | None = None   # the input whose rows the op maps geometrically
     row_local: bool = False
@@ -162,6 +163,15 @@ def _eval_identity(n: fx.Node, target) -> OpSpec | None:
     if switch is not False:
         return None
     return OpSpec("identity", {}, n.args[0], True, label=f"{target.__name__} (the identity with {arg}=False)")
+
+
+def _is_row_mean(n: fx.Node) -> bool:
+    """``x.mean(3, keepdim=True)`` of a 4-D x (passes.pools writes global pools so): row i needs row i."""
+    x = n.args[0] if n.args else None
+    shape = x.meta.get("shape") if isinstance(x, fx.Node) else None
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    return (shape is not None and len(shape) == 4 and dim in (3, -1) and len(n.args) <= 2
+            and n.kwargs.get("keepdim", False) is True and set(n.kwargs) <= {"dim", "keepdim"})
 
 
 def recognise(gm: fx.GraphModule, n: fx.Node) -> OpSpec:
@@ -275,6 +285,11 @@ def recognise(gm: fx.GraphModule, n: fx.Node) -> OpSpec:
                       f"function {_qualified(target)} is not known to be row-local", name)
 
     if n.op == "call_method":
+        if n.target == "mean" and _is_row_mean(n):
+            return OpSpec("row_mean", {}, n.args[0], True, label="mean over each row (a global pool's first half)")
+        if n.target == "mean" and isinstance(n.args[0], fx.Node) and n.args[0].name.endswith(ROW_MEAN_SUFFIX):
+            return OpSpec("generic_method", {}, None, False, "adaptive pooling windows depend on the whole height; "
+                          "the row means before it stay split", "mean over the rows (a global pool's second half)")
         if n.target in POINTWISE_METHODS:
             return OpSpec("pointwise", {}, None, True, label=f".{n.target}()")
         known = {"view", "reshape", "flatten", "mean", "sum", "permute", "transpose", "squeeze", "unsqueeze", "size"}

@@ -13,23 +13,24 @@ from tests.corpus.dense import DeepLabV3Tiny, FPNTiny
 from tests.corpus.mobile import EfficientNetTiny, MobileNetV3Tiny, ShuffleNetV2Tiny, SqueezeNetTiny
 from tests.corpus.transformers import ConvNeXtTiny, SwinTiny, ViTTiny
 
-CORPUS = {
-    "efficientnet": (EfficientNetTiny, 64),
-    "mobilenet_v3": (MobileNetV3Tiny, 64),
-    "shufflenet_v2": (ShuffleNetV2Tiny, 64),
-    "squeezenet": (SqueezeNetTiny, 57),       # odd sizes: the ceil-mode pools keep a partial window
-    "deeplab_v3": (DeepLabV3Tiny, 48),
-    "fpn": (FPNTiny, 64),
-    "convnext": (ConvNeXtTiny, 64),
-    "swin": (SwinTiny, 64),
-    "vit": (ViTTiny, 64),
+CORPUS = {   # name -> (factory taking the input side, default side)
+    "efficientnet": (lambda side: EfficientNetTiny(), 64),
+    "mobilenet_v3": (lambda side: MobileNetV3Tiny(), 64),
+    "shufflenet_v2": (lambda side: ShuffleNetV2Tiny(), 64),
+    "squeezenet": (lambda side: SqueezeNetTiny(), 57),      # odd sizes: the ceil-mode pools keep a partial window
+    "deeplab_v3": (lambda side: DeepLabV3Tiny(), 48),
+    "fpn": (lambda side: FPNTiny(), 64),
+    "convnext": (lambda side: ConvNeXtTiny(), 64),
+    "swin": (lambda side: SwinTiny(), 64),
+    "vit": (lambda side: ViTTiny(image_size=side), 64),     # the position embedding has one entry per patch
 }
 
 
-def get(name: str, seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor]]:
-    factory, side = CORPUS[name]
+def get(name: str, seed: int = 0, side: int | None = None) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    factory, default_side = CORPUS[name]
+    side = side or default_side
     torch.manual_seed(seed)
-    model = factory()
+    model = factory(side)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for m in model.modules():
