@@ -10,6 +10,14 @@ input was gathered onto one device (an SE block inside a trunk moved every activ
 Exact up to the order of the float summation (two means instead of one): differences are at the
 float32 rounding level, ~1e-7 relative, well inside edgepart's 1e-4 exactness tolerance.
 
+A squeeze-excite MLP — the one-row nodes from a combine back into the rows (``x * s``) — is marked
+``replicated`` (``mark_replicated``): it may run inside a split stage, every device of the stage
+computing all of it. Such a stage starts with an all-gather of the row means (each device receives
+the other devices' rows of them, (N, C, rows, 1) floats per message), then each device takes the
+mean, runs the MLP and scales its own rows: one exchange instead of a gather onto one device and a
+broadcast of the scale, and no stage boundary on either side of the MLP. The messages are ordinary
+row transfers, so the schedule, the simulator, the MILP and both executors handle them unchanged.
+
 Recognised: ``nn.AdaptiveAvgPool2d(1)``, ``F.adaptive_avg_pool2d(x, 1)`` and ``x.mean((2, 3))`` /
 ``torch.mean(x, (2, 3))`` (any spelling of the last two dims, with or without ``keepdim``) of a 4-D
 input with at least two rows. The pool node keeps its name and becomes the combine; the row means
@@ -22,6 +30,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from edgepart.passes.graph import COMPUTE_OPS
 from edgepart.passes.shapes import record_value
 
 ROW_MEAN_SUFFIX = "_rows"
@@ -80,4 +89,36 @@ def split_global_pools(gm: fx.GraphModule) -> fx.GraphModule:
         gm.delete_all_unused_submodules()
         gm.graph.lint()
         gm.recompile()
+    return gm
+
+
+def mark_replicated(gm: fx.GraphModule) -> fx.GraphModule:
+    """Mark the one-row nodes between a global pool's combine and the rows it feeds back into as
+    ``replicated`` (and splittable: a split stage may hold them; every device computes them whole).
+
+    A node qualifies when its value has one row, every input is a constant, a qualifying node or
+    (for the combine) the row means of passes.pools, and every user qualifies or is a splittable
+    node with more than one row. Run after passes.rowmap (it reads ``splittable``)."""
+    def one_row(n: fx.Node) -> bool:
+        return n.op in COMPUTE_OPS and n.meta.get("rows") == 1 and not n.meta.get("splittable")
+
+    cand: set[str] = set()
+    for n in gm.graph.nodes:                       # forward: what every input allows
+        if not one_row(n):
+            continue
+        inputs = [p for p in n.all_input_nodes if p.op != "get_attr"]
+        if inputs and all(p.name in cand or (p.name.endswith(ROW_MEAN_SUFFIX) and p.meta.get("splittable"))
+                          for p in inputs):
+            cand.add(n.name)
+    changed = True
+    while changed:                                 # backward: every user must take it back into rows
+        changed = False
+        for n in gm.graph.nodes:
+            if n.name in cand and not all(u.name in cand or (u.meta.get("splittable") and u.meta.get("rows", 1) > 1)
+                                          for u in n.users):
+                cand.discard(n.name)
+                changed = True
+    for n in gm.graph.nodes:
+        if n.name in cand:
+            n.meta.update(splittable=True, replicated=True, why_whole="")
     return gm
