@@ -177,3 +177,19 @@ def test_an_se_block_no_longer_gathers_its_input(monkeypatch):
     # 3 devices, 100 Mbit/s: 476 -> 333 kB moved (the rest is halo rows), simulated latency 79 -> 64 ms
     assert after.summary()["bytes_moved"] < 0.8 * before.summary()["bytes_moved"]
     assert after.latency < 0.9 * before.latency
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_corpus_over_sockets(tmp_path):
+    """Worker processes import the call targets (the ops stand-in), rebuild nn.MultiheadAttention and run
+    the all-gather of an SE block's row means: equal to run_local and to the model."""
+    for name in ("efficientnet", "vit", "deeplab_v3"):
+        model, (x,) = corpus.get(name)
+        bundle = edgepart.compile(model, (x,), CLUSTER, strategy="proportional")
+        out = bundle.save(tmp_path / name)
+        with edgepart.LocalCluster(out) as cluster:
+            y = cluster.infer(x)
+        with torch.no_grad():
+            assert_close(y, model(x))
+        assert_close(y, bundle.run_local(x), rel=1e-6)
