@@ -50,6 +50,8 @@ def test_a_call_into_another_librarys_ops_package_is_imported_by_its_module_path
     assert_close(bundle.run_local(x), model(x))
     whole = {e["node"]: e["why"] for e in bundle.report["whole_nodes"]}
     assert SD in whole["stochastic_depth_1"]
+    single = edgepart.compile(model, (x,), CLUSTER, strategy="single")     # d0 only moves the input
+    assert "ext_stochastic_depth" in single.sources["d2"] and "import" not in single.sources["d0"].split("rowops")[1]
 
 
 def test_an_eval_mode_identity_is_inlined_and_splits(monkeypatch):

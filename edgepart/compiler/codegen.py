@@ -97,7 +97,8 @@ class FunctionNamer:
     def __init__(self, taken: set[str]):
         self.taken = set(taken) | RESERVED
         self.aliases: dict[Any, str] = {}          # target -> expression naming it
-        self.imports: list[str] = []               # import lines, in first-use order
+        self.import_line: dict[str, str] = {}      # alias -> the line importing it
+        self.uses: dict[str, set[str]] = {}        # node -> aliases its code uses
 
     def name(self, n: fx.Node, target) -> str:
         for prefix, ns in (("F", F), ("torch", torch)):
@@ -112,7 +113,14 @@ class FunctionNamer:
             return q.removeprefix("builtins.")
         if target not in self.aliases:
             self.aliases[target] = self._import(n, target, q)
-        return self.aliases[target]
+        expr = self.aliases[target]
+        self.uses.setdefault(n.name, set()).add(expr.partition(".")[0])
+        return expr
+
+    def imports(self, nodes) -> str:
+        """The import lines the code of ``nodes`` needs (a device imports only what it runs)."""
+        aliases = set().union(*(self.uses.get(n, set()) for n in nodes))
+        return "".join(line for alias, line in self.import_line.items() if alias in aliases)
 
     def _import(self, n: fx.Node, target, q: str) -> str:
         where = None if "<" in q or q.startswith("__main__.") else _resolve(q, target)
@@ -127,7 +135,7 @@ class FunctionNamer:
         while alias in self.taken:
             alias += "_"
         self.taken.add(alias)
-        self.imports.append(f"from {module} import {head} as {alias}\n")
+        self.import_line[alias] = f"from {module} import {head} as {alias}\n"
         return alias + ("." + rest if rest else "")
 
 
@@ -345,7 +353,7 @@ def generate(gm: fx.GraphModule, schedule: Schedule, model_name: str, version: s
                     modules[nodes[name].target] = emitter.modules[nodes[name].target]
         src = HEADER.format(device=dev, version=version, model=model_name,
                             stages=", ".join(map(str, stage_ids)) or "none (only moves inputs and outputs)",
-                            imports="".join(emitter.functions.imports))
+                            imports=emitter.functions.imports(emitted))
         src += f"\n# Modules edgepart has no kernel for: rebuilt at load from torch.nn class and settings.\nMODULES = {_fmt(modules)}\n"
         src += "".join(line + "\n" for line in body)
         src += "\n\n# Stages run these in the order the manifest lists them.\n"
