@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edgepart.passes.graph import COMPUTE_OPS
-from edgepart.passes.pools import ROW_MEAN_SUFFIX
+from edgepart.passes.pools import COMBINE
 
 # Row-local elementwise functions: output row i depends only on row i of each input
 # (inputs with a single row broadcast and are needed whole).
@@ -287,7 +287,7 @@ def recognise(gm: fx.GraphModule, n: fx.Node) -> OpSpec:
     if n.op == "call_method":
         if n.target == "mean" and _is_row_mean(n):
             return OpSpec("row_mean", {}, n.args[0], True, label="mean over each row (a global pool's first half)")
-        if n.target == "mean" and isinstance(n.args[0], fx.Node) and n.args[0].name.endswith(ROW_MEAN_SUFFIX):
+        if n.meta.get(COMBINE):
             return OpSpec("generic_method", {}, None, False, "adaptive pooling windows depend on the whole height; "
                           "the row means before it stay split", "mean over the rows (a global pool's second half)")
         if n.target in POINTWISE_METHODS:

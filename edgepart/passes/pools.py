@@ -34,6 +34,7 @@ from edgepart.passes.graph import COMPUTE_OPS
 from edgepart.passes.shapes import record_value
 
 ROW_MEAN_SUFFIX = "_rows"
+COMBINE = "global_pool_combine"     # node.meta key, True on a pool this pass rewrote into its combine
 
 
 def _is_one(size) -> bool:
@@ -84,6 +85,7 @@ def split_global_pools(gm: fx.GraphModule) -> fx.GraphModule:
         record_value(rows, torch.empty((*shape[:3], 1), dtype=getattr(torch, x.meta["dtype"]), device="meta"))
         n.op, n.target = "call_method", "mean"
         n.args, n.kwargs = (rows, (2, 3)), {"keepdim": keepdim}
+        n.meta[COMBINE] = True
         changed = True
     if changed:
         gm.delete_all_unused_submodules()
@@ -97,7 +99,7 @@ def mark_replicated(gm: fx.GraphModule) -> fx.GraphModule:
     ``replicated`` (and splittable: a split stage may hold them; every device computes them whole).
 
     A node qualifies when its value has one row, every input is a constant, a qualifying node or
-    (for the combine) the row means of passes.pools, and every user qualifies or is a splittable
+    (for a combine) the row means it averages, and every user qualifies or is a splittable
     node with more than one row. Run after passes.rowmap (it reads ``splittable``)."""
     def one_row(n: fx.Node) -> bool:
         return n.op in COMPUTE_OPS and n.meta.get("rows") == 1 and not n.meta.get("splittable")
@@ -107,8 +109,8 @@ def mark_replicated(gm: fx.GraphModule) -> fx.GraphModule:
         if not one_row(n):
             continue
         inputs = [p for p in n.all_input_nodes if p.op != "get_attr"]
-        if inputs and all(p.name in cand or (p.name.endswith(ROW_MEAN_SUFFIX) and p.meta.get("splittable"))
-                          for p in inputs):
+        combine = n.meta.get(COMBINE) and inputs[0].meta.get("splittable")    # its row means stay split
+        if combine or (inputs and all(p.name in cand for p in inputs)):
             cand.add(n.name)
     changed = True
     while changed:                                 # backward: every user must take it back into rows
