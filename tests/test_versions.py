@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import edgepart
-from edgepart import datasets
+from edgepart import datasets, models
 from edgepart.cli import main as cli_main
 from edgepart.compiler.planning import baselines  # noqa: F401 — registers the baseline strategies
 from edgepart.compiler.planning.registry import STRATEGIES
@@ -21,7 +21,7 @@ from edgepart.models.compact import ARCHS
 from edgepart.runtime.client import Session
 from edgepart.versions import TrainConfig, VersionSet, build_version_set, train_model
 from edgepart.versions.store import WEIGHTS
-from edgepart.versions.training import predict
+from edgepart.versions.training import predict, train
 from tests.conftest import assert_close
 
 SCALES = (1.0, 0.75, 0.5, 0.25)
@@ -170,3 +170,11 @@ def test_a_second_deploy_links_files_the_worker_already_holds(sets, digits, tmp_
                 files = list((b / "devices").glob("*.safetensors"))
                 assert files and all(p.stat().st_ino in held for p in files)
     assert torch.equal(got, predict(model, images))
+
+
+def test_training_is_deterministic_in_the_seed(digits):
+    def trained(seed):
+        return train(models.build("resnet_small"), digits.train, TrainConfig(epochs=1, seed=seed)).state_dict()
+    a, b, c = trained(0), trained(0), trained(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
