@@ -9,6 +9,18 @@ kind's rules — the connection roles it may come on, what its payload may be (`
 ``Channel.recv``) — before any of its payload is read. A frame of a kind nobody registered, or
 that fails any check, is refused: logged with the reason, answered with a ``refused`` frame
 (unless its MAC was wrong) and its connection closed; the worker stays up.
+
+Connections before they authenticated cost the worker a thread and a few KiB each, and anyone who
+can reach the port can open them, so they are bounded (docs/security.md, "Floods"): at most
+``MAX_PENDING`` in their handshake at once and ``MAX_PENDING_PER_PEER`` from one address; one over
+either limit makes room by closing the oldest handshake of the address with the most of them (so
+a flood from a few addresses cannot crowd out a client from another, and a newcomer is never
+turned away, only a stale handshake); the whole hello must complete within ``HANDSHAKE_TIMEOUT``;
+a thread that cannot start closes its socket and the loop goes on. Authenticated connections
+number at most ``MAX_CONNECTIONS`` (one more is answered ``busy``) and close after
+``IDLE_TIMEOUT`` seconds without a frame either way (clients ping every second). After a burst
+of failed handshakes and after deploys the worker hands freed memory back to the OS
+(allocator.release_memory).
 """
 from __future__ import annotations
 
@@ -20,13 +32,19 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from edgepart.runtime.protocol import (DEFAULT_MAX_PAYLOAD, Channel, Frame, PeerClosed, ProtocolError,
-                                       parse_address)
+from edgepart.runtime.allocator import release_memory
+from edgepart.runtime.protocol import (DEFAULT_MAX_PAYLOAD, HANDSHAKE_TIMEOUT, Channel, Frame, PeerClosed,
+                                       ProtocolError, WorkerBusy, parse_address)
 from edgepart.runtime.transport import Writer
 
 log = logging.getLogger("edgepart.worker")
 
-MAX_CONNECTIONS = 256
+MAX_CONNECTIONS = 256          # authenticated connections
+MAX_PENDING = 64               # connections still in their handshake, in total
+MAX_PENDING_PER_PEER = 8       # ... and from one peer address
+IDLE_TIMEOUT = 120.0           # s without a frame in either direction: an authenticated connection is closed
+LOG_BURST, LOG_WINDOW = 20, 10.0  # refused handshakes logged one by one, then counted
+TRIM_INTERVAL = 2.0            # s: memory is handed back at most this often after failed handshakes
 # what makes a frame refused (and its connection closed) rather than a bug in the worker
 REFUSED = (ProtocolError, ValueError, KeyError, TypeError)
 
@@ -40,6 +58,7 @@ class Conn:
         self.role = str(ch.peer.get("role", "?"))[:16]
         self.name = str(ch.peer.get("name", ""))[:64]
         self.clean = False                   # the other end said bye: its going away is not a failure
+        self.idle = False                    # closed by the worker for sending nothing for too long
 
     def label(self) -> str:
         return f"{self.role} {self.name or '?'} at {self.ch.peer_addr}"
@@ -70,7 +89,10 @@ class Server:
     """
 
     def __init__(self, listen: str, key: bytes, hello: Callable[[], dict], stats: collections.Counter,
-                 stop_event: threading.Event, max_payload: int = DEFAULT_MAX_PAYLOAD):
+                 stop_event: threading.Event, max_payload: int = DEFAULT_MAX_PAYLOAD,
+                 idle_timeout: float = IDLE_TIMEOUT, handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 max_pending: int = MAX_PENDING, max_pending_per_peer: int = MAX_PENDING_PER_PEER,
+                 max_connections: int = MAX_CONNECTIONS):
         self.key = key
         self.listen_addr = parse_address(listen)
         self.hello = hello
@@ -81,6 +103,16 @@ class Server:
         self.disconnect_callbacks: list[Callable[[Conn, str | None], None]] = []
         self.lock = threading.Lock()
         self.conns: set[Conn] = set()
+        self.idle_timeout = idle_timeout
+        self.handshake_timeout = handshake_timeout
+        self.max_pending = max_pending
+        self.max_pending_per_peer = max_pending_per_peer
+        self.max_connections = max_connections
+        # sockets in their handshake, per peer address, oldest first (guarded by self.lock)
+        self.pending: dict[str, collections.deque] = {}
+        self.n_pending = 0
+        self._trim_wanted = False
+        self._log_window, self._log_count, self._log_dropped = 0.0, 0, 0
         self.sock: socket.socket | None = None
         self.address: str | None = None
         self.register("ping", lambda conn, f: conn.out.put({"kind": "pong", "t": f.get("t")}))
@@ -109,6 +141,7 @@ class Server:
         host, port = s.getsockname()[:2]
         self.address = f"{host}:{port}"
         threading.Thread(target=self._accept_loop, name="accept", daemon=True).start()
+        threading.Thread(target=self._janitor_loop, name="janitor", daemon=True).start()
         return self.address
 
     def close(self) -> None:
@@ -131,28 +164,96 @@ class Server:
             except OSError:
                 if self.stop_event.is_set():
                     return
-                time.sleep(0.05)
+                time.sleep(0.05)            # e.g. out of file descriptors: handshakes end within seconds
                 continue
-            with self.lock:
-                too_many = len(self.conns) >= MAX_CONNECTIONS
-            if too_many:
-                log.warning("refused connection from %s: %d connections already open", addr, MAX_CONNECTIONS)
-                sock.close()
-                continue
+            try:
+                self._admit_pending(sock, addr)
+            except Exception:  # noqa: BLE001 — nothing may end the accept loop
+                log.exception("accepting a connection from %s failed", addr)
+                _close_quietly(sock)
+
+    def _admit_pending(self, sock: socket.socket, addr) -> None:
+        """Start ``sock``'s handshake thread, first making room among the pending handshakes."""
+        host = str(addr[0])
+        victims = []
+        with self.lock:
+            mine = self.pending.setdefault(host, collections.deque())
+            if len(mine) >= self.max_pending_per_peer:
+                victims.append(self._evict(host))
+            if self.n_pending >= self.max_pending:
+                victims.append(self._evict(max(self.pending, key=lambda h: len(self.pending[h]))))
+            mine.append(sock)
+            self.n_pending += 1
+        for v in victims:
+            if v is not None:
+                self.stats["evicted"] += 1
+                try:
+                    v.shutdown(socket.SHUT_RDWR)      # wakes its handshake thread, which closes it
+                except OSError:
+                    pass
+        try:
             threading.Thread(target=self._serve, args=(sock, addr), name=f"conn-{addr[1]}", daemon=True).start()
+        except RuntimeError as e:                       # can't start new thread: refuse this one, keep accepting
+            log.warning("refused connection from %s: cannot start a thread (%s)", host, e)
+            self._unpend(host, sock)
+            _close_quietly(sock)
+
+    def _evict(self, host: str):
+        """The oldest pending socket of ``host``, taken off the pending list (lock held)."""
+        q = self.pending.get(host)
+        if not q:
+            return None
+        v = q.popleft()
+        self.n_pending -= 1
+        return v
+
+    def _unpend(self, host: str, sock: socket.socket) -> None:
+        with self.lock:
+            q = self.pending.get(host)
+            if q is not None:
+                try:
+                    q.remove(sock)
+                    self.n_pending -= 1
+                except ValueError:                      # evicted meanwhile
+                    pass
+                if not q:
+                    del self.pending[host]
+
+    def _admit(self) -> str | None:
+        """Room for one more authenticated connection? None, else why not (answered ``busy``)."""
+        with self.lock:
+            if len(self.conns) >= self.max_connections:
+                return f"{self.max_connections} connections already open"
+        return None
 
     def _serve(self, sock: socket.socket, addr) -> None:
         where = "%s:%s" % addr[:2]
         try:
-            ch = Channel.server_handshake(sock, self.key, self.hello(), max_payload=self.max_payload)
+            ch = Channel.server_handshake(sock, self.key, self.hello(), timeout=self.handshake_timeout,
+                                          max_payload=self.max_payload, admit=self._admit)
         except PeerClosed:
-            sock.close()
+            self._unpend(str(addr[0]), sock)
+            _close_quietly(sock)
+            self._trim_wanted = True
+            return
+        except WorkerBusy as e:
+            self._unpend(str(addr[0]), sock)
+            self.stats["busy"] += 1
+            log.warning("refused connection from %s: busy (%s)", where, e)
+            _close_quietly(sock)
             return
         except (ProtocolError, OSError, ValueError) as e:
+            self._unpend(str(addr[0]), sock)
             self.stats["refused"] += 1
-            log.warning("refused connection from %s: %s", where, e)
-            sock.close()
+            self._log_refusal(where, e)
+            _close_quietly(sock)
+            self._trim_wanted = True
             return
+        except BaseException:
+            self._unpend(str(addr[0]), sock)
+            _close_quietly(sock)
+            raise
+        self._unpend(str(addr[0]), sock)
         conn = Conn(ch, Writer(f"out-{where}", ch))
         with self.lock:
             self.conns.add(conn)
@@ -164,7 +265,7 @@ class Server:
                 if conn.clean:
                     break
         except PeerClosed:
-            reason = "closed the connection"
+            reason = "idle: closed by the worker" if getattr(conn, "idle", False) else "closed the connection"
         except REFUSED as e:
             self.stats["refused"] += 1
             reason = f"refused frame: {e}"
@@ -187,6 +288,44 @@ class Server:
         for callback in self.disconnect_callbacks:
             callback(conn, None if conn.clean else reason)
 
+    def _log_refusal(self, where: str, e: Exception) -> None:
+        """Log a refused handshake; under a flood, at most LOG_BURST lines per LOG_WINDOW s (then a count)."""
+        now = time.monotonic()
+        with self.lock:
+            if now - self._log_window > LOG_WINDOW:
+                if self._log_dropped:
+                    log.warning("... and %d more refused connections in the last %.0f s", self._log_dropped,
+                                LOG_WINDOW)
+                self._log_window, self._log_count, self._log_dropped = now, 0, 0
+            self._log_count += 1
+            quiet = self._log_count > LOG_BURST
+            if quiet:
+                self._log_dropped += 1
+        if not quiet:
+            log.warning("refused connection from %s: %s", where, e)
+
+    def _janitor_loop(self) -> None:
+        """Close idle authenticated connections; hand memory back after a burst of failed handshakes."""
+        last_trim = 0.0
+        tick = min(0.5, self.idle_timeout / 4)
+        while not self.stop_event.wait(tick):
+            now = time.monotonic()
+            with self.lock:
+                idle = [c for c in self.conns if now - c.ch.last_activity > self.idle_timeout]
+                quiet = self.n_pending == 0
+            for c in idle:
+                log.info("closing %s: no frame for %.0f s", c.label(), self.idle_timeout)
+                c.idle = True
+                self.stats["idle_closed"] += 1
+                try:
+                    c.ch.sock.shutdown(socket.SHUT_RDWR)     # its reader sees the end and cleans up
+                except OSError:
+                    pass
+            if self._trim_wanted and quiet and now - last_trim > TRIM_INTERVAL:
+                self._trim_wanted = False
+                last_trim = now
+                release_memory()
+
     def _expect(self, conn: Conn, h: dict):
         kind = h["kind"]
         handler = self.handlers.get(kind)
@@ -199,3 +338,10 @@ class Server:
 
     def _on_bye(self, conn: Conn, frame: Frame) -> None:
         conn.clean = True
+
+
+def _close_quietly(sock: socket.socket) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
