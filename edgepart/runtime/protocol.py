@@ -808,31 +808,55 @@ def parse_address(addr: str) -> tuple[str, int]:
     return host, p
 
 
+def check_key(key: bytes, source: str) -> bytes:
+    """Refuse a shared key that is short or visibly not random; ``source`` names where it came from.
+
+    At least MIN_KEY_BYTES (32) bytes; at least 16 distinct byte values (32 random bytes have
+    about 30: fewer means a repeated pattern such as 32 × "a" or all zeros); not all printable
+    ASCII (a passphrase — guessable offline from one recorded hello — not random bytes; 32 random
+    bytes are all printable with probability 1e-14). Make one with ``edgepart keygen --run FILE``."""
+    hint = "make one with `edgepart keygen --run FILE` (32 random bytes, as hex)"
+    if len(key) < MIN_KEY_BYTES:
+        raise EdgepartError(f"{source}: the key is {len(key)} bytes; at least {MIN_KEY_BYTES} random bytes are "
+                            f"needed — {hint}")
+    if len(set(key)) < 16:
+        raise EdgepartError(f"{source}: the key has only {len(set(key))} distinct byte values, so it is not random "
+                            f"— {hint}")
+    if all(32 <= b < 127 for b in key):
+        raise EdgepartError(f"{source}: the key is printable text (a passphrase?), not random bytes — {hint}")
+    return key
+
+
 def read_key(path) -> bytes:
-    """A shared key from a file: the raw bytes, or hex if the file holds only hex digits."""
-    data = open(path, "rb").read().strip()
+    """A shared key from a file: the raw bytes, or hex if the file holds only hex digits; refused if
+    short or visibly not random (:func:`check_key`)."""
+    try:
+        data = open(path, "rb").read().strip()
+    except OSError as e:
+        raise EdgepartError(f"key file {path}: {e.strerror}") from None
     if not data:
         raise EdgepartError(f"key file {path} is empty")
+    key = bytes(data)
     try:
         text = data.decode("ascii")
-        if len(text) >= 32 and all(c in "0123456789abcdefABCDEF" for c in text):
-            return bytes.fromhex(text)
+        if len(text) >= 32 and len(text) % 2 == 0 and all(c in "0123456789abcdefABCDEF" for c in text):
+            key = bytes.fromhex(text)
     except (UnicodeDecodeError, ValueError):
         pass
-    return bytes(data)
+    return check_key(key, f"key file {path}")
 
 
 def as_key(key) -> bytes:
     if isinstance(key, (bytes, bytearray)):
-        if len(key) < 16:
-            raise EdgepartError("the shared key must be at least 16 bytes")
+        if len(key) < MIN_KEY_BYTES:
+            raise EdgepartError(f"the shared key must be at least {MIN_KEY_BYTES} bytes")
         return bytes(key)
     if isinstance(key, str):
         if os.path.isfile(key):
             return read_key(key)
         k = key.encode()
-        if len(k) < 16:
-            raise EdgepartError("the shared key must be at least 16 bytes (or a key file path)")
+        if len(k) < MIN_KEY_BYTES:
+            raise EdgepartError(f"the shared key must be at least {MIN_KEY_BYTES} bytes (or a key file path)")
         return k
     raise EdgepartError("key must be bytes, a string, or a key file path")
 

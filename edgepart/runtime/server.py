@@ -262,6 +262,7 @@ class Server:
             while not self.stop_event.is_set():
                 frame = ch.recv(lambda h: self._expect(conn, h))
                 self.handlers[frame.kind].handle(conn, frame)
+                frame = None                    # its buffers are free before the next frame arrives
                 if conn.clean:
                     break
         except PeerClosed:
@@ -287,6 +288,10 @@ class Server:
             reason = "connection lost"
         for callback in self.disconnect_callbacks:
             callback(conn, None if conn.clean else reason)
+
+    def request_trim(self) -> None:
+        """Hand freed memory back to the OS soon (after a deploy or a profile; see allocator.release_memory)."""
+        self._trim_wanted = True
 
     def _log_refusal(self, where: str, e: Exception) -> None:
         """Log a refused handshake; under a flood, at most LOG_BURST lines per LOG_WINDOW s (then a count)."""
