@@ -545,3 +545,57 @@ def test_fuzzed_worker_is_alive_and_serving(fuzz_worker):
     assert ping(fuzz_worker) < 5
     assert any(t.name == "accept" for t in threading.enumerate())
 
+
+
+# --- finding 6: what users type ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("desc, match", [
+    ({"devices": [{"name": "a", "speed": "fast"}]}, r"devices\[0\] \(device 'a'\): speed must be a number, got 'fast'"),
+    ({"devices": [{"name": "a", "speed": float("inf")}]}, r"devices\[0\].*speed must be a finite number"),
+    ({"devices": [{"name": "a"}], "links": {"default": {"bandwidth_mbps": "100Mbps"}}},
+     r"links\.default: bandwidth_mbps must be a number, got '100Mbps'"),
+    ({"devices": [{"name": "a"}], "links": {"default": {"bandwith_mbps": 100}}},
+     r"links\.default: unknown key 'bandwith_mbps' \(did you mean 'bandwidth_mbps'\?\)"),
+    ({"devices": [{"name": "a"}, {"name": "b"}], "links": {"overrides": [{"a": "a", "b": "b", "latency_ms": -1}]}},
+     r"links\.overrides\[0\]: latency_ms must be >= 0, got -1"),
+    ({"devices": [{"name": "a"}], "colour": "red"}, r"top level: unknown key 'colour'"),
+    ({"devices": [{"name": "a", "memory_mb": True}]}, r"memory_mb must be a number"),
+])
+def test_cluster_descriptions_are_checked_naming_the_key(desc, match):
+    with pytest.raises(edgepart.ClusterError, match=match):
+        edgepart.Cluster.from_dict(desc)
+
+
+def cli(*args, cwd):
+    import subprocess
+    import sys
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, "-m", "edgepart.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=120)
+
+
+def test_cli_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
+    (tmp_path / "raises.py").write_text("def f():\n    raise RuntimeError('boom')\n")
+    (tmp_path / "broken.py").write_text("def f(:\n")
+    (tmp_path / "conv.py").write_text("import torch\ndef f():\n    return torch.nn.Conv2d(3, 4, 3)\n")
+    (tmp_path / "c.yaml").write_text("devices:\n  - {name: a, speed: fast}\n")
+    (tmp_path / "afile").write_text("")
+    cases = [(["compile", "raises.py:f", "--out", "o"], "the factory raised RuntimeError: boom"),
+             (["compile", "broken.py:f", "--out", "o"], "broken.py, line 1: syntax error"),
+             (["compile", "conv.py:f", "--input-shape", "a,b", "--out", "o"], "--input-shape 'a,b'"),
+             (["compile", "tinynet", "--out", "afile"], "--out afile: is a file"),
+             (["compile", "tinynet", "--cluster", "c.yaml", "--out", "o"], "speed must be a number, got 'fast'"),
+             (["worker", "--key-file", "afile"], "key file afile is empty")]
+    for args, message in cases:
+        r = cli(*args, cwd=tmp_path)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], (args, r.stderr)
+    r = cli("--debug", "compile", "raises.py:f", "--out", "o", cwd=tmp_path)
+    assert "Traceback" in r.stderr and "boom" in r.stderr
+
+
+def test_an_infeasible_memory_limit_names_memory_and_the_shortfall():
+    model, (x,) = zoo.get("tinynet")
+    cl = edgepart.Cluster.from_dict({"devices": [{"name": "a", "memory_mb": 0.01}, {"name": "b", "memory_mb": 0.01}]})
+    with pytest.raises(edgepart.PlanError, match=r"no plan fits the devices' memory.*MiB short"):
+        edgepart.compile(model, (x,), cl, strategy="ofpm")
