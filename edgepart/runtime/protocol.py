@@ -97,6 +97,12 @@ class HelloRefused(AuthError):
     not share); they are advice for the message shown, never a basis for a decision."""
 
 
+class HelloDropped(AuthError):
+    """The worker closed the connection before answering the hello: busy with handshakes (a flood
+    makes it close the handshakes least far along), a wrong key, or not an edgepart worker.
+    :meth:`Channel.connect` tries again while its timeout lasts."""
+
+
 class WorkerBusy(ProtocolError):
     """The worker took the hello (the key is right) but has no room for another connection now."""
 
@@ -319,13 +325,22 @@ class Channel:
     @classmethod
     def connect(cls, address: str | tuple, key: bytes, hello: dict, timeout: float = HANDSHAKE_TIMEOUT,
                 max_payload: int = DEFAULT_MAX_PAYLOAD) -> "Channel":
+        """Connect and handshake within ``timeout`` s in all; a hello the worker dropped unanswered
+        (:class:`HelloDropped`) is tried again on a new connection while the time lasts."""
         host, port = parse_address(address) if isinstance(address, str) else address
-        sock = socket.create_connection((host, port), timeout=timeout)
-        try:
-            return cls.client_handshake(sock, key, hello, timeout, max_payload)
-        except BaseException:
-            sock.close()
-            raise
+        deadline = _now() + timeout
+        while True:
+            sock = socket.create_connection((host, port), timeout=max(0.05, deadline - _now()))
+            try:
+                return cls.client_handshake(sock, key, hello, max(0.05, deadline - _now()), max_payload)
+            except HelloDropped:
+                sock.close()
+                if _now() + 0.05 >= deadline:       # a worker under a handshake flood drops some: try again
+                    raise
+                time.sleep(0.02)
+            except BaseException:
+                sock.close()
+                raise
 
     @classmethod
     def client_handshake(cls, sock, key: bytes, hello: dict, timeout: float = HANDSHAKE_TIMEOUT,
@@ -350,10 +365,10 @@ class Channel:
         except AuthError:
             raise AuthError("the worker's answer to the hello did not verify: wrong key (or not an edgepart "
                             "worker)") from None
-        except PeerClosed:
-            raise AuthError("the worker closed the connection without answering the hello: it is busy (too many "
-                            "connections in their handshake), or does not share this key, or is not an edgepart "
-                            "worker") from None
+        except (PeerClosed, ConnectionResetError):
+            raise HelloDropped("the worker closed the connection without answering the hello: it is busy (too many "
+                               "connections in their handshake), or does not share this key, or is not an edgepart "
+                               "worker") from None
         except (socket.timeout, TimeoutError):
             raise AuthError(f"no answer to the hello within {timeout:.0f} s: the worker is busy or unreachable"
                             ) from None

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import select
 import socket
 import threading
 import time
@@ -40,13 +41,39 @@ from edgepart.runtime.transport import Writer
 log = logging.getLogger("edgepart.worker")
 
 MAX_CONNECTIONS = 256          # authenticated connections
-MAX_PENDING = 64               # connections still in their handshake, in total
+MAX_PENDING = 128              # connections still in their handshake, in total
 MAX_PENDING_PER_PEER = 8       # ... and from one peer address
+CONFIRM_GRACE = 0.25           # s from a verified hello to its key confirmation before it counts as a replay
+ACCEPT_BATCH = 256             # connections accepted before any of them gets a thread
+LISTEN_BACKLOG = 4096          # connections the kernel queues for accept (capped by net.core.somaxconn): a
+                               # short queue drops a client's SYN under a flood and TCP retries after 1, 3, 7 s
 IDLE_TIMEOUT = 120.0           # s without a frame in either direction: an authenticated connection is closed
 LOG_BURST, LOG_WINDOW = 20, 10.0  # refused handshakes logged one by one, then counted
 TRIM_INTERVAL = 2.0            # s: memory is handed back at most this often after failed handshakes
 # what makes a frame refused (and its connection closed) rather than a bug in the worker
 REFUSED = (ProtocolError, ValueError, KeyError, TypeError)
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A connection in its handshake: since when, from where, and whether its thread runs yet."""
+
+    t: float
+    sock: socket.socket
+    host: str
+    level: int = 0               # how far along: 0 silent, 1 sent something, 2 its hello verified
+    started: bool = False
+    evicted: bool = False
+
+    verified_at: float = 0.0
+
+    def worth(self, now: float) -> int:
+        """How much keeping it is worth: a hello that verified but got no key confirmation within
+        CONFIRM_GRACE (a replay: a client confirms within one round trip) least, then one that has
+        sent nothing, then one that sent something, then a verified hello still within its grace."""
+        if self.level == 2 and now - self.verified_at > CONFIRM_GRACE:
+            return -1
+        return self.level
 
 
 class Conn:
@@ -110,6 +137,9 @@ class Server:
         self.max_connections = max_connections
         # sockets in their handshake, per peer address, oldest first (guarded by self.lock)
         self.pending: dict[str, collections.deque] = {}
+        self.by_sock: dict[socket.socket, _Pending] = {}
+        self.silent: dict[_Pending, None] = {}        # pending that sent nothing yet, oldest first
+        self.verified: dict[_Pending, None] = {}      # pending whose hello verified, oldest first
         self.n_pending = 0
         self._trim_wanted = False
         self._log_window, self._log_count, self._log_dropped = 0.0, 0, 0
@@ -136,7 +166,7 @@ class Server:
         s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(self.listen_addr)
-        s.listen(128)
+        s.listen(LISTEN_BACKLOG)
         self.sock = s
         host, port = s.getsockname()[:2]
         self.address = f"{host}:{port}"
@@ -159,65 +189,125 @@ class Server:
     # --- connections ----------------------------------------------------------------------
     def _accept_loop(self) -> None:
         while not self.stop_event.is_set():
+            batch = []
             try:
-                sock, addr = self.sock.accept()
-            except OSError:
-                if self.stop_event.is_set():
-                    return
-                time.sleep(0.05)            # e.g. out of file descriptors: handshakes end within seconds
-                continue
-            try:
-                self._admit_pending(sock, addr)
-            except Exception:  # noqa: BLE001 — nothing may end the accept loop
-                log.exception("accepting a connection from %s failed", addr)
-                _close_quietly(sock)
-
-    def _admit_pending(self, sock: socket.socket, addr) -> None:
-        """Start ``sock``'s handshake thread, first making room among the pending handshakes."""
-        host = str(addr[0])
-        victims = []
-        with self.lock:
-            mine = self.pending.setdefault(host, collections.deque())
-            if len(mine) >= self.max_pending_per_peer:
-                victims.append(self._evict(host))
-            if self.n_pending >= self.max_pending:
-                victims.append(self._evict(max(self.pending, key=lambda h: len(self.pending[h]))))
-            mine.append(sock)
-            self.n_pending += 1
-        for v in victims:
-            if v is not None:
-                self.stats["evicted"] += 1
+                batch.append(self.sock.accept())
+                # take what else is queued at once: under a flood most of it is closed again before any
+                # thread starts for it (only the handshakes furthest along survive the limits)
+                self.sock.setblocking(False)
                 try:
-                    v.shutdown(socket.SHUT_RDWR)      # wakes its handshake thread, which closes it
+                    while len(batch) < ACCEPT_BATCH:
+                        sock, addr = self.sock.accept()
+                        sock.setblocking(True)
+                        batch.append((sock, addr))
+                except BlockingIOError:
+                    pass
+                finally:
+                    self.sock.setblocking(True)
+            except (OSError, ValueError):
+                if self.stop_event.is_set():
+                    for sock, _ in batch:
+                        _close_quietly(sock)
+                    return
+                if not batch:
+                    time.sleep(0.05)        # e.g. out of file descriptors: handshakes end within seconds
+                    continue
+            try:
+                self._admit_batch(batch)
+            except Exception:  # noqa: BLE001 — nothing may end the accept loop
+                log.exception("accepting %d connection(s) failed", len(batch))
+                for sock, _ in batch:
+                    self._unpend(sock)
+                    _close_quietly(sock)
+
+    def _admit_batch(self, batch: list) -> None:
+        """Enter each new connection among the pending handshakes (making room: see the module
+        docstring), then start a handshake thread for each that is still there."""
+        victims = []
+        entries = []
+        poll = select.poll()
+        for sock, _ in batch:
+            poll.register(sock, select.POLLIN)
+        has_data = {fd for fd, _ in poll.poll(0)}
+        with self.lock:
+            for sock, addr in batch:
+                host = str(addr[0])
+                if len(self.pending.get(host, ())) >= self.max_pending_per_peer:
+                    now = time.monotonic()
+                    victims.append(self._evict(min(self.pending[host], key=lambda e: (e.worth(now), e.t))))
+                if self.n_pending >= self.max_pending:
+                    victims.append(self._evict(self._least_worth()))
+                e = _Pending(time.monotonic(), sock, host, level=1 if sock.fileno() in has_data else 0)
+                self.pending.setdefault(host, collections.deque()).append(e)
+                self.by_sock[sock] = e
+                if e.level == 0:
+                    self.silent[e] = None
+                self.n_pending += 1
+                entries.append((e, addr))
+        for v in victims:
+            if v is None:
+                continue
+            self.stats["evicted"] += 1
+            if v.started:
+                try:
+                    v.sock.shutdown(socket.SHUT_RDWR)      # wakes its handshake thread, which closes it
                 except OSError:
                     pass
-        try:
-            threading.Thread(target=self._serve, args=(sock, addr), name=f"conn-{addr[1]}", daemon=True).start()
-        except RuntimeError as e:                       # can't start new thread: refuse this one, keep accepting
-            log.warning("refused connection from %s: cannot start a thread (%s)", host, e)
-            self._unpend(host, sock)
-            _close_quietly(sock)
+            else:
+                _close_quietly(v.sock)                     # evicted by a newer one of the same batch
+        for e, addr in entries:
+            with self.lock:
+                if e.evicted:
+                    continue
+                e.started = True
+            try:
+                threading.Thread(target=self._serve, args=(e.sock, addr), name=f"conn-{addr[1]}",
+                                 daemon=True).start()
+            except RuntimeError as err:                    # can't start new thread: refuse this one, keep accepting
+                log.warning("refused connection from %s: cannot start a thread (%s)", e.host, err)
+                self._unpend(e.sock)
+                _close_quietly(e.sock)
 
-    def _evict(self, host: str):
-        """The oldest pending socket of ``host``, taken off the pending list (lock held)."""
-        q = self.pending.get(host)
-        if not q:
-            return None
-        v = q.popleft()
+    def _least_worth(self) -> "_Pending":
+        """The pending handshake to close first (lock held): the least far along (see
+        :meth:`_Pending.worth`; among equals, from the address with the most, then the oldest).
+        The two common cases — a replayed hello past its grace, a connection that sent nothing —
+        are found in O(1): the oldest verified hello, the oldest silent connection."""
+        now = time.monotonic()
+        oldest_verified = next(iter(self.verified), None)
+        if oldest_verified is not None and oldest_verified.worth(now) < 0:
+            return oldest_verified
+        if self.silent:
+            return next(iter(self.silent))
+        return min((e for q in self.pending.values() for e in q),
+                   key=lambda e: (e.worth(now), -len(self.pending[e.host]), e.t))
+
+    def _evict(self, v: "_Pending") -> "_Pending":
+        """Take ``v`` off the pending lists (lock held)."""
+        q = self.pending[v.host]
+        q.remove(v)
+        self.by_sock.pop(v.sock, None)
+        self.silent.pop(v, None)
+        self.verified.pop(v, None)
+        v.evicted = True
         self.n_pending -= 1
+        if not q:
+            del self.pending[v.host]
         return v
 
-    def _unpend(self, host: str, sock: socket.socket) -> None:
+    def _hello_verified(self, sock: socket.socket) -> None:
         with self.lock:
-            q = self.pending.get(host)
-            if q is not None:
-                try:
-                    q.remove(sock)
-                    self.n_pending -= 1
-                except ValueError:                      # evicted meanwhile
-                    pass
-                if not q:
-                    del self.pending[host]
+            e = self.by_sock.get(sock)
+            if e is not None:
+                e.level, e.verified_at = 2, time.monotonic()
+                self.silent.pop(e, None)
+                self.verified[e] = None
+
+    def _unpend(self, sock: socket.socket) -> None:
+        with self.lock:
+            e = self.by_sock.get(sock)
+            if e is not None:                           # else: evicted meanwhile
+                self._evict(e)
 
     def _admit(self) -> str | None:
         """Room for one more authenticated connection? None, else why not (answered ``busy``)."""
@@ -229,31 +319,34 @@ class Server:
     def _serve(self, sock: socket.socket, addr) -> None:
         where = "%s:%s" % addr[:2]
         try:
+            def admit():
+                self._hello_verified(sock)
+                return self._admit()
             ch = Channel.server_handshake(sock, self.key, self.hello(), timeout=self.handshake_timeout,
-                                          max_payload=self.max_payload, admit=self._admit)
+                                          max_payload=self.max_payload, admit=admit)
         except PeerClosed:
-            self._unpend(str(addr[0]), sock)
+            self._unpend(sock)
             _close_quietly(sock)
             self._trim_wanted = True
             return
         except WorkerBusy as e:
-            self._unpend(str(addr[0]), sock)
+            self._unpend(sock)
             self.stats["busy"] += 1
             log.warning("refused connection from %s: busy (%s)", where, e)
             _close_quietly(sock)
             return
         except (ProtocolError, OSError, ValueError) as e:
-            self._unpend(str(addr[0]), sock)
+            self._unpend(sock)
             self.stats["refused"] += 1
             self._log_refusal(where, e)
             _close_quietly(sock)
             self._trim_wanted = True
             return
         except BaseException:
-            self._unpend(str(addr[0]), sock)
+            self._unpend(sock)
             _close_quietly(sock)
             raise
-        self._unpend(str(addr[0]), sock)
+        self._unpend(sock)
         conn = Conn(ch, Writer(f"out-{where}", ch))
         with self.lock:
             self.conns.add(conn)
@@ -350,3 +443,4 @@ def _close_quietly(sock: socket.socket) -> None:
         sock.close()
     except OSError:
         pass
+
