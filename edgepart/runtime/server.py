@@ -13,10 +13,13 @@ that fails any check, is refused: logged with the reason, answered with a ``refu
 Connections before they authenticated cost the worker a thread and a few KiB each, and anyone who
 can reach the port can open them, so they are bounded (docs/security.md, "Floods"): at most
 ``MAX_PENDING`` in their handshake at once and ``MAX_PENDING_PER_PEER`` from one address; one over
-either limit makes room by closing the oldest handshake of the address with the most of them (so
-a flood from a few addresses cannot crowd out a client from another, and a newcomer is never
-turned away, only a stale handshake); the whole hello must complete within ``HANDSHAKE_TIMEOUT``;
-a thread that cannot start closes its socket and the loop goes on. Authenticated connections
+either limit makes room by closing the handshake least far along (:meth:`_Pending.worth`: a
+verified hello not confirmed within ``CONFIRM_GRACE`` — a replay —, then one that sent nothing,
+then one that sent something; among equals from the address with the most, then the oldest), so a
+client whose hello and confirmation come promptly gets through a flood; connections the kernel
+queued are accepted in batches and those closed again within the batch never get a thread; the
+whole hello and confirmation must complete within ``HANDSHAKE_TIMEOUT``; a thread that cannot
+start closes its socket and the loop goes on. Authenticated connections
 number at most ``MAX_CONNECTIONS`` (one more is answered ``busy``) and close after
 ``IDLE_TIMEOUT`` seconds without a frame either way (clients ping every second). After a burst
 of failed handshakes and after deploys the worker hands freed memory back to the OS
