@@ -566,15 +566,9 @@ def test_cluster_descriptions_are_checked_naming_the_key(desc, match):
         edgepart.Cluster.from_dict(desc)
 
 
-def cli(*args, cwd):
-    import subprocess
-    import sys
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.run([sys.executable, "-m", "edgepart.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=120)
-
-
-def test_cli_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
+def test_cli_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
+    from edgepart.cli import main
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "raises.py").write_text("def f():\n    raise RuntimeError('boom')\n")
     (tmp_path / "broken.py").write_text("def f(:\n")
     (tmp_path / "conv.py").write_text("import torch\ndef f():\n    return torch.nn.Conv2d(3, 4, 3)\n")
@@ -585,13 +579,36 @@ def test_cli_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
              (["compile", "conv.py:f", "--input-shape", "a,b", "--out", "o"], "--input-shape 'a,b'"),
              (["compile", "tinynet", "--out", "afile"], "--out afile: is a file"),
              (["compile", "tinynet", "--cluster", "c.yaml", "--out", "o"], "speed must be a number, got 'fast'"),
-             (["worker", "--key-file", "afile"], "key file afile is empty")]
+             (["compile", "tinynet", "--cluster", "none.yaml", "--out", "o"], "none.yaml"),
+             (["worker", "--key-file", "afile"], "key file afile is empty"),
+             (["keygen"], "give --run FILE")]
     for args, message in cases:
-        r = cli(*args, cwd=tmp_path)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], (args, r.stderr)
-    r = cli("--debug", "compile", "raises.py:f", "--out", "o", cwd=tmp_path)
-    assert "Traceback" in r.stderr and "boom" in r.stderr
+        code = main(args)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], (args, lines)
+    with pytest.raises(EdgepartError, match="boom"):                  # --debug: the exception, traceback and all
+        main(["--debug", "compile", "raises.py:f", "--out", "o"])
+
+
+def test_cli_keygen_then_a_signed_deploy(tmp_path, tiny, workers, capsys):
+    from edgepart.cli import main
+    _, x, d = tiny
+    assert main(["keygen", "--run", str(tmp_path / "run.key")]) == 0
+    assert main(["keygen", "--deploy", str(tmp_path / "deploy.key")]) == 0
+    run_key = P.read_key(tmp_path / "run.key")
+    ws = [Worker("127.0.0.1:0", run_key, deploy_pubkey=load_public_key(tmp_path / "deploy.key.pub"))
+          for _ in range(2)]
+    try:
+        for w in ws:
+            w.start()
+        (tmp_path / "ep.yaml").write_text(f"d0: {ws[0].address}\nd1: {ws[1].address}\n")
+        base = ["deploy", str(d), "--endpoints", str(tmp_path / "ep.yaml"), "--key-file", str(tmp_path / "run.key")]
+        assert main(base) == 2 and "unsigned" in capsys.readouterr().err
+        assert main(base + ["--sign-key", str(tmp_path / "deploy.key")]) == 0
+        assert ws[0].device == "d0" and ws[1].device == "d1"
+    finally:
+        for w in ws:
+            w.stop()
 
 
 def test_an_infeasible_memory_limit_names_memory_and_the_shortfall():

@@ -207,8 +207,12 @@ def test_parse_address_and_keys(tmp_path):
     with pytest.raises(ValueError):
         P.parse_address("nohost")
     f = tmp_path / "k"
-    f.write_text("ab" * 32)
-    assert P.read_key(f) == bytes.fromhex("ab" * 32)
+    key = os.urandom(32)
+    f.write_text(key.hex())
+    assert P.read_key(f) == key
+    f.write_text("ab" * 32)                          # hex, but one byte value repeated: not a random key
+    with pytest.raises(Exception, match="not random"):
+        P.read_key(f)
     with pytest.raises(Exception):
         P.as_key(b"short")
 
