@@ -246,13 +246,19 @@ class Deployer:
                                           f"match the manifest ({want[:16]}…); the file was modified or corrupted "
                                           f"— refused")
             return
-        with self._lock(up.bundle_id):
-            try:
-                os.replace(tmp, up.dir / rel)
-            except OSError as e:
-                _unlink_quietly(tmp)
-                self._refuse(conn, up.device, _oserror(rel, "move it into place", e))
-                return
+        lock = self._lock(up.bundle_id)
+        if not lock.acquire(timeout=LOCK_TIMEOUT):
+            _unlink_quietly(tmp)
+            self._refuse(conn, up.device, f"another deploy of this bundle held it for {LOCK_TIMEOUT:.0f} s; try again")
+            return
+        try:
+            os.replace(tmp, up.dir / rel)
+        except OSError as e:
+            _unlink_quietly(tmp)
+            self._refuse(conn, up.device, _oserror(rel, "move it into place", e))
+            return
+        finally:
+            lock.release()
         up.need.discard(rel)
         conn.out.put({"kind": "file_ok", "path": rel})
 
