@@ -140,7 +140,7 @@ def _on_probe(worker: Worker, conn: Conn, frame: Frame) -> None:
         code = ErrorCode.PROBE_FAILED
     if why_not is not None:
         conn.out.put({"kind": "probe_error", "peer": req["peer"], **Failure(
-            code, worker.device, f"worker {worker.address} will not probe {req['peer']!r}: {why_not}").fields()})
+            code, worker.device, f"worker {worker.address} refuses probing {req['peer']!r}: {why_not}").fields()})
         return
     try:
         threading.Thread(target=_run_probe, args=(worker, conn, req), name="probe", daemon=True).start()
