@@ -37,26 +37,56 @@ def _where(path: str, name=None) -> str:
     return f"{path} (device {name!r})" if name is not None else path
 
 
-def _check_keys(obj: dict, allowed: set, where: str) -> None:
+def _fail(path: tuple, message: str) -> ClusterError:
+    """A ClusterError about the value at ``path`` in the description (``from_file`` adds its line)."""
+    e = ClusterError(message)
+    e.path = path
+    return e
+
+
+def _check_keys(obj: dict, allowed: set, where: str, path: tuple = ()) -> None:
     for k in obj:
         if k not in allowed:
             near = difflib.get_close_matches(str(k), sorted(allowed), n=1)
-            raise ClusterError(f"{where}: unknown key {str(k)!r}" + (f" (did you mean {near[0]!r}?)" if near else
-                                                                    f"; allowed: {sorted(allowed)}"))
+            raise _fail(path + (k,), f"{where}: unknown key {str(k)!r}" + (
+                f" (did you mean {near[0]!r}?)" if near else f"; allowed: {sorted(allowed)}"))
 
 
-def _check_number(obj: dict, key: str, where: str) -> None:
+def _check_number(obj: dict, key: str, where: str, path: tuple = ()) -> None:
     """``obj[key]``, if present and not null, is a finite number in its range (RANGES)."""
     v = obj.get(key)
     if v is None and key not in ("speed", "memory_mb", "bandwidth_mbps"):
         return
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ClusterError(f"{where}: {key} must be a number, got {v!r}")
+        raise _fail(path + (key,), f"{where}: {key} must be a number, got {v!r}")
     lo, inclusive = RANGES[key]
     if not math.isfinite(v):
-        raise ClusterError(f"{where}: {key} must be a finite number, got {v!r}")
+        raise _fail(path + (key,), f"{where}: {key} must be a finite number, got {v!r}")
     if v < lo or (v == lo and not inclusive):
-        raise ClusterError(f"{where}: {key} must be {'>=' if inclusive else '>'} {lo:g}, got {v!r}")
+        raise _fail(path + (key,), f"{where}: {key} must be {'>=' if inclusive else '>'} {lo:g}, got {v!r}")
+
+
+def _line_of(path: Path, where: tuple | None) -> int | None:
+    """The 1-based line in YAML file ``path`` of the value at ``where`` (keys and list indices), if found."""
+    if not where:
+        return None
+    try:
+        node = yaml.compose(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    line = None
+    for step in where:
+        if isinstance(node, yaml.MappingNode):
+            hit = next(((k, v) for k, v in node.value if str(k.value) == str(step)), None)
+            if hit is None:
+                break
+            line, node = hit[0].start_mark.line + 1, hit[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(step, int) and step < len(node.value):
+            node = node.value[step]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
 
 
 def validate_description(d: Any) -> None:
@@ -71,25 +101,25 @@ def validate_description(d: Any) -> None:
         raise ClusterError("devices: must be a non-empty list of devices")
     for i, dev in enumerate(d["devices"]):
         if not isinstance(dev, dict) or "name" not in dev:
-            raise ClusterError(f"devices[{i}] needs a 'name'")
+            raise _fail(("devices", i), f"devices[{i}] needs a 'name'")
         name = dev["name"]
         where = _where(f"devices[{i}]", name)
         if not isinstance(name, (str, int)) or isinstance(name, bool) or not str(name):
-            raise ClusterError(f"devices[{i}]: name must be a non-empty string, got {name!r}")
-        _check_keys(dev, DEVICE_KEYS, where)
+            raise _fail(("devices", i, "name"), f"devices[{i}]: name must be a non-empty string, got {name!r}")
+        _check_keys(dev, DEVICE_KEYS, where, ("devices", i))
         for key in ("speed", "memory_mb", "memory_speed", "stage_start_ms"):
             if key in dev:
-                _check_number(dev, key, where)
+                _check_number(dev, key, where, ("devices", i))
         for key in ("address", "profile"):
             if dev.get(key) is not None and not isinstance(dev[key], str):
-                raise ClusterError(f"{where}: {key} must be a string, got {dev[key]!r}")
+                raise _fail(("devices", i, key), f"{where}: {key} must be a string, got {dev[key]!r}")
         cal = dev.get("calibration")
         if cal is not None:
             if not isinstance(cal, dict):
-                raise ClusterError(f"{where}: calibration must map op types to speeds, e.g. {{conv: 1.1}}")
+                raise _fail(("devices", i, "calibration"), f"{where}: calibration must map op types to speeds, e.g. {{conv: 1.1}}")
             for fam, v in cal.items():
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
-                    raise ClusterError(f"{where}: calibration.{fam} must be a finite number > 0, got {v!r}")
+                    raise _fail(("devices", i, "calibration", fam), f"{where}: calibration.{fam} must be a finite number > 0, got {v!r}")
     if "source" in d and d["source"] is not None and not isinstance(d["source"], str):
         raise ClusterError(f"source: must be a device name, got {d['source']!r}")
     if "shared_medium" in d and not isinstance(d["shared_medium"], bool):
@@ -99,15 +129,15 @@ def validate_description(d: Any) -> None:
         return
     if not isinstance(links, dict):
         raise ClusterError(f"links: must be a mapping with 'default' and 'overrides', got {links!r}")
-    _check_keys(links, LINKS_KEYS, "links")
+    _check_keys(links, LINKS_KEYS, "links", ("links",))
     default = links.get("default")
     if default is not None:
         if not isinstance(default, dict):
             raise ClusterError(f"links.default: must be a mapping {{bandwidth_mbps, latency_ms}}, got {default!r}")
-        _check_keys(default, LINK_KEYS, "links.default")
+        _check_keys(default, LINK_KEYS, "links.default", ("links", "default"))
         for key in LINK_KEYS:
             if key in default:
-                _check_number(default, key, "links.default")
+                _check_number(default, key, "links.default", ("links", "default"))
     overrides = links.get("overrides")
     if overrides is not None:
         if not isinstance(overrides, list):
@@ -116,10 +146,10 @@ def validate_description(d: Any) -> None:
             where = f"links.overrides[{i}]"
             if not isinstance(o, dict):
                 raise ClusterError(f"{where}: must be a mapping {{a, b, bandwidth_mbps, latency_ms}}, got {o!r}")
-            _check_keys(o, OVERRIDE_KEYS, where)
+            _check_keys(o, OVERRIDE_KEYS, where, ("links", "overrides", i))
             for key in LINK_KEYS:
                 if key in o:
-                    _check_number(o, key, where)
+                    _check_number(o, key, where, ("links", "overrides", i))
 
 
 @dataclass(frozen=True)
@@ -265,7 +295,8 @@ class Cluster:
         try:
             cluster = cls.from_dict(data)
         except ClusterError as e:
-            raise ClusterError(f"{path}: {e}") from e
+            line = _line_of(path, getattr(e, "path", None))
+            raise ClusterError(f"{path}{f', line {line}' if line else ''}: {e}") from e
         # a relative FCPM profile path is relative to the cluster file
         cluster.devices = [d if not d.profile or Path(d.profile).is_absolute()
                            else dataclasses.replace(d, profile=str(path.parent / d.profile)) for d in cluster.devices]

@@ -616,3 +616,14 @@ def test_an_infeasible_memory_limit_names_memory_and_the_shortfall():
     cl = edgepart.Cluster.from_dict({"devices": [{"name": "a", "memory_mb": 0.01}, {"name": "b", "memory_mb": 0.01}]})
     with pytest.raises(edgepart.PlanError, match=r"no plan fits the devices' memory.*MiB short"):
         edgepart.compile(model, (x,), cl, strategy="ofpm")
+
+
+def test_cluster_file_errors_give_the_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("devices:\n  - {name: a, speed: 1}\n  - name: b\n    speed: fast\nlinks:\n  default:\n"
+                 "    bandwith_mbps: 100\n")
+    with pytest.raises(edgepart.ClusterError, match=r"c\.yaml, line 4: devices\[1\] \(device 'b'\): speed"):
+        edgepart.Cluster.from_file(p)
+    p.write_text("devices:\n  - {name: a}\nlinks:\n  default:\n    bandwith_mbps: 100\n")
+    with pytest.raises(edgepart.ClusterError, match=r"c\.yaml, line 5: links\.default: unknown key 'bandwith_mbps'"):
+        edgepart.Cluster.from_file(p)
