@@ -627,3 +627,12 @@ def test_cluster_file_errors_give_the_line(tmp_path):
     p.write_text("devices:\n  - {name: a}\nlinks:\n  default:\n    bandwith_mbps: 100\n")
     with pytest.raises(edgepart.ClusterError, match=r"c\.yaml, line 5: links\.default: unknown key 'bandwith_mbps'"):
         edgepart.Cluster.from_file(p)
+
+
+def test_a_worker_taking_only_signed_deploys_takes_no_measuring_requests_unless_allowed():
+    from edgepart import worker_main
+    p = worker_main.build_parser()
+    assert worker_main.measuring_allowed(p.parse_args(["--key-file", "k"]))
+    assert not worker_main.measuring_allowed(p.parse_args(["--key-file", "k", "--deploy-pubkey", "d.pub"]))
+    assert worker_main.measuring_allowed(p.parse_args(["--key-file", "k", "--deploy-pubkey", "d.pub",
+                                                       "--allow-measuring"]))
