@@ -5,6 +5,11 @@
     edgepart train MODEL --dataset mnist --out DIR
     edgepart versions MODEL --scales 1,0.75,0.5,0.25 --dataset mnist --out DIR | edgepart versions show DIR
     edgepart worker / deploy / run / profile / probe   (runtime and profiling)
+    edgepart keygen --run FILE | --deploy FILE          (keys: docs/security.md)
+
+A mistake in what was given (a file, an option, a model, a cluster) prints one line,
+``edgepart: error: ...``, and exits 2; ``--debug`` (anywhere on the line) prints the traceback
+instead. Anything else is a bug: one line saying so, exit 1 (``--debug``: the traceback).
 
 MODEL is a zoo name (``edgepart models`` lists them) or ``path/to/file.py:factory``
 where ``factory()`` returns ``(model, example_inputs)`` or just a model (then give
@@ -18,6 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from edgepart import models
 from edgepart.cluster import Cluster
@@ -37,17 +43,25 @@ def load_model(spec: str, input_size: int | None = None, input_shape: str | None
             raise EdgepartError(f"model file {path} does not exist")
         mod_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
         module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
+        try:
+            mod_spec.loader.exec_module(module)
+        except SyntaxError as e:
+            raise EdgepartError(f"{path}, line {e.lineno}: syntax error: {e.msg}") from e
+        except Exception as e:  # noqa: BLE001 — the user's module: report it, do not crash on it
+            raise EdgepartError(f"{path}: importing it raised {type(e).__name__}: {e}") from e
         if not hasattr(module, factory):
             raise EdgepartError(f"{path} has no function {factory!r}")
-        made = getattr(module, factory)()
+        try:
+            made = getattr(module, factory)()
+        except Exception as e:  # noqa: BLE001
+            raise EdgepartError(f"{spec}: the factory raised {type(e).__name__}: {e}") from e
         if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
             model, inputs = made
         else:
             model = made
             if not input_shape:
                 raise EdgepartError(f"{spec} returned a model without example inputs; pass --input-shape 1,3,224,224")
-            inputs = (torch.randn(*[int(v) for v in input_shape.split(",")]),)
+            inputs = (torch.randn(*parse_shape(input_shape)),)
         if not isinstance(inputs, (tuple, list)):
             inputs = (inputs,)
         return model.eval(), tuple(inputs), Path(path).stem
@@ -58,7 +72,21 @@ def load_model(spec: str, input_size: int | None = None, input_shape: str | None
     return model, inputs, spec
 
 
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``--input-shape 1,3,224,224`` -> (1, 3, 224, 224); EdgepartError naming the option otherwise."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(v <= 0 for v in shape):
+        raise EdgepartError(f"--input-shape {text!r}: expected positive integers separated by commas, "
+                            "e.g. 1,3,224,224")
+    return shape
+
+
 def cmd_compile(args) -> int:
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise EdgepartError(f"--out {args.out}: is a file; give a directory to write the bundle into")
     model, inputs, name = load_model(args.model, args.input_size, args.input_shape)
     cluster = Cluster.from_file(args.cluster) if args.cluster else Cluster.homogeneous(args.devices)
     bundle = compile_model(model, inputs, cluster, strategy=args.strategy, name=name)
@@ -82,6 +110,21 @@ def cmd_compile(args) -> int:
 def cmd_inspect(args) -> int:
     manifest = read_manifest(args.dir)
     print(plan_table(manifest))
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    # why: a function-local import keeps signing (cryptography) off the compile path's import time
+    from edgepart.runtime.signing import generate_deploy_key, generate_run_key
+    if bool(args.run) == bool(args.deploy):
+        raise EdgepartError("keygen: give --run FILE (the shared run key) or --deploy FILE (a deploy signing key)")
+    if args.run:
+        path = generate_run_key(args.run)
+        print(f"run key written to {path} (mode 0600): give it to workers and clients as --key-file")
+    else:
+        priv, pub = generate_deploy_key(args.deploy)
+        print(f"deploy key written to {priv} (mode 0600; keep it off the workers) and its public key to {pub}: "
+              f"start workers with --deploy-pubkey {pub}, deploy with --sign-key {priv}")
     return 0
 
 
@@ -193,13 +236,23 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-int8", action="store_true", help="no int8 version")
     _training_arguments(v)
     v.set_defaults(func=cmd_versions)
+    k = sub.add_parser("keygen", help="make a run key or a deploy signing key (docs/security.md)")
+    k.add_argument("--run", help="write a new shared run key (32 random bytes, hex) to this file")
+    k.add_argument("--deploy", help="write a new Ed25519 deploy key to this file and its public key to FILE.pub")
+    k.set_defaults(func=cmd_keygen)
     for name, (_, _, helptext) in DELEGATED.items():
         sub.add_parser(name, help=helptext, add_help=False)
     return p
 
 
+# what a user's mistake raises outside edgepart's own errors (a missing or unreadable file, a bad value)
+USER_ERRORS = (EdgepartError, OSError, yaml.YAMLError)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     command = argv[0] if argv else None
     try:
         if command in DELEGATED:
@@ -207,9 +260,26 @@ def main(argv: list[str] | None = None) -> int:
             return getattr(importlib.import_module(module), func)(argv[1:]) or 0
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except EdgepartError as e:
-        print(f"edgepart: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"edgepart: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 — a bug: say so in one line, the traceback with --debug
+        if debug:
+            raise
+        print(f"edgepart: internal error: {type(e).__name__}: {_one_line(e)} (run again with --debug for the "
+              "traceback, and please report it)", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        text = f"{e.filename}: {e.strerror}"
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":
