@@ -179,7 +179,7 @@ def compile(model, example_inputs, cluster: Cluster, strategy="ofpm",
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     if not isinstance(model, torch.nn.Module):
-        model, name = _import_onnx(model, name)
+        model, name = _import_onnx(model, tuple(example_inputs), name)
     gm = trace(model, tuple(example_inputs))
     analyse(gm, cluster)
     _warn_unknown_calibrated_nodes(gm, cluster)
@@ -189,10 +189,10 @@ def compile(model, example_inputs, cluster: Cluster, strategy="ofpm",
                         inputs=tuple(example_inputs))
 
 
-def _import_onnx(model, name: str | None) -> tuple[torch.nn.Module, str]:
-    # onnx, onnx2torch (and its import of torch's whole op registry) load only for an ONNX model
+def _import_onnx(model, inputs: tuple, name: str | None) -> tuple[torch.nn.Module, str]:
+    # onnx and onnx2torch (which registers a converter per ONNX op at import) load only for an ONNX model
     from edgepart.compiler.onnx_import import import_onnx
-    gm, model_name = import_onnx(model)
+    gm, model_name = import_onnx(model, inputs)
     return gm, name or model_name
 
 
