@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -272,7 +273,9 @@ class _Lowering:
             else:
                 concrete[p.name] = fx.node.map_arg(bound[p.name], self.values.__getitem__)
         try:
-            sub = fx.GraphModule(m, _Inliner().trace(m, concrete_args=concrete))
+            with warnings.catch_warnings():   # fx notes it cannot assert the concrete arguments: they are constants
+                warnings.simplefilter("ignore")
+                sub = fx.GraphModule(m, _Inliner().trace(m, concrete_args=concrete))
         except Exception as e:  # noqa: BLE001 — its forward depends on values fx cannot trace
             raise UnsupportedOpError(f"ONNX node {n.name!r}: edgepart cannot lower onnx2torch's {type(m).__name__} "
                                      f"({type(e).__name__}: {e})") from e
