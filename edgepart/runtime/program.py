@@ -61,8 +61,8 @@ class RowStore:
             raise KeyError(f"device {self.device!r} holds no rows of {tensor!r} (wanted [{a}, {b}))")
         for ca, cb, v in chunks:
             if ca <= a and b <= cb:
-                if not isinstance(v, torch.Tensor) or v.dim() != 4:
-                    return v
+                if not isinstance(v, torch.Tensor) or v.dim() != 4 or (ca == a and cb == b):
+                    return v         # (the whole chunk: no slice, which an exported ONNX graph would copy)
                 return v[:, :, a - ca:b - ca]
         pieces, at = [], a
         for ca, cb, v in sorted(chunks, key=lambda c: (c[0], -c[1])):

@@ -1,0 +1,174 @@
+"""ONNX Runtime as a device backend (#19): measured single-device latency and simulated partitioning.
+
+    .venv/bin/python benchmarks/ort.py            # every zoo model at its default input size
+    .venv/bin/python benchmarks/ort.py --quick    # three models, fewer repeats
+
+Part 1, measured on this machine, one thread, the process pinned to one core
+(``os.sched_setaffinity``), per zoo model: the eager torch model, the whole model exported to
+ONNX in one ONNX Runtime session, and edgepart's device program of a one-device bundle on each
+backend (``torch``: the generated Python program, node by node; ``onnxruntime``: its stages as
+exported ONNX graphs). Median of repeated runs after warm-up; runs alternate between the
+executors so that the machine's drift touches all of them alike.
+
+Part 2, simulated with the one cost model: on a cluster of heterogeneous devices whose profiles
+are ``profiles/host.json`` (torch) and ``profiles/host_ort.json`` (ONNX Runtime), the latency of
+ofpm's plan with every device on ONNX Runtime against ONNX Runtime on the fastest single device
+(and the same two on torch).
+
+Writes benchmarks/results/ort.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import edgepart  # noqa: E402
+from edgepart import models  # noqa: E402
+from edgepart.cluster import Cluster, Device  # noqa: E402
+from edgepart.compiler.cost.model import CostModel  # noqa: E402
+from edgepart.compiler.cost.simulator import simulate_plan  # noqa: E402
+from edgepart.compiler.planning.registry import make_plan  # noqa: E402
+from edgepart.compiler.trace import trace  # noqa: E402
+from edgepart.passes import analyse  # noqa: E402
+from edgepart.runtime.interpreter import run_reference  # noqa: E402
+from edgepart.runtime.ort import new_session  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+PROFILES = {"torch": str(ROOT / "profiles" / "host.json"), "onnxruntime": str(ROOT / "profiles" / "host_ort.json")}
+SPEEDS = [1.0, 2.0, 1.5, 1.0]          # d1 is the fastest
+MBPS = [100.0, 1000.0]
+
+
+def export(model: torch.nn.Module, x: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17)
+    model.eval()
+    return buf.getvalue()
+
+
+def measure(calls: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each zero-argument callable, interleaved run by run."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(repeats):
+        for k, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def single_device(name: str, repeats: int) -> dict:
+    model, (x,) = models.get(name)
+    session = new_session(export(model, x))
+    feed = {session.get_inputs()[0].name: np.ascontiguousarray(x.numpy())}
+    bundle = edgepart.compile(model, (x,), Cluster([Device("d0", backend="onnxruntime")]), strategy="single")
+    on_ort, on_torch = bundle.programs(), bundle.programs("torch")
+    torch_stages = bundle.report["backends"]["d0"].get("torch_stages", {})
+    inputs = {bundle.manifest.inputs[0].name: x}
+    with torch.no_grad():
+        t = measure({"torch_eager": lambda: model(x),
+                     "ort_session": lambda: session.run(None, feed),
+                     "program_torch": lambda: run_reference(on_torch, inputs),
+                     "program_ort": lambda: run_reference(on_ort, inputs)},
+                    repeats)
+    return {"model": name, "input": list(x.shape), **{k: v * 1e3 for k, v in t.items()},
+            "stages_on_torch": torch_stages}
+
+
+def simulated(name: str) -> dict:
+    model, (x,) = models.get(name)
+    row = {"model": name}
+    for mbps in MBPS:
+        for backend in ("torch", "onnxruntime"):
+            cluster = Cluster([Device(f"d{i}", s, backend=backend, profile=PROFILES["torch"],
+                                      profiles=(("onnxruntime", PROFILES["onnxruntime"]),))
+                               for i, s in enumerate(SPEEDS)], {"bandwidth_mbps": mbps, "latency_ms": 1.0})
+            gm = trace(model, (x,))
+            analyse(gm, cluster)
+            cost = CostModel(cluster)
+            ofpm = simulate_plan(gm, make_plan(gm, cluster, "ofpm"), cluster, cost).latency
+            single = simulate_plan(gm, make_plan(gm, cluster, "single"), cluster, cost).latency
+            row[f"{backend}@{mbps:g}"] = {"ofpm_ms": ofpm * 1e3, "single_ms": single * 1e3}
+    return row
+
+
+def write(rows1: list[dict], rows2: list[dict], meta: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "ort.json").write_text(json.dumps({"meta": meta, "single_device": rows1, "simulated": rows2},
+                                                 indent=1))
+    md = ["# ONNX Runtime as a device backend (#19)", "",
+          f"`benchmarks/ort.py{' --quick' if meta['quick'] else ''}`, {meta['date']}; {meta['note']}", "",
+          "## Measured: one device, one thread, pinned to one core (median ms)", "",
+          "| model | input | torch eager | ORT session | program on torch | program on ORT | ORT ÷ eager | "
+          "program ORT ÷ program torch | stages left on torch |",
+          "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows1:
+        md.append(f"| {r['model']} | {r['input'][2]} | {r['torch_eager']:.1f} | {r['ort_session']:.1f} | "
+                  f"{r['program_torch']:.1f} | {r['program_ort']:.1f} | {r['ort_session'] / r['torch_eager']:.2f} | "
+                  f"{r['program_ort'] / r['program_torch']:.2f} | "
+                  f"{'; '.join(f'{s}: {w}' for s, w in r['stages_on_torch'].items()) or '—'} |")
+    md += ["", "## Simulated: ofpm vs the fastest single device (ms)", "",
+           f"Devices of speeds {SPEEDS} (d1 fastest), links 1 ms latency; each device costed with its backend's "
+           "profile (`profiles/host.json` for torch, `profiles/host_ort.json` for ONNX Runtime).", "",
+           "| model | Mbit/s | ORT: single | ORT: ofpm | ORT speed-up | torch: single | torch: ofpm | torch speed-up |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows2:
+        for mbps in MBPS:
+            o, t = r[f"onnxruntime@{mbps:g}"], r[f"torch@{mbps:g}"]
+            md.append(f"| {r['model']} | {mbps:g} | {o['single_ms']:.1f} | {o['ofpm_ms']:.1f} | "
+                      f"{o['single_ms'] / o['ofpm_ms']:.2f}× | {t['single_ms']:.1f} | {t['ofpm_ms']:.1f} | "
+                      f"{t['single_ms'] / t['ofpm_ms']:.2f}× |")
+    (RESULTS / "ort.md").write_text("\n".join(md) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--models", default=None, help="comma-separated zoo names (default: all, quick: three)")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--core", type=int, default=None, help="the core to pin to (default: the last one allowed)")
+    a = ap.parse_args()
+    names = a.models.split(",") if a.models else (
+        ["resnet18", "mobilenet_v2", "yolov2_tiny"] if a.quick else models.names())
+    core = a.core if a.core is not None else max(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    repeats = a.repeats or (5 if a.quick else 15)
+    rows1 = []
+    for n in names:
+        rows1.append(single_device(n, repeats))
+        print(json.dumps(rows1[-1]), flush=True)
+    rows2 = []
+    for n in names:
+        rows2.append(simulated(n))
+        print(json.dumps(rows2[-1]), flush=True)
+    load = os.getloadavg()[0]
+    meta = {"quick": a.quick, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "core": core,
+            "repeats": repeats, "loadavg_1min": load,
+            "note": f"pinned to core {core}; load average {load:.1f} on {os.cpu_count()} cores while measuring "
+                    "(a shared machine: absolute times are noisy, the ratios of interleaved runs less so)"}
+    write(rows1, rows2, meta)
+    print(f"wrote {RESULTS / 'ort.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
