@@ -39,7 +39,7 @@ from edgepart import models  # noqa: E402
 from edgepart.compiler.cost.model import node_info  # noqa: E402
 from edgepart.compiler.trace import COMPUTE_OPS, trace  # noqa: E402
 from edgepart.fcpm.features import clean_info, features  # noqa: E402
-from edgepart.fcpm.load import BackgroundLoad, cpu_count  # noqa: E402
+from edgepart.fcpm.load import BackgroundLoad  # noqa: E402
 from edgepart.fcpm.model import CANDIDATES, DeviceProfile, metrics  # noqa: E402
 from edgepart.fcpm.ops import Runner, family, geometry, time_callable  # noqa: E402
 from edgepart.fcpm.profiler import design_nets, design_sweep, device_meta, measure_nets, net_infos  # noqa: E402

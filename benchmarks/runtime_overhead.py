@@ -68,8 +68,8 @@ def main(argv=None):
         padded = sum(padded_input_bytes(node_info(n), None) for n in nodes)
         b = compile_plan(gm, STRATEGIES["single"](gm, cl), cl, name)
         prog = b.programs()["h"]
-        stage = next(iter(prog.rows_by_stage))
-        inp = b.manifest["inputs"][0]["name"]
+        stage = next(iter(prog.spec.rows))
+        inp = b.manifest.inputs[0].name
 
         def program():
             s = prog.new_store()

@@ -96,7 +96,7 @@ def max_rel_error(y, ref) -> float:
     return float((y - ref).abs().max()) / max(float(ref.abs().max()), 1e-12)
 
 
-def calibrate(emu: dict, budget_s: float) -> float:
+def host_speed_now(emu: dict, budget_s: float) -> float:
     return emu["probe"].measure(budget_s)["host_speed"]
 
 
@@ -109,7 +109,7 @@ def measure(bundle_dir: Path, inputs, refs, warmup: int, emu: dict) -> dict:
     machine's speed between and during runs does not bias one strategy against another."""
     from edgepart.testbed.local import LocalCluster
     auto = emu.get("host_speed") == "auto"
-    hs0 = calibrate(emu, 2.0) if auto else float(emu.get("host_speed") or 1.0)
+    hs0 = host_speed_now(emu, 2.0) if auto else float(emu.get("host_speed") or 1.0)
     ncpu = len(emu["cpuset"]) if emu.get("cpuset") else (os.cpu_count() or 1)
     speeds = [s for _, s in DEVICES]
     ts = emu.get("time_scale") or min(1.0, 0.8 * hs0 / max(speeds), 0.9 * ncpu * 0.8 * hs0 / sum(speeds))

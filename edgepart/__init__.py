@@ -11,19 +11,11 @@ from edgepart.compiler.bundle import Bundle, compile, load_bundle
 from edgepart.compiler.planning.plan import Plan, Stage
 from edgepart.errors import (BundleError, ClusterError, EdgepartError, InputShapeError, PlanError, TraceError,
                              UnsupportedOpError)
+from edgepart.runtime.client import connect
+from edgepart.testbed.local import LocalCluster
 
 __version__ = "0.1.0"
 
 __all__ = ["Cluster", "Device", "Bundle", "compile", "load_bundle", "Plan", "Stage", "connect", "LocalCluster",
            "EdgepartError", "BundleError", "ClusterError", "InputShapeError", "PlanError", "TraceError",
            "UnsupportedOpError"]
-
-
-def __getattr__(name):  # the runtime is imported lazily: compiling needs no sockets
-    if name == "connect":
-        from edgepart.runtime.client import connect
-        return connect
-    if name == "LocalCluster":
-        from edgepart.testbed.local import LocalCluster
-        return LocalCluster
-    raise AttributeError(f"module 'edgepart' has no attribute {name!r}")

@@ -15,16 +15,22 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import onnx
 import torch
 
+from edgepart import models
+from edgepart.cluster import Cluster
+from edgepart.compiler.bundle import compile as compile_model
+from edgepart.compiler.bundle import load_bundle
 from edgepart.compiler.explain import explain, gantt
 from edgepart.compiler.inspect import plan_table
 from edgepart.errors import EdgepartError
+from edgepart.runtime.ort import new_session
+from edgepart.runtime.program import read_manifest
 
 
 def _onnx_inputs(path: str, input_shape: str | None) -> tuple:
     """Example inputs of an ONNX model: its (static) input shapes, or ``--input-shape`` for the first."""
-    import onnx  # only an ONNX model needs it
     graph = onnx.load(path, load_external_data=False).graph
     init = {i.name for i in graph.initializer}
     inputs = []
@@ -65,7 +71,6 @@ def load_model(spec: str, input_size: int | None = None, input_shape: str | None
         if not isinstance(inputs, (tuple, list)):
             inputs = (inputs,)
         return model.eval(), tuple(inputs), Path(path).stem
-    from edgepart import models
     try:
         model, inputs = models.get(spec, input_size=input_size)
     except KeyError as e:
@@ -74,10 +79,9 @@ def load_model(spec: str, input_size: int | None = None, input_shape: str | None
 
 
 def cmd_compile(args) -> int:
-    import edgepart
     model, inputs, name = load_model(args.model, args.input_size, args.input_shape)
-    cluster = edgepart.Cluster.from_file(args.cluster) if args.cluster else edgepart.Cluster.homogeneous(args.devices)
-    bundle = edgepart.compile(model, inputs, cluster, strategy=args.strategy, name=name, onnx=args.onnx)
+    cluster = Cluster.from_file(args.cluster) if args.cluster else Cluster.homogeneous(args.devices)
+    bundle = compile_model(model, inputs, cluster, strategy=args.strategy, name=name, onnx=args.onnx)
     out = bundle.save(args.out)
     print(plan_table(bundle.manifest))
     for dev, b in bundle.report.get("backends", {}).items():
@@ -86,7 +90,7 @@ def cmd_compile(args) -> int:
     if args.check:
         with torch.no_grad():
             ref = _onnx_reference(model, inputs) if isinstance(model, str) else model(*inputs)
-        y = edgepart.load_bundle(out).run_local(*inputs)
+        y = load_bundle(out).run_local(*inputs)
         err = float((y - ref).abs().max()) if isinstance(ref, torch.Tensor) else 0.0
         print(f"check: run_local vs model: max abs error {err:.3g}")
     if args.explain:
@@ -99,21 +103,18 @@ def cmd_compile(args) -> int:
 
 
 def _onnx_reference(path: str, inputs: tuple) -> torch.Tensor:
-    import onnxruntime as ort  # only an ONNX model needs it
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    session = new_session(Path(path).read_bytes())
     names = [i.name for i in session.get_inputs()]
     return torch.from_numpy(session.run(None, {n: x.numpy() for n, x in zip(names, inputs)})[0])
 
 
 def cmd_inspect(args) -> int:
-    from edgepart.runtime.program import read_manifest
     manifest = read_manifest(args.dir)
     print(plan_table(manifest))
     return 0
 
 
 def cmd_models(args) -> int:
-    from edgepart import models
     for n in models.names():
         print(f"{n:14s} default input {models.default_input_size(n)}")
     return 0
@@ -122,8 +123,8 @@ def cmd_models(args) -> int:
 # Commands with their own argument parsers: `edgepart worker --listen ...` hands everything
 # after the command name to the module, so its --help and options work unchanged.
 DELEGATED = {
-    "worker": ("edgepart.runtime.worker", "main", "run a worker on a device"),
-    "deploy": ("edgepart.runtime.deploy", "main", "deploy a bundle to running workers"),
+    "worker": ("edgepart.worker_main", "main", "run a worker on a device"),
+    "deploy": ("edgepart.runtime.deploy_client", "main", "deploy a bundle to running workers"),
     "run": ("edgepart.runtime.client", "run_main", "run an input through deployed workers"),
     "profile": ("edgepart.fcpm.profiler", "main", "profile this device (or a worker) for the FCPM"),
     "probe": ("edgepart.fcpm.probe", "main", "measure links between workers into a cluster file"),

@@ -176,8 +176,8 @@ def _compile_run_report(work: Path, args, model, x0, cluster, strategy, inputs, 
               f"{max(part['memory_speeds'] + base['memory_speeds']):.2f}")
     print(f"cost model: {'FCPM profile ' + str(profile.name) + ' ÷ speed' if profile else 'FLOPs ÷ speed'}"
           f"{', calibrated online (memory speed, op types, layers)' if probe is not None else ''}")
-    print(f"| run | requests | predicted (ms) | median latency (ms) | error | min (ms) | max rel. error |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| run | requests | predicted (ms) | median latency (ms) | error | min (ms) | max rel. error |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| {strategy} on {len(cluster)} devices | {len(inputs)} | {pred_part.latency * 1e3:.1f} | {p50 * 1e3:.1f} | "
           f"{(p50 / pred_part.latency - 1) * 100:+.1f}% | {min(part['latencies']) * 1e3:.1f} | {part['worst']:.1g} |")
     print(f"| single ({cluster.fastest()}) | {len(inputs)} | {pred_single.latency * 1e3:.1f} | {b50 * 1e3:.1f} | "
@@ -193,7 +193,7 @@ def _compile_run_report(work: Path, args, model, x0, cluster, strategy, inputs, 
                   f"{s.get('bytes_sent', 0) / n:,.0f} | {s.get('bytes_received', 0) / n:,.0f} |")
     print()
     print(f"latency per request (ms), {strategy}: " + " ".join(f"{t * 1e3:.1f}" for t in part["latencies"]))
-    print(f"latency per request (ms), single: " + " ".join(f"{t * 1e3:.1f}" for t in base["latencies"]))
+    print("latency per request (ms), single: " + " ".join(f"{t * 1e3:.1f}" for t in base["latencies"]))
     moved = sum(t.nbytes for t in bundle.manifest.transfers)
     print(f"\nbytes moved per request (plan): {moved:,}")
     print(f"speed-up over the fastest single device ({cluster.fastest()}): {b50 / p50:.2f}x measured, "

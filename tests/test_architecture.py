@@ -41,6 +41,14 @@ LEAVES_MAY_IMPORT = {              # leaf (a module, or a package and everything
     "edgepart.cluster": ("edgepart.errors",),
     "edgepart.ir": ("edgepart.ir", "edgepart.errors"),
 }
+# The layers between the leaves and the API: each may import only what lies below it.
+LAYERS_MAY_IMPORT = {
+    "edgepart.passes": ("edgepart.passes", "edgepart.ir", "edgepart.errors", "edgepart.cluster"),
+    "edgepart.testbed": ("edgepart.testbed", "edgepart.runtime", "edgepart.ir", "edgepart.errors", "edgepart.cluster"),
+    "edgepart.fcpm": ("edgepart.fcpm", "edgepart.runtime", "edgepart.ir", "edgepart.errors", "edgepart.cluster",
+                      "edgepart.passes"),
+    "edgepart.models": ("edgepart.models",),
+}
 WHY = "why:"
 
 
@@ -274,6 +282,16 @@ def test_leaves_import_only_errors():
                     f"edgepart.ir: ir, errors); {len(bad)} import(s) break that:\n"
                     + "\n".join(f"{describe(imp)}   [{leaf} may import: {', '.join(allowed) or 'nothing'}]"
                                 for leaf, allowed, imp in bad), pytrace=False)
+
+
+def test_middle_layers_import_only_what_lies_below():
+    _, imports = import_graph()
+    bad = [(layer, allowed, imp) for imp in imports for layer, allowed in LAYERS_MAY_IMPORT.items()
+           if within(imp.source, layer) and not any(within(imp.target, a) for a in allowed)]
+    if bad:
+        pytest.fail(f"{len(bad)} import(s) point upward (docs/design.md):\n"
+                    + "\n".join(f"{describe(imp)}   [{layer} may import: {', '.join(allowed)}]"
+                                for layer, allowed, imp in bad), pytrace=False)
 
 
 def test_function_local_edgepart_imports_say_why():

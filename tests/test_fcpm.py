@@ -177,6 +177,7 @@ print(max(out))
 """
 
 
+@pytest.mark.slow
 def test_timing_uses_the_workers_malloc_settings_so_outputs_are_not_page_faulted_in_per_call():
     """A worker keeps freed memory (runtime.allocator); the profiler must time kernels the same way.
     With glibc's defaults this sequence of ReLUs page-faults its output in on every call at one size
@@ -220,6 +221,7 @@ print(max(out[1:]))
 """
 
 
+@pytest.mark.slow
 def test_a_workers_compute_thread_reuses_a_buffer_larger_than_what_its_own_heap_has_left():
     """glibc gives a thread an arena of 64 MiB heaps and unmaps a heap once it is entirely free, so a
     38 MB buffer next to 30 MB held came from a fresh heap — page-faulted in — on every call

@@ -171,7 +171,7 @@ def test_refusals():
     with pytest.raises(P.ProtocolError, match="bound"):
         fresh({"kind": "blob"}, bytes(200)).recv(lambda h: 100)
     with pytest.raises(P.ProtocolError, match="JSON"):
-        s2 = fresh({"kind": "x"})
+        fresh({"kind": "x"})
         # a header that is authentic but not JSON
         c3, s3 = channel_pair()
         hj = b"\xff\xfe not json"

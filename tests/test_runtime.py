@@ -109,13 +109,13 @@ def test_500_pipelined_requests_from_4_concurrent_clients(cluster, tiny):
 
 
 def test_cli_deploy_and_run(cluster, tiny, tmp_path):
-    from edgepart.runtime import client, deploy
+    from edgepart.runtime import client, deploy_client
     model, x, d = tiny
     ep = tmp_path / "endpoints.yaml"
     ep.write_text("".join(f"{k}: '{v}'\n" for k, v in cluster.endpoints.items()))
     kf = tmp_path / "key"
     kf.write_text(cluster.key.hex())
-    assert deploy.main([str(d), "--endpoints", str(ep), "--key-file", str(kf)]) == 0
+    assert deploy_client.main([str(d), "--endpoints", str(ep), "--key-file", str(kf)]) == 0
     np.save(tmp_path / "x.npy", x.numpy())
     assert client.run_main([str(d), "--endpoints", str(ep), "--key-file", str(kf), "--input",
                             str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy"), "--no-deploy"]) == 0

@@ -33,9 +33,9 @@ def bundle(tmp_path_factory):
 def link_bound_s(manifest, scale):
     """A lower bound on one request's time: the bytes its busiest link carries / the link's (scaled) bandwidth."""
     per_link = {}
-    for t in manifest["transfers"]:
-        k = (t[3], t[4])                     # links are full duplex: each direction is shaped on its own
-        per_link[k] = per_link.get(k, 0) + t[5]
+    for t in manifest.transfers:
+        k = (t.src, t.dst)                   # links are full duplex: each direction is shaped on its own
+        per_link[k] = per_link.get(k, 0) + t.nbytes
     return max(per_link.values()) * 8 / (BW * scale * 1e6)
 
 
@@ -95,7 +95,7 @@ def test_inprocess_limiter_without_root(bundle):
     with c:
         assert c.emulator.mode == "inprocess" and c.time_scale == 1.0
         a, b = c.devices
-        assert c.emulator.links_config(a)["peers"][b]["nic_mbps"] == BW    # the sender's NIC (worker.SenderNic)
+        assert c.emulator.links_config(a)["peers"][b]["nic_mbps"] == BW    # the sender's NIC (testbed.links.SenderNic)
         y = c.infer(x)
         with torch.no_grad():
             assert_close(y, model(x))
@@ -144,7 +144,7 @@ def test_dilated_cpu_shares_pinning_and_host_speed(bundle):
 
 
 def test_cpu_dilation_reads_and_follows_the_share_file(tmp_path):
-    from edgepart.runtime.worker import CpuDilation
+    from edgepart.testbed.cpu import CpuDilation
     f = tmp_path / "share"
     f.write_text("0.25")
     dil = CpuDilation(str(f))
@@ -160,7 +160,7 @@ def test_cpu_dilation_reads_and_follows_the_share_file(tmp_path):
 def test_sender_nic_sends_one_message_at_a_time_in_the_order_sent():
     """A device's messages to all its peers share its NIC, FIFO, each holding it for latency + bytes ÷
     bandwidth — the simulator's switched links — so a scatter to several peers is not sent in parallel."""
-    from edgepart.runtime.worker import SenderNic, Shaper
+    from edgepart.testbed.links import SenderNic, Shaper
     nic = SenderNic()
     to_b = Shaper(None, latency_ms=500.0, nic=nic, nic_mbps=8e-3)        # 1000 bytes/s, 0.5 s latency
     to_c = Shaper(None, latency_ms=250.0, nic=nic, nic_mbps=16e-3)       # 2000 bytes/s

@@ -11,7 +11,9 @@ import torch
 
 import edgepart
 from edgepart import models as zoo
-from edgepart.runtime.client import WorkerDied
+from edgepart.errors import RemoteError, WorkerDied
+from edgepart.runtime.client import Session
+from edgepart.runtime.worker import serve
 from tests.conftest import assert_close
 
 pytestmark = pytest.mark.timeout(90)
@@ -100,3 +102,29 @@ def test_quiet_worker_is_not_declared_dead(setup):
     time.sleep(3 * s.heartbeat + 0.5)
     assert all(link.alive for link in s.links.values()), {d: l.reason for d, l in s.links.items()}
     assert_close(c.infer(x), model(x))
+
+
+def test_stage_failure_on_another_device_is_a_remote_error_naming_it(tmp_path):
+    """A stage that raises on d1 fails the request with code stage_failed: the client gets a
+    RemoteError (not WorkerDied) naming d1, and the workers keep serving."""
+    model, (x,) = zoo.get("tinynet")
+    edgepart.compile(model, (x,), edgepart.Cluster.homogeneous(3), strategy="even").save(tmp_path / "b")
+    key = b"k" * 32
+    workers = {d: serve("127.0.0.1:0", key) for d in ("d0", "d1", "d2")}
+    try:
+        with Session(tmp_path / "b", {d: w.address for d, w in workers.items()}, key) as s:
+            prog = workers["d1"].executor.active.program
+            run_stage = prog.run_stage
+
+            def broken(stage, store):
+                raise RuntimeError("the device is down to its last byte")      # text that looks like a death
+            prog.run_stage = broken
+            with pytest.raises(RemoteError, match="d1.*stage") as e:
+                s.infer(x, timeout=10)
+            assert not isinstance(e.value, WorkerDied)
+            prog.run_stage = run_stage
+            with torch.no_grad():
+                assert_close(s.infer(x, timeout=10), model.eval()(x))
+    finally:
+        for w in workers.values():
+            w.stop()

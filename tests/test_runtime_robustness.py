@@ -10,6 +10,7 @@ import torch
 
 import edgepart
 from edgepart import models as zoo
+from edgepart.ir.manifest import Recv
 from edgepart.runtime import protocol as P
 from edgepart.runtime.client import Session
 from tests.conftest import assert_close
@@ -89,36 +90,35 @@ def attacks(c, manifest):
         P.Channel.connect(c.endpoints["d1"], b"w" * 32, {"role": "client", "name": "mallory"})
     yield "wrong key"
     # authenticated frames that do not fit the deployed bundle
-    act = next(a for a in manifest["devices"]["d1"]["actions"] if a["op"] == "recv")
-    a, b = act["rows"]
-    tshape = list(manifest["tensors"][act["tensor"]]["shape"])
-    tshape[2] = b - a
-    good = {"kind": "piece", "req": "evil:1", "tensor": act["tensor"], "rows": [a, b], "from": act["from"]}
+    act = next(a for a in manifest.devices["d1"].actions if isinstance(a, Recv))
+    a, b = act.a, act.b
+    tshape = list(manifest.tensors[act.tensor].piece_shape(a, b))
+    good = {"kind": "piece", "req": "evil:1", "tensor": act.tensor, "rows": [a, b], "from": act.src}
     nbytes = 4 * int(torch.tensor(tshape).prod())
     # 5. authenticated header claiming 100 GB
-    ch = authed(c, "d1", act["from"])
+    ch = authed(c, "d1", act.src)
     send_raw_authed(ch, {**good, "parts": [["float32", tshape]]}, b"", plen=100 * 10**9)
     wait_closed(ch)
     yield "100 GB authenticated"
     # 6. wrong dtype
-    ch = authed(c, "d1", act["from"])
+    ch = authed(c, "d1", act.src)
     send_raw_authed(ch, {**good, "parts": [["float64", tshape]]}, bytes(2 * nbytes))
     wait_closed(ch)
     yield "wrong dtype"
     # 7. wrong shape (more rows than the piece has)
-    ch = authed(c, "d1", act["from"])
+    ch = authed(c, "d1", act.src)
     bigger = list(tshape)
     bigger[2] += 5
     send_raw_authed(ch, {**good, "parts": [["float32", bigger]]}, bytes(4 * int(torch.tensor(bigger).prod())))
     wait_closed(ch)
     yield "wrong shape"
     # 8. a piece the device never receives
-    ch = authed(c, "d1", act["from"])
+    ch = authed(c, "d1", act.src)
     send_raw_authed(ch, {**good, "tensor": "nonexistent", "parts": [["float32", tshape]]}, bytes(nbytes))
     wait_closed(ch)
     yield "unexpected piece"
     # 9. bad MAC (payload altered in transit)
-    ch = authed(c, "d1", act["from"])
+    ch = authed(c, "d1", act.src)
     send_raw_authed(ch, {**good, "req": "evil:2", "parts": [["float32", tshape]]}, bytes(nbytes), bad_mac=True)
     wait_closed(ch)
     yield "bad MAC"

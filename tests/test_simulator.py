@@ -1,7 +1,6 @@
 """The discrete-event simulator: hand-checked timings, contention models, scale."""
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -117,16 +116,15 @@ def test_split_halo_rows_are_charged(chain):
         assert expect > sum(cost.compute_time(nodes[n], dev) for n in ns) / 2   # halo recomputed
 
 
-def test_64_devices_fast():
+def test_64_devices_simulate():
+    """64 devices simulate to a consistent result (how fast: benchmarks/solver_scaling.py)."""
     m, (x,) = models.get("tinynet")
     gm = trace(m, (x,))
     analyse(gm)
     cl = Cluster.heterogeneous([1 + (i % 4) for i in range(64)], bandwidth_mbps=100)
     plan = plan_proportional(gm, cl)
     sched = build_schedule(gm, plan, cl)
-    t = time.perf_counter()
     r = simulate(sched, cl, gm=gm)
-    assert time.perf_counter() - t < 2.0
     assert r.latency > 0
     for d, v in r.devices.items():
         assert v["compute"] <= r.latency + 1e-12

@@ -58,7 +58,7 @@ def export_stage(program: DeviceProgram, stage: int, windows: list[torch.Tensor]
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")      # the TorchScript exporter's deprecation and tracer warnings
-        torch.onnx.export(_Stage(program, stage, io_), tuple(windows), buf, dynamo=False, opset_version=OPSET,
+        torch.onnx.export(_Stage(program, stage, io_).eval(), tuple(windows), buf, dynamo=False, opset_version=OPSET,
                           input_names=[f"i{k}" for k in range(len(io_.inputs))],
                           output_names=[f"o{k}" for k in range(len(io_.outputs))], do_constant_folding=True)
     return buf.getvalue()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from edgepart.cluster import Cluster
-from edgepart.compiler.planning.plan import Plan, compute_nodes, validate_plan
+from edgepart.compiler.planning.plan import Plan, validate_plan
 from edgepart.errors import PlanError
 from edgepart.ir.manifest import Action, EmitOutput, NodeRows, Recv, Run, Send, TakeInput, TensorSpec, Transfer, Window
 from edgepart.passes.rowmap import input_windows

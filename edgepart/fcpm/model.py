@@ -19,9 +19,7 @@ those levels; beyond the highest level the time grows like 1 / (1 - load).
 from __future__ import annotations
 
 import json
-import math
 import warnings
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 

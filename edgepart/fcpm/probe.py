@@ -32,21 +32,31 @@ workers reach each other at other addresses (NAT, or the netns testbed), add
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import math
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from edgepart.errors import EdgepartError
-from edgepart.runtime.protocol import Channel, PeerClosed, ProtocolError, parse_address
+import yaml
+
+from edgepart.cluster import Cluster
+from edgepart.errors import EdgepartError, ErrorCode
+from edgepart.fcpm.remote import request
+from edgepart.runtime.client import load_endpoints
+from edgepart.runtime.protocol import (Channel, Failure, Frame, PeerClosed, ProtocolError, as_key, parse_address,
+                                       read_key)
+from edgepart.runtime.server import Conn
+from edgepart.runtime.transport import FRAME_EXTRA, LinkShaper
+from edgepart.runtime.worker import Worker
 
 log = logging.getLogger("edgepart.fcpm.probe")
 
 MAX_PROBE_FRAME = 1 << 20
-FRAME_EXTRA = 200          # bytes a frame adds on the wire besides its payload (as the worker's shaper counts)
 DEFAULTS = {"pings": 20, "messages": 200, "small_bytes": 64, "piece_bytes": 256 << 10, "max_bytes": 16 << 20,
             "seconds": 0.5, "repeats": 2}
 BOUNDS = {"pings": (1, 1000), "messages": (1, 10000), "small_bytes": (0, 65536),
@@ -92,33 +102,66 @@ def check_probe_request(h: dict) -> dict:
     return {"self": me, "peer": peer, "address": address, "options": check_probe_options(h.get("options"))}
 
 
+# --- the worker's side ----------------------------------------------------------------------------------
+
+def register(worker: Worker) -> None:
+    """Take the probe frames on the worker's server: ``probe`` from a client (this worker probes a
+    peer), ``probe_ping`` / ``probe_data`` on a probe connection from a probing worker."""
+    s = worker.server
+    s.register("probe", lambda conn, frame: _on_probe(worker, conn, frame), roles=("client",))
+    s.register("probe_ping", lambda conn, frame: answer_ping(worker, conn, frame.header), roles=("probe",))
+    s.register("probe_data", lambda conn, frame: None,      # bytes on the wire are the point; dropped
+               expect=lambda conn, h: MAX_PROBE_FRAME, roles=("probe",))
+
+
+def _on_probe(worker: Worker, conn: Conn, frame: Frame) -> None:
+    req = check_probe_request(frame.header)                  # ValueError: refused with the reason
+    threading.Thread(target=_run_probe, args=(worker, conn, req), name="probe", daemon=True).start()
+
+
+def _run_probe(worker: Worker, conn: Conn, req: dict) -> None:
+    try:
+        result = run_probe(worker, req)
+        conn.out.put({"kind": "probe_result", "peer": req["peer"], "result": result})
+    except Exception as e:  # noqa: BLE001
+        log.warning("probe of %s at %s failed: %s", req["peer"], req["address"], e)
+        conn.out.put({"kind": "probe_error", "peer": req["peer"], **Failure(
+            ErrorCode.PROBE_FAILED, worker.device, f"worker {worker.address} probing {req['peer']!r} at "
+                                                   f"{req['address']}: {type(e).__name__}: {e}").fields()})
+
+
+def _link_shaper(worker: Worker, peer: str) -> LinkShaper | None:
+    """The emulated link to ``peer`` alone, without the device's shared NIC (None: a real link)."""
+    return worker.link_shaper(peer, False) if worker.link_shaper is not None else None
+
+
 # --- on the probed worker (B) ------------------------------------------------------------------------
 
-def answer_ping(worker, conn, h: dict) -> None:
+def answer_ping(worker: Worker, conn: Conn, h: dict) -> None:
     """Answer a ``probe_ping`` after this worker's emulated latency towards the prober (none on a real link)."""
-    cfg = (worker.links_cfg or {}).get("peers", {}).get(conn.name) or {}
-    delay = float(cfg.get("latency_ms") or 0.0) / 1e3
-    if delay > 0:
-        time.sleep(min(delay, 5.0))            # only this probe connection's reader waits
+    shaper = _link_shaper(worker, conn.name)
+    if shaper is not None:
+        now = time.monotonic()
+        delay = shaper.release_time(now) - now
+        if delay > 0:
+            time.sleep(min(delay, 5.0))        # only this probe connection's reader waits
     t = h.get("t")
     conn.out.put({"kind": "probe_pong", "t": t if isinstance(t, (int, float)) and not isinstance(t, bool) else None})
 
 
 # --- on the probing worker (A) -------------------------------------------------------------------------
 
-def run_probe(worker, req: dict) -> dict:
+def run_probe(worker: Worker, req: dict) -> dict:
     """Measure RTT, per-message overhead and bandwidth from this worker to ``req['peer']``."""
-    from edgepart.runtime.worker import Shaper
     o = req["options"]
-    cfg = (worker.links_cfg or {}).get("peers", {}).get(req["peer"])
-    shaper = Shaper(cfg.get("bandwidth_mbps"), cfg.get("latency_ms", 0.0)) if cfg else None
+    shaper = _link_shaper(worker, req["peer"])
     ch = Channel.connect(req["address"], worker.key, {"role": "probe", "name": req["self"]}, timeout=5.0)
     ch.sock.settimeout(60.0)
     small = bytes(o["small_bytes"])
     piece = memoryview(bytes(o["piece_bytes"]))
 
     def send(header: dict, parts=(), enq: float | None = None) -> None:
-        if shaper is not None:                 # exactly what the worker's PeerLink does for a piece
+        if shaper is not None:                 # what the worker's PeerLink does for a piece (but the NIC)
             delay = shaper.release_time(time.monotonic() if enq is None else enq) - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
@@ -171,7 +214,7 @@ def run_probe(worker, req: dict) -> dict:
     return {"rtt_ms": rtt * 1e3, "rtt_min_ms": min(rtts) * 1e3, "latency_ms": rtt / 2 * 1e3,
             "overhead_us": overhead * 1e6, "bandwidth_mbps": max(runs), "bandwidth_runs_mbps": runs,
             "bytes": n * pb, "piece_bytes": pb, "messages": o["messages"], "pings": o["pings"],
-            "shaped_in_sender": bool(cfg)}
+            "shaped_in_sender": shaper is not None}
 
 
 # --- the client ---------------------------------------------------------------------------------------
@@ -186,9 +229,6 @@ def probe(endpoints, key, peer_endpoints: dict | None = None, pairs: list[tuple[
     ``endpoints``: {device: host:port} as this client reaches them; ``peer_endpoints``:
     {a: {b: host:port}} where worker a reaches worker b (default: ``endpoints``).
     """
-    from edgepart.fcpm.remote import request
-    from edgepart.runtime.client import load_endpoints
-    from edgepart.runtime.protocol import as_key
     key = as_key(key)
     endpoints = load_endpoints(endpoints)
     opts = check_probe_options(dict(options or {}))
@@ -239,7 +279,6 @@ def _sig(v: float, digits: int = 4) -> float:
 
 def cluster_from_probe(results: list[dict], endpoints: dict[str, str], cluster: dict | None = None) -> dict:
     """A cluster description (the README's YAML format) with the probed links; devices kept from ``cluster``."""
-    import copy
     pairs: dict[frozenset, list[dict]] = {}
     for r in results:
         pairs.setdefault(frozenset((r["a"], r["b"])), []).append(r)
@@ -282,8 +321,6 @@ def cluster_from_probe(results: list[dict], endpoints: dict[str, str], cluster: 
 def load_endpoints_file(path) -> tuple[dict[str, str], dict | None]:
     """(endpoints, peer_endpoints or None) from a YAML/JSON file: a plain {device: host:port} mapping,
     or {endpoints: {...}, peer_endpoints: {a: {b: host:port}}}."""
-    import yaml
-    from edgepart.runtime.client import load_endpoints
     try:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as e:
@@ -299,7 +336,6 @@ def load_endpoints_file(path) -> tuple[dict[str, str], dict | None]:
 
 def main(argv: list[str] | None = None) -> int:
     """``edgepart probe``: measure the links between running workers and write a cluster file."""
-    import yaml
     ap = argparse.ArgumentParser(prog="edgepart probe", description=__doc__.split("\n\n")[0])
     ap.add_argument("--endpoints", required=True, help="YAML/JSON: {device: host:port} (or endpoints: + "
                                                        "peer_endpoints:)")
@@ -313,11 +349,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="largest bandwidth transfer, MiB")
     ap.add_argument("--repeats", type=int, default=DEFAULTS["repeats"], help="bandwidth transfers per direction")
     a = ap.parse_args(argv)
-    from edgepart.runtime.protocol import read_key
     endpoints, peers = load_endpoints_file(a.endpoints)
     cluster = None
     if a.cluster:
-        from edgepart.cluster import Cluster
         Cluster.from_file(a.cluster)                     # validate it first
         cluster = yaml.safe_load(Path(a.cluster).read_text())
         names = [d["name"] for d in cluster["devices"]]
@@ -341,7 +375,6 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(out, sort_keys=False))
-    from edgepart.cluster import Cluster
     Cluster.from_file(path)                              # what we wrote must load
     print(f"wrote {path}: {len(out['links']['overrides'])} link(s)")
     return 0

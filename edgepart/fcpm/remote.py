@@ -14,8 +14,8 @@ Frames (see docs/wire-format.md):
   checked here (types, bounds; anything else is refused with the reason and the connection
   closed, like every bad frame). Answers: ``profile_progress`` {done, total, phase} at most
   once a second, then ``profile_result`` (payload: the measurements as UTF-8 JSON, at most
-  ``MAX_RESULT`` bytes) or ``profile_error`` {error}. One profile at a time per worker;
-  the client going away aborts it.
+  ``MAX_RESULT`` bytes) or ``profile_error`` {code, device, message}. One profile at a time
+  per worker; the client going away aborts it. :func:`register` installs the handler on a worker.
 * ``probe`` / ``probe_ping`` / ``probe_data`` — link measurements between workers, see
   :mod:`edgepart.fcpm.probe`.
 """
@@ -28,8 +28,13 @@ import threading
 import time
 from typing import Any, Callable
 
-from edgepart.errors import EdgepartError
-from edgepart.runtime.protocol import Channel, PeerClosed, ProtocolError
+import torch
+
+from edgepart.errors import EdgepartError, ErrorCode, error_for
+from edgepart.fcpm.profiler import COUNTS, DEFAULT_LOADS, MEASUREMENTS_FORMAT, fit_profile, measure
+from edgepart.runtime.protocol import Channel, Failure, Frame, PeerClosed, ProtocolError, as_key
+from edgepart.runtime.server import Conn
+from edgepart.runtime.worker import Worker
 
 log = logging.getLogger("edgepart.fcpm.remote")
 
@@ -52,7 +57,6 @@ def _num(v: Any) -> bool:
 
 def check_profile_options(opts: Any) -> dict:
     """Validate a ``profile`` frame's options; returns them normalised or raises ValueError with the reason."""
-    from edgepart.fcpm.profiler import COUNTS, DEFAULT_LOADS
     if opts is None:
         opts = {}
     if not isinstance(opts, dict):
@@ -106,55 +110,27 @@ def check_profile_options(opts: Any) -> dict:
 
 # --- the worker's side -----------------------------------------------------------------------------
 
-def expect(worker, conn, h: dict):
-    """What a remote-profiling / probe frame may carry (called by the worker's ``_expect``)."""
-    kind = h["kind"]
-    if kind in ("profile", "probe"):
-        if conn.role != "client":
-            raise ProtocolError(f"{kind!r} frames come from a client, not a {conn.role!r} connection")
-        return None
-    if kind == "probe_ping":
-        if conn.role != "probe":
-            raise ProtocolError("'probe_ping' frames come only on a probe connection")
-        return None
-    if kind == "probe_data":
-        from edgepart.fcpm.probe import MAX_PROBE_FRAME
-        if conn.role != "probe":
-            raise ProtocolError("'probe_data' frames come only on a probe connection")
-        return MAX_PROBE_FRAME
-    raise ProtocolError(f"unknown frame kind {kind[:40]!r}")
+def register(worker: Worker, cpu_cores: float | None = None) -> None:
+    """Take ``profile`` frames on the worker's server. ``cpu_cores``: the worker's CPU quota in cores,
+    if it has one it cannot read itself (the test bed's cgroup, hidden by ``ip netns exec``)."""
+    worker.server.register("profile", lambda conn, frame: _on_profile(worker, cpu_cores, conn, frame),
+                           roles=("client",))
 
 
-def dispatch(worker, conn, frame) -> None:
-    """Handle a remote-profiling / probe frame on the worker (called by the worker's ``_dispatch``)."""
-    kind, h = frame.kind, frame.header
-    if kind == "profile":
-        opts = check_profile_options(h.get("options"))      # ValueError: refused with the reason
-        _start_profile(worker, conn, opts)
-    elif kind == "probe":
-        from edgepart.fcpm.probe import check_probe_request, run_probe
-        req = check_probe_request(h)
-        threading.Thread(target=_run_probe, args=(worker, conn, req, run_probe), name="probe",
-                         daemon=True).start()
-    elif kind == "probe_ping":
-        from edgepart.fcpm.probe import answer_ping
-        answer_ping(worker, conn, h)
-    elif kind == "probe_data":
-        pass                                                  # bytes on the wire are the point; dropped
+def _on_profile(worker: Worker, cpu_cores: float | None, conn: Conn, frame: Frame) -> None:
+    opts = check_profile_options(frame.get("options"))      # ValueError: refused with the reason
+    if not _profile_lock.acquire(blocking=False):
+        conn.out.put({"kind": "profile_error", **Failure(ErrorCode.BUSY, worker.device,
+                                                         f"worker {worker.address}: a profile is already running"
+                                                         ).fields()})
+        return
+    threading.Thread(target=_run_profile, args=(worker, cpu_cores, conn, opts), name="profile", daemon=True).start()
 
 
 _profile_lock = threading.Lock()
 
 
-def _start_profile(worker, conn, opts: dict) -> None:
-    if not _profile_lock.acquire(blocking=False):
-        conn.out.put({"kind": "profile_error", "error": f"worker {worker.address}: a profile is already running"})
-        return
-    threading.Thread(target=_run_profile, args=(worker, conn, opts), name="profile", daemon=True).start()
-
-
-def _run_profile(worker, conn, opts: dict) -> None:
-    import torch
+def _run_profile(worker: Worker, cpu_cores: float | None, conn: Conn, opts: dict) -> None:
     last = [0.0]
 
     def on_progress(done: int, total: int, phase: str) -> None:
@@ -166,13 +142,11 @@ def _run_profile(worker, conn, opts: dict) -> None:
             conn.out.put({"kind": "profile_progress", "done": done, "total": total, "phase": phase[:80]})
 
     try:
-        from edgepart.fcpm.profiler import measure
         log.info("profiling this worker for %s: %s", conn.label(), opts)
         t0 = time.perf_counter()
         m = measure(quick=opts["quick"], loads=opts["loads"], seed=opts["seed"], budget_s=opts["budget"],
                     progress=False, name=worker.device, counts=opts["counts"], nets=opts["nets"],
-                    sustained=opts["sustained"], cpu_cores=(worker.links_cfg or {}).get("cpu_cores"),
-                    on_progress=on_progress)
+                    sustained=opts["sustained"], cpu_cores=cpu_cores, on_progress=on_progress)
         m["meta"]["remote"] = {"worker": worker.address, "device": worker.device}
         data = json.dumps(m, separators=(",", ":")).encode()
         if len(data) > MAX_RESULT:
@@ -184,21 +158,12 @@ def _run_profile(worker, conn, opts: dict) -> None:
         log.warning("profile aborted: %s went away", conn.label())
     except Exception as e:  # noqa: BLE001 — any failure is reported to the client, the worker stays up
         log.exception("profile failed")
-        conn.out.put({"kind": "profile_error", "error": f"worker {worker.address}: {type(e).__name__}: {e}"[:2000]})
+        conn.out.put({"kind": "profile_error", **Failure(ErrorCode.PROFILE_FAILED, worker.device,
+                                                         f"worker {worker.address}: {type(e).__name__}: {e}"
+                                                         ).fields()})
     finally:
         torch.set_num_threads(max(1, worker.threads))
         _profile_lock.release()
-
-
-def _run_probe(worker, conn, req: dict, run_probe) -> None:
-    try:
-        result = run_probe(worker, req)
-        conn.out.put({"kind": "probe_result", "peer": req["peer"], "result": result})
-    except Exception as e:  # noqa: BLE001
-        log.warning("probe of %s at %s failed: %s", req["peer"], req["address"], e)
-        conn.out.put({"kind": "probe_error", "peer": req["peer"],
-                      "error": f"worker {worker.address} probing {req['peer']!r} at {req['address']}: "
-                               f"{type(e).__name__}: {e}"[:2000]})
 
 
 # --- the client's side -----------------------------------------------------------------------------
@@ -230,7 +195,8 @@ def request(endpoint: str, key: bytes, header: dict, answers: tuple[str, ...], e
             if f.kind in answers:
                 return f
             if f.kind in errors:
-                raise EdgepartError(str(f.get("error", f"{f.kind} from the worker at {endpoint}")))
+                raise error_for(f.get("code"), f.get("device"),
+                                str(f.get("message", f"{f.kind} from the worker at {endpoint}")))
             if f.kind == "refused":
                 raise EdgepartError(f"worker at {endpoint} refused the request: {f.get('reason')}")
             if on_frame:
@@ -247,7 +213,6 @@ def request(endpoint: str, key: bytes, header: dict, answers: tuple[str, ...], e
 def remote_measure(endpoint: str, key, options: dict | None = None, idle_timeout: float = 120.0,
                    on_progress: Callable[[dict], None] | None = None) -> tuple[dict, str]:
     """Run the measurement sweep on the worker at ``endpoint``: (measurements, the worker's device name)."""
-    from edgepart.runtime.protocol import as_key
     key = as_key(key)
     opts = check_profile_options(dict(options or {}))       # fail here, not on the worker, if we can
     hello_name: list[str] = []
@@ -281,7 +246,6 @@ def remote_measure(endpoint: str, key, options: dict | None = None, idle_timeout
 
 def check_measurements(m: Any) -> None:
     """Structure check of measurements received from a worker before anything is fitted on them."""
-    from edgepart.fcpm.profiler import MEASUREMENTS_FORMAT
 
     def bad(why):
         raise EdgepartError(f"malformed measurements from the worker: {why}")
@@ -316,7 +280,6 @@ def profile_remote(endpoint: str, key, options: dict | None = None, name: str | 
 
     Its device name: ``name``, else the device the worker was deployed as, else ``default_name``,
     else the worker's host name."""
-    from edgepart.fcpm.profiler import fit_profile
     m, dev = remote_measure(endpoint, key, options, idle_timeout, on_progress)
     m["meta"].setdefault("remote", {})["endpoint"] = endpoint
     return fit_profile(m, name=name or dev or default_name or None)

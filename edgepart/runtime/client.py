@@ -20,12 +20,12 @@ import argparse
 import concurrent.futures as cf
 import hashlib
 import itertools
-import json
 import logging
 import mmap
 import os
 import queue
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -33,23 +33,13 @@ from typing import Any
 
 import torch
 
-from edgepart.errors import BundleError, EdgepartError
-from edgepart.runtime.protocol import (DTYPES, Channel, PeerClosed, ProtocolError, as_key, iter_leaves,
-                                       read_key)
+from edgepart.errors import BundleError, EdgepartError, WorkerDied, error_for
+from edgepart.ir import output as output_tree
+from edgepart.ir.manifest import MANIFEST, Manifest
+from edgepart.runtime.program import check_inputs
+from edgepart.runtime.protocol import Channel, PeerClosed, ProtocolError, as_key, read_key
 
 log = logging.getLogger("edgepart.client")
-
-
-class WorkerDied(EdgepartError):
-    """A worker died or stopped answering; ``device`` names it."""
-
-    def __init__(self, device: str, message: str):
-        super().__init__(message)
-        self.device = device
-
-
-class RemoteError(EdgepartError):
-    """A request failed on a worker (the message says which device and why)."""
 
 
 def load_endpoints(endpoints) -> dict[str, str]:
@@ -70,11 +60,11 @@ def load_endpoints(endpoints) -> dict[str, str]:
 
 
 def bundle_dir_of(bundle_or_dir) -> tuple[Path, Any]:
-    """The on-disk directory of a bundle (an in-memory Bundle is saved to a temp dir first)."""
-    from edgepart.compiler.bundle import Bundle
-    if isinstance(bundle_or_dir, Bundle):
+    """The on-disk directory of a bundle: a directory as given, or a compiled bundle's (anything with
+    ``dir`` and ``save(directory)``; one not saved yet is saved to a temporary directory, returned
+    second so that the caller removes it)."""
+    if hasattr(bundle_or_dir, "save") and hasattr(bundle_or_dir, "dir"):
         if bundle_or_dir.dir is None:
-            import tempfile
             tmp = tempfile.mkdtemp(prefix="edgepart-bundle-")
             bundle_or_dir.save(tmp)
             bundle_or_dir.dir = None          # the temp copy is ours (removed on close), not the bundle's home
@@ -106,23 +96,25 @@ class Session:
                  heartbeat: float = 1.0, dead_after: float = 3.5, peer_endpoints: dict | None = None,
                  connect_timeout: float = 5.0):
         self.dir, self._tmp = bundle_dir_of(bundle_or_dir)
-        from edgepart.compiler.bundle import read_manifest
-        self.manifest = read_manifest(self.dir)
-        self.manifest_bytes = (self.dir / "manifest.json").read_bytes()
+        path = self.dir / MANIFEST
+        if not path.is_file():
+            raise BundleError(f"{path}: no manifest.json here; is {self.dir} a bundle directory?")
+        self.manifest_bytes = path.read_bytes()
+        self.manifest = Manifest.from_json(self.manifest_bytes, str(path))
         self.bundle_id = hashlib.sha256(self.manifest_bytes).hexdigest()
         self.key = as_key(key)
         self.endpoints = load_endpoints(endpoints)
-        missing = [d for d in self.manifest["devices"] if d not in self.endpoints]
+        missing = [d for d in self.manifest.devices if d not in self.endpoints]
         if missing:
             raise EdgepartError(f"no endpoint for device(s) {missing}; endpoints given: {sorted(self.endpoints)}")
         # what each worker should dial to reach each peer (differs from ours under netns emulation)
-        self.peer_endpoints = peer_endpoints or {d: dict(self.endpoints) for d in self.manifest["devices"]}
-        self.source = self.manifest["source_device"]
+        self.peer_endpoints = peer_endpoints or {d: dict(self.endpoints) for d in self.manifest.devices}
+        self.source = self.manifest.source_device
         self.timeout = timeout
         self.heartbeat = heartbeat
         self.dead_after = dead_after
         self.connect_timeout = connect_timeout
-        self.links = {d: _Link(d, self.endpoints[d]) for d in self.manifest["devices"]}
+        self.links = {d: _Link(d, self.endpoints[d]) for d in self.manifest.devices}
         self.lock = threading.RLock()
         self.revive_lock = threading.Lock()
         self.pending: dict[str, tuple[cf.Future, float]] = {}
@@ -183,8 +175,9 @@ class Session:
                 if time.monotonic() > deadline:
                     raise EdgepartError(f"device {link.device!r} at {link.address}: no answer within {timeout:.0f} s")
                 continue
-            if h["kind"] == "deploy_error":
-                raise BundleError(f"device {link.device!r}: {h.get('error')}")
+            if h["kind"] == "deploy_error":          # code deploy_failed: a BundleError
+                raise error_for(h.get("code"), h.get("device") or link.device,
+                                f"device {link.device!r}: {h.get('message')}")
             if h["kind"] in kinds:
                 return h
 
@@ -218,16 +211,16 @@ class Session:
         if h["kind"] != "result":
             return None
         values = h.get("values")
-        leaves = list(iter_leaves(self.manifest["output"]))
+        leaves = output_tree.leaves(self.manifest.output)
         if not isinstance(values, list) or len(values) != len(leaves):
             raise ProtocolError("result frame: 'values' does not match the bundle's outputs")
         specs = []
         for leaf, v in zip(leaves, values):
             if v is None:
-                meta = self.manifest["tensors"].get(leaf)
-                if meta is None or meta.get("shape") is None:
+                meta = self.manifest.tensors.get(leaf)
+                if meta is None or meta.shape is None:
                     raise ProtocolError(f"result frame: output {leaf!r} has no known shape")
-                specs.append((meta["dtype"], tuple(meta["shape"])))
+                specs.append((meta.dtype, meta.shape))
         return specs
 
     def _reader(self, link: _Link, ch: Channel) -> None:
@@ -262,22 +255,19 @@ class Session:
         if link.ch is ch:
             self._dead(link, reason)
 
-    def _remote_error(self, h: dict) -> EdgepartError:
-        msg = str(h.get("error", "failed"))
-        import re
-        m = re.search(r"device '([^']+)' (is down|unreachable)", msg)
-        if m:
-            return WorkerDied(m.group(1), f"request failed: {msg}")
-        return RemoteError(f"request failed on device {h.get('device')!r}: {msg}")
+    @staticmethod
+    def _remote_error(h: dict) -> EdgepartError:
+        """The exception for an ``error`` frame, by its code (errors.ERROR_CLASSES): WorkerDied naming the
+        device that is down for ``peer_down``, else a RemoteError."""
+        return error_for(h.get("code"), h.get("device"), f"request failed: {h.get('message', 'failed')}")
 
     def _rebuild(self, values: list, parts: list):
-        from edgepart.runtime.program import build_output
         it_v, it_p = iter(values), iter(parts)
 
         def leaf(_name):    # a value sent inline in the header, else the next raw tensor part
             v = next(it_v)
             return next(it_p) if v is None else v
-        return build_output(self.manifest["output"], leaf)
+        return output_tree.walk(self.manifest.output, leaf)
 
     def _dead(self, link: _Link, reason: str) -> None:
         with self.lock:
@@ -345,7 +335,6 @@ class Session:
     # --- requests -----------------------------------------------------------------------
     def submit(self, *inputs) -> cf.Future:
         """Send one request; the future resolves to its output (or raises WorkerDied / RemoteError)."""
-        from edgepart.compiler.bundle import check_inputs
         if self.closed:
             raise EdgepartError("the session is closed")
         xs = check_inputs(self.manifest, inputs)

@@ -15,6 +15,10 @@ from edgepart.errors import BundleError, EdgepartError
 from edgepart.ir.manifest import Action, EmitOutput, Recv, Run, Send, TakeInput
 
 
+class StageError(EdgepartError):
+    """A compute stage raised: the message names the device and the stage."""
+
+
 class Host(Protocol):
     """What an executor provides to :func:`advance` for one request on one device."""
 
@@ -25,7 +29,8 @@ class Host(Protocol):
         """The piece ``act`` names, removed from the mailbox, or None if it has not arrived yet."""
 
     def run_stage(self, act: Run, run: Any) -> None:
-        """Call ``run()`` (which computes the stage), timing it however the executor does."""
+        """Call ``run()`` (which computes the stage, raising :class:`StageError` if it fails), timing
+        it however the executor does. May raise to stop the request (e.g. it was cancelled)."""
 
     def send_piece(self, act: Send, piece: torch.Tensor) -> None:
         """Hand rows [act.a, act.b) of ``act.tensor`` (contiguous) to device ``act.dst``."""
@@ -38,8 +43,8 @@ def advance(program, store, pc: int, host: Host) -> tuple[int, Action | None]:
     """Run ``program.actions[pc:]`` against ``store`` until done or blocked.
 
     Returns ``(pc, waiting)``: the index of the first action not done, and that action if it waits
-    for something (``None`` when the list is finished). A stage that raises is reported as an
-    :class:`EdgepartError` naming the device and the stage."""
+    for something (``None`` when the list is finished). A stage that raises is reported as a
+    :class:`StageError` naming the device and the stage; what the host raises passes through."""
     actions = program.actions
     tensors = program.manifest.tensors
     while pc < len(actions):
@@ -55,12 +60,7 @@ def advance(program, store, pc: int, host: Host) -> tuple[int, Action | None]:
                 return pc, act
             store.put(act.tensor, act.a, act.b, piece)
         elif isinstance(act, Run):
-            try:
-                host.run_stage(act, lambda stage=act.stage: program.run_stage(stage, store))
-            except EdgepartError:
-                raise
-            except Exception as e:  # noqa: BLE001 — name the device and stage, not a frame inside torch
-                raise EdgepartError(f"device {program.device!r}, stage {act.stage}: {type(e).__name__}: {e}") from e
+            host.run_stage(act, lambda stage=act.stage: _run_stage(program, stage, store))
         elif isinstance(act, Send):
             piece = store.get(act.tensor, act.a, act.b)
             piece = piece.contiguous() if isinstance(piece, torch.Tensor) else torch.as_tensor(piece)
@@ -71,6 +71,15 @@ def advance(program, store, pc: int, host: Host) -> tuple[int, Action | None]:
             raise BundleError(f"device {program.device!r}: unknown action {act!r}")
         pc += 1
     return pc, None
+
+
+def _run_stage(program, stage: int, store) -> None:
+    try:
+        program.run_stage(stage, store)
+    except EdgepartError:
+        raise
+    except Exception as e:  # noqa: BLE001 — name the device and stage, not a frame inside torch
+        raise StageError(f"device {program.device!r}, stage {stage}: {type(e).__name__}: {e}") from e
 
 
 class _Mailbox:

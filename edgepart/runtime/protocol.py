@@ -39,13 +39,14 @@ import socket
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from edgepart.errors import EdgepartError
+from edgepart.errors import EdgepartError, ErrorCode
+from edgepart.ir.dtypes import DTYPE_NAMES, DTYPES
 
 MAGIC = b"EPRT"
 VERSION = 2
@@ -64,13 +65,7 @@ _NONCE_P = b"p\x00\x00\x00"
 MAX_CHUNKS = 1 << 24
 _EMPTY = b""
 
-# dtype names allowed on the wire (an allow-list: anything else is refused)
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
-    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# dtype names allowed on the wire: the IR's one table (an allow-list: anything else is refused)
 MAX_DIMS = 8
 # how a received part is allocated: a numpy array (cheaper to create than a torch tensor) that the tensor
 # shares; bfloat16, which numpy lacks, is allocated as uint16 and viewed
@@ -190,6 +185,36 @@ class Frame:
 
     def get(self, key, default=None):
         return self.header.get(key, default)
+
+
+MAX_MESSAGE = 2000                      # characters of an error frame's message
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What an error frame (``error``, ``fail``, ``deploy_error``, ``profile_error``, ``probe_error``)
+    says: why (``code``), the device it is about (for ``peer_down`` the device that is down, else the
+    one it happened on) and a message for people. Receivers decide by the code, never the message."""
+
+    code: ErrorCode
+    device: str | None
+    message: str
+
+    def fields(self) -> dict:
+        """The frame's header fields ``{code, device, message}``."""
+        return {"code": self.code.value, "device": self.device, "message": self.message[:MAX_MESSAGE]}
+
+    @classmethod
+    def from_header(cls, h: dict) -> "Failure":
+        """Read the fields of a frame a worker received; ProtocolError if they are malformed."""
+        device, message = h.get("device"), h.get("message")
+        try:
+            code = ErrorCode(h.get("code"))
+        except ValueError:
+            raise ProtocolError(f"unknown error code {str(h.get('code'))[:40]!r}") from None
+        if not (device is None or isinstance(device, str) and len(device) <= 64) or not isinstance(message, str):
+            raise ProtocolError("error frame needs device (a name or null) and message (a string)")
+        return cls(code, device, message[:MAX_MESSAGE])
 
 
 def _kdf(key: bytes, *items: bytes) -> bytes:
@@ -723,15 +748,3 @@ def as_key(key) -> bytes:
 
 def tensor_spec(t: torch.Tensor) -> tuple[str, tuple[int, ...]]:
     return dtype_name(t.dtype), tuple(t.shape)
-
-
-def iter_leaves(spec: dict) -> Iterable[str]:
-    """Tensor names in a manifest output structure, depth first."""
-    if "tensor" in spec:
-        yield spec["tensor"]
-    elif "tuple" in spec or "list" in spec:
-        for s in spec.get("tuple", spec.get("list")):
-            yield from iter_leaves(s)
-    elif "dict" in spec:
-        for s in spec["dict"].values():
-            yield from iter_leaves(s)

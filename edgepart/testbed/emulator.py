@@ -17,7 +17,7 @@ With root, cgroup v1 and network namespaces (``mode == "netns"``):
     stages; a 100 ms period instead lets a slow device start each request with a whole period's
     quota at full speed (faster than its speed).
   - ``"dilate"``: every compute stage lasts its CPU time ÷ q on the wall clock (the worker runs
-    it, then sleeps the rest: ``worker.CpuDilation``), exact per stage, and a piece arriving
+    it, then sleeps the rest: ``testbed.cpu.CpuDilation``), exact per stage, and a piece arriving
     meanwhile is received at once. Message handling (framing, MACs, copies) is not slowed down,
     only compute stages; workers are not rate-limited (no quota).
 
@@ -35,7 +35,7 @@ With root, cgroup v1 and network namespaces (``mode == "netns"``):
   at the pair's bandwidth × s. ``netem`` is not available here, so the link latency
   (÷ s) is added by the sender (a delay line in the worker's peer queue). A worker's
   messages to all its peers share its one NIC, one message at a time in the order it
-  sends them (``worker.SenderNic``), as the cost model's switched links assume; and the
+  sends them (``testbed.links.SenderNic``), as the cost model's switched links assume; and the
   packets are processed on the CPUs outside ``cpuset`` (RPS), not charged to the workers.
   The client reaches each worker over an extra, unshaped veth pair.
 
@@ -60,8 +60,9 @@ import os
 import shutil
 import subprocess
 import warnings
-from collections.abc import Callable
-from contextlib import contextmanager
+
+from edgepart.cluster import Cluster
+from edgepart.ir.manifest import Manifest
 
 log = logging.getLogger("edgepart.emulate")
 CGROOT = "/sys/fs/cgroup/cpu"
@@ -94,23 +95,19 @@ def netns_available() -> tuple[bool, str]:
 
 
 class Emulator:
-    def __init__(self, manifest: dict, time_scale: float | None = None, mode: str | None = None,
+    def __init__(self, manifest: Manifest, time_scale: float | None = None, mode: str | None = None,
                  cpus: int | None = None, period_us: int | None = None, cpuset: list[int] | None = None,
                  host_speed: float | None = None, defer_limits: bool = False, cpu: str = "quota",
                  net_cpus: list[int] | str | None = "auto"):
-        cl = manifest["cluster"]
-        self.devices = [d["name"] for d in cl["devices"] if d["name"] in manifest["devices"]]
-        self.speed = {d["name"]: float(d.get("speed", 1.0)) for d in cl["devices"]}
-        links = cl.get("links", {}) or {}
-        default = {"bandwidth_mbps": 100.0, "latency_ms": 1.0, **(links.get("default") or {})}
+        cluster = Cluster.from_dict(manifest.cluster)
+        self.devices = [d for d in cluster.names if d in manifest.devices]
+        self.speed = {d.name: float(d.speed) for d in cluster.devices}
         self.link = {}
         for i, a in enumerate(self.devices):
             for b in self.devices[i + 1:]:
-                self.link[frozenset((a, b))] = dict(default)
-        for o in links.get("overrides", []) or []:
-            k = frozenset((o["a"], o["b"]))
-            if k in self.link:
-                self.link[k].update({x: float(o[x]) for x in ("bandwidth_mbps", "latency_ms") if x in o})
+                link = cluster.link(a, b)
+                self.link[frozenset((a, b))] = {"bandwidth_mbps": float(link["bandwidth_mbps"]),
+                                                "latency_ms": float(link["latency_ms"])}
         ok, why = netns_available() if mode in (None, "netns") else (False, "in-process emulation requested")
         if mode == "netns" and not ok:
             raise RuntimeError(f"netns emulation unavailable: {why}")
@@ -304,14 +301,14 @@ class Emulator:
             if other == device:
                 continue
             ln = self.link[frozenset((device, other))]
-            # nic_mbps: the sender's NIC sends one message at a time, as the cost model assumes (worker.SenderNic)
+            # nic_mbps: the sender's NIC sends one message at a time, as the cost model assumes (links.SenderNic)
             if self.mode == "netns":      # bandwidth is shaped by tc; the sender adds the latency
                 peers[other] = {"bandwidth_mbps": None, "latency_ms": ln["latency_ms"] / self.time_scale,
                                 "nic_mbps": ln["bandwidth_mbps"] * self.time_scale}
             else:
                 peers[other] = {"bandwidth_mbps": ln["bandwidth_mbps"], "latency_ms": ln["latency_ms"],
                                 "nic_mbps": ln["bandwidth_mbps"]}
-        if self.mode == "netns" and self.cpu == "dilate":    # compute stages dilated (worker.CpuDilation)
+        if self.mode == "netns" and self.cpu == "dilate":    # compute stages dilated (testbed.cpu.CpuDilation)
             return {"peers": peers, "cpu": {"share_file": self.share_file(device)}}
         if self.mode == "netns":
             # the worker's cgroup CPU quota in cores, for remote profiling (edgepart.fcpm): the worker cannot

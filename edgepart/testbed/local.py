@@ -8,7 +8,7 @@
 Every worker runs in its own process group and watches this process, so nothing
 outlives the cluster: ``close()`` (also called on error, at exit, and by ``with``)
 terminates the groups, and a worker whose parent vanished exits by itself.
-``emulate=True`` shapes CPU and links from the manifest's cluster (see emulate.py; ``time_scale``,
+``emulate=True`` shapes CPU and links from the manifest's cluster (see testbed/emulator.py; ``time_scale``,
 ``cpu`` ("quota" or "dilate"), ``cpu_period_us``, ``cpuset`` and ``host_speed`` are the Emulator's knobs).
 """
 from __future__ import annotations
@@ -27,7 +27,9 @@ from pathlib import Path
 
 from edgepart.errors import EdgepartError
 from edgepart.runtime.client import Session, bundle_dir_of
+from edgepart.runtime.program import read_manifest
 from edgepart.runtime.protocol import as_key
+from edgepart.testbed.emulator import Emulator
 
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 _live: "weakref.WeakSet[LocalCluster]" = weakref.WeakSet()
@@ -48,10 +50,9 @@ class LocalCluster:
                  time_scale: float | None = None, cpu_period_us: int | None = None,
                  cpuset: list[int] | None = None, host_speed: float | None = None, cpu: str = "quota",
                  **session_kw):
-        from edgepart.compiler.bundle import read_manifest
         self.dir, self._tmp_bundle = bundle_dir_of(bundle_or_dir)
         self.manifest = read_manifest(self.dir)
-        self.devices = list(self.manifest["devices"])
+        self.devices = list(self.manifest.devices)
         self.key = as_key(key) if key is not None else os.urandom(32)
         self.threads = threads
         self.startup_timeout = startup_timeout
@@ -71,7 +72,6 @@ class LocalCluster:
         _live.add(self)
         try:
             if emulate:
-                from edgepart.testbed.emulator import Emulator
                 self.emulator = Emulator(self.manifest, time_scale=time_scale,
                                          mode=emulate if isinstance(emulate, str) else None,
                                          period_us=cpu_period_us, cpuset=cpuset, host_speed=host_speed,
@@ -88,7 +88,7 @@ class LocalCluster:
     # --- processes -----------------------------------------------------------------------
     def _spawn(self, device: str, port: int) -> None:
         host = self.emulator.host(device) if self.emulator else "127.0.0.1"
-        cmd = [sys.executable, "-m", "edgepart.runtime.worker", "--listen", f"{host}:{port}",
+        cmd = [sys.executable, "-m", "edgepart.worker_main", "--listen", f"{host}:{port}",
                "--key-file", str(self.key_file), "--workdir", str(self.tmp / "work" / device),
                "--threads", str(self.threads), "--exit-with-parent", str(os.getpid())]
         if self.emulator:

@@ -1,0 +1,248 @@
+"""Frames out of a worker: one queued writer per connection, and the links to peer workers built on it.
+
+No reader or compute thread ever blocks on a socket. A :class:`Writer` writes one connection's
+frames in order: when nothing is queued, a small frame is written by the calling thread with a
+non-blocking write (``Channel.send_nowait``), which saves a thread wake-up per frame; anything
+else — large frames, frames behind others, the rest of a frame the socket took only part of,
+shaped frames — is written by the writer's own thread. A :class:`PeerLink` is a writer that
+connects to a peer worker on demand (and again after a failure), watches the connection for
+EOF and, when a frame cannot be written, fails the request it belongs to and reports the peer down.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Callable, Protocol
+
+import torch
+
+from edgepart.errors import ErrorCode
+from edgepart.runtime.protocol import Channel, Failure, PeerClosed, ProtocolError
+
+INLINE_MAX = 64 << 10          # frames up to this size are written by the calling thread when nothing is queued
+FRAME_EXTRA = 200              # bytes a frame adds on the wire besides its payload, as a shaper counts them
+CONNECT_TIMEOUT = 2.0          # s for a peer's handshake
+_FLUSH = object()              # queue marker: finish writing a frame that send_nowait only partly wrote
+_CLOSE = object()              # queue marker: the writer's thread ends here
+_WRITE_ERRORS = (OSError, PeerClosed, ProtocolError)
+
+
+class LinkShaper(Protocol):
+    """An emulated link in the sender (a test bed's hook; real links have none): when a frame may
+    leave, and how long its bytes take."""
+
+    def release_time(self, enqueued: float, nbytes: int = 0) -> float:
+        """The monotonic time a frame of ``nbytes`` queued at ``enqueued`` may be written."""
+
+    def consume(self, nbytes: int) -> None:
+        """Account for ``nbytes`` about to be written (sleeping as long as the link's bandwidth asks)."""
+
+
+# link_shaper(peer, nic): the shaper of this worker's traffic to ``peer`` (None: unshaped). With
+# ``nic`` the frames also queue on the device's one sender NIC that all its links share (pieces do;
+# a link probe measures the link alone).
+LinkShaperFactory = Callable[[str, bool], "LinkShaper | None"]
+
+
+class Cancellable(Protocol):
+    """What a queued frame may belong to: a frame of a cancelled request is not written."""
+
+    cancelled: bool
+
+
+def nbytes(parts) -> int:
+    n = 0
+    for p in parts:
+        n += p.numel() * p.element_size() if isinstance(p, torch.Tensor) else len(p)
+    return n
+
+
+class Writer:
+    """Frames for one channel, written in order by the calling thread (small, idle, unshaped) or by
+    the writer's own thread.
+
+    ``channel``: the connection, or None with ``connect`` — a callable that opens it on the first
+    frame, and again after a failure. Without ``connect`` a failed write makes the writer dead: later
+    frames are dropped. ``shaper`` delays and paces every frame; ``on_error(channel, error, req)`` hears
+    of a failed write (``req``: what the frame belonged to); ``on_sent(nbytes)`` counts payload bytes;
+    ``bye_on_close``: :meth:`close` sends a ``bye`` and closes the channel after the queued frames.
+    """
+
+    def __init__(self, name: str, channel: Channel | None = None, connect: Callable[[], Channel] | None = None,
+                 shaper: LinkShaper | None = None,
+                 on_error: Callable[[Channel | None, Exception, Cancellable | None], None] | None = None,
+                 on_sent: Callable[[int], None] | None = None, bye_on_close: bool = False):
+        self.ch = channel
+        self.connect = connect
+        self.shaper = shaper
+        self.on_error = on_error
+        self.on_sent = on_sent
+        self.bye_on_close = bye_on_close
+        self.q: collections.deque = collections.deque()
+        self.cv = threading.Condition(threading.Lock())
+        self.busy = False                  # the thread is writing
+        self.dead = False                  # a write failed and there is no reconnecting
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def put(self, header: dict, parts=(), req: Cancellable | None = None) -> None:
+        """Queue a frame (or write it right here); never blocks on the socket."""
+        err = None
+        with self.cv:
+            if self.dead or self.closed:
+                return
+            ch = self.ch
+            n = nbytes(parts)
+            if (ch is not None and self.shaper is None and not self.q and not self.busy and n <= INLINE_MAX
+                    and not (req is not None and req.cancelled)):
+                try:
+                    if ch.send_nowait(header, parts):
+                        self._sent(n)
+                        if ch.tail_pending:
+                            self.q.append(_FLUSH)
+                            self.cv.notify()
+                        return
+                except _WRITE_ERRORS as e:
+                    err = e
+            if err is None:
+                # an emulated NIC is reserved here, in the order the device sends, not when the thread gets to it
+                release = self.shaper.release_time(time.monotonic(), n) if self.shaper is not None else 0.0
+                self.q.append((release, header, parts, req))
+                self.cv.notify()
+                return
+        self._failed(ch, err, req)
+
+    def drop(self, ch: Channel) -> None:
+        """Forget ``ch`` if it is still the writer's channel (it was closed elsewhere): the next frame reconnects."""
+        with self.cv:
+            if self.ch is ch:
+                self.ch = None
+
+    def close(self) -> None:
+        """Write what is queued, then stop (frames put after this are dropped)."""
+        with self.cv:
+            self.closed = True
+            self.q.append(_CLOSE)
+            self.cv.notify()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.thread.join(timeout)
+
+    def _sent(self, n: int) -> None:
+        if self.on_sent is not None:
+            self.on_sent(n)
+
+    def _failed(self, ch: Channel | None, e: Exception, req: Cancellable | None) -> None:
+        with self.cv:
+            if self.connect is None:
+                self.dead = True
+            elif self.ch is ch:
+                self.ch = None
+        if self.connect is not None and ch is not None:
+            ch.close()
+        if self.on_error is not None:
+            self.on_error(ch, e, req)
+
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                while not self.q:
+                    self.cv.wait()
+                item = self.q.popleft()
+                if item is _CLOSE:
+                    break
+                if self.dead:
+                    continue
+                self.busy = True
+            try:
+                self._write(item)
+            finally:
+                with self.cv:
+                    self.busy = False
+        ch = self.ch                # read once: a peer link's watcher clears it when the peer hangs up
+        if self.bye_on_close and ch is not None:
+            try:
+                ch.send({"kind": "bye"})
+            except (OSError, PeerClosed):
+                pass
+            ch.close()
+
+    def _write(self, item) -> None:
+        ch = self.ch
+        if item is _FLUSH:
+            if ch is not None:
+                try:
+                    ch.flush()
+                except _WRITE_ERRORS as e:
+                    self._failed(ch, e, None)
+            return
+        release, header, parts, req = item
+        if req is not None and req.cancelled:
+            return
+        try:
+            n = nbytes(parts)
+            if self.shaper is not None:
+                delay = release - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                self.shaper.consume(n + FRAME_EXTRA)
+            if ch is None:
+                ch = self.ch = self.connect()
+            ch.send(header, parts)
+            self._sent(n)
+        except _WRITE_ERRORS as e:
+            self._failed(ch, e, req)
+
+
+class PeerLink:
+    """This worker's outgoing connection to one peer device, opened on the first frame.
+
+    The peer sends nothing back on it but a ``bye``; a watcher thread notices it going away. A
+    frame that cannot be written fails its request (``on_request_failed(req, failure)``, code
+    ``peer_down``); either way the peer is reported down (``on_down(device, reason)``).
+    """
+
+    def __init__(self, device: str, address: str, key: bytes, hello: dict, shaper: LinkShaper | None,
+                 on_request_failed: Callable[[Cancellable, Failure], None], on_down: Callable[[str, str], None],
+                 on_sent: Callable[[int], None] | None = None):
+        self.device = device
+        self.address = address
+        self.key = key
+        self.hello = hello
+        self.on_request_failed = on_request_failed
+        self.on_down = on_down
+        self.closed = False
+        self.writer = Writer(f"peer-{device}", connect=self._connect, shaper=shaper, on_error=self._failed,
+                             on_sent=on_sent, bye_on_close=True)
+
+    def put(self, header: dict, parts=(), req: Cancellable | None = None) -> None:
+        self.writer.put(header, parts, req)
+
+    def close(self) -> None:
+        self.closed = True
+        self.writer.close()
+
+    def _connect(self) -> Channel:
+        ch = Channel.connect(self.address, self.key, self.hello, timeout=CONNECT_TIMEOUT)
+        threading.Thread(target=self._watch, args=(ch,), name=f"watch-{self.device}", daemon=True).start()
+        return ch
+
+    def _watch(self, ch: Channel) -> None:
+        try:
+            while True:
+                ch.recv(lambda h: None)          # the peer sends nothing on this connection but a bye
+        except PeerClosed:
+            reason = "closed the connection"
+        except (OSError, ProtocolError) as e:
+            reason = f"connection lost ({e})"
+        self.writer.drop(ch)
+        if not self.closed and not ch.closed:
+            self.on_down(self.device, reason)
+
+    def _failed(self, ch: Channel | None, e: Exception, req: Cancellable | None) -> None:
+        reason = f"unreachable at {self.address} ({e})"
+        if req is not None:
+            self.on_request_failed(req, Failure(ErrorCode.PEER_DOWN, self.device, f"device {self.device!r} {reason}"))
+        self.on_down(self.device, reason)
