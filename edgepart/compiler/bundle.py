@@ -190,7 +190,7 @@ def compile(model, example_inputs, cluster: Cluster, strategy="ofpm",
 
 
 def _import_onnx(model, inputs: tuple, name: str | None) -> tuple[torch.nn.Module, str]:
-    # onnx and onnx2torch (which registers a converter per ONNX op at import) load only for an ONNX model
+    # why: onnx2torch (a converter per ONNX op, registered at import) loads only for an ONNX model
     from edgepart.compiler.onnx_import import import_onnx
     gm, model_name = import_onnx(model, inputs)
     return gm, name or model_name

@@ -225,7 +225,6 @@ def recognise(gm: fx.GraphModule, n: fx.Node) -> OpSpec:
                 return OpSpec("pad", dict(pad=pad, value=float(a.get("value") or 0.0)), a["input"], True,
                               label=f"pad({pad})")
         if target is torch.cat:
-            tensors = n.args[0]
             dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
             shape = n.meta.get("shape")
             if shape is not None and len(shape) == 4 and dim in (1, -3):
