@@ -221,3 +221,21 @@ def test_cluster_backend_keys():
     assert Cluster.from_dict(c.to_dict()).device("a").profiles == c.device("a").profiles
     with pytest.raises(ClusterError, match="backend"):
         Cluster.from_dict({"devices": [{"name": "a", "backend": "tensorrt"}]})
+
+
+def _local_cluster_exact(backend, log_dir):
+    model, (x,) = models.get("tinynet")
+    bundle = edgepart.compile(model, (x,), cluster(), strategy="even", onnx=True)
+    with edgepart.LocalCluster(bundle, backend=backend, log_dir=log_dir) as c:
+        assert_close(c.infer(x), model(x))
+
+
+def test_local_cluster_on_onnxruntime(tmp_path):
+    """Worker processes (edgepart worker --backend onnxruntime) receive the ONNX graphs with the deploy and run them."""
+    _local_cluster_exact("onnxruntime", tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_local_cluster_on_each_backend(backend, tmp_path):
+    _local_cluster_exact(backend, tmp_path)

@@ -50,12 +50,15 @@ class Deployer:
     """Takes deploys into ``workdir``/bundles/<bundle id> and activates them on ``executor``.
 
     ``link_shaper``: the test bed's shaping of links to peers (see transport.LinkShaperFactory);
-    ``address()``: this worker's address, for messages.
+    ``address()``: this worker's address, for messages; ``backend``: run every deployed program on
+    this backend (``torch`` or ``onnxruntime``; None: the one the compiler chose for the device).
     """
 
     def __init__(self, workdir: Path, executor: Executor, key: bytes, max_payload: int,
-                 address: Callable[[], str | None], link_shaper: LinkShaperFactory | None = None):
+                 address: Callable[[], str | None], link_shaper: LinkShaperFactory | None = None,
+                 backend: str | None = None):
         self.workdir = workdir
+        self.backend = backend
         self.executor = executor
         self.key = key
         self.max_payload = max_payload
@@ -147,7 +150,7 @@ class Deployer:
                 raise EdgepartError("commit without a deploy in progress (an earlier step was refused)")
             if up.need:
                 raise EdgepartError(f"commit before all files arrived; missing {sorted(up.need)}")
-            prog = DeviceProgram.from_bundle(up.dir, up.device, up.manifest)
+            prog = DeviceProgram.from_bundle(up.dir, up.device, up.manifest, self.backend)
             self._activate(prog, up.bundle_id, up.peers)
             log.info("deployed bundle %s as device %r (%s)", up.bundle_id[:12], up.device, up.manifest.model)
             conn.out.put({"kind": "deploy_ok", "device": up.device})
