@@ -239,3 +239,14 @@ def test_local_cluster_on_onnxruntime(tmp_path):
 @pytest.mark.parametrize("backend", [None, "torch"])
 def test_local_cluster_on_each_backend(backend, tmp_path):
     _local_cluster_exact(backend, tmp_path)
+
+
+def test_an_onnx_op_without_a_converter_is_named():
+    from onnx import TensorProto, helper
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    node = helper.make_node("MaxRoiPool", ["x", "rois"], ["y"], pooled_shape=[2, 2])
+    rois = helper.make_tensor("rois", TensorProto.FLOAT, [1, 5], [0, 0, 0, 4, 4])
+    model = helper.make_model(helper.make_graph([node], "g", [x], [y], [rois]), opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(edgepart.UnsupportedOpError, match="MaxRoiPool"):
+        edgepart.compile(model, (torch.randn(1, 3, 8, 8),), cluster())

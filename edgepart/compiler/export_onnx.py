@@ -94,13 +94,13 @@ def _try_stage(program: DeviceProgram, stage: int, store: RowStore, run) -> tupl
             reason = f"input {producer!r} is tuple-valued"
     if not io_.outputs:
         reason = "the stage has no outputs read after it"
-    windows = [] if reason else [store.get(p, lo, hi) for p, lo, hi in io_.inputs]
-    if any(not isinstance(w, torch.Tensor) for w in windows):
-        reason = "an input window is not a tensor"
-    model = None
+    model, windows = None, []
     if not reason:
-        windows = [w.contiguous().clone() for w in windows]
         try:
+            windows = [store.get(p, lo, hi) for p, lo, hi in io_.inputs]
+            if any(not isinstance(w, torch.Tensor) for w in windows):
+                raise TypeError("an input window is not a tensor")
+            windows = [w.contiguous().clone() for w in windows]
             model = export_stage(program, stage, windows)
         except Exception as e:  # noqa: BLE001 — the exporter raises many types; the stage stays on torch
             reason = f"export failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"

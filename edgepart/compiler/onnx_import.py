@@ -309,6 +309,9 @@ def lower(gm: fx.GraphModule, inputs: tuple) -> fx.GraphModule:
 def import_onnx(model: onnx.ModelProto | str | os.PathLike | bytes, inputs: tuple) -> tuple[fx.GraphModule, str]:
     """The ONNX ``model`` as an fx GraphModule of torch ops (eval mode) and its name, for inputs like ``inputs``."""
     proto, name = load(model)
-    converted = _onnx2torch().convert(optimize(proto))
+    try:
+        converted = _onnx2torch().convert(optimize(proto))
+    except NotImplementedError as e:      # onnx2torch has no converter for an op (or this version of it)
+        raise UnsupportedOpError(f"ONNX model {name!r}: {e}") from e
     gm = lower(converted, inputs)
     return gm.eval(), name
