@@ -250,3 +250,20 @@ def test_an_onnx_op_without_a_converter_is_named():
     model = helper.make_model(helper.make_graph([node], "g", [x], [y], [rois]), opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(edgepart.UnsupportedOpError, match="MaxRoiPool"):
         edgepart.compile(model, (torch.randn(1, 3, 8, 8),), cluster())
+
+
+def test_border_padding_exports_with_static_shapes():
+    """The exporter writes a border padding's pads as a constant, so later ops that need their input's
+    size (adaptive pooling, as in VGG-16's and AlexNet's heads) export too."""
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return torch.flatten(F.adaptive_avg_pool2d(F.max_pool2d(F.relu(self.conv(x)), 3, 1, 1), (7, 7)), 1)
+
+    model, x = Head().eval(), torch.randn(1, 3, 14, 14)
+    bundle = edgepart.compile(model, (x,), Cluster([Device("a", backend="onnxruntime")]), strategy="single")
+    assert bundle.report["backends"]["a"]["torch_stages"] == {}
+    assert_close(bundle.run_local(x), model(x))

@@ -14,12 +14,14 @@ Python program, with the reason, and the compile report lists it. Never an error
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.onnx import symbolic_helper
 
 from edgepart.ir.manifest import Manifest, Recv, Run, Send, TakeInput
 from edgepart.runtime.interpreter import advance
@@ -52,11 +54,39 @@ class _Stage(torch.nn.Module):
         return tuple(store.get(node, a, b) for node, a, b in self.io.outputs)
 
 
+def _constant_pad(g, x, pad, mode, value):
+    """``aten::pad`` with constant pads as one ONNX Pad whose pads are a constant.
+
+    torch's own symbolic computes the pads with a subgraph (ConstantOfShape, Concat, Reshape, ...)
+    that ONNX shape inference cannot see through: every shape after the first border padding is
+    unknown, and ops whose export needs the input's size (adaptive pooling) then fail to export."""
+    pads = symbolic_helper._parse_arg(pad, "is")
+    if symbolic_helper._parse_arg(mode, "s") != "constant":
+        raise ValueError("only constant padding is exported with static pads")
+    rank = symbolic_helper._get_tensor_rank(x) or 4
+    begin, end = [0] * rank, [0] * rank
+    for i in range(len(pads) // 2):          # torch lists (begin, end) from the last dimension back
+        begin[rank - 1 - i], end[rank - 1 - i] = pads[2 * i], pads[2 * i + 1]
+    fill = 0.0 if symbolic_helper._is_none(value) else symbolic_helper._parse_arg(value, "f")
+    return g.op("Pad", x, g.op("Constant", value_t=torch.tensor(begin + end, dtype=torch.int64)),
+                g.op("Constant", value_t=torch.tensor(fill, dtype=torch.float32)), mode_s="constant")
+
+
+@contextlib.contextmanager
+def _static_pads():
+    """:func:`_constant_pad` as the exporter's ``aten::pad`` for the duration of one export only."""
+    torch.onnx.register_custom_op_symbolic("aten::pad", _constant_pad, OPSET)
+    try:
+        yield
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::pad", OPSET)
+
+
 def export_stage(program: DeviceProgram, stage: int, windows: list[torch.Tensor]) -> bytes:
     """The ONNX model of ``stage`` on ``program``'s device, traced with the example ``windows``."""
     io_ = stage_io(program.spec, stage, program.manifest.output)
     buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _static_pads():
         warnings.simplefilter("ignore")      # the TorchScript exporter's deprecation and tracer warnings
         torch.onnx.export(_Stage(program, stage, io_).eval(), tuple(windows), buf, dynamo=False, opset_version=OPSET,
                           input_names=[f"i{k}" for k in range(len(io_.inputs))],
