@@ -115,7 +115,9 @@ def write(rows1: list[dict], rows2: list[dict], meta: dict) -> None:
     (RESULTS / "ort.json").write_text(json.dumps({"meta": meta, "single_device": rows1, "simulated": rows2},
                                                  indent=1))
     md = ["# ONNX Runtime as a device backend (#19)", "",
-          f"`benchmarks/ort.py{' --quick' if meta['quick'] else ''}`, {meta['date']}; {meta['note']}", "",
+          f"`benchmarks/ort.py{' --quick' if meta['quick'] else ''}`, {meta['date']}; {meta['note']}"
+          + (f"; part 2 simulated again {meta['simulated']} (`--reuse-measured`)" if meta.get("simulated") else ""),
+          "",
           "## Measured: one device, one thread, pinned to one core (median ms)", "",
           "| model | input | torch eager | ORT session | program on torch | program on ORT | ORT ÷ eager | "
           "program ORT ÷ program torch | stages left on torch |",
@@ -145,6 +147,8 @@ def main() -> int:
     ap.add_argument("--models", default=None, help="comma-separated zoo names (default: all, quick: three)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--core", type=int, default=None, help="the core to pin to (default: the last one allowed)")
+    ap.add_argument("--reuse-measured", action="store_true",
+                    help="keep part 1 from results/ort.json (e.g. after a new profile), run part 2 only")
     a = ap.parse_args()
     names = a.models.split(",") if a.models else (
         ["resnet18", "mobilenet_v2", "yolov2_tiny"] if a.quick else models.names())
@@ -153,7 +157,10 @@ def main() -> int:
     torch.set_num_threads(1)
     repeats = a.repeats or (5 if a.quick else 15)
     rows1 = []
-    for n in names:
+    if a.reuse_measured:
+        previous = json.loads((RESULTS / "ort.json").read_text())
+        rows1, meta1 = previous["single_device"], previous["meta"]
+    for n in names if not a.reuse_measured else ():
         rows1.append(single_device(n, repeats))
         print(json.dumps(rows1[-1]), flush=True)
     rows2 = []
@@ -161,6 +168,11 @@ def main() -> int:
         rows2.append(simulated(n))
         print(json.dumps(rows2[-1]), flush=True)
     load = os.getloadavg()[0]
+    if a.reuse_measured:
+        meta1["simulated"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        write(rows1, rows2, meta1)
+        print(f"wrote {RESULTS / 'ort.md'}")
+        return 0
     meta = {"quick": a.quick, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "core": core,
             "repeats": repeats, "loadavg_1min": load,
             "note": f"pinned to core {core}; load average {load:.1f} on {os.cpu_count()} cores while measuring "
