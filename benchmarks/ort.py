@@ -150,7 +150,9 @@ def write(rows1: list[dict], rows2: list[dict], meta: dict) -> None:
            "a quick sweep while other jobs loaded the host, so their ratio overstates ONNX Runtime's "
            "time; with them the compiler's automatic choice (no `backend:` key) picks ONNX Runtime only "
            "where the predicted ratio is below 1. Part 1's ratios, measured interleaved on one core, "
-           "are the better guide; a device whose profiles are taken alike gets the choice right.", "",
+           "are the better guide: the choice is only as good as the two profiles, and on this shared host "
+           "quick profiles taken minutes apart disagreed by up to 3× (a quick torch profile taken at 19:38 "
+           "predicted ResNet-18 at 148 ms).", "",
            "| model | torch: predicted | torch: measured | ORT: predicted | ORT: measured | "
            "predicted ORT ÷ torch | measured ORT ÷ torch |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows2:
