@@ -267,3 +267,25 @@ def test_border_padding_exports_with_static_shapes():
     bundle = edgepart.compile(model, (x,), Cluster([Device("a", backend="onnxruntime")]), strategy="single")
     assert bundle.report["backends"]["a"]["torch_stages"] == {}
     assert_close(bundle.run_local(x), model(x))
+
+
+def test_each_device_is_costed_with_its_backends_profile():
+    from pathlib import Path
+
+    from edgepart.compiler.backends import choose_backends
+    from edgepart.compiler.cost.model import CostModel
+    profiles = Path(__file__).resolve().parents[1] / "profiles"
+    both = dict(profile=str(profiles / "host.json"), profiles=(("onnxruntime", str(profiles / "host_ort.json")),))
+    cl = Cluster([Device("auto", **both), Device("ort", backend="onnxruntime", **both), Device("plain")])
+    model, (x,) = models.get("tinynet")
+    gm = trace(model, (x,))
+    analyse(gm, cl)
+    resolved, choice = choose_backends(gm, cl)
+    assert choice["auto"].why.startswith("faster on its profiles") and choice["auto"].backend in ("torch", "onnxruntime")
+    assert choice["ort"].backend == "onnxruntime" and choice["plain"].backend == "torch"
+    cost = CostModel(resolved)
+    assert cost.profiles["ort"].meta["backend"] == "onnxruntime"
+    assert cost.stage_start_time("ort") == pytest.approx(cost.profiles["ort"].meta["stage_start_s"])
+    conv = next(n for n in gm.graph.nodes if n.op == "call_module" and "conv" in n.name)
+    torch_cost = CostModel(Cluster([Device("t", **both)]))
+    assert cost.compute_time(conv, "ort") != torch_cost.compute_time(conv, "t")
