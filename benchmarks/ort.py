@@ -15,6 +15,10 @@ are ``profiles/host.json`` (torch) and ``profiles/host_ort.json`` (ONNX Runtime)
 ofpm's plan with every device on ONNX Runtime against ONNX Runtime on the fastest single device
 (and the same two on torch).
 
+Part 3 (``--testbed MODEL:SIZE:MBPS,...``, root): the same comparison on the emulated testbed of
+benchmarks/testbed.py — worker processes in network namespaces with tc links and dilated compute
+stages — parts 1 and 2 kept from the last run.
+
 Writes benchmarks/results/ort.{json,md}.
 """
 from __future__ import annotations
@@ -25,6 +29,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -34,6 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import edgepart  # noqa: E402
 from edgepart import models  # noqa: E402
@@ -114,10 +120,12 @@ def simulated(name: str) -> dict:
     return row
 
 
-def write(rows1: list[dict], rows2: list[dict], meta: dict) -> None:
+def write(rows1: list[dict], rows2: list[dict], meta: dict, testbed: list[dict] | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ort.json").write_text(json.dumps({"meta": meta, "single_device": rows1, "simulated": rows2},
-                                                 indent=1))
+    if testbed is None and (RESULTS / "ort.json").exists():      # parts 1-2 again: keep part 3
+        testbed = json.loads((RESULTS / "ort.json").read_text()).get("testbed")
+    (RESULTS / "ort.json").write_text(json.dumps({"meta": meta, "single_device": rows1, "simulated": rows2,
+                                                  "testbed": testbed or []}, indent=1))
     md = ["# ONNX Runtime as a device backend (#19)", "",
           f"`benchmarks/ort.py{' --quick' if meta['quick'] else ''}`, {meta['date']}; {meta['note']}"
           + (f"; part 2 simulated again {meta['simulated']} (`--reuse-measured`)" if meta.get("simulated") else ""),
@@ -162,7 +170,49 @@ def write(rows1: list[dict], rows2: list[dict], meta: dict) -> None:
         pt, po = r["predicted_torch_ms"], r["predicted_onnxruntime_ms"]
         md.append(f"| {r['model']} | {pt:.1f} | {m['program_torch']:.1f} | {po:.1f} | {m['program_ort']:.1f} | "
                   f"{po / pt:.2f} | {m['program_ort'] / m['program_torch']:.2f} |")
+    if testbed:
+        md += ["", f"## Emulated testbed: ofpm vs the fastest single device (median ms, {meta.get('testbed', '')})", "",
+               "`benchmarks/ort.py --testbed ...`: the four devices of benchmarks/testbed.py (phone 0.4 — the "
+               "source —, board 0.5, laptop 0.7, edge 1.0) as worker processes in network namespaces with tc "
+               "links, compute stages dilated to each device's speed (host speed taken as 1.0), 5 requests "
+               "after 2 warm-up; latency in the emulated devices' time. Every device on one backend.", "",
+               "| model | input | Mbit/s | ORT: single | ORT: ofpm | ORT speed-up | torch: single | torch: ofpm | "
+               "torch speed-up | worst rel. error |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for c in testbed:
+            o1, o2, t1, t2 = (c[k]["median_ms"] for k in ("onnxruntime/single", "onnxruntime/ofpm", "torch/single",
+                                                          "torch/ofpm"))
+            err = max(c[k]["worst_rel_error"] for k in c if "/" in k)
+            md.append(f"| {c['model']} | {c['input']} | {c['mbps']:g} | {o1:.1f} | {o2:.1f} | {o1 / o2:.2f}× | "
+                      f"{t1:.1f} | {t2:.1f} | {t1 / t2:.2f}× | {err:.1e} |")
     (RESULTS / "ort.md").write_text("\n".join(md) + "\n")
+
+
+def testbed_cell(name: str, size: int, mbps: float, requests: int = 5) -> dict:
+    """Part 3: ofpm and the fastest single device, each backend, on the emulated testbed of
+    benchmarks/testbed.py (its four devices; network namespaces and tc need root; CPU stages dilated
+    on CPU 1, host speed taken as 1.0): median request latency in the emulated devices' time."""
+    import testbed  # benchmarks/testbed.py: its devices and its measurement on LocalCluster(emulate=True)
+    model, (x0,) = models.get(name, input_size=size)
+    g = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(x0.shape, generator=g) for _ in range(requests)]
+    with torch.no_grad():
+        refs = [model(x) for x in inputs]
+    emu = {"probe": None, "cpuset": [1], "period_us": None, "cpu": "dilate", "time_scale": None, "host_speed": 1.0}
+    cell = {"model": name, "input": size, "mbps": mbps}
+    for backend in ("onnxruntime", "torch"):
+        cluster = Cluster.from_dict({
+            "source": testbed.DEVICES[0][0], "links": {"default": {"bandwidth_mbps": mbps, "latency_ms": 0.5}},
+            "devices": [{"name": n, "speed": s, "backend": backend, "profile": PROFILES["torch"],
+                         "profiles": {"onnxruntime": PROFILES["onnxruntime"]}} for n, s in testbed.DEVICES]})
+        for strategy in ("ofpm", "single"):
+            bundle = edgepart.compile(model, (x0,), cluster, strategy=strategy, name=name)
+            with tempfile.TemporaryDirectory(prefix="edgepart-ort-") as tmp:
+                bundle.save(Path(tmp) / "b")
+                r = testbed.measure(Path(tmp) / "b", inputs, refs, 2, emu)
+            cell[f"{backend}/{strategy}"] = {"median_ms": r["median"] * 1e3, "worst_rel_error": r["worst_rel_error"],
+                                             "emulation": r["emulation"]}
+            print(name, backend, strategy, f"{r['median'] * 1e3:.1f} ms", flush=True)
+    return cell
 
 
 def main() -> int:
@@ -173,7 +223,18 @@ def main() -> int:
     ap.add_argument("--core", type=int, default=None, help="the core to pin to (default: the last one allowed)")
     ap.add_argument("--reuse-measured", action="store_true",
                     help="keep part 1 from results/ort.json (e.g. after a new profile), run part 2 only")
+    ap.add_argument("--testbed", default=None,
+                    help="part 3 only (root): MODEL:SIZE:MBPS,... on the emulated testbed, parts 1-2 kept from "
+                         "results/ort.json")
     a = ap.parse_args()
+    if a.testbed:
+        previous = json.loads((RESULTS / "ort.json").read_text())
+        cells = [testbed_cell(m, int(size), float(mbps)) for m, size, mbps in
+                 (c.split(":") for c in a.testbed.split(","))]
+        previous["meta"]["testbed"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        write(previous["single_device"], previous["simulated"], previous["meta"], cells)
+        print(f"wrote {RESULTS / 'ort.md'}")
+        return 0
     names = a.models.split(",") if a.models else (
         ["resnet18", "mobilenet_v2", "yolov2_tiny"] if a.quick else models.names())
     core = a.core if a.core is not None else max(os.sched_getaffinity(0))
