@@ -2,7 +2,14 @@
 
     edgepart compile MODEL --cluster FILE [--strategy S] --out DIR [--input-size N]
     edgepart inspect DIR
+    edgepart train MODEL --dataset mnist --out DIR
+    edgepart versions MODEL --scales 1,0.75,0.5,0.25 --dataset mnist --out DIR | edgepart versions show DIR
     edgepart worker / deploy / run / profile / probe   (runtime and profiling)
+    edgepart keygen --run FILE | --deploy FILE          (keys: docs/security.md)
+
+A mistake in what was given (a file, an option, a model, a cluster) prints one line,
+``edgepart: error: ...``, and exits 2; ``--debug`` (anywhere on the line) prints the traceback
+instead. Anything else is a bug: one line saying so, exit 1 (``--debug``: the traceback).
 
 MODEL is a zoo name (``edgepart models`` lists them), ``path/to/file.py:factory``
 where ``factory()`` returns ``(model, example_inputs)`` or just a model (then give
@@ -17,6 +24,7 @@ from pathlib import Path
 
 import onnx
 import torch
+import yaml
 
 from edgepart import models
 from edgepart.cluster import Cluster
@@ -57,17 +65,25 @@ def load_model(spec: str, input_size: int | None = None, input_shape: str | None
             raise EdgepartError(f"model file {path} does not exist")
         mod_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
         module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
+        try:
+            mod_spec.loader.exec_module(module)
+        except SyntaxError as e:
+            raise EdgepartError(f"{path}, line {e.lineno}: syntax error: {e.msg}") from e
+        except Exception as e:  # noqa: BLE001 — the user's module: report it, do not crash on it
+            raise EdgepartError(f"{path}: importing it raised {type(e).__name__}: {e}") from e
         if not hasattr(module, factory):
             raise EdgepartError(f"{path} has no function {factory!r}")
-        made = getattr(module, factory)()
+        try:
+            made = getattr(module, factory)()
+        except Exception as e:  # noqa: BLE001
+            raise EdgepartError(f"{spec}: the factory raised {type(e).__name__}: {e}") from e
         if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
             model, inputs = made
         else:
             model = made
             if not input_shape:
                 raise EdgepartError(f"{spec} returned a model without example inputs; pass --input-shape 1,3,224,224")
-            inputs = (torch.randn(*[int(v) for v in input_shape.split(",")]),)
+            inputs = (torch.randn(*parse_shape(input_shape)),)
         if not isinstance(inputs, (tuple, list)):
             inputs = (inputs,)
         return model.eval(), tuple(inputs), Path(path).stem
@@ -78,7 +94,21 @@ def load_model(spec: str, input_size: int | None = None, input_shape: str | None
     return model, inputs, spec
 
 
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``--input-shape 1,3,224,224`` -> (1, 3, 224, 224); EdgepartError naming the option otherwise."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(v <= 0 for v in shape):
+        raise EdgepartError(f"--input-shape {text!r}: expected positive integers separated by commas, "
+                            "e.g. 1,3,224,224")
+    return shape
+
+
 def cmd_compile(args) -> int:
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise EdgepartError(f"--out {args.out}: is a file; give a directory to write the bundle into")
     model, inputs, name = load_model(args.model, args.input_size, args.input_shape)
     cluster = Cluster.from_file(args.cluster) if args.cluster else Cluster.homogeneous(args.devices)
     bundle = compile_model(model, inputs, cluster, strategy=args.strategy, name=name, onnx=args.onnx)
@@ -114,10 +144,77 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_keygen(args) -> int:
+    # why: a function-local import keeps signing (cryptography) off the compile path's import time
+    from edgepart.runtime.signing import generate_deploy_key, generate_run_key
+    if bool(args.run) == bool(args.deploy):
+        raise EdgepartError("keygen: give --run FILE (the shared run key) or --deploy FILE (a deploy signing key)")
+    if args.run:
+        path = generate_run_key(args.run)
+        print(f"run key written to {path} (mode 0600): give it to workers and clients as --key-file")
+    else:
+        priv, pub = generate_deploy_key(args.deploy)
+        print(f"deploy key written to {priv} (mode 0600; keep it off the workers) and its public key to {pub}: "
+              f"start workers with --deploy-pubkey {pub}, deploy with --sign-key {priv}")
+    return 0
+
+
 def cmd_models(args) -> int:
     for n in models.names():
         print(f"{n:14s} default input {models.default_input_size(n)}")
     return 0
+
+
+def cmd_train(args) -> int:
+    # why: the training stack (datasets, torch-pruning) is loaded only by the commands that use it
+    from edgepart.versions import TrainConfig, train_model
+    torch.set_num_threads(args.threads)
+    config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    try:
+        record = train_model(args.model, args.out, args.dataset, args.input_size, config, args.split_seed)
+    except KeyError as e:
+        raise EdgepartError(str(e).strip("'\"")) from e
+    print(f"{args.model} on {args.dataset}: test accuracy {100 * record['test_accuracy']:.2f} % "
+          f"({record['split_sizes']['test']} images), validation {100 * record['val_accuracy']:.2f} %, "
+          f"{record['train_seconds']:.0f} s; written to {args.out}")
+    return 0
+
+
+def cmd_versions(args) -> int:
+    from rich.console import Console
+
+    # why: the training stack (datasets, torch-pruning) is loaded only by the commands that use it
+    from edgepart.versions import TrainConfig, VersionSet, build_version_set
+    from edgepart.versions.table import rich_table  # why: as above
+    if args.target == "show":
+        if not args.dir:
+            raise EdgepartError("usage: edgepart versions show DIR")
+        Console(width=None if sys.stdout.isatty() else 120).print(rich_table(VersionSet.load(args.dir)))
+        return 0
+    if not args.out:
+        raise EdgepartError("edgepart versions MODEL needs --out DIR")
+    torch.set_num_threads(args.threads)
+    scales = [float(s) for s in args.scales.split(",")]
+    if any(not 0 < s <= 1 for s in scales):
+        raise EdgepartError(f"--scales {args.scales}: every scale must be in (0, 1]")
+    try:
+        vs = build_version_set(args.target, args.out, scales, args.dataset, args.input_size,
+                               TrainConfig(epochs=args.epochs, seed=args.seed), int8=not args.no_int8,
+                               split_seed=args.split_seed)
+    except KeyError as e:
+        raise EdgepartError(str(e).strip("'\"")) from e
+    Console(width=None if sys.stdout.isatty() else 120).print(rich_table(vs))
+    print(f"version set written to {args.out} in {vs.info['build_seconds']:.0f} s")
+    return 0
+
+
+def _training_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "digits"])
+    p.add_argument("--input-size", type=int, default=32, help="images are resized to this side (default 32)")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0, help="weights and batch order")
+    p.add_argument("--split-seed", type=int, default=0, help="the train/validation/test split")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
 
 
 # Commands with their own argument parsers: `edgepart worker --listen ...` hands everything
@@ -156,13 +253,40 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_inspect)
     m = sub.add_parser("models", help="list the model zoo")
     m.set_defaults(func=cmd_models)
+    t = sub.add_parser("train", help="train a small zoo model on a data set (weights, spec, metadata)")
+    t.add_argument("model", help="vgg_small | resnet_small | mobilenet_v2_small")
+    t.add_argument("--out", required=True, help="directory for weights.safetensors, arch.json, meta.json")
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--batch-size", type=int, default=32)
+    _training_arguments(t)
+    t.set_defaults(func=cmd_train)
+    v = sub.add_parser("versions", help="build a model's version set (pruned scales, int8), or show one",
+                       description="edgepart versions MODEL --scales 1,0.75,0.5,0.25 --out DIR | "
+                                   "edgepart versions show DIR")
+    v.add_argument("target", help="a model to build versions of, or 'show'")
+    v.add_argument("dir", nargs="?", help="with 'show': the version set directory")
+    v.add_argument("--scales", default="1,0.75,0.5,0.25", help="fractions of channels kept")
+    v.add_argument("--out", help="version set directory to write")
+    v.add_argument("--no-int8", action="store_true", help="no int8 version")
+    _training_arguments(v)
+    v.set_defaults(func=cmd_versions)
+    k = sub.add_parser("keygen", help="make a run key or a deploy signing key (docs/security.md)")
+    k.add_argument("--run", help="write a new shared run key (32 random bytes, hex) to this file")
+    k.add_argument("--deploy", help="write a new Ed25519 deploy key to this file and its public key to FILE.pub")
+    k.set_defaults(func=cmd_keygen)
     for name, (_, _, helptext) in DELEGATED.items():
         sub.add_parser(name, help=helptext, add_help=False)
     return p
 
 
+# what a user's mistake raises outside edgepart's own errors (a missing or unreadable file, a bad value)
+USER_ERRORS = (EdgepartError, OSError, yaml.YAMLError)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     command = argv[0] if argv else None
     try:
         if command in DELEGATED:
@@ -170,9 +294,26 @@ def main(argv: list[str] | None = None) -> int:
             return getattr(importlib.import_module(module), func)(argv[1:]) or 0
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except EdgepartError as e:
-        print(f"edgepart: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"edgepart: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 — a bug: say so in one line, the traceback with --debug
+        if debug:
+            raise
+        print(f"edgepart: internal error: {type(e).__name__}: {_one_line(e)} (run again with --debug for the "
+              "traceback, and please report it)", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        text = f"{e.filename}: {e.strerror}"
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

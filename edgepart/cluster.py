@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,136 @@ from edgepart.errors import ClusterError
 
 DEFAULT_LINK = {"bandwidth_mbps": 100.0, "latency_ms": 1.0}
 BACKENDS = ("torch", "onnxruntime")   # how a device runs its stages (edgepart.ir.manifest.BACKENDS)
+
+# What a cluster description may hold (Cluster.from_dict checks every key against these)
+TOP_KEYS = {"devices", "links", "source", "shared_medium", "probe"}
+DEVICE_KEYS = {"name", "speed", "memory_mb", "address", "profile", "memory_speed", "calibration", "stage_start_ms",
+               "node_calibration", "backend", "profiles"}
+LINKS_KEYS = {"default", "overrides"}
+LINK_KEYS = {"bandwidth_mbps", "latency_ms"}
+OVERRIDE_KEYS = LINK_KEYS | {"a", "b"}
+# key -> lowest value allowed and whether it is allowed itself (> 0 or >= 0)
+RANGES = {"speed": (0.0, False), "memory_mb": (0.0, False), "memory_speed": (0.0, False),
+          "stage_start_ms": (0.0, True), "bandwidth_mbps": (0.0, False), "latency_ms": (0.0, True)}
+
+
+def _where(path: str, name=None) -> str:
+    return f"{path} (device {name!r})" if name is not None else path
+
+
+def _fail(path: tuple, message: str) -> ClusterError:
+    """A ClusterError about the value at ``path`` in the description (``from_file`` adds its line)."""
+    e = ClusterError(message)
+    e.path = path
+    return e
+
+
+def _check_keys(obj: dict, allowed: set, where: str, path: tuple = ()) -> None:
+    for k in obj:
+        if k not in allowed:
+            near = difflib.get_close_matches(str(k), sorted(allowed), n=1)
+            raise _fail(path + (k,), f"{where}: unknown key {str(k)!r}" + (
+                f" (did you mean {near[0]!r}?)" if near else f"; allowed: {sorted(allowed)}"))
+
+
+def _check_number(obj: dict, key: str, where: str, path: tuple = ()) -> None:
+    """``obj[key]``, if present and not null, is a finite number in its range (RANGES)."""
+    v = obj.get(key)
+    if v is None and key not in ("speed", "memory_mb", "bandwidth_mbps"):
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _fail(path + (key,), f"{where}: {key} must be a number, got {v!r}")
+    lo, inclusive = RANGES[key]
+    if not math.isfinite(v):
+        raise _fail(path + (key,), f"{where}: {key} must be a finite number, got {v!r}")
+    if v < lo or (v == lo and not inclusive):
+        raise _fail(path + (key,), f"{where}: {key} must be {'>=' if inclusive else '>'} {lo:g}, got {v!r}")
+
+
+def _line_of(path: Path, where: tuple | None) -> int | None:
+    """The 1-based line in YAML file ``path`` of the value at ``where`` (keys and list indices), if found."""
+    if not where:
+        return None
+    try:
+        node = yaml.compose(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    line = None
+    for step in where:
+        if isinstance(node, yaml.MappingNode):
+            hit = next(((k, v) for k, v in node.value if str(k.value) == str(step)), None)
+            if hit is None:
+                break
+            line, node = hit[0].start_mark.line + 1, hit[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(step, int) and step < len(node.value):
+            node = node.value[step]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def validate_description(d: Any) -> None:
+    """Check a cluster description's structure, types, ranges and keys before it is read; every
+    error names the key and where it is (``devices[1] (device 'b'): speed must be a number, got
+    'fast'``; ``links.default: unknown key 'bandwith_mbps' (did you mean 'bandwidth_mbps'?)``)."""
+    if not isinstance(d, dict) or "devices" not in d:
+        raise ClusterError("a cluster description needs a 'devices' list, e.g. "
+                           "{devices: [{name: a, speed: 1.0}], links: {default: {bandwidth_mbps: 100}}}")
+    _check_keys(d, TOP_KEYS, "top level")
+    if not isinstance(d["devices"], list) or not d["devices"]:
+        raise ClusterError("devices: must be a non-empty list of devices")
+    for i, dev in enumerate(d["devices"]):
+        if not isinstance(dev, dict) or "name" not in dev:
+            raise _fail(("devices", i), f"devices[{i}] needs a 'name'")
+        name = dev["name"]
+        where = _where(f"devices[{i}]", name)
+        if not isinstance(name, (str, int)) or isinstance(name, bool) or not str(name):
+            raise _fail(("devices", i, "name"), f"devices[{i}]: name must be a non-empty string, got {name!r}")
+        _check_keys(dev, DEVICE_KEYS, where, ("devices", i))
+        for key in ("speed", "memory_mb", "memory_speed", "stage_start_ms"):
+            if key in dev:
+                _check_number(dev, key, where, ("devices", i))
+        for key in ("address", "profile"):
+            if dev.get(key) is not None and not isinstance(dev[key], str):
+                raise _fail(("devices", i, key), f"{where}: {key} must be a string, got {dev[key]!r}")
+        cal = dev.get("calibration")
+        if cal is not None:
+            if not isinstance(cal, dict):
+                raise _fail(("devices", i, "calibration"), f"{where}: calibration must map op types to speeds, e.g. {{conv: 1.1}}")
+            for fam, v in cal.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                    raise _fail(("devices", i, "calibration", fam), f"{where}: calibration.{fam} must be a finite number > 0, got {v!r}")
+    if "source" in d and d["source"] is not None and not isinstance(d["source"], str):
+        raise ClusterError(f"source: must be a device name, got {d['source']!r}")
+    if "shared_medium" in d and not isinstance(d["shared_medium"], bool):
+        raise ClusterError(f"shared_medium: must be true or false, got {d['shared_medium']!r}")
+    links = d.get("links")
+    if links is None:
+        return
+    if not isinstance(links, dict):
+        raise ClusterError(f"links: must be a mapping with 'default' and 'overrides', got {links!r}")
+    _check_keys(links, LINKS_KEYS, "links", ("links",))
+    default = links.get("default")
+    if default is not None:
+        if not isinstance(default, dict):
+            raise ClusterError(f"links.default: must be a mapping {{bandwidth_mbps, latency_ms}}, got {default!r}")
+        _check_keys(default, LINK_KEYS, "links.default", ("links", "default"))
+        for key in LINK_KEYS:
+            if key in default:
+                _check_number(default, key, "links.default", ("links", "default"))
+    overrides = links.get("overrides")
+    if overrides is not None:
+        if not isinstance(overrides, list):
+            raise ClusterError("links.overrides: must be a list of {a, b, bandwidth_mbps, latency_ms}")
+        for i, o in enumerate(overrides):
+            where = f"links.overrides[{i}]"
+            if not isinstance(o, dict):
+                raise ClusterError(f"{where}: must be a mapping {{a, b, bandwidth_mbps, latency_ms}}, got {o!r}")
+            _check_keys(o, OVERRIDE_KEYS, where, ("links", "overrides", i))
+            for key in LINK_KEYS:
+                if key in o:
+                    _check_number(o, key, where, ("links", "overrides", i))
 
 
 @dataclass(frozen=True)
@@ -116,8 +248,8 @@ class Cluster:
         if dup:
             raise ClusterError(f"device names must be unique; repeated: {sorted(dup)}")
         for d in devices:
-            if not d.speed > 0:
-                raise ClusterError(f"device {d.name!r}: speed must be > 0, got {d.speed}")
+            if not (d.speed > 0 and math.isfinite(d.speed)):
+                raise ClusterError(f"device {d.name!r}: speed must be > 0 and finite, got {d.speed}")
             if not d.memory_speed > 0:
                 raise ClusterError(f"device {d.name!r}: memory_speed must be > 0, got {d.memory_speed}")
             bad = [f for f, v in d.calibration if not (isinstance(v, (int, float)) and v > 0)]
@@ -149,13 +281,15 @@ class Cluster:
         for a, b, attrs in self.graph.edges(data=True):
             if not attrs["bandwidth_mbps"] > 0:
                 raise ClusterError(f"link {a}-{b}: bandwidth_mbps must be > 0")
+            if not (attrs["latency_ms"] >= 0 and math.isfinite(attrs["latency_ms"])):
+                raise ClusterError(f"link {a}-{b}: latency_ms must be >= 0 and finite, got {attrs['latency_ms']}")
 
     # --- construction ------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Cluster":
-        if not isinstance(d, dict) or "devices" not in d:
-            raise ClusterError("a cluster description needs a 'devices' list, e.g. "
-                               "{devices: [{name: a, speed: 1.0}], links: {default: {bandwidth_mbps: 100}}}")
+        """A cluster from its description (the README's YAML format), checked first by
+        :func:`validate_description` (types, ranges, unknown keys, each error naming its key)."""
+        validate_description(d)
         devices = []
         for i, dev in enumerate(d["devices"]):
             if not isinstance(dev, dict) or "name" not in dev:
@@ -186,7 +320,8 @@ class Cluster:
         try:
             cluster = cls.from_dict(data)
         except ClusterError as e:
-            raise ClusterError(f"{path}: {e}") from e
+            line = _line_of(path, getattr(e, "path", None))
+            raise ClusterError(f"{path}{f', line {line}' if line else ''}: {e}") from e
         # a relative FCPM profile path is relative to the cluster file
         def rel(p: str | None) -> str | None:
             return p if not p or Path(p).is_absolute() else str(path.parent / p)

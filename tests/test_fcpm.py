@@ -26,6 +26,7 @@ def quick(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_profile_json_round_trip_no_pickle(quick):
     raw = quick.read_bytes()
     assert not raw.startswith(b"\x80")            # not a pickle
@@ -42,6 +43,7 @@ def test_profile_json_round_trip_no_pickle(quick):
             assert prof.predict(info, rows, load) == pytest.approx(again.predict(info, rows, load), rel=1e-12)
 
 
+@pytest.mark.slow
 def test_in_network_correction_fitted_and_saved(quick):
     prof = DeviceProfile.load(quick)
     assert prof.sequence is not None and len(prof.sequence["coef"]) == 3
@@ -51,6 +53,7 @@ def test_in_network_correction_fitted_and_saved(quick):
     assert prof.predict(info, 10, 0.0) >= prof.predict(info, 10, 0.0, context="isolated")
 
 
+@pytest.mark.slow
 def test_predictions_positive_and_monotone(quick):
     prof = DeviceProfile.load(quick)
     for info in (conv_info(32, 64, 56, 56, 3, 1), conv_info(64, 64, 28, 28, 3, 1, groups=64),
@@ -69,6 +72,7 @@ def test_predictions_positive_and_monotone(quick):
 HOST_PROFILE = __import__("pathlib").Path(__file__).resolve().parents[1] / "profiles" / "host.json"
 
 
+@pytest.mark.slow
 def test_fcpm_beats_or_equals_flops_baseline_on_held_out():
     # The committed full sweep of this machine, not a fresh quick one: a 12-second sweep taken
     # while other tests run is too noisy to decide which model is better, and the test pins the
@@ -90,6 +94,7 @@ def test_fcpm_beats_or_equals_flops_baseline_on_held_out():
     assert fc["mape"] <= bl["mape"], (fc, bl)
 
 
+@pytest.mark.slow
 def test_cost_model_uses_profile(quick, tmp_path):
     prof = DeviceProfile.load(quick)
     model, (x,) = __import__("edgepart.models", fromlist=["get"]).get("tinynet")

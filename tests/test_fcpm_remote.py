@@ -52,6 +52,7 @@ def emu(tmp_path_factory):
         yield c, model, x, d
 
 
+@pytest.mark.slow
 def test_remote_profile_has_the_shape_of_a_local_one(emu, tmp_path):
     c, *_ = emu
     remote, local = tmp_path / "remote.json", tmp_path / "local.json"

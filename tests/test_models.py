@@ -9,7 +9,7 @@ from edgepart import models
 torch.set_num_threads(1)
 
 EXPECTED_NAMES = ["vgg16", "alexnet", "resnet18", "resnet50", "mobilenet_v2", "inception",
-                  "yolov2_tiny", "se_resnet", "unet", "tinynet"]
+                  "yolov2_tiny", "se_resnet", "unet", "tinynet", "vgg_small", "resnet_small", "mobilenet_v2_small"]
 
 
 def test_names():
@@ -61,7 +61,7 @@ def test_model_small_input(name):
         assert y1.shape == (1, 2, size, size)
     elif name == "yolov2_tiny":
         assert y1.shape == (1, 125, size // 32, size // 32)
-    elif name == "tinynet":
+    elif name in ("tinynet", "vgg_small", "resnet_small", "mobilenet_v2_small"):
         assert y1.shape == (1, 10)
     else:
         assert y1.shape == (1, 1000)

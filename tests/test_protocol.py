@@ -134,13 +134,13 @@ def test_refusals():
     c, s = channel_pair()
     k = c._k_send
     # bad magic / version / header length / payload bound (checked from the fixed header: nothing allocated)
-    c.sock.sendall(raw_frame(k, 1, {"kind": "x"}, b"", magic=b"HTTP"))
+    c.sock.sendall(raw_frame(k, 2, {"kind": "x"}, b"", magic=b"HTTP"))
     with pytest.raises(P.ProtocolError, match="magic"):
         s.recv(lambda h: None)
 
     def fresh(header, payload=b"", **kw):
         c, s = channel_pair(max_payload=kw.pop("max_payload", P.DEFAULT_MAX_PAYLOAD))
-        c.sock.sendall(raw_frame(c._k_send, 1, header, payload, **kw))
+        c.sock.sendall(raw_frame(c._k_send, 2, header, payload, **kw))
         c.sock.shutdown(socket.SHUT_WR)
         return s
 
@@ -176,16 +176,16 @@ def test_refusals():
         c3, s3 = channel_pair()
         hj = b"\xff\xfe not json"
         fixed = P.FIXED.pack(P.MAGIC, P.VERSION, 0, 0, len(hj), 0)
-        c3.sock.sendall(fixed + hj + mac(c3._k_send, b"h\x00\x00\x00" + (1).to_bytes(8, "big"), fixed + hj))
+        c3.sock.sendall(fixed + hj + mac(c3._k_send, b"h\x00\x00\x00" + (2).to_bytes(8, "big"), fixed + hj))
         s3.recv(lambda h: None)
 
 
 def test_replayed_frame_refused():
     c, s = channel_pair()
-    frame = raw_frame(c._k_send, 1, {"kind": "a"}, b"")
+    frame = raw_frame(c._k_send, 2, {"kind": "a"}, b"")
     c.sock.sendall(frame)
     s.recv(lambda h: None)
-    c.sock.sendall(frame)                            # same bytes again: seq 1 is used up
+    c.sock.sendall(frame)                            # same bytes again: seq 2 is used up
     with pytest.raises(P.AuthError):
         s.recv(lambda h: None)
 
@@ -207,8 +207,12 @@ def test_parse_address_and_keys(tmp_path):
     with pytest.raises(ValueError):
         P.parse_address("nohost")
     f = tmp_path / "k"
-    f.write_text("ab" * 32)
-    assert P.read_key(f) == bytes.fromhex("ab" * 32)
+    key = os.urandom(32)
+    f.write_text(key.hex())
+    assert P.read_key(f) == key
+    f.write_text("ab" * 32)                          # hex, but one byte value repeated: not a random key
+    with pytest.raises(Exception, match="not random"):
+        P.read_key(f)
     with pytest.raises(Exception):
         P.as_key(b"short")
 
@@ -233,7 +237,7 @@ def test_frames_on_the_wire_match_the_spec(shape, extra):
     x = torch.randn(*shape)
     parts = [x, torch.arange(3)] if extra else [x]
     descr = [["float32", list(shape)]] + ([["int64", [3]]] if extra else [])
-    for seq in (1, 2):
+    for seq in (2, 3):                               # seq 1 was the client's key confirmation
         t = threading.Thread(target=lambda: c.send({"kind": "piece", "n": seq}, parts))
         t.start()
         fixed, hj, htag, body, ptag = read_raw_frame(s.sock)
@@ -245,14 +249,14 @@ def test_frames_on_the_wire_match_the_spec(shape, extra):
     c.send({"kind": "ping"})                         # no payload: no payload tag
     fixed, hj, htag, body, ptag = read_raw_frame(s.sock)
     assert P.FIXED.unpack(fixed)[5] == 0 and body == ptag == b""
-    assert htag == mac(s._k_recv, b"h\x00\x00\x00" + (3).to_bytes(8, "big"), fixed + hj)
+    assert htag == mac(s._k_recv, b"h\x00\x00\x00" + (4).to_bytes(8, "big"), fixed + hj)
 
 
 def test_reordered_reflected_and_spliced_frames_refused():
     # reordered: frame 2 arrives first
     c, s = channel_pair()
-    f1 = raw_frame(c._k_send, 1, {"kind": "a"}, b"x" * 10)
-    f2 = raw_frame(c._k_send, 2, {"kind": "b"}, b"y" * 10)
+    f1 = raw_frame(c._k_send, 2, {"kind": "a"}, b"x" * 10)
+    f2 = raw_frame(c._k_send, 3, {"kind": "b"}, b"y" * 10)
     c.sock.sendall(f2 + f1)
     with pytest.raises(P.AuthError, match="header MAC"):
         s.recv(lambda h: 10)
@@ -265,8 +269,8 @@ def test_reordered_reflected_and_spliced_frames_refused():
         s.recv(lambda h: 10)
     # spliced: an authentic header with the payload (and tag) of another frame of the same size
     c, s = channel_pair()
-    f1 = raw_frame(c._k_send, 1, {"kind": "a"}, b"1" * 10)
-    f2 = raw_frame(c._k_send, 2, {"kind": "a"}, b"2" * 10)
+    f1 = raw_frame(c._k_send, 2, {"kind": "a"}, b"1" * 10)
+    f2 = raw_frame(c._k_send, 3, {"kind": "a"}, b"2" * 10)
     hlen = len(f1) - 10 - 16
     c.sock.sendall(f1[:hlen] + f2[hlen:])
     with pytest.raises(P.AuthError, match="frame MAC"):
@@ -279,7 +283,7 @@ def test_tampered_large_payload_refused_after_receipt():
     x = torch.randn(1, 8, 128, 128)                  # 512 KiB: two chunks
     tshape = list(x.shape)
     body = bytearray(P.tensor_bytes(x).tobytes())
-    frame = bytearray(raw_frame(c._k_send, 1, {"kind": "piece", "parts": [["float32", tshape]]}, bytes(body)))
+    frame = bytearray(raw_frame(c._k_send, 2, {"kind": "piece", "parts": [["float32", tshape]]}, bytes(body)))
     frame[-16 - 300_000] ^= 1
     t = threading.Thread(target=lambda: c.sock.sendall(frame))
     t.start()
@@ -316,7 +320,7 @@ def test_idle_waits_but_a_stalled_frame_times_out(monkeypatch):
     c.send({"kind": "late"})
     t.join(10)
     assert got and got[0].kind == "late"
-    frame = raw_frame(c._k_send, 2, {"kind": "stalled"}, b"")
+    frame = raw_frame(c._k_send, 3, {"kind": "stalled"}, b"")
     c.sock.sendall(frame[:30])                        # a frame that stops half way, connection left open
     with pytest.raises(P.ProtocolError, match="truncated"):
         s.recv(lambda h: None)

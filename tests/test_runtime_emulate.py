@@ -88,6 +88,7 @@ def test_netns_cgroup_testbed_shapes_and_cleans_up(bundle):
     assert f"ep{emu.tag}" not in sh("ip link show")
 
 
+@pytest.mark.timing
 def test_inprocess_limiter_without_root(bundle):
     model, x, d, manifest = bundle
     with pytest.warns(RuntimeWarning, match="CPU speeds are NOT emulated"):

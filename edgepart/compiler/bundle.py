@@ -166,16 +166,17 @@ class Bundle:
 
 
 def compile(model, example_inputs, cluster: Cluster, strategy="ofpm",
-            name: str | None = None, onnx: bool = False) -> Bundle:
+            name: str | None = None, version: dict | None = None, onnx: bool = False) -> Bundle:
     """Trace, analyse, plan, schedule and generate code: returns an in-memory Bundle.
 
     ``model`` is a torch.nn.Module, or an ONNX model (an ``onnx.ModelProto`` or the path of a
     ``.onnx`` file; :mod:`edgepart.compiler.onnx_import`). ``strategy`` is a strategy name (default
     ``"ofpm"``, the MILP; ``single``, ``even``, ``proportional`` and the baselines ``neurosurgeon``,
     ``dads``, ``modnn``, ``deepthings``, ``aofl``, ``edgeld``), a :class:`Plan`, or a plan dict.
-    Each device runs on its ``backend`` (:mod:`edgepart.compiler.backends` chooses where the cluster
-    does not say); ``onnx=True`` exports ONNX graphs for every device, so that any of them can be
-    switched to ONNX Runtime when deployed."""
+    ``version`` (a JSON-able dict: the model version's name, scale, accuracy; see edgepart.versions)
+    goes into the manifest as is. Each device runs on its ``backend`` (:mod:`edgepart.compiler.backends`
+    chooses where the cluster does not say); ``onnx=True`` exports ONNX graphs for every device, so
+    that any of them can be switched to ONNX Runtime when deployed."""
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     if not isinstance(model, torch.nn.Module):
@@ -185,7 +186,7 @@ def compile(model, example_inputs, cluster: Cluster, strategy="ofpm",
     _warn_unknown_calibrated_nodes(gm, cluster)
     cluster, backends = choose_backends(gm, cluster)
     plan = make_plan(gm, cluster, strategy)
-    return compile_plan(gm, plan, cluster, name or type(model).__name__, backends=backends, onnx=onnx,
+    return compile_plan(gm, plan, cluster, name or type(model).__name__, version, backends=backends, onnx=onnx,
                         inputs=tuple(example_inputs))
 
 
@@ -208,12 +209,12 @@ def _warn_unknown_calibrated_nodes(gm: fx.GraphModule, cluster: Cluster) -> None
 
 
 def compile_plan(gm: fx.GraphModule, plan: Plan, cluster: Cluster, model_name: str,
-                 backends: dict[str, BackendChoice] | None = None, onnx: bool = False,
-                 inputs: tuple | None = None) -> Bundle:
-    """The bundle of ``plan``. ``backends``: each device's backend and why (None: chosen here,
-    :func:`choose_backends`); ``onnx``: export every device's stages, not only those of devices
-    on ONNX Runtime; ``inputs``: the example inputs the exported stages are checked on (None: seeded
-    random ones)."""
+                 version: dict | None = None, backends: dict[str, BackendChoice] | None = None,
+                 onnx: bool = False, inputs: tuple | None = None) -> Bundle:
+    """The bundle of ``plan``. ``version``: the model version's record for the manifest;
+    ``backends``: each device's backend and why (None: chosen here, :func:`choose_backends`);
+    ``onnx``: export every device's stages, not only those of devices on ONNX Runtime; ``inputs``:
+    the example inputs the exported stages are checked on (None: seeded random ones)."""
     if backends is None:
         cluster, backends = choose_backends(gm, cluster)
     schedule = build_schedule(gm, plan, cluster)
@@ -245,6 +246,7 @@ def compile_plan(gm: fx.GraphModule, plan: Plan, cluster: Cluster, model_name: s
                     for n in gm.graph.nodes if n.op in COMPUTE_OPS},
         devices=devices,
         report={**compile_report(gm), "backends": _backend_report(backends, {})},
+        version=version,
         edgepart_version=VERSION,
     )
     bundle = Bundle(manifest, sources, weights, graph=gm, schedule=schedule)

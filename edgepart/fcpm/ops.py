@@ -59,9 +59,10 @@ def family(info: dict) -> str:
         if g > 1 and g == int(p.get("in_channels", 0)) and int(p.get("out_channels", 0)) % g == 0:
             return "dwconv"
         return "conv"
-    if kind in ("max_pool2d", "avg_pool2d", "batch_norm", "linear", "interpolate", "adaptive_avg_pool2d", "pad"):
+    if kind in ("max_pool2d", "avg_pool2d", "batch_norm", "linear", "interpolate", "adaptive_avg_pool2d", "pad",
+                "row_mean"):
         return {"max_pool2d": "maxpool", "avg_pool2d": "avgpool", "batch_norm": "bn", "linear": "linear",
-                "interpolate": "upsample", "adaptive_avg_pool2d": "gap", "pad": "pad"}[kind]
+                "interpolate": "upsample", "adaptive_avg_pool2d": "gap", "pad": "pad", "row_mean": "gap"}[kind]
     if kind == "activation":
         return f"act:{act_name(info) or 'other'}"
     if kind in ("identity", "flatten"):
@@ -315,6 +316,8 @@ class Runner:
             ow = g.w_out
             return lambda x: rowops.interpolate_rows(x, lo, hi, a, b_, h_in, ow, spec)
         if fam == "gap":
+            if info.get("kind") == "row_mean":     # a global pool's row-local half (passes.pools)
+                return lambda x: x.mean(3, keepdim=True)
             out = p.get("output_size", 1) if info.get("kind") == "adaptive_avg_pool2d" else 1
             return lambda x: F.adaptive_avg_pool2d(x, out)
         if fam == "pad":

@@ -114,9 +114,39 @@ def register(worker: Worker) -> None:
                expect=lambda conn, h: MAX_PROBE_FRAME, roles=("probe",))
 
 
+MAX_PROBES = 2                  # probes a worker runs at once; one more is answered probe_error (busy)
+_probes = threading.BoundedSemaphore(MAX_PROBES)
+
+
+def probe_target_allowed(worker: Worker, address: str) -> str | None:
+    """None if this worker may probe ``address``, else why not. With a bundle deployed, only its
+    peers' addresses (a probe frame must not make the worker a port scanner); before the first
+    deploy — when probes measure the links a cluster file is made from — any address, since the
+    probe connection must still complete an authenticated handshake with the shared key."""
+    active = worker.executor.active
+    if active is not None and address not in set(active.peers.values()):
+        return (f"{address[:100]} is not the address of a peer of the deployed bundle "
+                f"({sorted(set(active.peers.values()))[:8]})")
+    return None
+
+
 def _on_probe(worker: Worker, conn: Conn, frame: Frame) -> None:
     req = check_probe_request(frame.header)                  # ValueError: refused with the reason
-    threading.Thread(target=_run_probe, args=(worker, conn, req), name="probe", daemon=True).start()
+    why_not = probe_target_allowed(worker, req["address"])
+    if why_not is None and not _probes.acquire(blocking=False):
+        why_not = f"{MAX_PROBES} probes are already running on this worker; try again when they are done"
+        code = ErrorCode.BUSY
+    else:
+        code = ErrorCode.PROBE_FAILED
+    if why_not is not None:
+        conn.out.put({"kind": "probe_error", "peer": req["peer"], **Failure(
+            code, worker.device, f"worker {worker.address} refuses probing {req['peer']!r}: {why_not}").fields()})
+        return
+    try:
+        threading.Thread(target=_run_probe, args=(worker, conn, req), name="probe", daemon=True).start()
+    except RuntimeError:
+        _probes.release()
+        raise ValueError("cannot start a probe thread now") from None
 
 
 def _run_probe(worker: Worker, conn: Conn, req: dict) -> None:
@@ -125,9 +155,14 @@ def _run_probe(worker: Worker, conn: Conn, req: dict) -> None:
         conn.out.put({"kind": "probe_result", "peer": req["peer"], "result": result})
     except Exception as e:  # noqa: BLE001
         log.warning("probe of %s at %s failed: %s", req["peer"], req["address"], e)
+        # what answered at the address is not quoted back (it may be any service): only what kind of failure
+        why = ("no edgepart worker with this key answered there" if isinstance(e, (ProtocolError, PeerClosed))
+               else "unreachable" if isinstance(e, OSError) else type(e).__name__)
         conn.out.put({"kind": "probe_error", "peer": req["peer"], **Failure(
             ErrorCode.PROBE_FAILED, worker.device, f"worker {worker.address} probing {req['peer']!r} at "
-                                                   f"{req['address']}: {type(e).__name__}: {e}").fields()})
+                                                   f"{req['address']}: {why}").fields()})
+    finally:
+        _probes.release()
 
 
 def _link_shaper(worker: Worker, peer: str) -> LinkShaper | None:

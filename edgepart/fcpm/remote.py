@@ -164,6 +164,7 @@ def _run_profile(worker: Worker, cpu_cores: float | None, conn: Conn, opts: dict
     finally:
         torch.set_num_threads(max(1, worker.threads))
         _profile_lock.release()
+        worker.server.request_trim()        # the sweep's buffers go back to the OS (#22: memory taken once)
 
 
 # --- the client's side -----------------------------------------------------------------------------

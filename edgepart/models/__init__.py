@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ._common import init_weights
+from .compact import MobileNetV2Small, ResNetSmall, VGGSmall
 from .inception import GoogLeNet
 from .mobilenet import MobileNetV2
 from .resnet import resnet18, resnet50, se_resnet
@@ -51,6 +52,10 @@ _ZOO: dict[str, ModelSpec] = {s.name: s for s in [
     ModelSpec("se_resnet", se_resnet, 224, 32, 1, "SE-ResNet-18"),
     ModelSpec("unet", UNet, 128, 32, 8, "small U-Net, base width 16, 2 classes"),
     ModelSpec("tinynet", TinyNet, 32, 16, 1, "tiny CNN with one residual add, 10 classes"),
+    ModelSpec("vgg_small", VGGSmall, 32, 8, 1, "VGG-style, 6 convs 32-128 wide, 10 classes (digit images)"),
+    ModelSpec("resnet_small", ResNetSmall, 32, 8, 1, "ResNet-8-style, widths 32-128, 10 classes (digit images)"),
+    ModelSpec("mobilenet_v2_small", MobileNetV2Small, 32, 8, 1,
+              "MobileNetV2-style, 7 inverted residuals, 10 classes (digit images)"),
 ]}
 
 

@@ -9,16 +9,20 @@ import torch.fx as fx
 
 from edgepart.passes.flops import annotate_flops
 from edgepart.passes.ops import annotate_ops
+from edgepart.passes.pools import mark_replicated, split_global_pools
 from edgepart.passes.rowmap import annotate_rowmaps
 from edgepart.passes.shapes import check_shapes
 
-__all__ = ["analyse", "annotate_ops", "annotate_rowmaps", "annotate_flops"]
+__all__ = ["analyse", "split_global_pools", "mark_replicated", "annotate_ops", "annotate_rowmaps", "annotate_flops"]
 
 
 def analyse(gm: fx.GraphModule, cluster=None) -> fx.GraphModule:
-    """Run every analysis pass in order (ops → row maps → FLOPs) on a graph from compiler.trace."""
+    """Run every analysis pass in order (global pools split → ops → row maps → replicated
+    squeeze-excite MLPs → FLOPs) on a graph from compiler.trace."""
     check_shapes(gm)
+    split_global_pools(gm)
     annotate_ops(gm)
     annotate_rowmaps(gm)
+    mark_replicated(gm)
     annotate_flops(gm)
     return gm

@@ -39,7 +39,7 @@ def node_macs_flops(node: fx.Node) -> tuple[int, int]:
         return 0, 2 * out
     if spec.kind == "interpolate":
         return 0, 4 * out if p["mode"] != "nearest" else out
-    if spec.kind in ("adaptive_avg_pool2d",) and spec.input is not None:
+    if spec.kind in ("adaptive_avg_pool2d", "row_mean") and spec.input is not None:
         return 0, _numel(spec.input.meta.get("shape"))
     if spec.kind in ("identity", "flatten", "pad"):
         return 0, 0

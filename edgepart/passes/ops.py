@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edgepart.passes.graph import COMPUTE_OPS
+from edgepart.passes.pools import COMBINE
 
 # Row-local elementwise functions: output row i depends only on row i of each input
 # (inputs with a single row broadcast and are needed whole).
@@ -47,6 +48,14 @@ ACTIVATION_MODULES = {
     nn.Hardsigmoid: "F.hardsigmoid({x})",
     nn.Mish: "F.mish({x})",
 }
+# Functions of other libraries that are the identity of their first argument when the named argument
+# (at the given position, with the given default) is False — stochastic depth / drop path in eval mode.
+# Keyed by module + qualified name, so nothing is imported to recognise them; written as the identity.
+EVAL_IDENTITY_FUNCTIONS: dict[str, tuple[str, int, bool]] = {
+    "torchvision.ops.stochastic_depth.stochastic_depth": ("training", 3, True),
+    "timm.layers.drop.drop_path": ("training", 2, False),
+    "timm.models.layers.drop.drop_path": ("training", 2, False),
+}
 IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.AlphaDropout)
 INTERP_MODULES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
 INTERP_MODES = {"nearest", "nearest-exact", "bilinear", "bicubic"}
@@ -55,7 +64,7 @@ INTERP_MODES = {"nearest", "nearest-exact", "bilinear", "bicubic"}
 @dataclass
 class OpSpec:
     kind: str                      # conv2d | max_pool2d | avg_pool2d | pad | batch_norm | activation |
-                                   # identity | interpolate | pointwise | linear | generic
+                                   # identity | interpolate | pointwise | row_mean | linear | generic
     params: dict[str, Any] = field(default_factory=dict)
     input: fx.Node | None = None   # the input whose rows the op maps geometrically
     row_local: bool = False
@@ -140,6 +149,31 @@ def _bind(gm: fx.GraphModule, n: fx.Node, target) -> dict:
     return dict(kw.kwargs) if kw is not None else {}
 
 
+def _qualified(target) -> str:
+    return f"{getattr(target, '__module__', None)}.{getattr(target, '__qualname__', repr(target))}"
+
+
+def _eval_identity(n: fx.Node, target) -> OpSpec | None:
+    """An identity OpSpec when ``target`` is in EVAL_IDENTITY_FUNCTIONS and its switch is literally False."""
+    entry = EVAL_IDENTITY_FUNCTIONS.get(_qualified(target))
+    if entry is None or not n.args or not isinstance(n.args[0], fx.Node):
+        return None
+    arg, position, default = entry
+    switch = n.kwargs.get(arg, n.args[position] if len(n.args) > position else default)
+    if switch is not False:
+        return None
+    return OpSpec("identity", {}, n.args[0], True, label=f"{target.__name__} (the identity with {arg}=False)")
+
+
+def _is_row_mean(n: fx.Node) -> bool:
+    """``x.mean(3, keepdim=True)`` of a 4-D x (passes.pools writes global pools so): row i needs row i."""
+    x = n.args[0] if n.args else None
+    shape = x.meta.get("shape") if isinstance(x, fx.Node) else None
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    return (shape is not None and len(shape) == 4 and dim in (3, -1) and len(n.args) <= 2
+            and n.kwargs.get("keepdim", False) is True and set(n.kwargs) <= {"dim", "keepdim"})
+
+
 def recognise(gm: fx.GraphModule, n: fx.Node) -> OpSpec:
     if n.op == "call_module":
         m = _submodule(gm, n.target)
@@ -197,7 +231,8 @@ def recognise(gm: fx.GraphModule, n: fx.Node) -> OpSpec:
             return OpSpec("adaptive_avg_pool2d", dict(output_size=m.output_size), n.args[0], False,
                           "adaptive pooling windows depend on the whole height", repr(m))
         return OpSpec("generic", {"module": n.target}, n.args[0] if n.args else None, False,
-                      f"module type {t.__module__}.{t.__qualname__} is not known to edgepart", repr(m))
+                      f"module type {t.__module__}.{t.__qualname__} is not known to edgepart: it runs whole, "
+                      "rebuilt on the device from its class, constructor arguments and weights", repr(m))
 
     if n.op == "call_function":
         target = INPLACE_FUNCTIONS.get(n.target, n.target)
@@ -236,15 +271,24 @@ def recognise(gm: fx.GraphModule, n: fx.Node) -> OpSpec:
             if training is True:
                 return OpSpec("generic_function", {}, None, False, "dropout in training mode", "dropout")
             return OpSpec("pointwise", {}, None, True, label=getattr(target, "__name__", str(target)))
+        identity = _eval_identity(n, target)
+        if identity is not None:
+            return identity
         if target is torch.flatten:
             return OpSpec("generic_function", {}, None, False, "flatten merges rows", "flatten")
         if target is F.adaptive_avg_pool2d:
             return OpSpec("generic_function", {}, None, False,
                           "adaptive pooling windows depend on the whole height", "adaptive_avg_pool2d")
         name = getattr(target, "__name__", repr(target))
-        return OpSpec("generic_function", {}, None, False, f"function {name} is not known to be row-local", name)
+        return OpSpec("generic_function", {}, None, False,
+                      f"function {_qualified(target)} is not known to be row-local", name)
 
     if n.op == "call_method":
+        if n.target == "mean" and _is_row_mean(n):
+            return OpSpec("row_mean", {}, n.args[0], True, label="mean over each row (a global pool's first half)")
+        if n.meta.get(COMBINE):
+            return OpSpec("generic_method", {}, None, False, "adaptive pooling windows depend on the whole height; "
+                          "the row means before it stay split", "mean over the rows (a global pool's second half)")
         if n.target in POINTWISE_METHODS:
             return OpSpec("pointwise", {}, None, True, label=f".{n.target}()")
         known = {"view", "reshape", "flatten", "mean", "sum", "permute", "transpose", "squeeze", "unsqueeze", "size"}

@@ -39,3 +39,17 @@ def keep_freed_memory() -> bool:
     _applied = (bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
                 and bool(mallopt(m_arena_max, 1)))
     return _applied
+
+
+def release_memory() -> bool:
+    """Hand freed heap memory back to the OS now (glibc ``malloc_trim(0)``): the top of the heap and
+    every free page inside it. :func:`keep_freed_memory` turns automatic trimming off so requests do
+    not page-fault their buffers in again; this is for the moments that free much more than a
+    request uses — after a deploy (the manifest, the files' buffers), a profile, or a flood of
+    connections that never authenticated — so memory taken once is not kept for ever. The next
+    request may fault its buffers in once. Returns whether anything was released (False off glibc)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError, TypeError):
+        return False

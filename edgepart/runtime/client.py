@@ -37,6 +37,7 @@ from edgepart.errors import BundleError, EdgepartError, WorkerDied, error_for
 from edgepart.ir import output as output_tree
 from edgepart.ir.manifest import MANIFEST, Manifest
 from edgepart.runtime.program import check_inputs
+from edgepart.runtime.signing import sign_deploy
 from edgepart.runtime.protocol import Channel, PeerClosed, ProtocolError, as_key, read_key
 
 log = logging.getLogger("edgepart.client")
@@ -94,7 +95,8 @@ class _Link:
 class Session:
     def __init__(self, bundle_or_dir, endpoints, key, deploy: bool = True, timeout: float = 300.0,
                  heartbeat: float = 1.0, dead_after: float = 3.5, peer_endpoints: dict | None = None,
-                 connect_timeout: float = 5.0):
+                 connect_timeout: float = 5.0, sign_key=None):
+        self.sign_key = sign_key       # Ed25519PrivateKey: deploys are signed (workers with --deploy-pubkey)
         self.dir, self._tmp = bundle_dir_of(bundle_or_dir)
         path = self.dir / MANIFEST
         if not path.is_file():
@@ -183,8 +185,10 @@ class Session:
 
     def _deploy(self, link: _Link) -> None:
         d = link.device
-        link.ch.send({"kind": "deploy", "device": d, "bundle": self.bundle_id, "peers": self.peer_endpoints[d]},
-                     [self.manifest_bytes])
+        hdr = {"kind": "deploy", "device": d, "bundle": self.bundle_id, "peers": self.peer_endpoints[d]}
+        if self.sign_key is not None:
+            hdr["signature"] = sign_deploy(self.sign_key, self.bundle_id, d, self.peer_endpoints[d])
+        link.ch.send(hdr, [self.manifest_bytes])
         h = self._ctrl(link, ("deploy_need", "deploy_ok"))
         if h["kind"] == "deploy_ok":
             return

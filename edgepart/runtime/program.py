@@ -134,11 +134,19 @@ class StageContext:
         self.store.put(node, a, b, value)
 
 
+# The libraries whose nn.Module classes a device program may rebuild from class path and constructor
+# arguments (docs/compatibility.md): importing and constructing them is the code a worker runs besides
+# the program itself.
+REBUILD_LIBRARIES = ("torch.nn",)
+
+
 def build_module(class_path: str, kwargs: dict) -> torch.nn.Module:
-    """Rebuild a torch.nn module edgepart has no kernel for, from its class and settings."""
+    """Rebuild a module edgepart has no kernel for from its class and constructor arguments; only classes
+    of ``REBUILD_LIBRARIES`` are built."""
     module_name, _, cls_name = class_path.rpartition(".")
-    if not module_name.startswith("torch.nn"):
-        raise BundleError(f"refusing to build {class_path}: only torch.nn modules are rebuilt from a manifest")
+    if not any(module_name == lib or module_name.startswith(lib + ".") for lib in REBUILD_LIBRARIES):
+        raise BundleError(f"refusing to build {class_path}: only classes of {', '.join(REBUILD_LIBRARIES)} are "
+                          "rebuilt from a manifest")
     cls = getattr(importlib.import_module(module_name), cls_name)
     return cls(**kwargs)
 

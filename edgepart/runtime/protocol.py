@@ -38,6 +38,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -49,14 +50,16 @@ from edgepart.errors import EdgepartError, ErrorCode
 from edgepart.ir.dtypes import DTYPE_NAMES, DTYPES
 
 MAGIC = b"EPRT"
-VERSION = 2
+VERSION = 3                             # 3: the client confirms the session key (replayed hellos cannot complete)
 FIXED = struct.Struct("!4sBBHIQ")
 FIXED_LEN = FIXED.size                  # 20
 TAG_LEN = 16                            # Poly1305 tag
 HELLO_MAC_LEN = 32                      # HMAC-SHA256 (hello frames only)
 MAX_HEADER = 64 * 1024                  # bytes of JSON header
 DEFAULT_MAX_PAYLOAD = 1 << 30           # 1 GiB: no frame is ever larger, whatever it claims
-HANDSHAKE_TIMEOUT = 5.0
+HANDSHAKE_TIMEOUT = 5.0                 # the whole hello exchange, not each read of it
+NOTICE = 0x01                           # flags bit: an unauthenticated notice (busy / wrong key), hellos only
+MIN_KEY_BYTES = 32
 FRAME_TIMEOUT = 30.0                    # once a frame has started, no gap in it may be longer than this
 CHUNK = 256 << 10                       # parts are authenticated (and sent/received) in chunks of this size
 STAGE = 8 << 10                         # receive reads of at most this much when the frame's size is unknown
@@ -74,6 +77,7 @@ _ALLOC: dict[str, tuple] = {
     "float64": (np.float64, None), "int64": (np.int64, None), "int32": (np.int32, None),
     "int16": (np.int16, None), "int8": (np.int8, None), "uint8": (np.uint8, None), "bool": (np.bool_, None),
 }
+_now = time.monotonic
 _json_encode = json.JSONEncoder(separators=(",", ":")).encode
 _json_decode = json.JSONDecoder().decode
 
@@ -84,6 +88,23 @@ class ProtocolError(EdgepartError):
 
 class AuthError(ProtocolError):
     """A MAC did not verify (wrong key, tampering, replay)."""
+
+
+class HelloRefused(AuthError):
+    """The worker refused the hello with a notice: ``reason`` says why (e.g. ``wrong key``).
+
+    Notices are not authenticated (the worker could not authenticate a client whose key it does
+    not share); they are advice for the message shown, never a basis for a decision."""
+
+
+class HelloDropped(AuthError):
+    """The worker closed the connection before answering the hello: busy with handshakes (a flood
+    makes it close the handshakes least far along), a wrong key, or not an edgepart worker.
+    :meth:`Channel.connect` tries again while its timeout lasts."""
+
+
+class WorkerBusy(ProtocolError):
+    """The worker took the hello (the key is right) but has no room for another connection now."""
 
 
 class PeerClosed(ConnectionError):
@@ -286,6 +307,8 @@ class Channel:
         self._rb = bytearray(2 * STAGE)
         self._rv = memoryview(self._rb)
         self._ra = self._rz = 0
+        self._deadline: float | None = None     # monotonic time the handshake must finish by
+        self.last_activity = _now()             # a frame was last sent or received (idle connections close)
         if k_send is not None:
             self._set_keys(k_send, k_recv)
         try:
@@ -302,56 +325,123 @@ class Channel:
     @classmethod
     def connect(cls, address: str | tuple, key: bytes, hello: dict, timeout: float = HANDSHAKE_TIMEOUT,
                 max_payload: int = DEFAULT_MAX_PAYLOAD) -> "Channel":
+        """Connect and handshake within ``timeout`` s in all; a hello the worker dropped unanswered
+        (:class:`HelloDropped`) is tried again on a new connection while the time lasts."""
         host, port = parse_address(address) if isinstance(address, str) else address
-        sock = socket.create_connection((host, port), timeout=timeout)
-        try:
-            return cls.client_handshake(sock, key, hello, timeout, max_payload)
-        except BaseException:
-            sock.close()
-            raise
+        deadline = _now() + timeout
+        while True:
+            sock = socket.create_connection((host, port), timeout=max(0.05, deadline - _now()))
+            try:
+                return cls.client_handshake(sock, key, hello, max(0.05, deadline - _now()), max_payload)
+            except HelloDropped:
+                sock.close()
+                if _now() + 0.05 >= deadline:       # a worker under a handshake flood drops some: try again
+                    raise
+                time.sleep(0.02)
+            except BaseException:
+                sock.close()
+                raise
 
     @classmethod
     def client_handshake(cls, sock, key: bytes, hello: dict, timeout: float = HANDSHAKE_TIMEOUT,
                          max_payload: int = DEFAULT_MAX_PAYLOAD) -> "Channel":
+        """Send a hello, check the worker's, derive the session keys and confirm them (one frame,
+        ``confirm``, under the client's session key: only a holder of the key can send it, so a
+        recorded hello replayed to a worker never completes). ``timeout`` bounds the whole exchange.
+
+        Raises :class:`WorkerBusy` (the worker took the key but is full), :class:`HelloRefused` (it
+        said the key is wrong), :class:`AuthError` (no or no authentic answer; the message says
+        which: closed, silent, wrong key)."""
         _tune(sock)
         sock.settimeout(timeout)
         ch = cls(sock, max_payload=max_payload)
+        ch._deadline = _now() + timeout
         cn = os.urandom(16)
-        ch._send_hello(_kdf(key, b"hello-c"), {**hello, "kind": "hello", "nonce": cn.hex()})
         try:
-            reply = ch._recv_frame(lambda h: None, 0, _kdf(key, b"hello-s", cn))
-            if reply.kind != "hello":
-                raise ProtocolError(f"expected a hello frame, got {reply.kind[:40]!r}")
-        except (PeerClosed, ProtocolError, socket.timeout, ConnectionError) as e:
-            raise AuthError(f"the worker refused the hello ({e or 'no answer'}): wrong key, "
-                            "or not an edgepart worker") from None
+            ch._send_hello(_kdf(key, b"hello-c"), {**hello, "kind": "hello", "nonce": cn.hex()})
+            reply = ch._recv_frame(lambda h: None, 0, _kdf(key, b"hello-s", cn), notices=True)
+        except HelloRefused:
+            raise
+        except AuthError:
+            raise AuthError("the worker's answer to the hello did not verify: wrong key (or not an edgepart "
+                            "worker)") from None
+        except (PeerClosed, ConnectionResetError):
+            raise HelloDropped("the worker closed the connection without answering the hello: it is busy (too many "
+                               "connections in their handshake), or does not share this key, or is not an edgepart "
+                               "worker") from None
+        except (socket.timeout, TimeoutError):
+            raise AuthError(f"no answer to the hello within {timeout:.0f} s: the worker is busy or unreachable"
+                            ) from None
+        except (ProtocolError, ConnectionError) as e:
+            raise AuthError(f"the hello failed ({e}): not an edgepart worker of this protocol version, or the "
+                            "connection broke") from None
+        if reply.kind == "busy":
+            raise WorkerBusy(f"the worker is busy: {str(reply.get('reason'))[:200]}")
+        if reply.kind != "hello":
+            raise AuthError(f"expected a hello frame, got {reply.kind[:40]!r}")
         sn = _nonce(reply.header)
         session = _kdf(key, b"session", cn, sn)
         ch._set_keys(_kdf(session, b"c2s"), _kdf(session, b"s2c"))
         ch.peer = reply.header
+        ch.send({"kind": "confirm"})                     # seq 1 of this direction: the key confirmation
+        ch._deadline = None
         _after_handshake(sock)
         return ch
 
     @classmethod
     def server_handshake(cls, sock, key: bytes, hello: dict, timeout: float = HANDSHAKE_TIMEOUT,
-                         max_payload: int = DEFAULT_MAX_PAYLOAD) -> "Channel":
+                         max_payload: int = DEFAULT_MAX_PAYLOAD,
+                         admit: Callable[[], str | None] | None = None) -> "Channel":
+        """Take a hello, answer it, and wait for the client's key confirmation; all within ``timeout``.
+
+        A hello whose MAC does not verify is answered with an unauthenticated ``refused`` notice.
+        ``admit()``, called once the client's hello verified, returns None to go on or a reason to
+        answer ``busy`` (under the hello key, so the client knows it is genuine) and refuse.
+        The returned channel's first received frame was the confirmation (consumed here)."""
         _tune(sock)
         sock.settimeout(timeout)
         ch = cls(sock, max_payload=max_payload)
+        ch._deadline = _now() + timeout
         try:
             h = ch._recv_frame(lambda h: None, 0, _kdf(key, b"hello-c"))
-        except AuthError as e:
-            raise AuthError(f"hello refused: {e} (wrong key?)") from None
+        except AuthError:
+            ch._send_notice("refused", "hello MAC did not verify: wrong key")
+            raise AuthError("hello refused: its MAC did not verify (wrong key, or not an edgepart client)") from None
+        except (socket.timeout, TimeoutError):
+            raise ProtocolError(f"no complete hello within {timeout:.0f} s") from None
         if h.kind != "hello":
             raise ProtocolError(f"expected a hello frame, got {h.kind[:40]!r}")
         cn = _nonce(h.header)
+        reason = admit() if admit is not None else None
+        if reason is not None:
+            ch._send_hello(_kdf(key, b"hello-s", cn), {"kind": "busy", "reason": reason[:200]})
+            raise WorkerBusy(reason)
         sn = os.urandom(16)
         ch._send_hello(_kdf(key, b"hello-s", cn), {**hello, "kind": "hello", "nonce": sn.hex()})
         session = _kdf(key, b"session", cn, sn)
         ch._set_keys(_kdf(session, b"s2c"), _kdf(session, b"c2s"))
         ch.peer = h.header
+        try:
+            c = ch.recv(lambda h: None)
+        except AuthError:
+            raise AuthError("the key confirmation did not verify: a replayed hello, or a wrong key") from None
+        except (socket.timeout, TimeoutError):
+            raise ProtocolError(f"no key confirmation within {timeout:.0f} s of the connection (a replayed "
+                                "hello?)") from None
+        if c.kind != "confirm":
+            raise ProtocolError(f"expected the key confirmation, got {c.kind[:40]!r}")
+        ch._deadline = None
         _after_handshake(sock)
         return ch
+
+    def _send_notice(self, kind: str, reason: str) -> None:
+        """An unauthenticated hello-sized notice (flags NOTICE, an all-zero tag); best effort."""
+        try:
+            hj = json.dumps({"kind": kind, "reason": reason}, separators=(",", ":")).encode()
+            self.sock.settimeout(0.2)
+            _send_all(self.sock, [FIXED.pack(MAGIC, VERSION, NOTICE, 0, len(hj), 0) + hj, bytes(HELLO_MAC_LEN)])
+        except OSError:
+            pass
 
     def _send_hello(self, key: bytes, header: dict) -> None:
         hj = json.dumps(header, separators=(",", ":")).encode()
@@ -387,6 +477,7 @@ class Channel:
                 self._flush_locked()
             seq = self._seq_send
             self._seq_send = seq + 1
+            self.last_activity = _now()
             sn = seq.to_bytes(8, "big")
             g = self._g_send
             htag = g.encrypt(_NONCE_H + sn, _EMPTY, signed)
@@ -427,6 +518,7 @@ class Channel:
                 return False
             seq = self._seq_send
             self._seq_send = seq + 1
+            self.last_activity = _now()
             sn = seq.to_bytes(8, "big")
             g = self._g_send
             bufs = [signed, g.encrypt(_NONCE_H + sn, _EMPTY, signed)]
@@ -474,7 +566,9 @@ class Channel:
     def recv(self, expect: Expect) -> Frame:
         seq = self._seq_recv
         self._seq_recv = seq + 1
-        return self._recv_frame(expect, seq, None)
+        f = self._recv_frame(expect, seq, None)
+        self.last_activity = _now()
+        return f
 
     def close(self) -> None:
         self.closed = True
@@ -508,6 +602,11 @@ class Channel:
                     self._rb[:have] = self._rb[self._ra:self._rz]
                 self._ra, self._rz = 0, have
             want = min(len(self._rb) - self._rz, max(n - have, STAGE))
+            if self._deadline is not None:                   # the handshake: one deadline for all its reads
+                left = self._deadline - _now()
+                if left <= 0:
+                    raise socket.timeout("handshake deadline passed")
+                self.sock.settimeout(left)
             try:
                 r = self.sock.recv_into(self._rv[self._rz:], want)
             except BlockingIOError:                          # SO_RCVTIMEO expired
@@ -516,7 +615,7 @@ class Channel:
                 raise ProtocolError(f"truncated frame: no data for {FRAME_TIMEOUT:.0f} s "
                                     f"(got {have} of {n} header bytes)") from None
             except socket.timeout:                           # the caller's own socket timeout
-                if first and not have:
+                if (first and not have) or self._deadline is not None:
                     raise
                 raise ProtocolError(f"truncated frame: header incomplete (got {have} of {n} bytes)") from None
             if r == 0:
@@ -576,11 +675,11 @@ class Channel:
             left -= len(c)
         self._check_payload_tag(pm.tag())
 
-    def _recv_frame(self, expect: Expect, seq: int, hello_key: bytes | None) -> Frame:
+    def _recv_frame(self, expect: Expect, seq: int, hello_key: bytes | None, notices: bool = False) -> Frame:
         # 1. the fixed header: sizes are bounded before anything is allocated
         if self._rz - self._ra < FIXED_LEN:
             self._need(FIXED_LEN, first=True)
-        magic, version, _flags, _res, hlen, plen = FIXED.unpack_from(self._rb, self._ra)
+        magic, version, flags, _res, hlen, plen = FIXED.unpack_from(self._rb, self._ra)
         if magic != MAGIC:
             raise ProtocolError(f"bad magic {bytes(magic)!r} (not an edgepart frame)")
         if version != VERSION:
@@ -598,6 +697,13 @@ class Channel:
         rv = self._rv
         signed = rv[a:a + end]
         sn = seq.to_bytes(8, "big")
+        if notices and flags & NOTICE and plen == 0:         # unauthenticated advice from the worker
+            try:
+                note = json.loads(bytes(rv[a + FIXED_LEN:a + end]).decode("utf-8"))
+                reason = str(note.get("reason"))[:200]
+            except (UnicodeDecodeError, ValueError, AttributeError, RecursionError):
+                reason = "unreadable notice"
+            raise HelloRefused(f"the worker refused the hello: {reason} (unauthenticated notice)")
         if hello_key is None:
             want_tag = self._g_recv.encrypt(_NONCE_H + sn, _EMPTY, signed)
         else:
@@ -717,31 +823,55 @@ def parse_address(addr: str) -> tuple[str, int]:
     return host, p
 
 
+def check_key(key: bytes, source: str) -> bytes:
+    """Refuse a shared key that is short or visibly not random; ``source`` names where it came from.
+
+    At least MIN_KEY_BYTES (32) bytes; at least 16 distinct byte values (32 random bytes have
+    about 30: fewer means a repeated pattern such as 32 × "a" or all zeros); not all printable
+    ASCII (a passphrase — guessable offline from one recorded hello — not random bytes; 32 random
+    bytes are all printable with probability 1e-14). Make one with ``edgepart keygen --run FILE``."""
+    hint = "make one with `edgepart keygen --run FILE` (32 random bytes, as hex)"
+    if len(key) < MIN_KEY_BYTES:
+        raise EdgepartError(f"{source}: the key is {len(key)} bytes; at least {MIN_KEY_BYTES} random bytes are "
+                            f"needed — {hint}")
+    if len(set(key)) < 16:
+        raise EdgepartError(f"{source}: the key has only {len(set(key))} distinct byte values, so it is not random "
+                            f"— {hint}")
+    if all(32 <= b < 127 for b in key):
+        raise EdgepartError(f"{source}: the key is printable text (a passphrase?), not random bytes — {hint}")
+    return key
+
+
 def read_key(path) -> bytes:
-    """A shared key from a file: the raw bytes, or hex if the file holds only hex digits."""
-    data = open(path, "rb").read().strip()
+    """A shared key from a file: the raw bytes, or hex if the file holds only hex digits; refused if
+    short or visibly not random (:func:`check_key`)."""
+    try:
+        data = open(path, "rb").read().strip()
+    except OSError as e:
+        raise EdgepartError(f"key file {path}: {e.strerror}") from None
     if not data:
         raise EdgepartError(f"key file {path} is empty")
+    key = bytes(data)
     try:
         text = data.decode("ascii")
-        if len(text) >= 32 and all(c in "0123456789abcdefABCDEF" for c in text):
-            return bytes.fromhex(text)
+        if len(text) >= 32 and len(text) % 2 == 0 and all(c in "0123456789abcdefABCDEF" for c in text):
+            key = bytes.fromhex(text)
     except (UnicodeDecodeError, ValueError):
         pass
-    return bytes(data)
+    return check_key(key, f"key file {path}")
 
 
 def as_key(key) -> bytes:
     if isinstance(key, (bytes, bytearray)):
-        if len(key) < 16:
-            raise EdgepartError("the shared key must be at least 16 bytes")
+        if len(key) < MIN_KEY_BYTES:
+            raise EdgepartError(f"the shared key must be at least {MIN_KEY_BYTES} bytes")
         return bytes(key)
     if isinstance(key, str):
         if os.path.isfile(key):
             return read_key(key)
         k = key.encode()
-        if len(k) < 16:
-            raise EdgepartError("the shared key must be at least 16 bytes (or a key file path)")
+        if len(k) < MIN_KEY_BYTES:
+            raise EdgepartError(f"the shared key must be at least {MIN_KEY_BYTES} bytes (or a key file path)")
         return k
     raise EdgepartError("key must be bytes, a string, or a key file path")
 

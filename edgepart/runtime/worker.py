@@ -1,6 +1,6 @@
 """The worker: a long-running process on one device that runs its part of a bundle.
 
-    edgepart worker --listen HOST:PORT --key-file FILE [--threads N] [--workdir DIR]
+    edgepart worker --listen HOST:PORT --key-file FILE [--deploy-pubkey FILE] [--threads N] [--workdir DIR]
 
 A :class:`Worker` is a :class:`~edgepart.runtime.server.Server` (the listening socket, its
 connections, dispatch by frame kind) with two parts that register their frames on it: the
@@ -35,8 +35,9 @@ from edgepart.ir.manifest import BACKENDS
 from edgepart.runtime.allocator import keep_freed_memory
 from edgepart.runtime.deploy import Deployer
 from edgepart.runtime.execution import Executor, StageClock
-from edgepart.runtime.protocol import DEFAULT_MAX_PAYLOAD, read_key
+from edgepart.runtime.protocol import DEFAULT_MAX_PAYLOAD, MIN_KEY_BYTES, read_key
 from edgepart.runtime.server import Server
+from edgepart.runtime.signing import load_public_key
 from edgepart.runtime.transport import LinkShaperFactory
 
 log = logging.getLogger("edgepart.worker")
@@ -47,7 +48,9 @@ class Worker:
 
     ``threads``: torch threads for compute; ``workdir``: where deployed bundles are kept (default: a
     temp dir of its own, removed by :meth:`stop`); ``request_timeout``: a request idle this long (s)
-    fails. Test bed hooks: ``link_shaper`` shapes the traffic to each peer
+    fails; ``deploy_pubkey``: an Ed25519 public key (runtime/signing.py): only deploys signed by its
+    private key are taken (None: any holder of ``key`` may deploy); ``server_options``: the
+    :class:`~edgepart.runtime.server.Server`'s limits (tests use small ones). Test bed hooks: ``link_shaper`` shapes the traffic to each peer
     (:data:`~edgepart.runtime.transport.LinkShaperFactory`), ``stage_clock`` how long a compute stage
     lasts (:class:`~edgepart.runtime.execution.StageClock`); None: real links, real CPU.
     ``backend``: ``torch`` or ``onnxruntime`` for every program deployed here (None: each bundle's
@@ -57,9 +60,10 @@ class Worker:
     def __init__(self, listen: str = "127.0.0.1:0", key: bytes = b"", threads: int = 1,
                  workdir: str | os.PathLike | None = None, max_payload: int = DEFAULT_MAX_PAYLOAD,
                  request_timeout: float = 120.0, link_shaper: LinkShaperFactory | None = None,
-                 stage_clock: StageClock | None = None, backend: str | None = None):
-        if len(key) < 16:
-            raise EdgepartError("the worker needs a shared key of at least 16 bytes (--key-file)")
+                 stage_clock: StageClock | None = None, deploy_pubkey=None, server_options: dict | None = None,
+                 backend: str | None = None):
+        if len(key) < MIN_KEY_BYTES:
+            raise EdgepartError(f"the worker needs a shared key of at least {MIN_KEY_BYTES} bytes (--key-file)")
         self.key = key
         self.threads = threads
         self.link_shaper = link_shaper
@@ -69,9 +73,10 @@ class Worker:
         self.stats: collections.Counter = collections.Counter()
         self.stop_event = threading.Event()
         self.executor = Executor(self.stats, self.stop_event, threads, request_timeout, stage_clock)
-        self.server = Server(listen, key, self._hello, self.stats, self.stop_event, max_payload)
+        self.server = Server(listen, key, self._hello, self.stats, self.stop_event, max_payload,
+                             **(server_options or {}))
         self.deployer = Deployer(self.workdir, self.executor, key, max_payload, lambda: self.server.address,
-                                 link_shaper, backend)
+                                 link_shaper, deploy_pubkey, backend)
         self.executor.register(self.server)
         self.deployer.register(self.server)
 
@@ -123,7 +128,10 @@ def build_parser(prog: str = "edgepart worker") -> argparse.ArgumentParser:
     """The worker's options (a full worker process adds its own: :mod:`edgepart.worker_main`)."""
     p = argparse.ArgumentParser(prog=prog, description="Run an edgepart worker on this device.")
     p.add_argument("--listen", default="127.0.0.1:7700", help="HOST:PORT to listen on (port 0: any free port)")
-    p.add_argument("--key-file", required=True, help="file holding the shared key (raw bytes or hex)")
+    p.add_argument("--key-file", required=True,
+                   help="file holding the shared run key (32+ random bytes, raw or hex: edgepart keygen --run)")
+    p.add_argument("--deploy-pubkey", help="take only deploys signed by this Ed25519 key's private half "
+                                           "(PEM, from edgepart keygen --deploy; see docs/security.md)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for compute (default 1)")
     p.add_argument("--workdir", help="where deployed bundles are kept (default: a new temp dir)")
     p.add_argument("--backend", choices=BACKENDS, default=None,
@@ -147,7 +155,8 @@ def setup_process(args: argparse.Namespace) -> None:
 def worker_options(args: argparse.Namespace) -> dict:
     """Worker(...) keyword arguments from the options of :func:`build_parser`."""
     return {"listen": args.listen, "key": read_key(args.key_file), "threads": args.threads, "workdir": args.workdir,
-            "max_payload": args.max_payload, "request_timeout": args.request_timeout, "backend": args.backend}
+            "max_payload": args.max_payload, "request_timeout": args.request_timeout, "backend": args.backend,
+            "deploy_pubkey": load_public_key(args.deploy_pubkey) if args.deploy_pubkey else None}
 
 
 def run(w: Worker, exit_with_parent: int | None = None) -> int:

@@ -124,7 +124,9 @@ def plan_dads(gm: fx.GraphModule, cluster: Cluster, cost: CostModel | None = Non
         if not users:
             continue
         aux = f"__out__{p.name}"
-        G.add_edge(p.name, aux, capacity=cost.transfer_time(_tensor_bytes(p), edge, cloud))
+        # a tuple (shape None, e.g. chunk's) cannot move between devices: never cut after it
+        moves = p.op == "placeholder" or p.meta.get("shape") is not None
+        G.add_edge(p.name, aux, capacity=cost.transfer_time(_tensor_bytes(p), edge, cloud) if moves else INF)
         for u in users:
             G.add_edge(aux, u.name, capacity=INF)
             G.add_edge(u.name, p.name, capacity=INF)     # no cloud → edge data flow

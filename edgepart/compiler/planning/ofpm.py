@@ -79,6 +79,7 @@ from edgepart.compiler.cost.simulator import simulate
 from edgepart.compiler.planning.plan import Candidate, Plan, Planner, Stage
 from edgepart.compiler.planning.primitives import blocks, runs, slices_for
 from edgepart.compiler.schedule import build_schedule
+from edgepart.errors import PlanError
 from edgepart.passes.rowmap import input_windows
 
 log = logging.getLogger("edgepart.planning")
@@ -317,6 +318,25 @@ class OFPMModel:
         total = sum(self.unit_params)
         self.mem_binding = [d for d, cap in self.mem_cap.items() if cap < total]
 
+    def memory_infeasible(self) -> str:
+        """Why no plan fits the devices' memory (``memory_mb``), and by how much at least."""
+        mib = 2 ** 20
+        total = sum(self.unit_params)
+        caps = {d: self.mem_cap[d] / mib for d in self.mem_cap}
+        held = ", ".join(f"{d}: {c:.3g}" for d, c in caps.items())
+        head = f"no plan fits the devices' memory: the model's weights are {total / mib:.3g} MiB; memory_mb is {held}"
+        if total > sum(self.mem_cap.values()):
+            return (f"{head}; together the devices hold {sum(caps.values()):.3g} MiB, "
+                    f"{(total - sum(self.mem_cap.values())) / mib:.3g} MiB short — raise memory_mb or add devices")
+        big = max(range(len(self.unit_params)), key=lambda i: self.unit_params[i])
+        if self.unit_params[big] > max(self.mem_cap.values()):
+            short = (self.unit_params[big] - max(self.mem_cap.values())) / mib
+            return (f"{head}; the largest unit ({self.units[big].nodes[0]}...) alone needs "
+                    f"{self.unit_params[big] / mib:.3g} MiB, {short:.3g} MiB more than the largest device holds "
+                    "— raise memory_mb")
+        return (f"{head}; the weights fit in total but not along any plan this planner can make (a split stage "
+                f"copies its weights to every device of the split) — raise memory_mb of the devices above")
+
     def P_devices(self, k: int) -> list[str]:
         return self.ranked[:k]
 
@@ -530,6 +550,8 @@ class OFPMModel:
                 continue
         solve_time = time.perf_counter() - t0
         if used is None or prob.status != pulp.LpStatusOptimal and prob.sol_status not in (1, 2):
+            if status == "Infeasible" and self.mem_binding:
+                raise PlanError(self.memory_infeasible())
             raise RuntimeError(f"OFPM MILP not solved ({status})")
         chosen = [a for a, v in zip(self.arcs, x) if (v.value() or 0) > 0.5]
         obj = sum(a.cost for a in chosen)

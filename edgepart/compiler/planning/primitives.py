@@ -3,7 +3,8 @@
 Blocks: a maximal run (in graph order) of splittable nodes is cut after every node
 except where a row-local elementwise op only continues the block's last node
 (conv → batch-norm → ReLU stay together), so each split stage has one output and
-devices exchange only halo rows between stages.
+devices exchange only halo rows between stages. A block never ends at a replicated node (a
+squeeze-excite MLP, passes.pools): it joins the block that scales the rows with it.
 
 A leaf of the planning package: it imports only the plan records, so every
 strategy module can use it without importing another strategy.
@@ -33,6 +34,9 @@ def blocks(run: list[fx.Node]) -> list[list[fx.Node]]:
     """A splittable run cut into blocks (see the module docstring), in graph order."""
     out: list[list[fx.Node]] = []
     for n in run:
+        if out and out[-1][-1].meta.get("replicated"):
+            out[-1].append(n)       # a one-row node every device computes never ends a block
+            continue
         if out:
             block = out[-1]
             last = block[-1]
