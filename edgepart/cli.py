@@ -11,9 +11,9 @@ A mistake in what was given (a file, an option, a model, a cluster) prints one l
 ``edgepart: error: ...``, and exits 2; ``--debug`` (anywhere on the line) prints the traceback
 instead. Anything else is a bug: one line saying so, exit 1 (``--debug``: the traceback).
 
-MODEL is a zoo name (``edgepart models`` lists them) or ``path/to/file.py:factory``
+MODEL is a zoo name (``edgepart models`` lists them), ``path/to/file.py:factory``
 where ``factory()`` returns ``(model, example_inputs)`` or just a model (then give
-``--input-shape``).
+``--input-shape``), or ``path/to/model.onnx`` (its input shape from the file, or ``--input-shape``).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import onnx
 import torch
 import yaml
 
@@ -32,11 +33,32 @@ from edgepart.compiler.bundle import load_bundle
 from edgepart.compiler.explain import explain, gantt
 from edgepart.compiler.inspect import plan_table
 from edgepart.errors import EdgepartError
+from edgepart.runtime.ort import new_session
 from edgepart.runtime.program import read_manifest
 
 
+def _onnx_inputs(path: str, input_shape: str | None) -> tuple:
+    """Example inputs of an ONNX model: its (static) input shapes, or ``--input-shape`` for the first."""
+    graph = onnx.load(path, load_external_data=False).graph
+    init = {i.name for i in graph.initializer}
+    inputs = []
+    for k, vi in enumerate(v for v in graph.input if v.name not in init):
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+        if k == 0 and input_shape:
+            dims = [int(v) for v in input_shape.split(",")]
+        if any(d is None for d in dims):
+            raise EdgepartError(f"{path}: input {vi.name!r} has a dynamic shape {dims}; pass --input-shape 1,3,224,224")
+        inputs.append(torch.randn(*dims))
+    return tuple(inputs)
+
+
 def load_model(spec: str, input_size: int | None = None, input_shape: str | None = None):
-    """A zoo name or path/to/file.py:factory → (model, example_inputs)."""
+    """A zoo name, path/to/file.py:factory or path/to/model.onnx → (model, example_inputs, name);
+    the model of an ONNX file is its path (edgepart.compile imports it)."""
+    if spec.endswith(".onnx"):
+        if not Path(spec).is_file():
+            raise EdgepartError(f"model file {spec} does not exist")
+        return spec, _onnx_inputs(spec, input_shape), Path(spec).stem
     if ":" in spec and spec.split(":", 1)[0].endswith(".py"):
         path, factory = spec.split(":", 1)
         if not Path(path).is_file():
@@ -89,12 +111,15 @@ def cmd_compile(args) -> int:
         raise EdgepartError(f"--out {args.out}: is a file; give a directory to write the bundle into")
     model, inputs, name = load_model(args.model, args.input_size, args.input_shape)
     cluster = Cluster.from_file(args.cluster) if args.cluster else Cluster.homogeneous(args.devices)
-    bundle = compile_model(model, inputs, cluster, strategy=args.strategy, name=name)
+    bundle = compile_model(model, inputs, cluster, strategy=args.strategy, name=name, onnx=args.onnx)
     out = bundle.save(args.out)
     print(plan_table(bundle.manifest))
+    for dev, b in bundle.report.get("backends", {}).items():
+        stages = b.get("torch_stages") or {}
+        print(f"{dev}: {b['backend']} ({b['why']})" + "".join(f"\n  stage {s} on torch: {why}" for s, why in stages.items()))
     if args.check:
         with torch.no_grad():
-            ref = model(*inputs)
+            ref = _onnx_reference(model, inputs) if isinstance(model, str) else model(*inputs)
         y = load_bundle(out).run_local(*inputs)
         err = float((y - ref).abs().max()) if isinstance(ref, torch.Tensor) else 0.0
         print(f"check: run_local vs model: max abs error {err:.3g}")
@@ -105,6 +130,12 @@ def cmd_compile(args) -> int:
         print(f"schedule drawn to {args.gantt}")
     print(f"bundle written to {out}")
     return 0
+
+
+def _onnx_reference(path: str, inputs: tuple) -> torch.Tensor:
+    session = new_session(Path(path).read_bytes())
+    names = [i.name for i in session.get_inputs()]
+    return torch.from_numpy(session.run(None, {n: x.numpy() for n, x in zip(names, inputs)})[0])
 
 
 def cmd_inspect(args) -> int:
@@ -201,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgepart", description="Compile and run CNNs across edge devices.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="compile a model for a cluster into a bundle directory")
-    c.add_argument("model", help="zoo name or path/to/file.py:factory")
+    c.add_argument("model", help="zoo name, path/to/file.py:factory or path/to/model.onnx")
     c.add_argument("--cluster", help="cluster YAML (default: --devices homogeneous devices)")
     c.add_argument("--devices", type=int, default=2, help="number of equal devices when no --cluster is given")
     c.add_argument("--strategy", default="ofpm",
@@ -210,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="bundle directory to write")
     c.add_argument("--input-size", type=int, help="input height/width for a zoo model")
     c.add_argument("--input-shape", help="example input shape for a file model, e.g. 1,3,224,224")
+    c.add_argument("--onnx", action="store_true",
+                   help="export every device's stages to ONNX (so any device can run on onnxruntime), not only "
+                        "those of devices whose backend is onnxruntime")
     c.add_argument("--check", action="store_true", help="run the saved bundle locally and compare with the model")
     c.add_argument("--explain", action="store_true", help="print per-stage times and the critical path")
     c.add_argument("--gantt", help="draw the schedule to this PNG")

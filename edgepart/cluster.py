@@ -20,11 +20,12 @@ import yaml
 from edgepart.errors import ClusterError
 
 DEFAULT_LINK = {"bandwidth_mbps": 100.0, "latency_ms": 1.0}
+BACKENDS = ("torch", "onnxruntime")   # how a device runs its stages (edgepart.ir.manifest.BACKENDS)
 
 # What a cluster description may hold (Cluster.from_dict checks every key against these)
 TOP_KEYS = {"devices", "links", "source", "shared_medium", "probe"}
 DEVICE_KEYS = {"name", "speed", "memory_mb", "address", "profile", "memory_speed", "calibration", "stage_start_ms",
-               "node_calibration"}
+               "node_calibration", "backend", "profiles"}
 LINKS_KEYS = {"default", "overrides"}
 LINK_KEYS = {"bandwidth_mbps", "latency_ms"}
 OVERRIDE_KEYS = LINK_KEYS | {"a", "b"}
@@ -173,6 +174,14 @@ class Device:
     # relative to its op type's ``calibration`` ((rows, factor), ...), measured at a few row counts and
     # the whole node (calibration.layers.measure_node_calibration); a node without one keeps its op type's
     node_calibration: tuple[tuple[str, tuple[tuple[int, float], ...]], ...] = ()
+    # how it runs its stages (one of BACKENDS); None: the compiler chooses the faster on its profiles
+    backend: str | None = None
+    # FCPM profiles of other backends than torch ((backend, path), ...); ``profile`` is torch's
+    profiles: tuple[tuple[str, str], ...] = ()
+
+    def profile_for(self, backend: str) -> str | None:
+        """The path of this device's FCPM profile for ``backend``, if it has one."""
+        return self.profile if backend == "torch" else dict(self.profiles).get(backend)
 
 
 def _node_calibration(dev: dict) -> tuple:
@@ -201,6 +210,21 @@ def _calibration(dev: dict) -> tuple[tuple[str, float], ...]:
         return tuple(sorted((str(f), float(v)) for f, v in cal.items()))
     except (TypeError, ValueError):
         raise ClusterError(f"device {dev['name']!r}: calibration of {cal} must be numbers > 0") from None
+
+
+def _backend(dev: dict) -> str | None:
+    b = dev.get("backend")
+    if b is not None and b not in BACKENDS:
+        raise ClusterError(f"device {dev['name']!r}: backend must be one of {list(BACKENDS)}, got {b!r}")
+    return b
+
+
+def _profiles(dev: dict) -> tuple[tuple[str, str], ...]:
+    p = dev.get("profiles") or {}
+    if not isinstance(p, dict) or not all(k in BACKENDS and k != "torch" and isinstance(v, str) for k, v in p.items()):
+        raise ClusterError(f"device {dev['name']!r}: profiles must map a backend other than torch to an FCPM "
+                           f"profile path, e.g. {{onnxruntime: profiles/host_ort.json}}; got {p!r}")
+    return tuple(sorted(p.items()))
 
 
 def _number_or_none(dev: dict, key: str) -> float | None:
@@ -271,7 +295,7 @@ class Cluster:
             if not isinstance(dev, dict) or "name" not in dev:
                 raise ClusterError(f"devices[{i}] needs a 'name'")
             unknown = set(dev) - {"name", "speed", "memory_mb", "address", "profile", "memory_speed", "calibration",
-                                  "stage_start_ms", "node_calibration"}
+                                  "stage_start_ms", "node_calibration", "backend", "profiles"}
             if unknown:
                 raise ClusterError(f"device {dev['name']!r}: unknown keys {sorted(unknown)}")
             devices.append(Device(name=str(dev["name"]), speed=float(dev.get("speed", 1.0)),
@@ -280,7 +304,8 @@ class Cluster:
                                   memory_speed=float(dev.get("memory_speed", 1.0)),
                                   calibration=_calibration(dev),
                                   stage_start_ms=_number_or_none(dev, "stage_start_ms"),
-                                  node_calibration=_node_calibration(dev)))
+                                  node_calibration=_node_calibration(dev), backend=_backend(dev),
+                                  profiles=_profiles(dev)))
         links = d.get("links", {}) or {}
         return cls(devices, links.get("default"), links.get("overrides"), d.get("source"),
                    d.get("shared_medium", False))
@@ -298,8 +323,10 @@ class Cluster:
             line = _line_of(path, getattr(e, "path", None))
             raise ClusterError(f"{path}{f', line {line}' if line else ''}: {e}") from e
         # a relative FCPM profile path is relative to the cluster file
-        cluster.devices = [d if not d.profile or Path(d.profile).is_absolute()
-                           else dataclasses.replace(d, profile=str(path.parent / d.profile)) for d in cluster.devices]
+        def rel(p: str | None) -> str | None:
+            return p if not p or Path(p).is_absolute() else str(path.parent / p)
+        cluster.devices = [dataclasses.replace(d, profile=rel(d.profile), profiles=tuple((b, rel(p)) for b, p in d.profiles))
+                           for d in cluster.devices]
         for d in cluster.devices:
             cluster.graph.nodes[d.name]["device"] = d
         return cluster
@@ -332,6 +359,10 @@ class Cluster:
                 e["stage_start_ms"] = d.stage_start_ms
             if d.node_calibration:
                 e["node_calibration"] = {node: [list(p) for p in pts] for node, pts in d.node_calibration}
+            if d.backend:
+                e["backend"] = d.backend
+            if d.profiles:
+                e["profiles"] = dict(d.profiles)
             devs.append(e)
         return {"source": self.source, "shared_medium": self.shared_medium, "devices": devs,
                 "links": {"default": dict(self.default_link), "overrides": copy.deepcopy(self.overrides)}}

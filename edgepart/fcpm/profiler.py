@@ -22,7 +22,9 @@ median is taken in thread CPU time and divided by the share of a core the
 profiling thread sustained over the whole load level (CPU time / wall time while
 it was always busy) — the device's average speed, stalls included.
 
-Torch runs one thread, as the runtime's workers do.
+Torch runs one thread, as the runtime's workers do. ``--backend onnxruntime`` times the same
+layers and networks exported to ONNX, in one-thread ONNX Runtime sessions
+(:mod:`edgepart.fcpm.ort_timing`); that profile costs devices that run their stages there.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from edgepart.fcpm.features import clean_info
 from edgepart.fcpm.load import BackgroundLoad, cpu_count, cpu_quota_cores, sustained_share
 from edgepart.fcpm.model import DeviceProfile
 from edgepart.fcpm.ops import Runner, family, time_callable
+from edgepart.fcpm.ort_timing import ort_net, ort_runner_factory, session_call_s
 
 DEFAULT_LOADS = (0.0, 0.25, 0.5, 0.75)
 STAGES_H = [(224, 416), (112, 208), (56, 104), (28, 52), (14, 26), (7, 13)]
@@ -257,7 +260,8 @@ def measure_sweep(configs: list[dict], loads=DEFAULT_LOADS, target_s: float = 0.
                   budget_s: float | None = None, progress: bool = True, seed: int = 0, passes: int = 2,
                   on_load: Callable[[float], None] | None = None, sustained: bool = False,
                   load_cores: float | None = None, on_progress: Callable[[int, int, str], None] | None = None,
-                  stats: dict | None = None) -> list[dict]:
+                  stats: dict | None = None, make_runner: Callable[[dict, int, int], Callable] | None = None
+                  ) -> list[dict]:
     """Time every (configuration, rows) at every load level; returns measurement records.
 
     Each job is timed in ``passes`` passes over the sweep (the second in reverse order), keeping the
@@ -270,7 +274,10 @@ def measure_sweep(configs: list[dict], loads=DEFAULT_LOADS, target_s: float = 0.
     same CPU budget (``load_cores``: the device's share; default: the share measured at the first level).
     ``on_progress(done, total, phase)`` is called after every job (it may raise to abort);
     ``stats`` (a dict) receives {"share": {load: share of a core sustained at that level}}.
+    ``make_runner(info, rows, seed)``: the callable to time (default :class:`Runner`, torch); a job
+    it cannot make (e.g. a layer the ONNX exporter refuses) is left out.
     """
+    make_runner = make_runner or (lambda info, rows, seed: Runner(info, rows, seed=seed))
     jobs = [(c, r) for c in configs for r in c["rows"]]
     order = list(np.random.default_rng(seed + 1).permutation(len(jobs)))   # no drift aligned with one family
     records: list[dict] = []
@@ -301,8 +308,11 @@ def measure_sweep(configs: list[dict], loads=DEFAULT_LOADS, target_s: float = 0.
                                 and (p > 0 or len(best) >= 0.5 * len(jobs)):
                             break
                         cfg, rows = jobs[j]
-                        m = time_callable(Runner(cfg["info"], rows, seed=int(cfg["cid"])), target_s=target_s,
-                                          min_repeats=min_repeats, clock=clock)
+                        try:
+                            fn = make_runner(cfg["info"], rows, int(cfg["cid"]))
+                        except Exception:  # noqa: BLE001 — not timeable on this backend: no record
+                            continue
+                        m = time_callable(fn, target_s=target_s, min_repeats=min_repeats, clock=clock)
                         if j not in best or m["t"] < best[j]["t"]:
                             best[j] = {**m, "passes": best.get(j, {}).get("passes", 0) + 1}
                         else:
@@ -377,10 +387,13 @@ def net_infos(net, x) -> list[dict]:
 
 def measure_nets(nets, loads, target_s: float = 0.3, passes: int = 2, progress: bool = False,
                  sustained: bool = False, load_cores: float | None = None,
-                 on_progress: Callable[[int, int, str], None] | None = None) -> list[dict]:
+                 on_progress: Callable[[int, int, str], None] | None = None,
+                 make_call: Callable[[torch.nn.Module, torch.Tensor], Callable] | None = None) -> list[dict]:
     """End-to-end times of ``nets`` (one torch thread) at each load: [{net, load, t}].
 
-    ``sustained``: as in :func:`measure_sweep` (CPU-time medians ÷ the share of a core sustained)."""
+    ``sustained``: as in :func:`measure_sweep` (CPU-time medians ÷ the share of a core sustained).
+    ``make_call(net, x)``: the callable to time (default ``net(x)`` in torch)."""
+    calls = [(make_call or (lambda net, x: lambda: net(x)))(net, x) for net, x in nets]
     out = []
     torch.set_num_threads(1)
     clock = time.thread_time if sustained else None
@@ -392,8 +405,7 @@ def measure_nets(nets, loads, target_s: float = 0.3, passes: int = 2, progress: 
             t_start, c_start = time.perf_counter(), time.thread_time()
             for p in range(passes):
                 for i in (range(len(nets)) if p % 2 == 0 else reversed(range(len(nets)))):
-                    net, x = nets[i]
-                    t = time_callable(lambda: net(x), target_s=target_s, min_repeats=5, max_repeats=30,
+                    t = time_callable(calls[i], target_s=target_s, min_repeats=5, max_repeats=30,
                                       clock=clock)["t"]
                     best[i] = min(best.get(i, float("inf")), t)
                     done += 1
@@ -428,7 +440,7 @@ MEASUREMENTS_FORMAT = "edgepart-fcpm-measurements/1"
 def measure(quick: bool = False, loads=DEFAULT_LOADS, seed: int = 0, budget_s: float | None = None,
             progress: bool = True, name: str | None = None, counts: dict | None = None, nets: int | None = None,
             sustained: str | bool = "auto", cpu_cores: float | None = None,
-            on_progress: Callable[[int, int, str], None] | None = None) -> dict:
+            on_progress: Callable[[int, int, str], None] | None = None, backend: str = "torch") -> dict:
     """Run the sweep on this machine (this process, its CPU share): the raw measurements as plain JSON data.
 
     ``sustained`` — time rate-limited (see :func:`measure_sweep`): "auto" (default) does so when this
@@ -438,7 +450,13 @@ def measure(quick: bool = False, loads=DEFAULT_LOADS, seed: int = 0, budget_s: f
     L means L of the device's CPU budget (quota, else the measured share) taken by other work.
     :func:`fit_profile` turns the result into a :class:`DeviceProfile`; ``edgepart profile --endpoint``
     runs this inside a worker and fits on the client.
+
+    ``backend="onnxruntime"``: every layer and network runs as an ONNX Runtime session; each layer's
+    time is net of the session's own cost per run, stored as ``meta["stage_start_s"]``.
     """
+    if backend not in ("torch", "onnxruntime"):
+        raise ValueError(f"backend must be torch or onnxruntime, got {backend!r}")
+    on_ort = backend == "onnxruntime"
     configs = design_sweep(quick=quick, seed=seed, counts=counts)
     if budget_s is None:
         budget_s = 20.0 if quick else 480.0
@@ -462,18 +480,26 @@ def measure(quick: bool = False, loads=DEFAULT_LOADS, seed: int = 0, budget_s: f
     stats: dict = {}
     records = measure_sweep(configs, loads, target_s=0.005 if quick else 0.03, min_repeats=3 if quick else 5,
                             budget_s=budget_s, progress=progress, seed=seed, passes=1 if quick else 2,
-                            sustained=sustained, load_cores=capacity, on_progress=on_progress, stats=stats)
+                            sustained=sustained, load_cores=capacity, on_progress=on_progress, stats=stats,
+                            make_runner=ort_runner_factory() if on_ort else None)
+    call_s = session_call_s() if on_ort else 0.0
+    for rec in records if on_ort else ():   # a stage pays the session's own cost once, not once per layer: charged per stage
+        rec["t"] = max(rec["t"] - call_s, 0.05 * rec["t"])
     shares = stats["share"]
     base = shares.get(0.0, share0)                      # the share of a core with no background load
     n_nets = (4 if quick else 16) if nets is None else int(nets)
     net_list = design_nets(n_nets, seed) if n_nets else []
     net_recs = measure_nets(net_list, loads, target_s=0.02 if quick else 0.3, passes=1 if quick else 2,
-                            sustained=sustained, load_cores=capacity, on_progress=on_progress) if net_list else []
+                            sustained=sustained, load_cores=capacity, on_progress=on_progress,
+                            make_call=ort_net if on_ort else None) if net_list else []
     infos = [net_infos(n, x) for n, x in net_list]
     meta = device_meta(name, cpu_share=round(base, 4) if base is not None else None)
     meta.update(loads=loads, quick=quick, seed=seed, profile_seconds=round(time.perf_counter() - t0, 1),
                 n_configs=len(configs), n_measurements=len(records), rate_limited=sustained,
-                cpu_quota_cores=quota, cpu_share_by_load={f"{L:g}": round(v, 4) for L, v in shares.items()})
+                cpu_quota_cores=quota, cpu_share_by_load={f"{L:g}": round(v, 4) for L, v in shares.items()},
+                backend=backend)
+    if on_ort:
+        meta["stage_start_s"] = call_s
     if sustained and base:                  # the load the profiled thread really saw, relative to no load
         meta["realized_load"] = {f"{L:g}": round(1 - v / base, 3) for L, v in shares.items()}
     stored = [{"cid": c["cid"], "family": c["family"], "info": clean_info(c["info"]), "rows": c["rows"]}
@@ -501,9 +527,11 @@ def fit_profile(m: dict, name: str | None = None) -> DeviceProfile:
 
 def profile(quick: bool = False, loads=DEFAULT_LOADS, seed: int = 0, budget_s: float | None = None,
             progress: bool = True, name: str | None = None, counts: dict | None = None, nets: int | None = None,
-            sustained: str | bool = "auto", cpu_cores: float | None = None) -> DeviceProfile:
-    """Run the sweep on this machine and fit the FCPM. Default: under 10 minutes; quick: under 30 s."""
-    return fit_profile(measure(quick, loads, seed, budget_s, progress, name, counts, nets, sustained, cpu_cores))
+            sustained: str | bool = "auto", cpu_cores: float | None = None, backend: str = "torch") -> DeviceProfile:
+    """Run the sweep on this machine and fit the FCPM. Default: under 10 minutes; quick: under 30 s
+    (onnxruntime: plus the export of each layer)."""
+    return fit_profile(measure(quick, loads, seed, budget_s, progress, name, counts, nets, sustained, cpu_cores,
+                               backend=backend))
 
 
 def _parse_counts(text: str | None) -> dict | None:
@@ -534,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
                                                            "(default 16, quick 4; 0: none)")
     ap.add_argument("--sustained", choices=("auto", "on", "off"), default="auto",
                     help="rate-limited timing (CPU quota): auto-detect (default), force on or off")
+    ap.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                    help="time layers as the torch device program runs them (default) or as ONNX Runtime sessions")
     ap.add_argument("--name", default=None, help="device name stored in the profile")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
@@ -547,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(e))
     sustained = {"auto": "auto", "on": True, "off": False}[a.sustained]
     if a.endpoint:
+        if a.backend != "torch":
+            ap.error("--backend onnxruntime profiles this machine only (not yet a worker: --endpoint)")
         if not a.key_file:
             ap.error("--endpoint needs --key-file")
         from edgepart.fcpm.remote import profile_remote
@@ -569,7 +601,8 @@ def main(argv: list[str] | None = None) -> int:
                               default_name=Path(a.out).stem)
     else:
         prof = profile(quick=a.quick, loads=loads, seed=a.seed, budget_s=a.budget, progress=not a.no_progress,
-                       name=a.name or Path(a.out).stem, counts=counts, nets=a.nets, sustained=sustained)
+                       name=a.name or Path(a.out).stem, counts=counts, nets=a.nets, sustained=sustained,
+                       backend=a.backend)
     path = prof.save(a.out)
     share = prof.meta.get("cpu_share")
     print(f"wrote {path}: {prof.meta['n_measurements']} measurements in {prof.meta['profile_seconds']} s"

@@ -23,6 +23,9 @@ from edgepart.ir.hashing import check_relative
 
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
+# How a device runs its stages: its generated Python program (torch ops one by one), or per stage an
+# ONNX graph in ONNX Runtime where the compiler could export one (edgepart.runtime.ort).
+BACKENDS = ("torch", "onnxruntime")
 
 
 # --- actions -------------------------------------------------------------------------------------
@@ -205,19 +208,26 @@ class NodeCost:
 @dataclass(frozen=True)
 class DeviceSpec:
     """One device's part: its files (relative to the bundle), its actions in order, per stage the
-    rows of each node it computes (in execution order), and the constants it reads (node -> weight key)."""
+    rows of each node it computes (in execution order), and the constants it reads (node -> weight key).
+    ``backend`` (one of :data:`BACKENDS`) is how the compiler chose to run it; ``onnx`` maps the stages
+    exported as ONNX graphs to their files (among ``files``, so hashed like the program)."""
     program: str
     weights: str
     files: tuple[str, ...]
     actions: tuple[Action, ...]
     rows: dict[int, dict[str, NodeRows]]
     constants: dict[str, str] = field(default_factory=dict)
+    backend: str = "torch"
+    onnx: dict[int, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"program": self.program, "weights": self.weights, "files": list(self.files),
-                "actions": [action_to_dict(a) for a in self.actions],
-                "rows": {str(s): {n: nr.to_dict() for n, nr in table.items()} for s, table in self.rows.items()},
-                "constants": dict(self.constants)}
+        d = {"program": self.program, "weights": self.weights, "files": list(self.files),
+             "actions": [action_to_dict(a) for a in self.actions],
+             "rows": {str(s): {n: nr.to_dict() for n, nr in table.items()} for s, table in self.rows.items()},
+             "constants": dict(self.constants), "backend": self.backend}
+        if self.onnx:
+            d["onnx"] = {str(s): rel for s, rel in sorted(self.onnx.items())}
+        return d
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> "DeviceSpec":
@@ -240,7 +250,17 @@ class DeviceSpec:
         constants = r.obj("constants") if "constants" in d else {}
         if not all(isinstance(v, str) for v in constants.values()):
             raise BundleError(f"{where}.constants: values must be weight names")
-        return cls(program, weights, files, actions, rows, dict(constants))
+        backend = r.opt_str("backend") or "torch"
+        if backend not in BACKENDS:
+            raise BundleError(f"{where}.backend: {backend[:20]!r} is not one of {list(BACKENDS)}")
+        onnx = {}
+        for s, rel in (r.obj("onnx") if "onnx" in d else {}).items():
+            if not s.isdigit() or int(s) not in rows:
+                raise BundleError(f"{where}.onnx: {s[:20]!r} is not one of the device's stages {sorted(rows)}")
+            if not isinstance(rel, str) or rel not in files:
+                raise BundleError(f"{where}.onnx[{s}]: {str(rel)[:60]!r} is not among the device's files")
+            onnx[int(s)] = rel
+        return cls(program, weights, files, actions, rows, dict(constants), backend, onnx)
 
     @property
     def partners(self) -> set[str]:

@@ -113,14 +113,16 @@ class Deployer:
     """Takes deploys into ``workdir``/bundles/<bundle id> and activates them on ``executor``.
 
     ``link_shaper``: the test bed's shaping of links to peers (see transport.LinkShaperFactory);
-    ``address()``: this worker's address, for messages.
+    ``address()``: this worker's address, for messages; ``backend``: run every deployed program on
+    this backend (``torch`` or ``onnxruntime``; None: the one the compiler chose for the device).
     """
 
     def __init__(self, workdir: Path, executor: Executor, key: bytes, max_payload: int,
                  address: Callable[[], str | None], link_shaper: LinkShaperFactory | None = None,
-                 deploy_pubkey=None):
+                 deploy_pubkey=None, backend: str | None = None):
         self.workdir = workdir
         self.deploy_pubkey = deploy_pubkey             # Ed25519PublicKey: deploys must be signed by it
+        self.backend = backend
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
         self.server: Server | None = None
@@ -318,7 +320,7 @@ class Deployer:
                     conn.out.put({"kind": "deploy_ok", "device": up.device, "already": True})
                     return
                 unlisted = self._unlisted(up)
-                prog = DeviceProgram.from_bundle(up.dir, up.device, up.manifest)
+                prog = DeviceProgram.from_bundle(up.dir, up.device, up.manifest, self.backend)
                 self._activate(prog, up.bundle_id, up.peers)
             finally:
                 lock.release()

@@ -20,7 +20,8 @@ from edgepart.errors import BundleError, InputShapeError
 from edgepart.ir import output as output_tree
 from edgepart.ir.dtypes import DTYPES, dtype_name
 from edgepart.ir.hashing import verify_file
-from edgepart.ir.manifest import MANIFEST, EmitOutput, Manifest, NodeRows, Run, Send, TensorSpec
+from edgepart.ir.manifest import BACKENDS, MANIFEST, EmitOutput, Manifest, NodeRows, Run, Send, TensorSpec
+from edgepart.runtime.ort import OrtStage, stage_io
 from edgepart.runtime.rowops import pad_rows
 
 
@@ -60,8 +61,8 @@ class RowStore:
             raise KeyError(f"device {self.device!r} holds no rows of {tensor!r} (wanted [{a}, {b}))")
         for ca, cb, v in chunks:
             if ca <= a and b <= cb:
-                if not isinstance(v, torch.Tensor) or v.dim() != 4:
-                    return v
+                if not isinstance(v, torch.Tensor) or v.dim() != 4 or (ca == a and cb == b):
+                    return v         # (the whole chunk: no slice, which an exported ONNX graph would copy)
                 return v[:, :, a - ca:b - ca]
         pieces, at = [], a
         for ca, cb, v in sorted(chunks, key=lambda c: (c[0], -c[1])):
@@ -154,12 +155,20 @@ class DeviceProgram:
     """A device's generated program loaded and ready: its stage code, weights and actions.
 
     Loading executes the program's source (see docs/security.md: a bundle is code) and rebuilds the
-    torch.nn modules it names; it raises BundleError naming the device if any of that fails."""
+    torch.nn modules it names; it raises BundleError naming the device if any of that fails.
 
-    def __init__(self, manifest: Manifest, device: str, source: str, weights: dict[str, torch.Tensor]):
+    ``backend`` (default: the one the compiler chose, ``spec.backend``): with ``"onnxruntime"`` each
+    stage that has an ONNX graph in ``onnx`` (stage -> model bytes) runs in ONNX Runtime, the others
+    run the Python program; with ``"torch"`` every stage runs the Python program."""
+
+    def __init__(self, manifest: Manifest, device: str, source: str, weights: dict[str, torch.Tensor],
+                 onnx: dict[int, bytes] | None = None, backend: str | None = None):
         self.manifest = manifest
         self.device = device
         self.spec = manifest.device(device)
+        self.backend = backend or self.spec.backend
+        if self.backend not in BACKENDS:
+            raise BundleError(f"device {device!r}: unknown backend {self.backend!r} (one of {list(BACKENDS)})")
         self.actions = self.spec.actions
         self.weights = weights
         self.module = types.ModuleType(f"edgepart_device_{device}")
@@ -181,9 +190,20 @@ class DeviceProgram:
             raise BundleError(f"device {device!r}: constants {missing} are not in its weights file")
         self.constants = {name: weights[key] for name, key in self.spec.constants.items()}
         self.free_after = free_after(self.actions, self.spec.rows, manifest.output)
+        self.ort_stages: dict[int, OrtStage] = {}
+        if self.backend == "onnxruntime":
+            if self.spec.rows and not onnx:
+                raise BundleError(f"device {device!r}: backend onnxruntime, but the bundle has no ONNX graphs for "
+                                  "it; compile with the device's backend set to onnxruntime (or --onnx)")
+            for stage, model in (onnx or {}).items():
+                try:
+                    self.ort_stages[stage] = OrtStage(model, stage_io(self.spec, stage, manifest.output))
+                except Exception as e:  # noqa: BLE001 — onnxruntime raises its own types
+                    raise BundleError(f"device {device!r}, stage {stage}: its ONNX graph does not load: {e}") from e
 
     @classmethod
-    def from_bundle(cls, bundle_dir, device: str, manifest: Manifest | None = None) -> "DeviceProgram":
+    def from_bundle(cls, bundle_dir, device: str, manifest: Manifest | None = None,
+                    backend: str | None = None) -> "DeviceProgram":
         bundle_dir = Path(bundle_dir)
         if manifest is None:
             manifest = read_manifest(bundle_dir)
@@ -192,7 +212,8 @@ class DeviceProgram:
             verify_file(bundle_dir, rel, manifest.files)
         source = (bundle_dir / spec.program).read_text()
         weights = load_weights(bundle_dir / spec.weights) if spec.weights else {}
-        return cls(manifest, device, source, weights)
+        onnx = {stage: (bundle_dir / rel).read_bytes() for stage, rel in spec.onnx.items()}
+        return cls(manifest, device, source, weights, onnx, backend)
 
     def new_store(self) -> RowStore:
         store = RowStore(self.device)
@@ -201,6 +222,18 @@ class DeviceProgram:
         return store
 
     def run_stage(self, stage: int, store: RowStore) -> None:
+        """Compute this device's rows of ``stage`` from ``store`` into it, on the program's backend."""
+        ort_stage = self.ort_stages.get(stage)
+        if ort_stage is None:
+            self.run_torch_stage(stage, store)
+            return
+        ort_stage.run(store)
+        for node in self.spec.rows[stage]:
+            for t in self.free_after.get((stage, node), ()):
+                store.drop(t)
+
+    def run_torch_stage(self, stage: int, store: RowStore) -> None:
+        """Run ``stage``'s generated Python functions node by node (the ONNX exporter traces this)."""
         table = self.spec.rows.get(stage)
         if table is None:
             raise BundleError(f"device {self.device!r} has no part in stage {stage}")

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from edgepart.errors import EdgepartError
+from edgepart.ir.manifest import BACKENDS
 from edgepart.runtime.allocator import keep_freed_memory
 from edgepart.runtime.deploy import Deployer
 from edgepart.runtime.execution import Executor, StageClock
@@ -52,12 +53,15 @@ class Worker:
     :class:`~edgepart.runtime.server.Server`'s limits (tests use small ones). Test bed hooks: ``link_shaper`` shapes the traffic to each peer
     (:data:`~edgepart.runtime.transport.LinkShaperFactory`), ``stage_clock`` how long a compute stage
     lasts (:class:`~edgepart.runtime.execution.StageClock`); None: real links, real CPU.
+    ``backend``: ``torch`` or ``onnxruntime`` for every program deployed here (None: each bundle's
+    choice for the device; ONNX Runtime sessions run one intra-op thread whatever ``threads``).
     """
 
     def __init__(self, listen: str = "127.0.0.1:0", key: bytes = b"", threads: int = 1,
                  workdir: str | os.PathLike | None = None, max_payload: int = DEFAULT_MAX_PAYLOAD,
                  request_timeout: float = 120.0, link_shaper: LinkShaperFactory | None = None,
-                 stage_clock: StageClock | None = None, deploy_pubkey=None, server_options: dict | None = None):
+                 stage_clock: StageClock | None = None, deploy_pubkey=None, server_options: dict | None = None,
+                 backend: str | None = None):
         if len(key) < MIN_KEY_BYTES:
             raise EdgepartError(f"the worker needs a shared key of at least {MIN_KEY_BYTES} bytes (--key-file)")
         self.key = key
@@ -72,7 +76,7 @@ class Worker:
         self.server = Server(listen, key, self._hello, self.stats, self.stop_event, max_payload,
                              **(server_options or {}))
         self.deployer = Deployer(self.workdir, self.executor, key, max_payload, lambda: self.server.address,
-                                 link_shaper, deploy_pubkey)
+                                 link_shaper, deploy_pubkey, backend)
         self.executor.register(self.server)
         self.deployer.register(self.server)
 
@@ -130,6 +134,8 @@ def build_parser(prog: str = "edgepart worker") -> argparse.ArgumentParser:
                                            "(PEM, from edgepart keygen --deploy; see docs/security.md)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for compute (default 1)")
     p.add_argument("--workdir", help="where deployed bundles are kept (default: a new temp dir)")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="run deployed programs on torch or onnxruntime (default: the bundle's choice for the device)")
     p.add_argument("--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD, help="largest frame payload accepted")
     p.add_argument("--request-timeout", type=float, default=120.0, help="drop a request idle this long (s)")
     p.add_argument("--exit-with-parent", type=int, help="exit when the process with this pid is gone")
@@ -149,7 +155,7 @@ def setup_process(args: argparse.Namespace) -> None:
 def worker_options(args: argparse.Namespace) -> dict:
     """Worker(...) keyword arguments from the options of :func:`build_parser`."""
     return {"listen": args.listen, "key": read_key(args.key_file), "threads": args.threads, "workdir": args.workdir,
-            "max_payload": args.max_payload, "request_timeout": args.request_timeout,
+            "max_payload": args.max_payload, "request_timeout": args.request_timeout, "backend": args.backend,
             "deploy_pubkey": load_public_key(args.deploy_pubkey) if args.deploy_pubkey else None}
 
 

@@ -10,6 +10,8 @@ outlives the cluster: ``close()`` (also called on error, at exit, and by ``with`
 terminates the groups, and a worker whose parent vanished exits by itself.
 ``emulate=True`` shapes CPU and links from the manifest's cluster (see testbed/emulator.py; ``time_scale``,
 ``cpu`` ("quota" or "dilate"), ``cpu_period_us``, ``cpuset`` and ``host_speed`` are the Emulator's knobs).
+``backend="torch"`` or ``"onnxruntime"`` runs every worker's program on that backend (``edgepart worker
+--backend``); None (default): each device on the backend the bundle was compiled for.
 """
 from __future__ import annotations
 
@@ -49,12 +51,13 @@ class LocalCluster:
                  startup_timeout: float = 60.0, log_dir: str | os.PathLike | None = None,
                  time_scale: float | None = None, cpu_period_us: int | None = None,
                  cpuset: list[int] | None = None, host_speed: float | None = None, cpu: str = "quota",
-                 **session_kw):
+                 backend: str | None = None, **session_kw):
         self.dir, self._tmp_bundle = bundle_dir_of(bundle_or_dir)
         self.manifest = read_manifest(self.dir)
         self.devices = list(self.manifest.devices)
         self.key = as_key(key) if key is not None else os.urandom(32)
         self.threads = threads
+        self.backend = backend
         self.startup_timeout = startup_timeout
         self.session_kw = session_kw
         self.tmp = Path(tempfile.mkdtemp(prefix="edgepart-local-"))
@@ -91,6 +94,8 @@ class LocalCluster:
         cmd = [sys.executable, "-m", "edgepart.worker_main", "--listen", f"{host}:{port}",
                "--key-file", str(self.key_file), "--workdir", str(self.tmp / "work" / device),
                "--threads", str(self.threads), "--exit-with-parent", str(os.getpid())]
+        if self.backend:
+            cmd += ["--backend", self.backend]
         if self.emulator:
             cmd = self.emulator.wrap(device, cmd)
         env = dict(os.environ)

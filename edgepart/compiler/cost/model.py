@@ -110,13 +110,17 @@ class CostModel:
                  runtime_stage_s: float = RUNTIME_STAGE_S, memory_speed: float | dict[str, float] | None = None):
         self.cluster = cluster
         self.profiles = dict(profiles or {})
+        # how each device runs its stages: the profile of that backend costs it (device keys "profile"
+        # for torch, "profiles" for the others), and the device program's overheads are that backend's
+        self.backend = {d.name: d.backend or "torch" for d in cluster.devices}
         loaded: dict[str, DeviceProfile] = {}
-        for d in cluster.devices:   # FCPM profiles named in the cluster description (device key "profile")
-            if d.name not in self.profiles and getattr(d, "profile", None):
-                if d.profile not in loaded:        # devices emulated from one profile share it
+        for d in cluster.devices:
+            path = d.profile_for(self.backend[d.name])
+            if d.name not in self.profiles and path:
+                if path not in loaded:        # devices emulated from one profile share it
                     from edgepart.fcpm import DeviceProfile
-                    loaded[d.profile] = DeviceProfile.load(d.profile)
-                self.profiles[d.name] = loaded[d.profile]
+                    loaded[path] = DeviceProfile.load(path)
+                self.profiles[d.name] = loaded[path]
         self.loads = dict(loads or {})
         self.speed = {d.name: d.speed for d in cluster.devices}
         self.reference_flops = reference_flops
@@ -150,9 +154,9 @@ class CostModel:
     def compute_time(self, node, device: str, rows: int | None = None) -> float:
         """Seconds for ``device`` to compute ``rows`` output rows of ``node`` (all rows if None).
 
-        With a profile: (the profile's prediction ÷ the device's ``calibration`` of the node's op
+        With a profile (its backend's): (the profile's prediction ÷ the device's ``calibration`` of the node's op
         type, × the node's own ``node_calibration`` at these rows, its memory-bound share ÷
-        ``memory_speed``, + the device program's own overhead per
+        ``memory_speed``, + the torch device program's own overhead per
         node, :meth:`runtime_overhead`) ÷ the device's speed (relative to the profiled machine);
         without: FLOPs ÷ (speed × reference FLOP/s). Load slows both (the profile models it itself)."""
         info = node_info(node)
@@ -167,7 +171,8 @@ class CostModel:
             shape = self.node_calibration.get(device, {}).get(info.get("name"))
             if shape:
                 t *= node_factor(shape, rows)
-            t += self.runtime_overhead(info, rows)
+            if self.backend.get(device, "torch") == "torch":
+                t += self.runtime_overhead(info, rows)
             return t / self._speed(device)
         self.warn_fallback()
         speed = self._speed(device) * max(1e-3, 1.0 - self.loads.get(device, 0.0))
@@ -187,6 +192,11 @@ class CostModel:
             return ms / 1e3
         if device not in self.profiles:
             return 0.0
+        if self.backend.get(device, "torch") != "torch":
+            # an ONNX Runtime stage's own cost (one session run: feeds, outputs, cold start), which
+            # its profile measured (edgepart.fcpm.ort_profiler); its per-node time is in the profile
+            meta = getattr(self.profiles[device], "meta", {}) or {}
+            return float(meta.get("stage_start_s", self.runtime_stage_s)) / self._speed(device)
         return self.runtime_stage_s / self._speed(device)
 
     def _speed(self, device: str) -> float:
