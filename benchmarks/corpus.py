@@ -26,7 +26,7 @@ from edgepart.cluster import Cluster  # noqa: E402
 from edgepart.compiler.cost.simulator import simulate_plan  # noqa: E402
 from edgepart.compiler.planning.ofpm import solve_ofpm  # noqa: E402
 from edgepart.compiler.planning.registry import WARM_START, make_plan  # noqa: E402
-from edgepart.compiler.trace import trace  # noqa: E402
+from edgepart.passes.trace import trace  # noqa: E402
 from edgepart.passes import analyse  # noqa: E402
 from tests import corpus  # noqa: E402
 

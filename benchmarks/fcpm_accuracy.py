@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgepart import models  # noqa: E402
-from edgepart.compiler.cost.model import node_info  # noqa: E402
-from edgepart.compiler.trace import COMPUTE_OPS, trace  # noqa: E402
+from edgepart.passes.info import node_info  # noqa: E402
+from edgepart.passes.trace import COMPUTE_OPS, trace  # noqa: E402
 from edgepart.fcpm.features import clean_info, features  # noqa: E402
 from edgepart.fcpm.load import BackgroundLoad  # noqa: E402
 from edgepart.fcpm.model import CANDIDATES, DeviceProfile, metrics  # noqa: E402

@@ -47,7 +47,7 @@ from edgepart.cluster import Cluster, Device  # noqa: E402
 from edgepart.compiler.cost.model import CostModel  # noqa: E402
 from edgepart.compiler.cost.simulator import simulate_plan  # noqa: E402
 from edgepart.compiler.planning.registry import make_plan  # noqa: E402
-from edgepart.compiler.trace import trace  # noqa: E402
+from edgepart.passes.trace import trace  # noqa: E402
 from edgepart.passes.graph import COMPUTE_OPS  # noqa: E402
 from edgepart.passes import analyse  # noqa: E402
 from edgepart.runtime.interpreter import run_reference  # noqa: E402

@@ -35,10 +35,11 @@ sys.path.insert(0, str(ROOT))
 from edgepart import models  # noqa: E402
 from edgepart.cluster import Cluster  # noqa: E402
 from edgepart.compiler.bundle import compile_plan  # noqa: E402
-from edgepart.compiler.cost.model import node_info, padded_input_bytes  # noqa: E402
+from edgepart.compiler.cost.model import padded_input_bytes  # noqa: E402
+from edgepart.passes.info import node_info  # noqa: E402
 from edgepart.compiler.planning.plan import compute_nodes  # noqa: E402
 from edgepart.compiler.planning.registry import STRATEGIES  # noqa: E402
-from edgepart.compiler.trace import trace  # noqa: E402
+from edgepart.passes.trace import trace  # noqa: E402
 from edgepart.passes import analyse  # noqa: E402
 from edgepart.compiler.cost.calibration.host_speed import HostSpeedProbe  # noqa: E402
 

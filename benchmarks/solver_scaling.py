@@ -22,7 +22,7 @@ from edgepart import models  # noqa: E402
 from edgepart.cluster import Cluster  # noqa: E402
 from edgepart.compiler.cost.model import CostModel  # noqa: E402
 from edgepart.compiler.planning.ofpm import OFPMModel, simulated_latency  # noqa: E402
-from edgepart.compiler.trace import trace  # noqa: E402
+from edgepart.passes.trace import trace  # noqa: E402
 from edgepart.passes import analyse  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

@@ -44,7 +44,7 @@ from edgepart.compiler.planning import baselines  # noqa: E402,F401 — register
 from edgepart.compiler.bundle import compile_plan  # noqa: E402
 from edgepart.compiler.cost.model import RUNTIME_STAGE_S  # noqa: E402
 from edgepart.compiler.planning.registry import STRATEGIES  # noqa: E402
-from edgepart.compiler.trace import trace  # noqa: E402
+from edgepart.passes.trace import trace  # noqa: E402
 from edgepart.passes import analyse  # noqa: E402
 from edgepart.compiler.cost.calibration.host_speed import HostSpeedProbe  # noqa: E402
 from edgepart.runtime.program import DeviceProgram  # noqa: E402

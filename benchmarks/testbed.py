@@ -51,7 +51,7 @@ from edgepart.compiler.cost.model import CostModel  # noqa: E402
 from edgepart.compiler.planning.ofpm import solve_ofpm  # noqa: E402
 from edgepart.compiler.planning.registry import STRATEGIES  # noqa: E402
 from edgepart.compiler.cost.simulator import simulate  # noqa: E402
-from edgepart.compiler.trace import trace  # noqa: E402
+from edgepart.passes.trace import trace  # noqa: E402
 from edgepart.passes import analyse  # noqa: E402
 
 from results_notes import write_keeping_analysis  # noqa: E402

@@ -223,7 +223,7 @@ DELEGATED = {
     "worker": ("edgepart.worker_main", "main", "run a worker on a device"),
     "deploy": ("edgepart.runtime.deploy_client", "main", "deploy a bundle to running workers"),
     "run": ("edgepart.runtime.client", "run_main", "run an input through deployed workers"),
-    "profile": ("edgepart.fcpm.profiler", "main", "profile this device (or a worker) for the FCPM"),
+    "profile": ("edgepart.fcpm.cli", "main", "profile this device (or a worker) for the FCPM"),
     "probe": ("edgepart.fcpm.probe", "main", "measure links between workers into a cluster file"),
 }
 

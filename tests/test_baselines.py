@@ -12,7 +12,7 @@ from edgepart.compiler.planning.baselines import plan_dads, plan_neurosurgeon
 from edgepart.compiler.cost.model import CostModel
 from edgepart.compiler.planning.ofpm import simulated_latency
 from edgepart.compiler.planning.plan import Plan, Stage, compute_nodes
-from edgepart.compiler.trace import trace
+from edgepart.passes.trace import trace
 from edgepart.passes import analyse
 from tests.conftest import assert_close
 

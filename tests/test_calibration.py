@@ -13,9 +13,10 @@ from edgepart.compiler.cost.calibration.layers import measure_node_calibration, 
 from edgepart.compiler.cost.calibration.op_types import calibrate_op_types, measure_family_speeds
 from edgepart.compiler.cost.calibration.program import ProgramTimer, program_forward
 from edgepart.compiler.cost.calibration.whole_model import model_speed
-from edgepart.compiler.cost.model import CostModel, calibrated_prediction, node_info, program_overhead
+from edgepart.compiler.cost.model import CostModel, calibrated_prediction, program_overhead
+from edgepart.passes.info import node_info
 from edgepart.compiler.planning.plan import compute_nodes
-from edgepart.compiler.trace import trace
+from edgepart.passes.trace import trace
 from edgepart.fcpm import DeviceProfile
 from edgepart.fcpm.ops import family, time_callable
 from edgepart.passes import analyse
@@ -109,6 +110,7 @@ def test_op_type_calibration_is_the_median_of_its_rounds_relative_to_the_host_sp
     assert dict(cl.device("a").calibration) == cal.calibration
 
 
+@pytest.mark.timing
 def test_op_type_calibration_with_the_model_whole(host, tiny):
     """calibrate_op_types(forward=...) scales every op type of the model (linear too) by its model speed."""
     model, (x,) = models.get("tinynet")
@@ -123,6 +125,7 @@ def test_op_type_calibration_with_the_model_whole(host, tiny):
         assert cal.calibration[f] == pytest.approx(v * k, abs=2e-3), f
 
 
+@pytest.mark.timing
 def test_model_speed_times_the_model_whole(host):
     """The calibrated prediction of a whole forward pass ÷ its measured time: a pass that does the
     work twice reads half the speed (timed for real), and one disturbed timing is clamped."""

@@ -13,7 +13,7 @@ import torch.nn as nn
 import edgepart
 from edgepart import models as zoo
 from edgepart.compiler.planning.plan import Plan, Stage
-from edgepart.compiler.trace import trace
+from edgepart.passes.trace import trace
 from edgepart.passes import analyse
 from edgepart.passes.flops import total_macs
 from tests.conftest import assert_close

@@ -16,7 +16,7 @@ from edgepart.compiler.bundle import compile_plan
 from edgepart.compiler.codegen import rebuild_recipe
 from edgepart.compiler.cost.simulator import simulate_plan
 from edgepart.compiler.planning.registry import STRATEGIES, make_plan
-from edgepart.compiler.trace import trace
+from edgepart.passes.trace import trace
 from edgepart.passes import analyse, ops, pools
 from edgepart.runtime.program import DeviceProgram, build_module
 from tests import corpus

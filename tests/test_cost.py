@@ -9,7 +9,7 @@ from edgepart.compiler.cost.model import (REFERENCE_FLOPS, RUNTIME_NODE_S, RUNTI
                                    node_info, padded_input_bytes)
 from edgepart.compiler.planning.plan import Plan, Stage, compute_nodes
 from edgepart.compiler.cost.simulator import simulate_plan
-from edgepart.compiler.trace import trace
+from edgepart.passes.trace import trace
 from edgepart.fcpm import DeviceProfile
 from edgepart.passes import analyse
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 import edgepart
 from edgepart.compiler.bundle import compile_plan
 from edgepart.compiler.planning.plan import Plan, Stage, compute_nodes
-from edgepart.compiler.trace import trace
+from edgepart.passes.trace import trace
 from edgepart.passes import analyse
 from tests.conftest import assert_close
 

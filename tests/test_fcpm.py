@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from edgepart.cluster import Cluster
-from edgepart.compiler.cost.model import CostModel, node_info
-from edgepart.compiler.trace import COMPUTE_OPS, trace
+from edgepart.compiler.cost.model import CostModel
+from edgepart.passes.info import node_info
+from edgepart.passes.trace import COMPUTE_OPS, trace
 from edgepart.fcpm import DeviceProfile, metrics
 from edgepart.fcpm.load import BackgroundLoad, plan_load
 from edgepart.fcpm.ops import Runner, family, time_callable
-from edgepart.fcpm.profiler import conv_info, design_sweep, main as profile_main, measure_sweep
+from edgepart.fcpm.cli import main as profile_main
+from edgepart.fcpm.profiler import conv_info, design_sweep, measure_sweep
 from edgepart.passes import analyse
 
 

@@ -15,12 +15,13 @@ import yaml
 import edgepart
 from edgepart import models as zoo
 from edgepart.compiler.planning.plan import Plan, Stage, compute_nodes
-from edgepart.compiler.trace import trace
+from edgepart.passes.trace import trace
 from edgepart.errors import EdgepartError
 from edgepart.fcpm import DeviceProfile
 from edgepart.fcpm.load import cpu_quota_cores, plan_load
 from edgepart.fcpm.probe import main as probe_main
-from edgepart.fcpm.profiler import design_sweep, main as profile_main, net_infos
+from edgepart.fcpm.cli import main as profile_main
+from edgepart.fcpm.profiler import design_sweep, net_infos
 from edgepart.fcpm.remote import check_profile_options, profile_remote, request
 from edgepart.passes import analyse
 

@@ -18,7 +18,7 @@ from edgepart.compiler.planning.ofpm import OFPMModel, dag_shortest_path, simula
 from edgepart.compiler.planning.plan import Candidate, Plan, Stage, compute_nodes
 from edgepart.compiler.planning.registry import STRATEGIES, WARM_START
 from edgepart.compiler.planning.simple import plan_even
-from edgepart.compiler.trace import trace
+from edgepart.passes.trace import trace
 from edgepart.passes import analyse
 
 

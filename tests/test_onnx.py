@@ -21,7 +21,7 @@ from edgepart.cluster import Cluster, Device
 from edgepart.compiler.bundle import compile_plan, load_bundle
 from edgepart.compiler.onnx_import import import_onnx
 from edgepart.compiler.planning.plan import Plan, Stage, compute_nodes
-from edgepart.compiler.trace import trace
+from edgepart.passes.trace import trace
 from edgepart.errors import BundleError, ClusterError
 from edgepart.passes import analyse
 from tests.conftest import assert_close

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import edgepart
 from edgepart import models as zoo
 from edgepart.compiler.planning.ofpm import param_bytes
-from edgepart.compiler.trace import trace
+from edgepart.passes.trace import trace
 from edgepart.errors import TraceError
 from edgepart.passes import analyse
 from edgepart.passes.graph import COMPUTE_OPS

@@ -15,7 +15,7 @@ from edgepart.compiler.explain import explain
 from edgepart.compiler.inspect import plan_table
 from edgepart.compiler.planning.plan import Candidate, Plan, Stage
 from edgepart.compiler.planning.registry import STRATEGIES, make_plan
-from edgepart.compiler.trace import trace
+from edgepart.passes.trace import trace
 from edgepart.passes import analyse
 
 PLANNING = Path(edgepart.__file__).parent / "compiler" / "planning"

@@ -13,7 +13,7 @@ from edgepart.compiler.planning.plan import Plan, Stage, compute_nodes
 from edgepart.compiler.planning.simple import plan_proportional
 from edgepart.compiler.schedule import build_schedule
 from edgepart.compiler.cost.simulator import simulate, simulate_plan
-from edgepart.compiler.trace import trace
+from edgepart.passes.trace import trace
 from edgepart.passes import analyse
 
 

@@ -27,7 +27,7 @@ from edgepart.compiler.inspect import plan_table
 from edgepart.compiler.planning.plan import Plan
 from edgepart.compiler.planning.registry import make_plan
 from edgepart.compiler.schedule import Schedule, build_schedule
-from edgepart.compiler.trace import trace
+from edgepart.passes.trace import trace
 from edgepart.errors import EdgepartError
 from edgepart.ir.hashing import sha256_file, verify_file
 from edgepart.ir.manifest import MANIFEST, DeviceSpec, InputSpec, Manifest, NodeCost

@@ -4,7 +4,7 @@
     prof = DeviceProfile.load("profiles/laptop.json")
     seconds = prof.predict(node_info(node), rows=20, load=0.5)
 
-``edgepart profile --out profiles/NAME.json`` (:func:`edgepart.fcpm.profiler.main`) makes one.
+``edgepart profile --out profiles/NAME.json`` (:func:`edgepart.fcpm.cli.main`) makes one.
 """
 from edgepart.fcpm.model import DeviceProfile, metrics
 

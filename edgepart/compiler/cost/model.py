@@ -11,10 +11,12 @@ FLOPs ÷ (its declared speed × REFERENCE_FLOPS) and the model says so.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Protocol
+from typing import Protocol
 
 from edgepart.cluster import Cluster
+from edgepart.fcpm.model import DeviceProfile as FittedProfile
 from edgepart.fcpm.ops import family as op_family
+from edgepart.passes.info import node_info
 
 # FLOP/s of a device with speed 1.0 when no profile is known (one core of a
 # laptop-class CPU running PyTorch convolutions, roughly).
@@ -54,21 +56,6 @@ def padded_input_bytes(info: dict, rows: int | None) -> float:
 
 class DeviceProfile(Protocol):
     def predict(self, op: dict, rows: int, load: float = 0.0) -> float: ...
-
-
-def node_info(node) -> dict[str, Any]:
-    """What the cost model needs to know of a node: from an fx node or a manifest entry."""
-    if isinstance(node, dict):
-        return node
-    spec = node.meta["op"]
-    tensor_inputs = [a for a in node.all_input_nodes if a.meta.get("shape") is not None and a.op != "get_attr"]
-    return {"name": node.name, "kind": spec.kind, "params": spec.params, "macs": node.meta.get("macs", 0),
-            "flops": node.meta.get("flops", 0), "rows": node.meta.get("rows", 1),
-            "shape": node.meta.get("shape"), "bytes": node.meta.get("bytes", 0),
-            "in_shape": spec.input.meta.get("shape") if spec.input is not None else None,
-            # for the FCPM (edgepart.fcpm): which function, and how much it reads
-            "label": spec.label, "n_inputs": len(tensor_inputs),
-            "in_shapes": [tuple(a.meta["shape"]) for a in tensor_inputs]}
 
 
 def calibrated_prediction(prof, info: dict, rows: int | None, load: float = 0.0,
@@ -118,8 +105,7 @@ class CostModel:
             path = d.profile_for(self.backend[d.name])
             if d.name not in self.profiles and path:
                 if path not in loaded:        # devices emulated from one profile share it
-                    from edgepart.fcpm import DeviceProfile
-                    loaded[path] = DeviceProfile.load(path)
+                    loaded[path] = FittedProfile.load(path)
                 self.profiles[d.name] = loaded[path]
         self.loads = dict(loads or {})
         self.speed = {d.name: d.speed for d in cluster.devices}

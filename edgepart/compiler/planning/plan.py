@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from edgepart.cluster import Cluster
-from edgepart.compiler.trace import COMPUTE_OPS
+from edgepart.passes.graph import COMPUTE_OPS
 from edgepart.errors import PlanError
 
 

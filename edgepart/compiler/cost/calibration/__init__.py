@@ -24,9 +24,9 @@ from edgepart.compiler.cost.calibration.host_speed import HostSpeedProbe
 from edgepart.compiler.cost.calibration.layers import measure_node_calibration
 from edgepart.compiler.cost.calibration.op_types import OpTypeRound, calibrate_op_types
 from edgepart.compiler.cost.calibration.program import ProgramTimer
-from edgepart.compiler.cost.model import node_info
+from edgepart.passes.info import node_info
 from edgepart.compiler.planning.plan import compute_nodes
-from edgepart.compiler.trace import trace
+from edgepart.passes.trace import trace
 from edgepart.passes import analyse
 
 

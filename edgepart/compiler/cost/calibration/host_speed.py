@@ -9,9 +9,9 @@ import torch
 
 from edgepart import models
 from edgepart.compiler.cost.calibration.timing import pinned_one_thread, retime_records
-from edgepart.compiler.cost.model import node_info
+from edgepart.passes.info import node_info
 from edgepart.compiler.planning.plan import compute_nodes
-from edgepart.compiler.trace import trace
+from edgepart.passes.trace import trace
 from edgepart.fcpm import DeviceProfile
 from edgepart.fcpm.ops import Runner
 from edgepart.passes import analyse
