@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,11 +105,27 @@ class Deployer:
                     raise EdgepartError(f"bundle file {rel!r} is not in the manifest's file list")
                 p = bdir / rel
                 if not (p.is_file() and not p.is_symlink() and sha256_file(p) == manifest.files[rel]):
-                    need.append(rel)
+                    if not self._reuse(bdir, rel, manifest.files[rel]):
+                        need.append(rel)
             self.uploads[conn] = Upload(bid, device, peers, manifest, bdir, set(need))
             conn.out.put({"kind": "deploy_need", "files": need})
         except (EdgepartError, ValueError, KeyError, TypeError, OSError) as e:
             self._refuse(conn, device, f"deploy refused by worker {self.address()}: {e}")
+
+    def _reuse(self, bdir: Path, rel: str, sha: str) -> bool:
+        """Copy ``rel`` from another bundle this worker holds if it has the same sha256 there (a new plan
+        of the same model often keeps a device's program or weights): only changed files are shipped."""
+        for other in (self.workdir / "bundles").iterdir():
+            q = other / rel
+            if other == bdir or not q.is_file() or q.is_symlink() or sha256_file(q) != sha:
+                continue
+            (bdir / rel).parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=(bdir / rel).parent, prefix=q.name + ".", suffix=".part")
+            os.close(fd)
+            shutil.copyfile(q, tmp)
+            os.replace(tmp, bdir / rel)
+            return True
+        return False
 
     def _expect_file(self, conn: Conn, h: dict) -> FileSink:
         up = self.uploads.get(conn)
