@@ -222,3 +222,49 @@ def test_live_state_load_from_stage_ratio():
     assert live.link("d0", "d1")["bandwidth_mbps"] == 20.0
     assert live.device("d0").speed == pytest.approx(0.5)
     assert st.cluster(["d1"]).names == ["d1"]
+
+
+class _FakeSession:
+    """Just what Controller._decide touches: the current plan, liveness, deploy and switch."""
+
+    def __init__(self, plan_dir):
+        from edgepart.runtime.client import PlanVersion
+        import collections as _c
+        self.plan = PlanVersion.load(plan_dir, 1)
+        self.links = {d: type("L", (), {"alive": True})() for d in ["d0", "d1", "d2"]}
+        self.counts = _c.Counter()
+        self.switched = []
+
+    def servable(self, plan=None):
+        return True
+
+    def deploy_plan(self, d):
+        from edgepart.runtime.client import PlanVersion
+        return PlanVersion.load(d, 2)
+
+    def switch(self, pv):
+        self.switched.append(pv)
+        self.plan = pv
+
+
+@pytest.mark.parametrize("gain,expect_swap", [(0.3, True), (0.05, False)])
+def test_controller_hysteresis(tiny, plans, tmp_path, gain, expect_swap):
+    """A candidate predicted ``gain`` faster swaps only if gain >= min_gain, and only after hold_s."""
+    from edgepart.online.controller import Controller
+    model, x = tiny
+    cl = Cluster.heterogeneous([1.0, 0.7, 0.5])
+    ctl = Controller(model, (x,), cl, ControllerConfig(min_gain=0.1, hold_s=1.0), workdir=tmp_path)
+    ctl.session = _FakeSession(plans["even"])
+    cand = edgepart.compile(model, (x,), cl, strategy="single")
+    ctl._compile = lambda usable: (cand.plan, cand, time.monotonic())
+    ctl.predict = lambda plan, loads=None: (1 - gain) if plan.devices() == ["d0"] else 1.0
+    t = time.monotonic()
+    ctl._decide(t)
+    assert not ctl.session.switched                       # better, but not yet for hold_s
+    ctl._decide(t + 0.5)
+    assert not ctl.session.switched
+    ctl._decide(t + 1.2)
+    assert bool(ctl.session.switched) == expect_swap
+    if expect_swap:
+        e = [e for e in ctl.events if e["event"] == "replan"][-1]
+        assert e["gain"] == pytest.approx(gain) and "faster" in e["reason"]

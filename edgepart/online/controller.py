@@ -58,6 +58,7 @@ from edgepart.runtime.client import PlanVersion, Session
 
 log = logging.getLogger("edgepart.online")
 
+IDLE_EVERY = 4
 LIGHT_PROBE = {"pings": 3, "messages": 1, "small_bytes": 64, "piece_bytes": 64 << 10, "max_bytes": 1 << 20,
                "seconds": 0.05, "repeats": 1}
 
@@ -72,7 +73,7 @@ class ControllerConfig:
     hold_s: float = 2.0           # T: ... continuously for this long
     interval: float = 0.5         # s between monitor rounds
     recheck_s: float = 15.0       # compile a candidate at least this often, even if nothing moved
-    probe_every: float = 2.0      # s between light link probes (0: never)
+    probe_every: float = 1.0      # s between light link probes (0: never)
     alpha: float = 0.4            # EWMA weight of a new sample
     load_step: float = 0.1        # a load change this large makes a new candidate
     bandwidth_step: float = 0.25  # a bandwidth change this large (relative) makes a new candidate
@@ -113,6 +114,7 @@ class Controller:
         self._probe_i = 0
         self._suspect: dict[str, float] = {}
         self.predicted: float | None = None      # the current plan's predicted latency (cluster s)
+        self.history: list[tuple[float, float]] = []   # (t, predicted latency of the current plan) per round
 
     # --- lifecycle -----------------------------------------------------------------------------
     def attach(self, session: Session) -> None:
@@ -251,12 +253,20 @@ class Controller:
                 self.state.stage_ratio(d, meas / pred, now)
 
     def _probe_one(self) -> None:
+        """Probe one link: the links the current plan moves pieces on in turn, an idle one every
+        ``IDLE_EVERY``-th probe (so a link a re-plan might use is known too)."""
         alive = self._usable()
-        pairs = [(a, b) for i, a in enumerate(alive) for b in alive[i + 1:]]
+        used = sorted({tuple(sorted((t.src, t.dst))) for t in self.session.plan.manifest.transfers
+                       if t.src != t.dst and t.src in alive and t.dst in alive})
+        idle = [(a, b) for i, a in enumerate(alive) for b in alive[i + 1:] if (a, b) not in used]
+        self._probe_i += 1
+        if idle and (not used or self._probe_i % IDLE_EVERY == 0):
+            pairs, k = idle, self._probe_i // IDLE_EVERY
+        else:
+            pairs, k = used, self._probe_i
         if not pairs:
             return
-        a, b = pairs[self._probe_i % len(pairs)]
-        self._probe_i += 1
+        a, b = pairs[k % len(pairs)]
         s = self.session
         try:
             r = probe({a: s.endpoints[a], b: s.endpoints[b]}, s.key, s.peer_endpoints, pairs=[(a, b)],
@@ -282,6 +292,7 @@ class Controller:
         usable = self._usable()
         cur_pred = self.predict(self._plan_of(cur))
         self.predicted = cur_pred
+        self.history.append((round(now - self.t0, 3), cur_pred))
         broken = not set(cur.devices) <= set(usable)
         if not self.cfg.replan:
             if not s.servable(cur) and set(cur.devices) <= set(usable):
@@ -290,7 +301,9 @@ class Controller:
         if s.plan.source not in usable:
             return                                    # nothing can serve without the source: wait for it
         sig = self._signature()
-        if broken or self._cand is None or sig != self._cand_sig or now - self._cand[2] > self.cfg.recheck_s:
+        holding = self._better_since is not None and sig[0] == self._cand_sig[0]   # same devices: keep the candidate
+        if broken or self._cand is None or (sig != self._cand_sig and not holding) or \
+                now - self._cand[2] > self.cfg.recheck_s:
             self._cand = self._compile(usable)
             self._cand_sig = sig
             if self._cand is None:
