@@ -268,3 +268,26 @@ def test_controller_hysteresis(tiny, plans, tmp_path, gain, expect_swap):
     if expect_swap:
         e = [e for e in ctl.events if e["event"] == "replan"][-1]
         assert e["gain"] == pytest.approx(gain) and "faster" in e["reason"]
+
+
+def test_serve_endpoint_answers_plain_clients(tiny, plans, workers):
+    """`edgepart serve`'s endpoint: a plain Session (deploy=False) pointed at it as the source device gets
+    the model's answers; the adaptive session behind it serves them."""
+    from edgepart.online.serve import Endpoint
+    from edgepart.runtime.protocol import as_key
+    model, x = tiny
+    cfg = ControllerConfig(replan=False, probe_every=0, proc_load=False)
+    with AdaptiveSession(plans["even"], workers.endpoints, workers.key, model, (x,), config=cfg) as s:
+        ep = Endpoint(s, "127.0.0.1:0", as_key(workers.key))
+        addr = ep.start()
+        try:
+            client = Session(plans["even"], {"d0": addr}, workers.key, deploy=False)
+            try:
+                with torch.no_grad():
+                    xs = [torch.randn(1, 3, 32, 32) for _ in range(6)]
+                    for xi, y in zip(xs, client.infer_many(xs)):
+                        assert_close(y, model(xi))
+            finally:
+                client.close()
+        finally:
+            ep.stop()

@@ -190,8 +190,12 @@ class Session:
         self.plans: dict[str, PlanVersion] = {self.plan.bundle_id: self.plan}
         self.key = as_key(key)
         self.endpoints = load_endpoints(endpoints)
-        self._check_endpoints(self.plan)
-        devices = list(self.endpoints) if all_endpoints else self.plan.devices
+        if deploy:
+            self._check_endpoints(self.plan)
+        elif self.plan.source not in self.endpoints:
+            raise EdgepartError(f"no endpoint for the source device {self.plan.source!r}")
+        # without a deploy only the devices given matter (e.g. just the source: an `edgepart serve` endpoint)
+        devices = list(self.endpoints) if all_endpoints else [d for d in self.plan.devices if d in self.endpoints]
         # what each worker should dial to reach each peer (differs from ours under netns emulation)
         self.peer_endpoints = peer_endpoints or {d: dict(self.endpoints) for d in devices}
         self.timeout = timeout
