@@ -255,10 +255,13 @@ def main(argv=None) -> int:
     p.add_argument("--min-gain", type=float, default=0.10)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", choices=["static", "adaptive"])
+    p.add_argument("--log", default="/tmp/edgepart-dynamic.log", help="the controller's log")
     args = p.parse_args(argv)
     if args.quick:
         args.phase = 14.0
     warnings.simplefilter("ignore")
+    import logging
+    logging.basicConfig(filename=args.log, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.sched_setaffinity(0, {0})            # the client and controller off the workers' CPU
     torch.set_num_threads(1)
     model, example = models.get(MODEL, input_size=SIZE)

@@ -256,7 +256,7 @@ def test_controller_hysteresis(tiny, plans, tmp_path, gain, expect_swap):
     ctl = Controller(model, (x,), cl, ControllerConfig(min_gain=0.1, hold_s=1.0), workdir=tmp_path)
     ctl.session = _FakeSession(plans["even"])
     cand = edgepart.compile(model, (x,), cl, strategy="single")
-    ctl._compile = lambda usable: (cand.plan, cand, time.monotonic())
+    ctl._compile = lambda usable, quick=False: (cand.plan, cand, time.monotonic(), 0.0)
     ctl.predict = lambda plan, loads=None: (1 - gain) if plan.devices() == ["d0"] else 1.0
     t = time.monotonic()
     ctl._decide(t)

@@ -44,10 +44,11 @@ from typing import Any
 import torch
 
 from edgepart.cluster import Cluster
-from edgepart.compiler.bundle import compile as compile_bundle
+from edgepart.compiler.bundle import compile_plan
 from edgepart.compiler.cost.model import CostModel
 from edgepart.compiler.cost.simulator import simulate
 from edgepart.compiler.planning.plan import Plan
+from edgepart.compiler.planning.registry import WARM_START, make_plan
 from edgepart.compiler.schedule import build_schedule
 from edgepart.compiler.trace import trace
 from edgepart.errors import EdgepartError
@@ -168,7 +169,7 @@ class Controller:
 
     def _stage_times(self, pv: PlanVersion) -> dict[tuple[str, int], float]:
         """(device, stage) -> predicted compute time (cluster s) at no load, for the stage-time ratio."""
-        cluster = self.state.cluster()
+        cluster = self.state.cluster(calibrated=False)
         cost = CostModel(cluster, self.profiles, loads={})
         try:
             res = simulate(build_schedule(self.gm, self._plan_of(pv), cluster), cluster, cost, gm=self.gm)
@@ -271,11 +272,13 @@ class Controller:
         try:
             r = probe({a: s.endpoints[a], b: s.endpoints[b]}, s.key, s.peer_endpoints, pairs=[(a, b)],
                       options=LIGHT_PROBE, idle_timeout=5.0)[0]
-        except (EdgepartError, OSError) as e:
-            log.info("link probe %s-%s failed: %s", a, b, e)
+        except Exception as e:  # noqa: BLE001 — a failed probe leaves the link's state as it was
+            log.info("link probe %s-%s failed: %s: %s", a, b, type(e).__name__, e)
             return
         ts = self.cfg.time_scale
         self.state.link(a, b, r["bandwidth_mbps"] / ts, r["rtt_ms"] / 2 * ts)
+        log.info("link %s-%s probed: %.1f Mbit/s, rtt %.2f ms (cluster units)", a, b, r["bandwidth_mbps"] / ts,
+                 r["rtt_ms"] * ts)
 
     def _signature(self) -> tuple:
         loads = self.state.loads()
@@ -302,18 +305,28 @@ class Controller:
             return                                    # nothing can serve without the source: wait for it
         sig = self._signature()
         holding = self._better_since is not None and sig[0] == self._cand_sig[0]   # same devices: keep the candidate
-        if broken or self._cand is None or (sig != self._cand_sig and not holding) or \
-                now - self._cand[2] > self.cfg.recheck_s:
+        if broken:
+            # failover: the best quick plan now (no MILP: a compile of seconds would be seconds of no
+            # answers); the ordinary re-plan (ofpm, hysteresis) improves on it afterwards
+            quick = self._compile(usable, quick=True)
+            if quick is None:
+                return
+            down = sorted(set(cur.devices) - set(usable))
+            self._swap(None, quick[1], "failover", f"device(s) {down} of {cur.describe()} down", cur_pred,
+                       self.predict(quick[0]))
+            self._cand = None
+            return
+        if self._cand is None or (sig != self._cand_sig and not holding) or now - self._cand[2] > self.cfg.recheck_s:
+            why = "first" if self._cand is None else ("state moved" if sig != self._cand_sig else "periodic")
             self._cand = self._compile(usable)
             self._cand_sig = sig
             if self._cand is None:
                 return
-        plan, bundle, _ = self._cand
+            self._event("evaluated", why=why, current_ms=_ms(cur_pred), candidate_ms=_ms(self.predict(self._cand[0])),
+                        same=_same_plan(self._cand[0], cur.manifest.plan), devices=_plan_devices(self._cand[0]),
+                        compile_s=round(self._cand[3], 2), state=self.state.snapshot())
+        plan, bundle = self._cand[:2]
         cand_pred = self.predict(plan)
-        if broken:
-            down = sorted(set(cur.devices) - set(usable))
-            self._swap(None, bundle, "failover", f"device(s) {down} of {cur.describe()} down", cur_pred, cand_pred)
-            return
         if not s.servable(cur):           # e.g. a device of the plan restarted: redeploy the plan it needs
             self._swap(cur, None, "rejoin", f"{cur.describe()} is not deployed on every device", cur_pred, cur_pred)
             return
@@ -333,19 +346,33 @@ class Controller:
         else:
             self._better_since = None
 
-    def _compile(self, usable: list[str]):
+    def _compile(self, usable: list[str], quick: bool = False):
+        """(plan, bundle, when, compile s) for the devices ``usable`` under the live state: with the configured
+        strategy, or ``quick``: the best by prediction of the strategies without a MILP (ofpm's warm starts)."""
         t0 = time.perf_counter()
         cluster = self.state.cluster(usable, bake_load=True)
+        name = type(self.model).__name__
         try:
-            bundle = compile_bundle(self.model, self.example_inputs, cluster, strategy=self.cfg.strategy,
-                                    name=type(self.model).__name__)
+            if quick:
+                best = None
+                for strategy in WARM_START:
+                    try:
+                        p = make_plan(self.gm, cluster, strategy)
+                    except Exception:  # noqa: BLE001 — a baseline that cannot plan this cluster is skipped
+                        continue
+                    t = self.predict(p)
+                    if best is None or t < best[0]:
+                        best = (t, p)
+                if best is None:
+                    raise EdgepartError("no quick strategy could plan the devices left")
+                plan = best[1]
+            else:
+                plan = make_plan(self.gm, cluster, self.cfg.strategy)
+            bundle = compile_plan(self.gm, plan, cluster, name)
         except EdgepartError as e:
             self._event("replan_failed", reason=str(e)[:300])
             return None
-        dt = time.perf_counter() - t0
-        plan = bundle.plan
-        log.debug("candidate compiled in %.2f s on %s", dt, usable)
-        return plan, bundle, time.monotonic()
+        return plan, bundle, time.monotonic(), time.perf_counter() - t0
 
     def _swap(self, pv: PlanVersion | None, bundle, kind: str, reason: str, before: float, after: float) -> None:
         s = self.session

@@ -137,14 +137,24 @@ class LiveState:
                 out["latency_ms"] = ls.latency_ms.value
         return out
 
-    def cluster(self, devices: list[str] | None = None, bake_load: bool = False) -> Cluster:
-        """The nominal cluster with the live links, on ``devices`` (default: all); ``bake_load``: each
-        device's speed × (1 − load) (for planners, which take no loads; predictions pass loads to the
-        CostModel instead)."""
+    def calibration(self) -> dict[str, float]:
+        """Per device, how much longer its stages ran than predicted at no load (its first ratios): the
+        cost model's own error on this device now, divided out of its speed. A device not measured yet
+        gets the median of those measured (on one host they share most of it), else 1."""
+        known = {d: st.base_ratio for d, st in self.devices.items() if st.base_ratio}
+        default = sorted(known.values())[len(known) // 2] if known else 1.0
+        return {d: known.get(d, default) for d in self.devices}
+
+    def cluster(self, devices: list[str] | None = None, bake_load: bool = False, calibrated: bool = True) -> Cluster:
+        """The nominal cluster with the live links, on ``devices`` (default: all); each device's speed ÷
+        its :meth:`calibration` (``calibrated``); ``bake_load``: × (1 − load) too (for planners, which take
+        no loads; predictions pass loads to the CostModel instead)."""
         names = [d for d in self.nominal.names if devices is None or d in devices]
         loads = self.loads()
+        cal = self.calibration() if calibrated else {}
         devs = [dataclasses.replace(self.nominal.device(d),
-                                    speed=self.nominal.device(d).speed * (1 - loads[d] if bake_load else 1))
+                                    speed=self.nominal.device(d).speed / cal.get(d, 1.0)
+                                    * (1 - loads[d] if bake_load else 1))
                 for d in names]
         overrides = []
         for i, a in enumerate(names):
@@ -157,7 +167,8 @@ class LiveState:
         """A JSON-able view for logs: per device alive, load and confidence; per measured link bandwidth."""
         now = time.monotonic()
         loads = self.loads()
-        return {"devices": {d: {"alive": st.alive, "load": round(loads[d], 3),
+        cal = self.calibration()
+        return {"devices": {d: {"alive": st.alive, "load": round(loads[d], 3), "calibration": round(cal[d], 3),
                                 "confidence": round(st.ratio.confidence(now), 2)}
                             for d, st in self.devices.items()},
                 "links": {"-".join(sorted(k)): {kk: round(v, 3) for kk, v in self.link_values(*sorted(k)).items()}
