@@ -48,7 +48,7 @@ from edgepart.compiler.bundle import compile_plan
 from edgepart.compiler.cost.model import CostModel
 from edgepart.compiler.cost.simulator import simulate
 from edgepart.compiler.planning.plan import Plan
-from edgepart.compiler.planning.registry import WARM_START, make_plan
+from edgepart.compiler.planning.registry import make_plan
 from edgepart.compiler.schedule import build_schedule
 from edgepart.compiler.trace import trace
 from edgepart.errors import EdgepartError
@@ -60,6 +60,8 @@ from edgepart.runtime.client import PlanVersion, Session
 log = logging.getLogger("edgepart.online")
 
 IDLE_EVERY = 4
+# failover plans: strategies that plan in milliseconds (the baselines and the MILP take seconds)
+QUICK = ("single", "even", "proportional", "modnn")
 LIGHT_PROBE = {"pings": 3, "messages": 1, "small_bytes": 64, "piece_bytes": 64 << 10, "max_bytes": 1 << 20,
                "seconds": 0.05, "repeats": 1}
 
@@ -80,6 +82,8 @@ class ControllerConfig:
     bandwidth_step: float = 0.25  # a bandwidth change this large (relative) makes a new candidate
     proc_load: bool = True        # idle devices: follow the worker's /proc/stat load
     suspect_s: float = 10.0       # a device another worker reports down is left out this long
+    min_compile_gap: float = 2.0  # s between the starts of two candidate compiles
+    standby: bool = True          # prepare (compile and deploy) a failover plan per device in the background
     time_scale: float = 1.0       # cluster time = wall time × time_scale (LocalCluster(emulate=True))
 
 
@@ -94,6 +98,7 @@ class Controller:
         self.nominal = cluster
         self.state = LiveState(cluster, self.cfg.alpha, self.cfg.proc_load)
         self.gm = analyse(trace(model, self.example_inputs), cluster)
+        self.gm_bg = analyse(trace(model, self.example_inputs), cluster)    # the background compiler's own
         self.nodes = {n.name: n for n in self.gm.graph.nodes}
         self.profiles = CostModel(cluster).profiles          # loaded once
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgepart-online-"))
@@ -116,6 +121,14 @@ class Controller:
         self._suspect: dict[str, float] = {}
         self.predicted: float | None = None      # the current plan's predicted latency (cluster s)
         self.history: list[tuple[float, float]] = []   # (t, predicted latency of the current plan) per round
+        self._bg_wake = threading.Event()
+        self._want_candidate = None            # (usable, signature, why) for the background compiler
+        self._cand_ready = None                # what it compiled: ((plan, bundle, when, s), signature, why)
+        self._compiling = False
+        self._last_compile = -math.inf
+        self._want_standby = True
+        self._standby: dict[str, tuple[PlanVersion, Plan]] = {}
+        self._bg: threading.Thread | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
     def attach(self, session: Session) -> None:
@@ -126,6 +139,10 @@ class Controller:
                     predicted_ms=_ms(self.predicted))
         self.thread = threading.Thread(target=self._loop, name="online-controller", daemon=True)
         self.thread.start()
+        if self.cfg.replan:
+            self._bg = threading.Thread(target=self._bg_loop, name="online-compiler", daemon=True)
+            self._bg.start()
+            self._bg_wake.set()
 
     def on_event(self, kind: str, info: dict) -> None:
         """The session's events (from its threads): handled in the controller's thread."""
@@ -135,8 +152,10 @@ class Controller:
     def stop(self) -> None:
         self.stop_event.set()
         self.wake.set()
-        if self.thread is not None:
-            self.thread.join(10)
+        self._bg_wake.set()
+        for t in (self.thread, self._bg):
+            if t is not None:
+                t.join(10)
 
     def _event(self, kind: str, **info) -> dict:
         e = {"t": round(time.monotonic() - self.t0, 3), "event": kind, **info}
@@ -153,7 +172,7 @@ class Controller:
     def _plan_of(pv: PlanVersion) -> Plan:
         return Plan.from_dict(pv.manifest.plan)
 
-    def predict(self, plan: Plan, loads: dict[str, float] | None = None) -> float:
+    def predict(self, plan: Plan, loads: dict[str, float] | None = None, gm=None) -> float:
         """Predicted latency (cluster s) of ``plan`` under the live state; inf if it uses a device that is down."""
         alive = set(self._usable())
         used = set(_plan_devices(plan))
@@ -161,8 +180,9 @@ class Controller:
             return math.inf
         cluster = self.state.cluster()
         cost = CostModel(cluster, self.profiles, loads=self.state.loads() if loads is None else loads)
+        gm = gm if gm is not None else self.gm
         try:
-            return simulate(build_schedule(self.gm, plan, cluster), cluster, cost, gm=self.gm).latency
+            return simulate(build_schedule(gm, plan, cluster), cluster, cost, gm=gm).latency
         except EdgepartError as e:
             log.warning("cannot predict plan: %s", e)
             return math.inf
@@ -306,25 +326,19 @@ class Controller:
         sig = self._signature()
         holding = self._better_since is not None and sig[0] == self._cand_sig[0]   # same devices: keep the candidate
         if broken:
-            # failover: the best quick plan now (no MILP: a compile of seconds would be seconds of no
-            # answers); the ordinary re-plan (ofpm, hysteresis) improves on it afterwards
-            quick = self._compile(usable, quick=True)
-            if quick is None:
-                return
-            down = sorted(set(cur.devices) - set(usable))
-            self._swap(None, quick[1], "failover", f"device(s) {down} of {cur.describe()} down", cur_pred,
-                       self.predict(quick[0]))
-            self._cand = None
+            self._failover(cur, usable, cur_pred)
             return
-        if self._cand is None or (sig != self._cand_sig and not holding) or now - self._cand[2] > self.cfg.recheck_s:
-            why = "first" if self._cand is None else ("state moved" if sig != self._cand_sig else "periodic")
-            self._cand = self._compile(usable)
-            self._cand_sig = sig
-            if self._cand is None:
-                return
+        ready, self._cand_ready = self._cand_ready, None
+        if ready is not None:                  # a candidate the background thread compiled
+            self._cand, self._cand_sig, why = ready
             self._event("evaluated", why=why, current_ms=_ms(cur_pred), candidate_ms=_ms(self.predict(self._cand[0])),
                         same=_same_plan(self._cand[0], cur.manifest.plan), devices=_plan_devices(self._cand[0]),
                         compile_s=round(self._cand[3], 2), state=self.state.snapshot())
+        if self._cand is None or (sig != self._cand_sig and not holding) or now - self._cand[2] > self.cfg.recheck_s:
+            why = "first" if self._cand is None else ("state moved" if sig != self._cand_sig else "periodic")
+            self._request_candidate(usable, sig, why, now)
+        if self._cand is None or not set(_plan_devices(self._cand[0])) <= set(usable):
+            return
         plan, bundle = self._cand[:2]
         cand_pred = self.predict(plan)
         if not s.servable(cur):           # e.g. a device of the plan restarted: redeploy the plan it needs
@@ -346,29 +360,100 @@ class Controller:
         else:
             self._better_since = None
 
-    def _compile(self, usable: list[str], quick: bool = False):
+    # --- failover and the background compiler ----------------------------------------------------
+    def _failover(self, cur: PlanVersion, usable: list[str], cur_pred: float) -> None:
+        """Switch away from a plan that lost a device: to the standby plan prepared for that device if there
+        is one (compiled and deployed in the background), else to the best quick plan compiled now (no
+        MILP: a compile of seconds would be seconds without answers). The ordinary re-plan (ofpm,
+        hysteresis) improves on it afterwards."""
+        down = sorted(set(cur.devices) - set(usable))
+        reason = f"device(s) {down} of {cur.describe()} down"
+        standby = self._standby.get(down[0]) if len(down) == 1 else None
+        if standby is not None and set(standby[0].devices) <= set(usable):
+            self._swap(standby[0], None, "failover", reason + " (standby plan)", cur_pred, self.predict(standby[1]))
+        else:
+            quick = self._compile(usable, quick=True)
+            if quick is None:
+                return
+            self._swap(None, quick[1], "failover", reason, cur_pred, self.predict(quick[0]))
+        self._cand = None
+
+    def _request_candidate(self, usable: list[str], sig, why: str, now: float) -> None:
+        if self._want_candidate is None and not self._compiling and now - self._last_compile >= self.cfg.min_compile_gap:
+            self._want_candidate = (list(usable), sig, why)
+            self._last_compile = now
+            self._bg_wake.set()
+
+    def _bg_loop(self) -> None:
+        """The background compiler: candidates (ofpm) first, then standby plans (one per device of the
+        current plan but the source: the best quick plan without it, compiled, saved and deployed, so
+        a failover is a switch)."""
+        while not self.stop_event.is_set():
+            self._bg_wake.wait(0.5)
+            self._bg_wake.clear()
+            try:
+                if self._want_candidate is not None:
+                    usable, sig, why = self._want_candidate
+                    self._compiling = True
+                    try:
+                        res = self._compile(usable, gm=self.gm_bg)
+                    finally:
+                        self._compiling = False
+                        self._want_candidate = None
+                    if res is not None:
+                        self._cand_ready = (res, sig, why)
+                        self.wake.set()
+                elif self._want_standby and self.cfg.standby:
+                    self._want_standby = False
+                    self._prepare_standby()
+            except Exception:  # noqa: BLE001 — the compiler thread must outlive a failed compile
+                log.exception("background compile failed")
+
+    def _prepare_standby(self) -> None:
+        s = self.session
+        pv = s.plan
+        for d in pv.devices:
+            if d == pv.source or self._want_candidate is not None or self._want_standby or self.stop_event.is_set():
+                continue
+            usable = [u for u in self._usable() if u != d]
+            res = self._compile(usable, quick=True, gm=self.gm_bg)
+            if res is None:
+                continue
+            path = self.workdir / f"standby-{len(self.events)}-{d}"
+            res[1].save(path)
+            try:
+                standby = s.deploy_plan(path)
+            except EdgepartError as e:
+                log.info("standby plan without %s not deployed: %s", d, e)
+                continue
+            if s.plan is pv:
+                self._standby[d] = (standby, res[0])
+        log.info("standby plans ready for %s", sorted(self._standby))
+
+    def _compile(self, usable: list[str], quick: bool = False, gm=None):
         """(plan, bundle, when, compile s) for the devices ``usable`` under the live state: with the configured
         strategy, or ``quick``: the best by prediction of the strategies without a MILP (ofpm's warm starts)."""
         t0 = time.perf_counter()
+        gm = gm if gm is not None else self.gm
         cluster = self.state.cluster(usable, bake_load=True)
         name = type(self.model).__name__
         try:
             if quick:
                 best = None
-                for strategy in WARM_START:
+                for strategy in QUICK:
                     try:
-                        p = make_plan(self.gm, cluster, strategy)
+                        p = make_plan(gm, cluster, strategy)
                     except Exception:  # noqa: BLE001 — a baseline that cannot plan this cluster is skipped
                         continue
-                    t = self.predict(p)
+                    t = self.predict(p, gm=gm)
                     if best is None or t < best[0]:
                         best = (t, p)
                 if best is None:
                     raise EdgepartError("no quick strategy could plan the devices left")
                 plan = best[1]
             else:
-                plan = make_plan(self.gm, cluster, self.cfg.strategy)
-            bundle = compile_plan(self.gm, plan, cluster, name)
+                plan = make_plan(gm, cluster, self.cfg.strategy)
+            bundle = compile_plan(gm, plan, cluster, name)
         except EdgepartError as e:
             self._event("replan_failed", reason=str(e)[:300])
             return None
@@ -394,6 +479,9 @@ class Controller:
         self._prev_stats = {}                      # counters of the old plan's stages: start over
         self._better_since = None
         self.predicted = after
+        self._standby = {}
+        self._want_standby = True               # standby plans for the new plan's devices
+        self._bg_wake.set()
         gain = 1 - after / before if before not in (0, math.inf) else None
         self._event(kind, reason=reason, frm=old.version, to=pv.version, devices=pv.devices,
                     predicted_before_ms=_ms(before), predicted_ms=_ms(after),

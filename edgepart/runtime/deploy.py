@@ -63,6 +63,7 @@ class Deployer:
         self.address = address
         self.link_shaper = link_shaper
         self.uploads: dict[Conn, Upload | None] = {}
+        self._sha_cache: dict[tuple, str] = {}
 
     def register(self, server: Server) -> None:
         server.register("deploy", self._on_deploy, lambda conn, h: MAX_MANIFEST)
@@ -117,7 +118,7 @@ class Deployer:
         of the same model often keeps a device's program or weights): only changed files are shipped."""
         for other in (self.workdir / "bundles").iterdir():
             q = other / rel
-            if other == bdir or not q.is_file() or q.is_symlink() or sha256_file(q) != sha:
+            if other == bdir or not q.is_file() or q.is_symlink() or self._sha256(q) != sha:
                 continue
             (bdir / rel).parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=(bdir / rel).parent, prefix=q.name + ".", suffix=".part")
@@ -126,6 +127,16 @@ class Deployer:
             os.replace(tmp, bdir / rel)
             return True
         return False
+
+    def _sha256(self, path: Path) -> str:
+        """sha256 of a file of an earlier bundle, remembered by (path, size, mtime) (they are hashed again
+        for every deploy otherwise)."""
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        h = self._sha_cache.get(key)
+        if h is None:
+            h = self._sha_cache[key] = sha256_file(path)
+        return h
 
     def _expect_file(self, conn: Conn, h: dict) -> FileSink:
         up = self.uploads.get(conn)

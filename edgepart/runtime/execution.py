@@ -51,7 +51,8 @@ MAX_INFLIGHT = 4096
 MAX_FINISHED = 8192            # ids of finished requests remembered, so their late pieces are dropped
 REQ_ID_MAX = 80
 INLINE_COMPUTE_S = 0.005       # a reader thread runs a request itself only if recent ones computed this briefly
-KEEP_OLD = 3                   # older deployments kept loaded besides the active one (more while requests use them)
+KEEP_OLD = 8                   # older deployments kept loaded besides the active one (more while requests use them;
+                               # an online controller keeps a standby plan per device deployed)
 
 
 class StageClock(Protocol):
