@@ -114,7 +114,8 @@ def run(kind: str, bundle_dir: Path, model, example, args, script: dict | None) 
         def client(k):
             g = torch.Generator().manual_seed(1000 * k + 7)
             i = 0
-            while not stop.is_set() and (args.requests is None or i < args.requests):
+            # --requests: each client sends exactly that many, however long the timeline lasts
+            while (i < args.requests) if args.requests is not None else not stop.is_set():
                 x = torch.randn(*example[0].shape, generator=g)
                 t0 = time.monotonic()
                 try:
@@ -156,7 +157,7 @@ def run(kind: str, bundle_dir: Path, model, example, args, script: dict | None) 
         at(5 * P)
         stop.set()
         for t in threads:
-            t.join(120)
+            t.join(600)
         events = s.events
         counts = dict(s.counts)
         predicted_now = s.controller.predicted

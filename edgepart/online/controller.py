@@ -178,8 +178,12 @@ class Controller:
         used = set(_plan_devices(plan))
         if not used <= alive:
             return math.inf
-        cluster = self.state.cluster()
-        cost = CostModel(cluster, self.profiles, loads=self.state.loads() if loads is None else loads)
+        # The load estimated from stage times is a slowdown (stages run 1 / (1 - load) times as long), so
+        # it is applied as speed x (1 - load), exactly as the planner sees it; the FCPM's own load input
+        # (``loads``: contention as /proc/stat measures it, with the slowdown the profile fitted for it)
+        # is for loads measured that way.
+        cluster = self.state.cluster(bake_load=True)
+        cost = CostModel(cluster, self.profiles, loads=loads or {})
         gm = gm if gm is not None else self.gm
         try:
             return simulate(build_schedule(gm, plan, cluster), cluster, cost, gm=gm).latency
@@ -401,6 +405,7 @@ class Controller:
                         self._compiling = False
                         self._want_candidate = None
                     if res is not None:
+                        res[1].save(self.workdir / f"cand-{time.monotonic_ns()}")   # a swap then only deploys
                         self._cand_ready = (res, sig, why)
                         self.wake.set()
                 elif self._want_standby and self.cfg.standby:
@@ -465,9 +470,9 @@ class Controller:
         files0 = s.counts["files_shipped"]
         try:
             if pv is None:
-                d = self.workdir / f"plan{len(self.events)}"
-                bundle.save(d)
-                pv = s.deploy_plan(d)
+                if bundle.dir is None:
+                    bundle.save(self.workdir / f"plan-{time.monotonic_ns()}")
+                pv = s.deploy_plan(bundle.dir)
             else:
                 pv = s.deploy_plan(pv.dir)
         except EdgepartError as e:

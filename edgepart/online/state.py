@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from edgepart.cluster import Cluster
 
 MAX_LOAD = 0.9
+LINK_JUMP = 2.0        # a probe 2x off a link's bandwidth replaces it rather than being averaged in
 
 
 @dataclass
@@ -34,9 +35,11 @@ class Smoothed:
     samples: int = 0
     spread: float = 0.0           # EWMA of |sample − value| / value
 
-    def add(self, x: float, alpha: float, now: float | None = None) -> float:
+    def add(self, x: float, alpha: float, now: float | None = None, jump: float | None = None) -> float:
+        """Add a sample; ``jump``: a sample this many times larger or smaller than the value replaces it
+        (a link that dropped from 1000 to 20 Mbit/s is not averaged in over a minute of probes)."""
         now = time.monotonic() if now is None else now
-        if self.value is None:
+        if self.value is None or (jump and self.value > 0 and x > 0 and max(x / self.value, self.value / x) > jump):
             self.value = x
         else:
             self.spread = (1 - alpha) * self.spread + alpha * abs(x - self.value) / max(abs(self.value), 1e-9)
@@ -106,7 +109,7 @@ class LiveState:
              now: float | None = None) -> None:
         ls = self.links.setdefault(frozenset((a, b)), LinkState())
         if bandwidth_mbps is not None and bandwidth_mbps > 0:
-            ls.bandwidth_mbps.add(bandwidth_mbps, self.alpha, now)
+            ls.bandwidth_mbps.add(bandwidth_mbps, self.alpha, now, jump=LINK_JUMP)
         if latency_ms is not None and latency_ms >= 0:
             ls.latency_ms.add(latency_ms, self.alpha, now)
         ls.probed = time.monotonic() if now is None else now
