@@ -257,6 +257,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", choices=["static", "adaptive"])
     p.add_argument("--log", default="/tmp/edgepart-dynamic.log", help="the controller's log")
+    p.add_argument("--out", default="dynamic", help="results/<out>.{json,md,png}")
     args = p.parse_args(argv)
     if args.quick:
         args.phase = 14.0
@@ -284,22 +285,27 @@ def main(argv=None) -> int:
         res["phases"] = recovery(res)
         kill = next(ch for ch in res["changes"] if "killed" in ch["change"])
         back = next(ch for ch in res["changes"] if "back" in ch["change"])
-        res["max_gap_after_kill_s"] = round(gap_around(res["records"], kill["t"], back["t"]), 2)
+        res["max_gap_after_kill_s"] = round(gap_around(res["records"], kill["t"], float("inf")), 2)
+        del back
         print(json.dumps({k: res[k] for k in ("check", "phases", "max_gap_after_kill_s", "counts")}, indent=1),
               flush=True)
         results.append(res)
-    write(results, compile_s)
+    write(results, compile_s, args)
     return 0
 
 
-def write(results, compile_s: float) -> None:
+def write(results, compile_s: float, args) -> None:
     RESULTS.mkdir(exist_ok=True)
     slim = [{k: v for k, v in r.items() if k != "records"} | {
         "records": [{k: v for k, v in rec.items() if k not in ("x", "y")} for rec in r["records"]]} for r in results]
-    (RESULTS / "dynamic.json").write_text(json.dumps({"compile_s": compile_s, "runs": slim}, indent=1, default=str))
-    plot(results, RESULTS / "dynamic.png")
+    out = args.out
+    (RESULTS / f"{out}.json").write_text(json.dumps({"compile_s": compile_s, "args": vars(args), "runs": slim},
+                                                    indent=1, default=str))
+    plot(results, RESULTS / f"{out}.png")
     lines = [f"# Dynamic testbed: static plan vs online re-planning ({MODEL}, 4 emulated devices)", "",
-             "Written by `benchmarks/dynamic.py` (see its docstring for the set-up and timeline). Latency in the "
+             "Written by `benchmarks/dynamic.py " + " ".join(sys.argv[1:]) + "` (see its docstring for the set-up and "
+             f"timeline): {args.clients} closed-loop client(s), phases {args.phase:g} s apart"
+             + (f", {args.requests} requests per client" if args.requests else "") + ". Latency in the "
              "emulated devices' time.", "",
              f"First compile (ofpm): {compile_s:.1f} s on this machine.", ""]
     lines += ["| run | requests | lost | duplicated | wrong | swaps | resubmitted | longest gap after the kill (s) |",
@@ -330,8 +336,8 @@ def write(results, compile_s: float) -> None:
                                               "files_shipped", "device") if e.get(k) is not None}
                 lines.append(f"- t={e['t_rel']:.1f} s **{e['event']}** {json.dumps(keep)}"
                              + (f" — {str(e.get('reason'))[:160]}" if e.get("reason") else ""))
-    lines += ["", "![latency over time](dynamic.png)", ""]
-    (RESULTS / "dynamic.md").write_text("\n".join(lines))
+    lines += ["", f"![latency over time]({out}.png)", ""]
+    (RESULTS / f"{out}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
