@@ -60,6 +60,7 @@ from edgepart.runtime.client import PlanVersion, Session
 log = logging.getLogger("edgepart.online")
 
 IDLE_EVERY = 4
+SLOW_MBPS, SLOW_PROBE_S = 100.0, 10.0   # links slower than this (cluster Mbit/s) are probed at most this often
 # failover plans: strategies that plan in milliseconds (the baselines and the MILP take seconds)
 QUICK = ("single", "even", "proportional", "modnn")
 LIGHT_PROBE = {"pings": 3, "messages": 1, "small_bytes": 64, "piece_bytes": 64 << 10, "max_bytes": 1 << 20,
@@ -285,6 +286,15 @@ class Controller:
                        if t.src != t.dst and t.src in alive and t.dst in alive})
         idle = [(a, b) for i, a in enumerate(alive) for b in alive[i + 1:] if (a, b) not in used]
         self._probe_i += 1
+        now = time.monotonic()
+
+        def due(pair):        # a probe moves >= 1.25 MB (fcpm.probe's bounds): a slow link is probed seldom
+            ls = self.state.links.get(frozenset(pair))
+            if ls is None or ls.bandwidth_mbps.value is None:
+                return True
+            return now - ls.probed >= (SLOW_PROBE_S if ls.bandwidth_mbps.value < SLOW_MBPS else 0.0)
+        used = [p for p in used if due(p)]
+        idle = [p for p in idle if due(p)]
         if idle and (not used or self._probe_i % IDLE_EVERY == 0):
             pairs, k = idle, self._probe_i // IDLE_EVERY
         else:
@@ -396,7 +406,10 @@ class Controller:
             self._bg_wake.wait(0.5)
             self._bg_wake.clear()
             try:
-                if self._want_candidate is not None:
+                if self._want_standby and self.cfg.standby and not self._standby:
+                    self._want_standby = False          # right after a swap: the failover plans first
+                    self._prepare_standby()
+                elif self._want_candidate is not None:
                     usable, sig, why = self._want_candidate
                     self._compiling = True
                     try:
