@@ -406,10 +406,7 @@ class Controller:
             self._bg_wake.wait(0.5)
             self._bg_wake.clear()
             try:
-                if self._want_standby and self.cfg.standby and not self._standby:
-                    self._want_standby = False          # right after a swap: the failover plans first
-                    self._prepare_standby()
-                elif self._want_candidate is not None:
+                if self._want_candidate is not None:      # candidates first: standby plans when idle
                     usable, sig, why = self._want_candidate
                     self._compiling = True
                     try:
