@@ -77,7 +77,7 @@ class ControllerConfig:
     hold_s: float = 2.0           # T: ... continuously for this long
     interval: float = 0.5         # s between monitor rounds
     recheck_s: float = 15.0       # compile a candidate at least this often, even if nothing moved
-    probe_every: float = 1.0      # s between light link probes (0: never)
+    probe_every: float = 0.5      # s between light link probes (0: never)
     alpha: float = 0.4            # EWMA weight of a new sample
     load_step: float = 0.1        # a load change this large makes a new candidate
     bandwidth_step: float = 0.25  # a bandwidth change this large (relative) makes a new candidate

@@ -24,6 +24,8 @@ from edgepart.cluster import Cluster
 
 MAX_LOAD = 0.9
 LINK_JUMP = 2.0        # a probe 2x off a link's bandwidth replaces it rather than being averaged in
+RATIO_JUMP = 1.6       # a stage-time ratio 1.6x off replaces the EWMA (a load that appears is seen at once;
+                       # a one-interval spike only starts a candidate compile: the swap needs hold_s)
 
 
 @dataclass
@@ -100,7 +102,7 @@ class LiveState:
             self._base[device].append(ratio)
             if len(self._base[device]) >= self.base_samples:
                 st.base_ratio = sorted(self._base[device])[len(self._base[device]) // 2]
-        st.ratio.add(ratio, self.alpha, now)
+        st.ratio.add(ratio, self.alpha, now, jump=RATIO_JUMP if st.base_ratio is not None else None)
 
     def cpu_load(self, device: str, load: float, now: float | None = None) -> None:
         self.devices[device].proc_load.add(load, self.alpha, now)
