@@ -85,6 +85,7 @@ class ControllerConfig:
     suspect_s: float = 10.0       # a device another worker reports down is left out this long
     min_compile_gap: float = 2.0  # s between the starts of two candidate compiles
     standby: bool = True          # prepare (compile and deploy) a failover plan per device in the background
+    quick_first: bool = True      # on a state change, a quick candidate (no MILP) before the strategy's
     time_scale: float = 1.0       # cluster time = wall time × time_scale (LocalCluster(emulate=True))
 
 
@@ -410,6 +411,13 @@ class Controller:
                     usable, sig, why = self._want_candidate
                     self._compiling = True
                     try:
+                        # first the best quick plan (about a second: the state just moved, and the MILP
+                        # takes several), then the configured strategy's; each is a candidate in turn
+                        if self.cfg.quick_first:
+                            quick = self._compile(usable, quick=True, gm=self.gm_bg)
+                            if quick is not None:
+                                self._cand_ready = (quick, sig, why + ", quick")
+                                self.wake.set()
                         res = self._compile(usable, gm=self.gm_bg)
                     finally:
                         self._compiling = False
