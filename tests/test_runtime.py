@@ -1,6 +1,7 @@
 """Socket runtime end to end: real worker processes on loopback, outputs equal run_local and model(x)."""
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
@@ -126,8 +127,14 @@ def test_cli_deploy_and_run(cluster, tiny, tmp_path):
 
 def test_tampered_bundle_file_is_refused_by_the_worker(cluster, tiny, tmp_path):
     model, x, d = tiny
-    bad = tmp_path / "bad"      # a bundle the workers do not hold yet (another plan), then one file altered
-    edgepart.compile(model, (x,), edgepart.Cluster.homogeneous(4, bandwidth_mbps=55.0), strategy="even").save(bad)
+    bad = tmp_path / "bad"      # a bundle the workers do not hold yet (other weights), then one file altered
+    # (other weights: a worker copies a file it holds in another bundle with the manifest's sha256
+    # instead of asking for it — runtime.deploy.Deployer._reuse — so a file of the same plan would not be sent)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01)
+    edgepart.compile(other, (x,), edgepart.Cluster.homogeneous(4, bandwidth_mbps=55.0), strategy="even").save(bad)
     w = bad / "devices" / "d1.safetensors"
     data = bytearray(w.read_bytes())
     data[-1] ^= 0xFF
