@@ -225,6 +225,7 @@ DELEGATED = {
     "run": ("edgepart.runtime.client", "run_main", "run an input through deployed workers"),
     "profile": ("edgepart.fcpm.cli", "main", "profile this device (or a worker) for the FCPM"),
     "probe": ("edgepart.fcpm.probe", "main", "measure links between workers into a cluster file"),
+    "serve": ("edgepart.online.serve", "main", "serve inference with online re-planning, plan swaps and failover"),
 }
 
 

@@ -1,6 +1,7 @@
 """Socket runtime end to end: real worker processes on loopback, outputs equal run_local and model(x)."""
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
@@ -126,13 +127,19 @@ def test_cli_deploy_and_run(cluster, tiny, tmp_path):
 
 def test_tampered_bundle_file_is_refused_by_the_worker(cluster, tiny, tmp_path):
     model, x, d = tiny
-    bad = tmp_path / "bad"      # a bundle the workers do not hold yet (another plan), then one file altered
-    edgepart.compile(model, (x,), edgepart.Cluster.homogeneous(4, bandwidth_mbps=55.0), strategy="even").save(bad)
-    # the program: weights a worker already holds by sha256 are linked, not sent, so altering those
-    # would go unnoticed by design (the worker uses its own, correct copy)
-    w = bad / "devices" / "d1.py"
-    w.write_text(w.read_text() + "\n# altered\n")
-    with pytest.raises(edgepart.BundleError, match=r"d1\.py"):
+    bad = tmp_path / "bad"      # a bundle the workers do not hold yet (other weights), then one file altered
+    # (other weights: a worker copies a file it holds in another bundle with the manifest's sha256
+    # instead of asking for it — runtime.deploy.Deployer._reuse — so a file of the same plan would not be sent)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01)
+    edgepart.compile(other, (x,), edgepart.Cluster.homogeneous(4, bandwidth_mbps=55.0), strategy="even").save(bad)
+    w = bad / "devices" / "d1.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(data)
+    with pytest.raises(edgepart.BundleError, match="d1.safetensors"):
         Session(bad, cluster.endpoints, cluster.key)
     assert all(p is None for p in [cluster.procs[k].poll() for k in cluster.procs])
 

@@ -1,6 +1,7 @@
 """Bad input to real worker processes: every kind refused with a logged reason; the worker stays up, memory flat."""
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import time
@@ -168,12 +169,20 @@ def test_every_bad_input_refused_worker_stays_up_memory_flat(setup):
 def test_tampered_file_refused_worker_keeps_old_bundle(setup, tmp_path):
     model, x, d, c = setup
     bad = tmp_path / "bad"
-    edgepart.compile(model, (x,), edgepart.Cluster.homogeneous(3, bandwidth_mbps=77.0), strategy="even").save(bad)
-    p = bad / "devices" / "d2.py"
-    p.write_text(p.read_text() + "\nimport os  # injected\n")
-    with pytest.raises(edgepart.BundleError, match=r"d2\.py.*sha256"):
+    # other weights: a worker copies a file it holds in another bundle with the manifest's sha256 instead
+    # of asking for it (runtime.deploy.Deployer._reuse), so only a file it holds nowhere is sent, and checked
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for q in other.parameters():
+            q.add_(0.01)
+    edgepart.compile(other, (x,), edgepart.Cluster.homogeneous(3, bandwidth_mbps=77.0), strategy="even").save(bad)
+    p = bad / "devices" / "d2.safetensors"
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 0xFF
+    p.write_bytes(data)
+    with pytest.raises(edgepart.BundleError, match=r"d2\.safetensors.*sha256"):
         Session(bad, c.endpoints, c.key)
-    assert "d2.py" in (c.log_dir / "d2.log").read_text()
+    assert "d2.safetensors" in (c.log_dir / "d2.log").read_text()
     y = c.infer(x)           # the running bundle is untouched
     with torch.no_grad():
         assert_close(y, model(x))

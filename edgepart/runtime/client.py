@@ -12,11 +12,18 @@ in flight fails at once with :class:`WorkerDied` naming the device, and the next
 request first tries to reconnect and redeploy it (so the session works again once
 the worker is back).
 
+Online mode (``resubmit=True``, used by ``edgepart.online``): plans are versioned — each request
+is tagged with the bundle id of the plan current when it was sent and runs on that plan from
+start to end, so a new plan can be deployed and switched to while requests are in flight; a
+request whose plan lost a device is sent again (exactly one answer per request, each from one
+plan), and dead workers are reconnected in the background. See :class:`Session`.
+
 CLI: ``edgepart run DIR --endpoints FILE --key-file FILE --input x.npy --output y.npy``.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures as cf
 import hashlib
 import itertools
@@ -24,16 +31,18 @@ import logging
 import mmap
 import os
 import queue
+import shutil
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from edgepart.errors import BundleError, EdgepartError, WorkerDied, error_for
+from edgepart.errors import BundleError, EdgepartError, ErrorCode, WorkerDied, error_for
 from edgepart.ir import output as output_tree
 from edgepart.ir.manifest import MANIFEST, Manifest
 from edgepart.runtime.program import check_inputs
@@ -74,6 +83,39 @@ def bundle_dir_of(bundle_or_dir) -> tuple[Path, Any]:
     return Path(bundle_or_dir), None
 
 
+@dataclass
+class PlanVersion:
+    """One deployable plan: a bundle directory and its manifest. ``version`` counts the plans a session
+    used (1 = the first); ``bundle_id`` (the manifest's sha256) is what requests are tagged with."""
+
+    version: int
+    dir: Path
+    manifest_bytes: bytes
+    manifest: Manifest
+    bundle_id: str
+    tmp: Any = None                   # a temporary copy of an in-memory bundle, removed on close
+
+    @classmethod
+    def load(cls, bundle_or_dir, version: int) -> "PlanVersion":
+        d, tmp = bundle_dir_of(bundle_or_dir)
+        path = d / MANIFEST
+        if not path.is_file():
+            raise BundleError(f"{path}: no manifest.json here; is {d} a bundle directory?")
+        data = path.read_bytes()
+        return cls(version, d, data, Manifest.from_json(data, str(path)), hashlib.sha256(data).hexdigest(), tmp)
+
+    @property
+    def devices(self) -> list[str]:
+        return list(self.manifest.devices)
+
+    @property
+    def source(self) -> str:
+        return self.manifest.source_device
+
+    def describe(self) -> str:
+        return f"plan v{self.version} ({self.bundle_id[:8]}, devices {'+'.join(self.devices)})"
+
+
 class _Link:
     """The session's connection to one worker."""
 
@@ -88,48 +130,99 @@ class _Link:
         # say (e.g. while the other workers were still deploying) is not dead.
         self.unanswered_since: float | None = None
         self.ctrl: queue.Queue = queue.Queue()
+        self.ctrl_lock = threading.Lock()       # one control exchange (deploy, stats) at a time
+        self.bundles: set[str] = set()          # bundle ids deployed on this connection
+        self.rtt: float | None = None           # last ping round trip (s)
         self.reason = ""
         self.refused = ""
+        self.down_since: float | None = None
+        self.next_retry = 0.0
+        self.retrying = False
+
+
+class _Request:
+    """One request of the caller: answered once, whatever attempts (plans) it took."""
+
+    __slots__ = ("fut", "inputs", "t0", "deadline", "plan", "attempt", "aid", "base", "tries", "not_before")
+
+    def __init__(self, fut: cf.Future, inputs: list, base: str, deadline: float):
+        self.fut = fut
+        self.inputs = inputs
+        self.t0 = time.perf_counter()
+        self.deadline = deadline
+        self.plan: PlanVersion | None = None
+        self.attempt = 0
+        self.aid = ""
+        self.base = base
+        self.tries: list[str] = []      # why earlier attempts ended
+        self.not_before = 0.0           # parked: not sent again on the plan it failed on before this (backoff)
+
+
+# error codes after which a request may run again, on another plan (nothing of it was answered)
+RETRIABLE = {ErrorCode.PEER_DOWN.value, ErrorCode.REDEPLOYED.value, ErrorCode.TIMEOUT.value,
+             ErrorCode.CLIENT_GONE.value}
 
 
 class Session:
+    """Requests through a set of workers running a plan.
+
+    ``resubmit=False`` (default): one plan; a worker that dies fails every request in flight with
+    :class:`WorkerDied` and the next request reconnects and redeploys it.
+
+    ``resubmit=True`` (the online mode, ``edgepart.online``): plans are versioned and swapped while
+    serving (:meth:`deploy_plan`, :meth:`switch`); each request runs entirely on the plan that was
+    current when it was sent (tagged with its bundle id) and a swap affects only requests sent
+    after it. A request whose attempt fails for a reason that is not its own (a device of its plan
+    died or stopped answering: ``peer_down``, ``timeout``) is *parked* and sent again, with a new
+    attempt id, as soon as the current plan is servable (all its devices alive and deployed) —
+    typically after the controller switched to a plan without the dead device. Its future is set
+    once: a late answer of an abandoned attempt is dropped. Every request has a deadline
+    (``timeout`` s after submit); dead workers are reconnected in the background every
+    ``retry_every`` s, without a deploy (``on_event`` hears ``device_up``, ``device_down``).
+    ``all_endpoints``: connect to every device of ``endpoints``, not only the plan's.
+    """
+
     def __init__(self, bundle_or_dir, endpoints, key, deploy: bool = True, timeout: float = 300.0,
                  heartbeat: float = 1.0, dead_after: float = 3.5, peer_endpoints: dict | None = None,
-                 connect_timeout: float = 5.0, sign_key=None):
+                 connect_timeout: float = 5.0, resubmit: bool = False, all_endpoints: bool = False,
+                 on_event: Callable[[str, dict], None] | None = None, retry_every: float = 1.0, sign_key=None):
         self.sign_key = sign_key       # Ed25519PrivateKey: deploys are signed (workers with --deploy-pubkey)
-        self.dir, self._tmp = bundle_dir_of(bundle_or_dir)
-        path = self.dir / MANIFEST
-        if not path.is_file():
-            raise BundleError(f"{path}: no manifest.json here; is {self.dir} a bundle directory?")
-        self.manifest_bytes = path.read_bytes()
-        self.manifest = Manifest.from_json(self.manifest_bytes, str(path))
-        self.bundle_id = hashlib.sha256(self.manifest_bytes).hexdigest()
+        self.versions = itertools.count(1)
+        self.plan = PlanVersion.load(bundle_or_dir, next(self.versions))
+        self.plans: dict[str, PlanVersion] = {self.plan.bundle_id: self.plan}
         self.key = as_key(key)
         self.endpoints = load_endpoints(endpoints)
-        missing = [d for d in self.manifest.devices if d not in self.endpoints]
-        if missing:
-            raise EdgepartError(f"no endpoint for device(s) {missing}; endpoints given: {sorted(self.endpoints)}")
+        if deploy:
+            self._check_endpoints(self.plan)
+        elif self.plan.source not in self.endpoints:
+            raise EdgepartError(f"no endpoint for the source device {self.plan.source!r}")
+        # without a deploy only the devices given matter (e.g. just the source: an `edgepart serve` endpoint)
+        devices = list(self.endpoints) if all_endpoints else [d for d in self.plan.devices if d in self.endpoints]
         # what each worker should dial to reach each peer (differs from ours under netns emulation)
-        self.peer_endpoints = peer_endpoints or {d: dict(self.endpoints) for d in self.manifest.devices}
-        self.source = self.manifest.source_device
+        self.peer_endpoints = peer_endpoints or {d: dict(self.endpoints) for d in devices}
         self.timeout = timeout
         self.heartbeat = heartbeat
         self.dead_after = dead_after
         self.connect_timeout = connect_timeout
-        self.links = {d: _Link(d, self.endpoints[d]) for d in self.manifest.devices}
+        self.resubmit = resubmit
+        self.on_event = on_event
+        self.retry_every = retry_every
+        self.links = {d: _Link(d, self.endpoints[d]) for d in devices}
         self.lock = threading.RLock()
         self.revive_lock = threading.Lock()
-        self.pending: dict[str, tuple[cf.Future, float]] = {}
+        self.pending: dict[str, _Request] = {}
+        self.parked: collections.deque[_Request] = collections.deque()
         self.sid = os.urandom(6).hex()
         self.counter = itertools.count()
         self.closed = False
         self.timings: list[float] = []
+        self.counts: collections.Counter = collections.Counter()   # answered, resubmitted, failed, ...
         self._stop = threading.Event()
         errors = {}
 
         def open_one(d):
             try:
-                self._open(self.links[d], deploy)
+                self._open(self.links[d], deploy and d in self.plan.manifest.devices)
             except Exception as e:  # noqa: BLE001
                 errors[d] = e
         threads = [threading.Thread(target=open_one, args=(d,)) for d in self.links]
@@ -146,6 +239,39 @@ class Session:
         self._hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._hb.start()
 
+    # the current plan's (what a one-plan session always had)
+    @property
+    def dir(self) -> Path:
+        return self.plan.dir
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.plan.manifest
+
+    @property
+    def manifest_bytes(self) -> bytes:
+        return self.plan.manifest_bytes
+
+    @property
+    def bundle_id(self) -> str:
+        return self.plan.bundle_id
+
+    @property
+    def source(self) -> str:
+        return self.plan.source
+
+    def _check_endpoints(self, plan: PlanVersion) -> None:
+        missing = [d for d in plan.manifest.devices if d not in self.endpoints]
+        if missing:
+            raise EdgepartError(f"no endpoint for device(s) {missing}; endpoints given: {sorted(self.endpoints)}")
+
+    def _event(self, kind: str, **info) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(kind, info)
+            except Exception:  # noqa: BLE001 — a listener's bug must not break the session
+                log.exception("event listener failed on %s", kind)
+
     # --- connections and deploy -------------------------------------------------------
     def _open(self, link: _Link, deploy: bool) -> None:
         try:
@@ -157,13 +283,15 @@ class Session:
             raise EdgepartError(f"device {link.device!r} at {link.address}: {e}") from None
         link.ch = ch
         link.ctrl = queue.Queue()
+        link.bundles = set()
         link.last_seen = time.monotonic()
         link.unanswered_since = None
-        link.alive = True
         link.refused = ""
+        link.down_since = None
+        link.alive = True
         threading.Thread(target=self._reader, args=(link, ch), name=f"client-{link.device}", daemon=True).start()
         if deploy:
-            self._deploy(link)
+            self._deploy(link, self.plan)
 
     def _ctrl(self, link: _Link, kinds: tuple, timeout: float = 60.0) -> dict:
         deadline = time.monotonic() + timeout
@@ -183,45 +311,135 @@ class Session:
             if h["kind"] in kinds:
                 return h
 
-    def _deploy(self, link: _Link) -> None:
+    def _deploy(self, link: _Link, plan: PlanVersion) -> None:
+        """Deploy ``plan`` to ``link``'s worker; the files it already holds (same sha256) are not sent."""
         d = link.device
-        hdr = {"kind": "deploy", "device": d, "bundle": self.bundle_id, "peers": self.peer_endpoints[d]}
-        if self.sign_key is not None:
-            hdr["signature"] = sign_deploy(self.sign_key, self.bundle_id, d, self.peer_endpoints[d])
-        link.ch.send(hdr, [self.manifest_bytes])
-        h = self._ctrl(link, ("deploy_need", "deploy_ok"))
-        if h["kind"] == "deploy_ok":
+        with link.ctrl_lock:
+            hdr = {"kind": "deploy", "device": d, "bundle": plan.bundle_id, "peers": self.peer_endpoints[d]}
+            if self.sign_key is not None:
+                hdr["signature"] = sign_deploy(self.sign_key, plan.bundle_id, d, self.peer_endpoints[d])
+            link.ch.send(hdr, [plan.manifest_bytes])
+            h = self._ctrl(link, ("deploy_need", "deploy_ok"))
+            if h["kind"] != "deploy_ok":
+                for rel in h.get("files", []):
+                    self._send_file(link, plan.dir, rel)
+                    self._ctrl(link, ("file_ok",))
+                    self.counts["files_shipped"] += 1
+                link.ch.send({"kind": "commit"})
+                self._ctrl(link, ("deploy_ok",))
+        link.bundles.add(plan.bundle_id)
+
+    @staticmethod
+    def _send_file(link: _Link, root: Path, rel: str) -> None:
+        path = root / rel
+        if not path.is_file():
+            raise BundleError(f"{path}: missing; the bundle is incomplete")
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size:
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                    mv = memoryview(m)
+                    try:
+                        link.ch.send({"kind": "file", "path": rel}, [mv])
+                    finally:
+                        mv.release()
+            else:
+                link.ch.send({"kind": "file", "path": rel}, [b""])
+
+    # --- plan versions (resubmit mode) ---------------------------------------------------------
+    def deploy_plan(self, bundle_or_dir) -> PlanVersion:
+        """Deploy another plan to its devices (in parallel; only the files a worker lacks are sent) without
+        using it yet; :meth:`switch` makes it current. Raises (naming the device) if a deploy fails."""
+        plan = PlanVersion.load(bundle_or_dir, next(self.versions))
+        self._check_endpoints(plan)
+        known = self.plans.get(plan.bundle_id)
+        if known is not None:                      # the same plan again: keep its version number
+            if plan.tmp:
+                shutil.rmtree(plan.tmp, ignore_errors=True)
+            plan = known
+        unknown = [d for d in plan.devices if d not in self.links]
+        if unknown:
+            raise EdgepartError(f"{plan.describe()} uses device(s) {unknown} this session is not connected to")
+        errors: dict[str, Exception] = {}
+
+        def one(d):
+            link = self.links[d]
+            try:
+                if not link.alive:
+                    raise WorkerDied(d, f"device {d!r} is down ({link.reason})")
+                self._deploy(link, plan)
+            except Exception as e:  # noqa: BLE001
+                errors[d] = e
+        threads = [threading.Thread(target=one, args=(d,)) for d in plan.devices]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            d, e = next(iter(errors.items()))
+            raise e if isinstance(e, EdgepartError) else EdgepartError(f"deploying to {d!r}: {e}")
+        self.plans[plan.bundle_id] = plan
+        return plan
+
+    def switch(self, plan: PlanVersion) -> None:
+        """Make ``plan`` (deployed by :meth:`deploy_plan`) current: requests sent from now on run on it,
+        those in flight finish on theirs; parked requests are sent again on it."""
+        with self.lock:
+            old, self.plan = self.plan, plan
+        if old is not plan:
+            self.counts["switches"] += 1
+            log.info("switched %s -> %s", old.describe(), plan.describe())
+        self._pump()
+
+    def servable(self, plan: PlanVersion | None = None) -> bool:
+        """Every device of ``plan`` (default: the current one) is connected and holds it."""
+        plan = plan or self.plan
+        return all(d in self.links and self.links[d].alive and plan.bundle_id in self.links[d].bundles
+                   for d in plan.devices)
+
+    def alive_devices(self) -> list[str]:
+        return [d for d, link in self.links.items() if link.alive]
+
+    def _pump(self) -> None:
+        """Send parked requests again if the current plan can serve them (one that failed on this very
+        plan only after its backoff: a link between two workers may be down while both answer us)."""
+        if not self.parked or self.closed or not self.servable():
             return
-        for rel in h.get("files", []):
-            path = self.dir / rel
-            if not path.is_file():
-                raise BundleError(f"{path}: missing; the bundle is incomplete")
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size:
-                    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                        mv = memoryview(m)
-                        try:
-                            link.ch.send({"kind": "file", "path": rel}, [mv])
-                        finally:
-                            mv.release()
-                else:
-                    link.ch.send({"kind": "file", "path": rel}, [b""])
-            self._ctrl(link, ("file_ok",))
-        link.ch.send({"kind": "commit"})
-        self._ctrl(link, ("deploy_ok",))
+        now = time.monotonic()
+        with self.lock:
+            plan = self.plan
+            ready = [r for r in self.parked if r.plan is not plan or now >= r.not_before]
+            if not ready:
+                return
+            ids = {id(r) for r in ready}
+            self.parked = collections.deque(r for r in self.parked if id(r) not in ids)
+        for r in ready:
+            if not r.fut.done():
+                self.counts["resubmitted"] += 1
+                self._send(r)
+
+    def _park(self, r: _Request, why: str) -> None:
+        r.tries.append(why)
+        r.not_before = time.monotonic() + min(2.0, 0.1 * 2 ** len(r.tries))
+        with self.lock:
+            self.parked.append(r)
+
+    # --- frames from the workers ------------------------------------------------------------
+    def _plan_of(self, h: dict) -> PlanVersion:
+        return self.plans.get(h.get("bundle")) or self.plan
 
     def _expect(self, h: dict):
         if h["kind"] != "result":
             return None
+        manifest = self._plan_of(h).manifest
         values = h.get("values")
-        leaves = output_tree.leaves(self.manifest.output)
+        leaves = output_tree.leaves(manifest.output)
         if not isinstance(values, list) or len(values) != len(leaves):
             raise ProtocolError("result frame: 'values' does not match the bundle's outputs")
         specs = []
         for leaf, v in zip(leaves, values):
             if v is None:
-                meta = self.manifest.tensors.get(leaf)
+                meta = manifest.tensors.get(leaf)
                 if meta is None or meta.shape is None:
                     raise ProtocolError(f"result frame: output {leaf!r} has no known shape")
                 specs.append((meta.dtype, meta.shape))
@@ -238,19 +456,29 @@ class Session:
                 if kind in ("result", "error"):
                     rid = frame.get("req")
                     with self.lock:
-                        entry = self.pending.pop(rid, None)
-                    if entry is None:
-                        continue
-                    fut, t0 = entry
+                        r = self.pending.pop(rid, None)
+                    if r is None:
+                        continue                 # an abandoned attempt's late answer
                     if kind == "result":
-                        self.timings.append(time.perf_counter() - t0)
-                        fut.set_result(self._rebuild(frame.header["values"], frame.parts))
+                        self.timings.append(time.perf_counter() - r.t0)
+                        self.counts["answered"] += 1
+                        r.fut.set_result(self._rebuild(r.plan, frame.header["values"], frame.parts))
+                    elif self.resubmit and frame.get("code") in RETRIABLE and time.monotonic() < r.deadline:
+                        self._park(r, f"{frame.get('code')} on {r.plan.describe()}: {frame.get('message')}")
+                        if frame.get("code") == ErrorCode.PEER_DOWN.value:
+                            self._event("peer_down", device=frame.get("device"), plan=r.plan.version,
+                                        reason=str(frame.get("message"))[:200])
                     else:
-                        fut.set_exception(self._remote_error(frame.header))
+                        self.counts["failed"] += 1
+                        r.fut.set_exception(self._remote_error(frame.header))
+                elif kind == "pong":
+                    t = frame.get("t")
+                    if isinstance(t, (int, float)):
+                        link.rtt = time.monotonic() - t
                 elif kind == "refused":
                     link.refused = f"worker refused a frame: {frame.get('reason')}"
                     log.warning("device %r: %s", link.device, link.refused)
-                elif kind != "pong":
+                else:
                     link.ctrl.put(frame.header)
         except PeerClosed:
             reason = "its worker closed the connection"
@@ -265,13 +493,14 @@ class Session:
         device that is down for ``peer_down``, else a RemoteError."""
         return error_for(h.get("code"), h.get("device"), f"request failed: {h.get('message', 'failed')}")
 
-    def _rebuild(self, values: list, parts: list):
+    @staticmethod
+    def _rebuild(plan: PlanVersion, values: list, parts: list):
         it_v, it_p = iter(values), iter(parts)
 
         def leaf(_name):    # a value sent inline in the header, else the next raw tensor part
             v = next(it_v)
             return next(it_p) if v is None else v
-        return output_tree.walk(self.manifest.output, leaf)
+        return output_tree.walk(plan.manifest.output, leaf)
 
     def _dead(self, link: _Link, reason: str) -> None:
         with self.lock:
@@ -279,30 +508,46 @@ class Session:
                 return
             link.alive = False
             link.reason = reason
-            victims = list(self.pending.items())
-            self.pending.clear()
+            link.down_since = time.monotonic()
+            link.next_retry = link.down_since + self.retry_every
+            if self.resubmit:        # only the requests whose plan needs the device
+                victims = [(a, r) for a, r in self.pending.items() if link.device in r.plan.manifest.devices]
+            else:
+                victims = list(self.pending.items())
+            for a, _ in victims:
+                del self.pending[a]
         if link.ch is not None:
             link.ch.close()
         if self.closed:
             return
         msg = f"device {link.device!r} at {link.address} died: {reason}"
         log.warning(msg)
-        for rid, (fut, _) in victims:
-            if not fut.done():
-                fut.set_exception(WorkerDied(link.device, msg))
+        for rid, r in victims:
+            if r.fut.done():
+                continue
+            if self.resubmit and time.monotonic() < r.deadline:
+                self._park(r, msg)
+            else:
+                self.counts["failed"] += 1
+                r.fut.set_exception(WorkerDied(link.device, msg))
         for other in self.links.values():
             if other.alive and other is not link:
                 for rid, _ in victims:
                     try:
                         other.ch.send({"kind": "cancel", "req": rid, "reason": msg})
-                    except (OSError, PeerClosed):
+                    except (OSError, PeerClosed, AttributeError):
                         pass
+        self._event("device_down", device=link.device, reason=reason, parked=len(victims))
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.heartbeat):
             now = time.monotonic()
             for link in list(self.links.values()):
                 if not link.alive:
+                    if self.resubmit and now >= link.next_retry and not link.retrying:
+                        link.retrying = True       # in a thread of its own: a stopped worker's hello hangs
+                        threading.Thread(target=self._retry, args=(link,), name=f"retry-{link.device}",
+                                         daemon=True).start()
                     continue
                 if link.unanswered_since is not None and now - link.unanswered_since > self.dead_after:
                     self._dead(link, f"no answer for {now - link.unanswered_since:.1f} s")
@@ -313,6 +558,44 @@ class Session:
                     link.ch.send({"kind": "ping", "t": now})
                 except (OSError, PeerClosed) as e:
                     self._dead(link, f"connection lost ({e})")
+            if self.resubmit:
+                self._expire(now)
+                self._pump()
+
+    def _retry(self, link: _Link) -> None:
+        """Try to reconnect a dead worker (no deploy: the controller deploys the plan it chooses)."""
+        try:
+            with self.revive_lock:
+                if link.alive or self.closed:
+                    return
+                old_timeout, self.connect_timeout = self.connect_timeout, min(1.0, self.connect_timeout)
+                try:
+                    self._open(link, deploy=False)
+                finally:
+                    self.connect_timeout = old_timeout
+        except EdgepartError:
+            return
+        finally:
+            link.next_retry = time.monotonic() + self.retry_every
+            link.retrying = False
+        log.info("device %r is back at %s", link.device, link.address)
+        self._event("device_up", device=link.device)
+
+    def _expire(self, now: float) -> None:
+        """Fail requests past their deadline (in flight or parked): every request has a timeout."""
+        with self.lock:
+            late = [(a, r) for a, r in self.pending.items() if now > r.deadline]
+            for a, _ in late:
+                del self.pending[a]
+            late_parked = [r for r in self.parked if now > r.deadline]
+            if late_parked:
+                self.parked = collections.deque(r for r in self.parked if now <= r.deadline)
+        for r in [r for _, r in late] + late_parked:
+            if not r.fut.done():
+                self.counts["failed"] += 1
+                r.fut.set_exception(EdgepartError(
+                    f"request {r.base} timed out after {self.timeout:.0f} s"
+                    + (f" (earlier attempts: {'; '.join(r.tries)[:300]})" if r.tries else "")))
 
     def _revive(self) -> None:
         """Reconnect (and redeploy to) any worker found dead; raise WorkerDied if one is still unreachable."""
@@ -325,7 +608,7 @@ class Session:
                     old_timeout = self.connect_timeout
                     self.connect_timeout = 1.0
                     try:
-                        self._open(link, deploy=True)
+                        self._open(link, deploy=link.device in self.plan.manifest.devices)
                     finally:
                         self.connect_timeout = old_timeout
                     log.info("device %r is back at %s; redeployed", link.device, link.address)
@@ -338,24 +621,40 @@ class Session:
 
     # --- requests -----------------------------------------------------------------------
     def submit(self, *inputs) -> cf.Future:
-        """Send one request; the future resolves to its output (or raises WorkerDied / RemoteError)."""
+        """Send one request; the future resolves to its output (or raises WorkerDied / RemoteError).
+        In resubmit mode it never raises here: a request that cannot be sent now waits (parked)."""
         if self.closed:
             raise EdgepartError("the session is closed")
-        xs = check_inputs(self.manifest, inputs)
-        self._revive()
-        rid = f"{self.sid}:{next(self.counter)}"
+        xs = [x.contiguous() for x in check_inputs(self.manifest, inputs)]
+        if not self.resubmit:
+            self._revive()
         fut: cf.Future = cf.Future()
-        with self.lock:
-            self.pending[rid] = (fut, time.perf_counter())
-        link = self.links[self.source]
-        try:
-            link.ch.send({"kind": "input", "req": rid}, [x.contiguous() for x in xs])
-        except (OSError, PeerClosed, AttributeError) as e:
-            with self.lock:
-                self.pending.pop(rid, None)
-            self._dead(link, f"connection lost ({e})")
-            raise WorkerDied(self.source, f"device {self.source!r} at {link.address} died: {e}") from None
+        r = _Request(fut, xs, f"{self.sid}:{next(self.counter)}", time.monotonic() + self.timeout)
+        self._send(r)
         return fut
+
+    def _send(self, r: _Request) -> None:
+        """Send an attempt of ``r`` on the current plan (resubmit mode: park it if that plan cannot serve)."""
+        with self.lock:
+            plan = self.plan
+            if self.resubmit and not self.servable(plan):
+                self.parked.append(r)
+                return
+            r.plan = plan
+            r.attempt += 1
+            r.aid = r.base if r.attempt == 1 else f"{r.base}.{r.attempt}"
+            self.pending[r.aid] = r
+        link = self.links[plan.source]
+        try:
+            link.ch.send({"kind": "input", "req": r.aid, "bundle": plan.bundle_id}, r.inputs)
+        except (OSError, PeerClosed, AttributeError) as e:
+            if self.resubmit:
+                self._dead(link, f"connection lost ({e})")      # parks r with the other victims
+                return
+            with self.lock:
+                self.pending.pop(r.aid, None)
+            self._dead(link, f"connection lost ({e})")
+            raise WorkerDied(plan.source, f"device {plan.source!r} at {link.address} died: {e}") from None
 
     def infer(self, *inputs, timeout: float | None = None):
         fut = self.submit(*inputs)
@@ -381,13 +680,21 @@ class Session:
         return results
 
     def stats(self, timeout: float = 5.0) -> dict[str, dict]:
-        """Per-device counters from the workers: compute_us, bytes_sent, bytes_received, requests, failed."""
+        """Per-device counters from the workers: compute_us, bytes_sent, bytes_received, requests, failed,
+        stage_us:S / stage_runs:S, inflight, cpu_load. A device that does not answer is left out."""
         out = {}
-        for d, link in self.links.items():
+        for d, link in list(self.links.items()):
             if not link.alive:
                 continue
-            link.ch.send({"kind": "stats"})
-            out[d] = self._ctrl(link, ("stats",), timeout).get("stats", {})
+            if not link.ctrl_lock.acquire(timeout=timeout):
+                continue                                # a deploy is using the control channel
+            try:
+                link.ch.send({"kind": "stats"})
+                out[d] = self._ctrl(link, ("stats",), timeout).get("stats", {})
+            except (EdgepartError, OSError, PeerClosed, AttributeError):
+                continue
+            finally:
+                link.ctrl_lock.release()
         return out
 
     def close(self) -> None:
@@ -396,11 +703,12 @@ class Session:
         self.closed = True
         self._stop.set()
         with self.lock:
-            victims = list(self.pending.values())
+            victims = [r for r in self.pending.values()] + list(self.parked)
             self.pending.clear()
-        for fut, _ in victims:
-            if not fut.done():
-                fut.set_exception(EdgepartError("the session was closed"))
+            self.parked.clear()
+        for r in victims:
+            if not r.fut.done():
+                r.fut.set_exception(EdgepartError("the session was closed"))
         for link in self.links.values():
             if link.ch is not None:
                 link.alive = False
@@ -409,9 +717,9 @@ class Session:
                 except (OSError, PeerClosed):
                     pass
                 link.ch.close()
-        if self._tmp:
-            import shutil
-            shutil.rmtree(self._tmp, ignore_errors=True)
+        for plan in self.plans.values():
+            if plan.tmp:
+                shutil.rmtree(plan.tmp, ignore_errors=True)
 
     def __enter__(self):
         return self

@@ -7,11 +7,11 @@ and on ``commit`` loads the device's program — every file checked again — an
 requests of the previous bundle fail and links to the new bundle's peers are opened on demand.
 Deploying the bundle that is already active, with the same peers, is a no-op.
 
-Weights files are also kept by content: every ``.safetensors`` file received is hard-linked as
-``workdir/blobs/<sha256>``, and a later deploy of any bundle that lists weights with a held sha256
-links them from there instead of asking for them, so model versions and plans deployed one after
-another send only the weights that differ. Programs are small and always sent. Loading checks
-every sha256 again. Any refusal is a
+Files are also kept by content: every file received is hard-linked as ``workdir/blobs/<sha256>``,
+and a later deploy of any bundle that lists a file with a held sha256 links it from there instead
+of asking for it, so plans and model versions deployed one after another ship only the files that
+changed. A link is a new name for the same bytes; nothing rewrites a file in place (received files
+replace their temporary names), and loading checks every sha256 again. Any refusal is a
 ``deploy_error`` frame (code ``deploy_failed``) and ends that deploy, not the connection.
 The client side is deploy_client.py.
 
@@ -53,7 +53,6 @@ log = logging.getLogger("edgepart.worker")
 MAX_MANIFEST = 4 << 20          # bytes: a ResNet-50 manifest is ~0.3 MB; more is refused before it is read
 LOCK_TIMEOUT = 120.0            # s a deploy step waits for another connection's step on the same bundle
 BUNDLE_SIDE_FILES = {"manifest.json"}
-WEIGHTS_SUFFIX = ".safetensors"      # the files kept by sha256 across bundles (see the module docstring)
 
 
 class _GuardedFile:
@@ -209,7 +208,7 @@ class Deployer:
                         held = False                            # unreadable: sent again
                     if held:
                         continue
-                    if not (rel.endswith(WEIGHTS_SUFFIX) and self._link_held(manifest.files[rel], p)):
+                    if not self._link_held(manifest.files[rel], p):
                         need.append(rel)
             finally:
                 lock.release()
@@ -271,8 +270,7 @@ class Deployer:
             return
         finally:
             lock.release()
-        if rel.endswith(WEIGHTS_SUFFIX):
-            self._hold(up.dir / rel, want)
+        self._hold(up.dir / rel, want)
         up.need.discard(rel)
         conn.out.put({"kind": "file_ok", "path": rel})
 

@@ -11,6 +11,15 @@ A request that fails anywhere fails everywhere: a non-source device tells the so
 the source tells the client (``error``) and cancels it on every other device. Both frames carry
 the failure's code, the device it is about and a message (:class:`~edgepart.runtime.protocol.Failure`).
 A request idle longer than the request timeout is failed by the reaper.
+
+**Plan versions.** A worker keeps several deployments (bundles) at once, keyed by bundle id: the
+newest deploy is the *active* one, and older ones stay loaded while requests of theirs are in
+flight (and a few more, :data:`KEEP_OLD`, so that a piece of a request that started elsewhere on an
+older plan still finds its bundle here). Every request frame may name its bundle (``"bundle"``:
+its id); a request runs entirely on the bundle it started on, and its pieces, results and
+``begin`` frames carry that id on. A frame without one means the active bundle (older clients).
+So a client swaps plans at a request boundary by tagging new requests with the new bundle id:
+requests in flight finish on the old plan, none is failed by the deploy.
 """
 from __future__ import annotations
 
@@ -30,6 +39,7 @@ from edgepart.errors import EdgepartError, ErrorCode
 from edgepart.ir import output as output_tree
 from edgepart.ir.manifest import Manifest, Recv, Run, Send, TakeInput
 from edgepart.runtime.interpreter import StageError, advance
+from edgepart.runtime.monitor import LoadMeter
 from edgepart.runtime.program import DeviceProgram
 from edgepart.runtime.protocol import Failure, Frame, ProtocolError
 from edgepart.runtime.server import Conn, Server
@@ -41,6 +51,8 @@ MAX_INFLIGHT = 4096
 MAX_FINISHED = 8192            # ids of finished requests remembered, so their late pieces are dropped
 REQ_ID_MAX = 80
 INLINE_COMPUTE_S = 0.005       # a reader thread runs a request itself only if recent ones computed this briefly
+KEEP_OLD = 8                   # older deployments kept loaded besides the active one (more while requests use them;
+                               # an online controller keeps a standby plan per device deployed)
 
 
 class StageClock(Protocol):
@@ -78,13 +90,14 @@ class Deployment:
 
 
 class Req:
-    __slots__ = ("id", "seq", "program", "pc", "store", "mailbox", "got", "waiting", "client", "inputs",
+    __slots__ = ("id", "seq", "dep", "program", "pc", "store", "mailbox", "got", "waiting", "client", "inputs",
                  "created", "touched", "cancelled", "queued", "compute_s")
 
-    def __init__(self, rid: str, seq: int, program: DeviceProgram):
+    def __init__(self, rid: str, seq: int, dep: Deployment):
         self.id = rid
         self.seq = seq
-        self.program = program
+        self.dep = dep                      # the bundle (plan version) this request runs on, start to end
+        program = self.program = dep.program
         self.pc = 0
         self.store = program.new_store()
         self.mailbox: dict[tuple, torch.Tensor] = {}
@@ -113,14 +126,18 @@ class Executor:
     """
 
     def __init__(self, stats: collections.Counter, stop_event: threading.Event, threads: int = 1,
-                 request_timeout: float = 120.0, stage_clock: StageClock | None = None):
+                 request_timeout: float = 120.0, stage_clock: StageClock | None = None,
+                 load_meter: "LoadMeter | None" = None):
         self.stats = stats
         self.stop_event = stop_event
         self.threads = threads
         self.request_timeout = request_timeout
         self.stage_clock = stage_clock
+        # how busy other work keeps this worker's CPUs (reported in stats; None: not measured)
+        self.load_meter = load_meter if load_meter is not None else LoadMeter()
         self.lock = threading.RLock()
         self.active: Deployment | None = None
+        self.deployments: collections.OrderedDict[str, Deployment] = collections.OrderedDict()  # oldest first
         self.reqs: dict[str, Req] = {}
         self.finished: collections.OrderedDict = collections.OrderedDict()
         self.runq: list = []
@@ -144,7 +161,7 @@ class Executor:
         server.register("cancel", self._on_cancel)
         server.register("fail", self._on_fail)
         server.register("stats", lambda conn, f: conn.out.put({"kind": "stats", "device": self.device,
-                                                               "stats": dict(self.stats)}))
+                                                               "stats": self.stats_snapshot()}))
         server.on_disconnect(self._on_disconnect)
 
     def start(self) -> None:
@@ -155,31 +172,71 @@ class Executor:
         """Wake the compute thread (to see the stop event) and close the links to the peers."""
         with self.lock:
             self.runq_cv.notify_all()
-            active = self.active
-        if active is not None:
-            for link in active.links.values():
+            deps = list(self.deployments.values())
+        for dep in deps:
+            for link in dep.links.values():
                 link.close()
 
-    def activate(self, dep: Deployment) -> None:
-        """Run ``dep`` from now on: requests of the previous bundle fail (``redeployed``), its links close."""
+    def stats_snapshot(self) -> dict:
+        """The counters, plus what a monitoring client wants now: requests in flight, bundles loaded, and
+        ``cpu_load`` (the share of this worker's CPUs other work took lately; see runtime.monitor)."""
         with self.lock:
-            old = list(self.reqs.values())
-            previous = self.active
+            out = dict(self.stats)
+            out["inflight"] = len(self.reqs)
+            out["bundles"] = len(self.deployments)
+        if self.load_meter is not None:
+            out["cpu_load"] = round(self.load_meter.load(), 4)
+        return out
+
+    def activate(self, dep: Deployment) -> None:
+        """Run ``dep`` for new untagged requests from now on, and for requests that name its bundle id.
+        Requests of older bundles go on on theirs (see the module docstring); an older bundle is
+        unloaded, its links closed, once it is beyond the :data:`KEEP_OLD` newest and idle."""
+        with self.lock:
+            replaced = self.deployments.pop(dep.bundle_id, None)
+            self.deployments[dep.bundle_id] = dep
             self.active = dep
             self.recent_compute.clear()
-        if previous is not None:
-            for link in previous.links.values():
-                link.close()
-        for r in old:
-            self.fail(r, Failure(ErrorCode.REDEPLOYED, dep.device, f"device {dep.device!r} was redeployed"))
+            in_use = {id(r.dep) for r in self.reqs.values()}
+        if replaced is not None and id(replaced) not in in_use:
+            self._close_links(replaced)
+        self._retire()
+
+    def _retire(self) -> None:
+        """Unload old deployments beyond the KEEP_OLD newest that no request in flight runs on."""
+        with self.lock:
+            in_use = {id(r.dep) for r in self.reqs.values()}
+            old = [d for d in self.deployments.values() if d is not self.active]
+            drop = [d for d in old[:max(0, len(old) - KEEP_OLD)] if id(d) not in in_use]
+            for d in drop:
+                del self.deployments[d.bundle_id]
+        for d in drop:
+            log.info("unloaded bundle %s (plan replaced, its requests drained)", d.bundle_id[:12])
+            self._close_links(d)
+
+    @staticmethod
+    def _close_links(dep: Deployment) -> None:
+        for link in dep.links.values():
+            link.close()
 
     # --- frames -----------------------------------------------------------------------------
     def _expect_deployed(self, conn: Conn, h: dict) -> Deployment:
-        active = self.active
-        if active is None:
-            raise ProtocolError(f"{h['kind']!r} frame but no bundle is deployed on this worker")
         req_id(h)
-        return active
+        return self._deployment(h)
+
+    def _deployment(self, h: dict) -> Deployment:
+        """The deployment a frame names (``bundle``), else the active one; ProtocolError if it is not here."""
+        bid = h.get("bundle")
+        if bid is None:
+            active = self.active
+            if active is None:
+                raise ProtocolError(f"{h['kind']!r} frame but no bundle is deployed on this worker")
+            return active
+        dep = self.deployments.get(bid) if isinstance(bid, str) else None
+        if dep is None:
+            raise ProtocolError(f"{h['kind']!r} frame for bundle {str(bid)[:12]!r}, which is not deployed on "
+                                f"this worker (deploy it first)")
+        return dep
 
     def _expect_input(self, conn: Conn, h: dict):
         active = self._expect_deployed(conn, h)
@@ -202,12 +259,13 @@ class Executor:
     def _on_input(self, conn: Conn, frame: Frame) -> None:
         rid = req_id(frame.header)
         with self.lock:
+            dep = self._deployment(frame.header)
             if rid in self.reqs:
                 raise ProtocolError(f"request id {rid!r} is already in flight")
             self.finished.pop(rid, None)
-            req = self._get_req(rid)
+            req = self._get_req(rid, dep)
             req.client = conn.out
-            req.inputs = {s.name: x for s, x in zip(self.active.manifest.inputs, frame.parts)}
+            req.inputs = {s.name: x for s, x in zip(dep.manifest.inputs, frame.parts)}
             if req.waiting == ("input",):
                 req.waiting = None
                 self._schedule(req)
@@ -219,7 +277,7 @@ class Executor:
         rid = h["req"]
         key = (h["from"], h["tensor"], h["rows"][0], h["rows"][1])
         with self.lock:
-            req = self._get_req(rid)
+            req = self._get_req(rid, self._deployment(h))
             if req is None:
                 return                      # late piece of a finished or cancelled request
             if key in req.got:
@@ -234,7 +292,7 @@ class Executor:
 
     def _on_begin(self, conn: Conn, frame: Frame) -> None:
         with self.lock:
-            self._get_req(req_id(frame.header))
+            self._get_req(req_id(frame.header), self._deployment(frame.header))
         self._kick()
 
     def _on_cancel(self, conn: Conn, frame: Frame) -> None:
@@ -263,21 +321,20 @@ class Executor:
                 self.fail(r, Failure(ErrorCode.CLIENT_GONE, self.device, "the client disconnected"))
 
     # --- scheduling -------------------------------------------------------------------------
-    def _get_req(self, rid: str) -> Req | None:
-        """The request's state, created (and queued once) on first mention. Caller holds the lock."""
+    def _get_req(self, rid: str, dep: Deployment) -> Req | None:
+        """The request's state, created on ``dep`` (and queued once) on first mention. Caller holds the lock."""
         req = self.reqs.get(rid)
         if req is None:
             if rid in self.finished:
                 return None
             if len(self.reqs) >= MAX_INFLIGHT:
                 raise ProtocolError(f"{MAX_INFLIGHT} requests already in flight")
-            active = self.active
-            req = Req(rid, next(self.seq), active.program)
+            req = Req(rid, next(self.seq), dep)
             self.reqs[rid] = req
-            for d in active.begin_targets:
-                link = active.links.get(d)
+            for d in dep.begin_targets:
+                link = dep.links.get(d)
                 if link:
-                    link.put({"kind": "begin", "req": rid})
+                    link.put({"kind": "begin", "req": rid, "bundle": dep.bundle_id})
             self._schedule(req)
         return req
 
@@ -360,6 +417,7 @@ class Executor:
         self.stats["compute_us"] += int(dt * 1e6)
         # per stage, so a testbed can compare each stage with its prediction
         self.stats[f"stage_us:{act.stage}"] += int(dt * 1e6)
+        self.stats[f"stage_runs:{act.stage}"] += 1        # with stage_us: a monitor's mean stage time
         self.stats[f"stage_cpu_us:{act.stage}"] += int(cpu * 1e6)
         self.stats[f"stage_faults:{act.stage}"] += faults
         # preempted mid-stage (by another worker or this one's socket threads on a shared CPU)
@@ -371,7 +429,7 @@ class Executor:
             self.reqs.pop(req.id, None)
             self._remember(req.id)
             self.stats["requests"] += 1
-            if self.active is not None and req.program is self.active.program:
+            if req.dep is self.active:
                 self.recent_compute.append(req.compute_s)
 
     def _remember(self, rid: str) -> None:
@@ -389,23 +447,22 @@ class Executor:
             self._remember(req.id)
             req.cancelled = True
             self.stats["failed"] += 1
-            active = self.active
+            dep = req.dep
         log.info("request %s failed (%s): %s", req.id, failure.code.value, failure.message)
-        links = dict(active.links) if active is not None else {}
-        source = active.source if active is not None else None
-        if active is not None and active.device == source:
+        links = dict(dep.links)
+        source = dep.source
+        if dep.device == source:
             if req.client is not None:
-                req.client.put({"kind": "error", "req": req.id, **failure.fields()})
+                req.client.put({"kind": "error", "req": req.id, "bundle": dep.bundle_id, **failure.fields()})
             for link in links.values():
                 link.put({"kind": "cancel", "req": req.id, "reason": failure.message[:300]})
         elif source in links:
-            links[source].put({"kind": "fail", "req": req.id, **failure.fields()})
+            links[source].put({"kind": "fail", "req": req.id, "bundle": dep.bundle_id, **failure.fields()})
 
     def peer_down(self, device: str, reason: str) -> None:
         """A peer's connection went away: fail every request in flight if this device works with it."""
         with self.lock:
-            active = self.active
-            victims = list(self.reqs.values()) if active is not None and device in active.partners else []
+            victims = [r for r in self.reqs.values() if device in r.dep.partners]
         if victims:
             log.warning("peer device %r is down (%s); failing %d request(s)", device, reason, len(victims))
         for r in victims:
@@ -413,6 +470,7 @@ class Executor:
 
     def _reaper_loop(self) -> None:
         while not self.stop_event.wait(1.0):
+            self._retire()
             now = time.monotonic()
             with self.lock:
                 stale = [r for r in self.reqs.values() if now - r.touched > self.request_timeout]
@@ -454,11 +512,12 @@ class _RequestHost:
         self.ex._timed_stage(self.req, act, run)
 
     def send_piece(self, act: Send, piece) -> None:
-        link = self.ex.active.links.get(act.dst)
+        dep = self.req.dep
+        link = dep.links.get(act.dst)
         if link is None:
             raise EdgepartError(f"no link to device {act.dst!r}")
         link.put({"kind": "piece", "req": self.req.id, "tensor": act.tensor, "rows": [act.a, act.b],
-                  "from": self.req.program.device}, [piece], self.req)
+                  "from": self.req.program.device, "bundle": dep.bundle_id}, [piece], self.req)
 
     def emit_output(self, value) -> None:
         values, parts = [], []
@@ -469,7 +528,8 @@ class _RequestHost:
             else:
                 values.append(leaf if isinstance(leaf, (int, float, bool, str)) or leaf is None else str(leaf))
         if self.req.client is not None:
-            self.req.client.put({"kind": "result", "req": self.req.id, "values": values,
+            self.req.client.put({"kind": "result", "req": self.req.id, "bundle": self.req.dep.bundle_id,
+                                 "values": values,
                                  "compute_ms": round(self.req.compute_s * 1e3, 3)}, parts)
 
 

@@ -37,6 +37,14 @@ _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 _live: "weakref.WeakSet[LocalCluster]" = weakref.WeakSet()
 
 
+class _DevicesView:
+    """What the Emulator reads of a manifest (its cluster and which devices get workers), for ``all_devices``."""
+
+    def __init__(self, manifest, devices: list[str]):
+        self.cluster = manifest.cluster
+        self.devices = set(devices)
+
+
 @atexit.register
 def _close_all() -> None:
     for c in list(_live):
@@ -51,10 +59,13 @@ class LocalCluster:
                  startup_timeout: float = 60.0, log_dir: str | os.PathLike | None = None,
                  time_scale: float | None = None, cpu_period_us: int | None = None,
                  cpuset: list[int] | None = None, host_speed: float | None = None, cpu: str = "quota",
-                 backend: str | None = None, **session_kw):
+                 backend: str | None = None, all_devices: bool = False, **session_kw):
         self.dir, self._tmp_bundle = bundle_dir_of(bundle_or_dir)
         self.manifest = read_manifest(self.dir)
-        self.devices = list(self.manifest.devices)
+        # all_devices: a worker for every device of the manifest's cluster, not only those the plan uses
+        # (an online controller may re-plan onto the others: edgepart.online.AdaptiveLocalCluster)
+        self.devices = ([d["name"] for d in self.manifest.cluster["devices"]] if all_devices
+                        else list(self.manifest.devices))
         self.key = as_key(key) if key is not None else os.urandom(32)
         self.threads = threads
         self.backend = backend
@@ -75,7 +86,7 @@ class LocalCluster:
         _live.add(self)
         try:
             if emulate:
-                self.emulator = Emulator(self.manifest, time_scale=time_scale,
+                self.emulator = Emulator(_DevicesView(self.manifest, self.devices), time_scale=time_scale,
                                          mode=emulate if isinstance(emulate, str) else None,
                                          period_us=cpu_period_us, cpuset=cpuset, host_speed=host_speed,
                                          defer_limits=True, cpu=cpu)
