@@ -50,7 +50,7 @@ from edgepart.compiler.cost.simulator import simulate
 from edgepart.compiler.planning.plan import Plan
 from edgepart.compiler.planning.registry import make_plan
 from edgepart.compiler.schedule import build_schedule
-from edgepart.compiler.trace import trace
+from edgepart.passes.trace import trace
 from edgepart.errors import EdgepartError
 from edgepart.fcpm.probe import probe
 from edgepart.online.state import LiveState
