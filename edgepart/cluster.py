@@ -18,6 +18,7 @@ import yaml
 from edgepart.errors import ClusterError
 
 DEFAULT_LINK = {"bandwidth_mbps": 100.0, "latency_ms": 1.0}
+TIERS = ("end", "edge", "cloud")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ class Device:
     # relative to its op type's ``calibration`` ((rows, factor), ...), measured at a few row counts and
     # the whole node (calibration.layers.measure_node_calibration); a node without one keeps its op type's
     node_calibration: tuple[tuple[str, tuple[tuple[int, float], ...]], ...] = ()
+    # where it sits in an end–edge–cloud hierarchy (MCIA, edgepart.mcia): "end" | "edge" | "cloud", or None
+    # when the cluster is flat. An edge server's capacity is its speed and memory_mb, shared by the tasks of
+    # the end devices; an end device's uplink is its link to the edge, the WAN the edge–cloud link.
+    tier: str | None = None
 
 
 def _node_calibration(dev: dict) -> tuple:
@@ -102,6 +107,8 @@ class Cluster:
             if d.stage_start_ms is not None and not d.stage_start_ms >= 0:
                 raise ClusterError(f"device {d.name!r}: stage_start_ms must be a number >= 0, "
                                    f"got {d.stage_start_ms}")
+            if d.tier is not None and d.tier not in TIERS:
+                raise ClusterError(f"device {d.name!r}: tier must be one of {list(TIERS)}, got {d.tier!r}")
         self.devices = list(devices)
         self.default_link = {**DEFAULT_LINK, **(default_link or {})}
         self.overrides = [dict(o) for o in (overrides or [])]
@@ -137,7 +144,7 @@ class Cluster:
             if not isinstance(dev, dict) or "name" not in dev:
                 raise ClusterError(f"devices[{i}] needs a 'name'")
             unknown = set(dev) - {"name", "speed", "memory_mb", "address", "profile", "memory_speed", "calibration",
-                                  "stage_start_ms", "node_calibration"}
+                                  "stage_start_ms", "node_calibration", "tier"}
             if unknown:
                 raise ClusterError(f"device {dev['name']!r}: unknown keys {sorted(unknown)}")
             devices.append(Device(name=str(dev["name"]), speed=float(dev.get("speed", 1.0)),
@@ -146,7 +153,8 @@ class Cluster:
                                   memory_speed=float(dev.get("memory_speed", 1.0)),
                                   calibration=_calibration(dev),
                                   stage_start_ms=_number_or_none(dev, "stage_start_ms"),
-                                  node_calibration=_node_calibration(dev)))
+                                  node_calibration=_node_calibration(dev),
+                                  tier=str(dev["tier"]) if dev.get("tier") is not None else None))
         links = d.get("links", {}) or {}
         return cls(devices, links.get("default"), links.get("overrides"), d.get("source"),
                    d.get("shared_medium", False))
@@ -197,6 +205,8 @@ class Cluster:
                 e["stage_start_ms"] = d.stage_start_ms
             if d.node_calibration:
                 e["node_calibration"] = {node: [list(p) for p in pts] for node, pts in d.node_calibration}
+            if d.tier is not None:
+                e["tier"] = d.tier
             devs.append(e)
         return {"source": self.source, "shared_medium": self.shared_medium, "devices": devs,
                 "links": {"default": dict(self.default_link), "overrides": copy.deepcopy(self.overrides)}}
@@ -211,6 +221,12 @@ class Cluster:
             if d.name == name:
                 return d
         raise ClusterError(f"no device named {name!r}; devices are {self.names}")
+
+    def tier(self, tier: str) -> list[Device]:
+        """The devices of one tier ("end", "edge", "cloud"), in file order."""
+        if tier not in TIERS:
+            raise ClusterError(f"tier must be one of {list(TIERS)}, got {tier!r}")
+        return [d for d in self.devices if d.tier == tier]
 
     def fastest(self) -> str:
         return max(self.devices, key=lambda d: d.speed).name
