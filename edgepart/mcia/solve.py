@@ -100,7 +100,9 @@ def solve_milp(tables: list[TaskTable], tiers: Tiers, levels: int, time_limit: f
                                 "and rate on its own; relax them")
         cands.append(cs)
     prob = pulp.LpProblem("mcia", pulp.LpMaximize)
-    x = [[pulp.LpVariable(f"x_{i}_{j}", cat="Binary") for j in range(len(cs))] for i, cs in enumerate(cands)]
+    add = getattr(prob, "add_variable", None)    # PuLP >= 3.3 deprecates constructing LpVariable directly
+    x = [[add(f"x_{i}_{j}", cat="Binary") if add else pulp.LpVariable(f"x_{i}_{j}", cat="Binary")
+          for j in range(len(cs))] for i, cs in enumerate(cands)]
     prob += pulp.lpSum(c.outcome.objective * v for cs, xs in zip(cands, x) for c, v in zip(cs, xs))
     for i, xs in enumerate(x):
         prob += pulp.lpSum(xs) == 1, f"one_{i}"
