@@ -158,3 +158,44 @@ def test_cost_table_of_a_traced_model_has_legal_cuts_with_their_bytes():
     v = version_costs(gm, CostModel(cluster), "e0", "edge", "cloud", "full", 0.9)
     assert v.end_s[-1] == pytest.approx(8 * v.edge_s[-1]) and v.end_s[0] == 0.0
     assert v.param_bytes[-1] == sum(p.numel() * 4 for p in model.parameters())
+
+
+# --- a version set on disk, without training: two widths of VGGSmall, made-up accuracies ------------------
+
+
+def tiny_version_set(path):
+    import json
+
+    from edgepart.models.compact import VGGSmall
+    from edgepart.versions.store import FORMAT, SET_FILE, VersionRecord, save_version, write_record
+    torch.manual_seed(0)
+    names = []
+    for name, widths, acc in (("scale-1.00", (8, 8, 16, 16), 0.95), ("scale-0.50", (4, 4, 8, 8), 0.9)):
+        model = VGGSmall(widths, hidden=16).eval()
+        sha = save_version(path / name, model.spec(), model.state_dict(), {"model": "vgg_small", "version": name})
+        n = sum(p.numel() for p in model.parameters())
+        write_record(path / name, VersionRecord(name, 1.0 if acc > 0.9 else 0.5, False, acc, acc, 0, n, 4 * n,
+                                                None, None, None, True, sha))
+        names.append(name)
+    (path / SET_FILE).write_text(json.dumps({"format": FORMAT, "model": "vgg_small", "versions": names,
+                                             "data": {"input_size": 16}}))
+
+
+def test_cli_mcia_plan_from_files(tmp_path, capsys):
+    import yaml
+
+    from edgepart.cli import main
+    tiny_version_set(tmp_path / "vs")
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(tiered(uplink_mbps=20.0).to_dict()))
+    (tmp_path / "tasks.yaml").write_text(yaml.safe_dump({"share_levels": 4, "tasks": [
+        {"name": "acc", "source": "e0", "versions": "vs", "w_acc": 1.0, "w_lat": 0.1},
+        {"name": "fast", "source": "e1", "versions": "vs", "w_acc": 0.1, "w_lat": 1.0, "deadline_ms": 500}]}))
+    assert main(["mcia", "plan", str(tmp_path / "cluster.yaml"), str(tmp_path / "tasks.yaml"), "--explain",
+                 "--strategy", "all"]) == 0
+    out = capsys.readouterr().out
+    for s in STRATEGIES:
+        assert f"{s}: objective" in out
+    assert "scale-" in out and "uplink" in out
+    assert main(["mcia", "plan", str(tmp_path / "cluster.yaml"), str(tmp_path / "tasks.yaml"),
+                 "--strategy", "nope"]) == 2
+    assert "unknown MCIA strategy" in capsys.readouterr().err
