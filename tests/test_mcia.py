@@ -199,3 +199,25 @@ def test_cli_mcia_plan_from_files(tmp_path, capsys):
     assert main(["mcia", "plan", str(tmp_path / "cluster.yaml"), str(tmp_path / "tasks.yaml"),
                  "--strategy", "nope"]) == 2
     assert "unknown MCIA strategy" in capsys.readouterr().err
+
+
+class _Residual(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.b = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.c = torch.nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.c(self.b(y) + y)
+
+
+def test_no_legal_cut_inside_a_residual_block():
+    from edgepart.compiler.trace import trace
+    from edgepart.passes import analyse
+    gm = trace(_Residual().eval(), (torch.randn(1, 3, 8, 8),))
+    analyse(gm, tiered())
+    labels = [label for _, _, label in legal_cuts(gm)]
+    assert "b" not in labels                     # after b both b's output and y cross
+    assert labels[0] == "input" and labels[-1] == "output" and "a" in labels
