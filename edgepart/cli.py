@@ -4,6 +4,7 @@
     edgepart inspect DIR
     edgepart train MODEL --dataset mnist --out DIR
     edgepart versions MODEL --scales 1,0.75,0.5,0.25 --dataset mnist --out DIR | edgepart versions show DIR
+    edgepart mcia plan CLUSTER TASKS [--strategy milp|end-only|...|all] [--explain]
     edgepart worker / deploy / run / profile / probe   (runtime and profiling)
     edgepart keygen --run FILE | --deploy FILE          (keys: docs/security.md)
 
@@ -208,6 +209,37 @@ def cmd_versions(args) -> int:
     return 0
 
 
+def cmd_mcia(args) -> int:
+    # why: the MCIA stack (version sets, PuLP) is loaded only by the command that uses it
+    from edgepart.mcia import STRATEGIES, Tiers, load_tasks, plan
+    from edgepart.mcia.build import build_table  # why: as above
+    cluster = Cluster.from_file(args.cluster)
+    tiers = Tiers.from_cluster(cluster)
+    tasks, levels = load_tasks(args.tasks, tiers)
+    tables = [build_table(t, cluster, tiers) for t in tasks]
+    names = STRATEGIES if args.strategy == "all" else [args.strategy]
+    for name in names:
+        sol = plan(tables, tiers, levels, name, time_limit=args.time_limit)
+        info = f", {sol.solver} {sol.status}, gap {sol.gap:.2%}, {sol.solve_time:.2f} s" if name == "milp" else ""
+        print(f"{name}: objective {sol.objective:.4f}{info}")
+        print(f"  {'task':12s} {'version':12s} {'end | edge | cloud cut after':34s} {'edge':>5s} {'uplink':>6s} "
+              f"{'latency ms':>10s} {'accuracy':>8s}")
+        for tb, c, o in zip(tables, sol.choices, sol.outcomes):
+            v = tb.versions[c.version]
+            label = (lambda k: v.cuts[k] if v.cuts else str(k))
+            print(f"  {tb.task.name:12s} {v.name:12s} {label(c.k1) + ' | ' + label(c.k2):34s} "
+                  f"{c.edge_share:>2d}/{levels:<2d} {c.up_share:>3d}/{levels:<2d} {o.latency_s * 1e3:10.2f} "
+                  f"{o.accuracy:8.3f}")
+            if args.explain:
+                print(f"      end {o.end_s * 1e3:.2f} + uplink {o.up_s * 1e3:.2f} + edge {o.edge_s * 1e3:.2f} + "
+                      f"WAN {o.wan_s * 1e3:.2f} + cloud {o.cloud_s * 1e3:.2f} ms; objective term {o.objective:.4f} "
+                      f"(reference {tb.reference_s * 1e3:.2f} ms); weights end {o.end_bytes / 2 ** 20:.2f} MiB, "
+                      f"edge {o.edge_bytes / 2 ** 20:.2f} MiB")
+        for v in sol.violations:
+            print(f"  violates: {v}")
+    return 0
+
+
 def _training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="mnist", choices=["mnist", "digits"])
     p.add_argument("--input-size", type=int, default=32, help="images are resized to this side (default 32)")
@@ -275,6 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--run", help="write a new shared run key (32 random bytes, hex) to this file")
     k.add_argument("--deploy", help="write a new Ed25519 deploy key to this file and its public key to FILE.pub")
     k.set_defaults(func=cmd_keygen)
+    mc = sub.add_parser("mcia", help="MCIA: version, end|edge|cloud cuts and shares for many tasks",
+                        description="edgepart mcia plan CLUSTER.yaml TASKS.yaml [--strategy S] [--explain] "
+                                    "(docs/mcia.md)")
+    mc.add_argument("action", choices=["plan"])
+    mc.add_argument("cluster", help="tiered cluster YAML (tier: end | edge | cloud per device)")
+    mc.add_argument("tasks", help="tasks YAML")
+    mc.add_argument("--strategy", default="milp",
+                    help="milp (default) | end-only | edge-only | cloud-only | neurosurgeon | greedy | random | all")
+    mc.add_argument("--time-limit", type=float, default=60.0, help="MILP time limit in seconds")
+    mc.add_argument("--explain", action="store_true", help="latency parts, objective terms, weights per task")
+    mc.set_defaults(func=cmd_mcia)
     for name, (_, _, helptext) in DELEGATED.items():
         sub.add_parser(name, help=helptext, add_help=False)
     return p

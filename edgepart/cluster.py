@@ -21,11 +21,12 @@ from edgepart.errors import ClusterError
 
 DEFAULT_LINK = {"bandwidth_mbps": 100.0, "latency_ms": 1.0}
 BACKENDS = ("torch", "onnxruntime")   # how a device runs its stages (edgepart.ir.manifest.BACKENDS)
+TIERS = ("end", "edge", "cloud")       # where a device sits for MCIA (edgepart.mcia)
 
 # What a cluster description may hold (Cluster.from_dict checks every key against these)
 TOP_KEYS = {"devices", "links", "source", "shared_medium", "probe"}
 DEVICE_KEYS = {"name", "speed", "memory_mb", "address", "profile", "memory_speed", "calibration", "stage_start_ms",
-               "node_calibration", "backend", "profiles"}
+               "node_calibration", "backend", "profiles", "tier"}
 LINKS_KEYS = {"default", "overrides"}
 LINK_KEYS = {"bandwidth_mbps", "latency_ms"}
 OVERRIDE_KEYS = LINK_KEYS | {"a", "b"}
@@ -182,6 +183,10 @@ class Device:
     def profile_for(self, backend: str) -> str | None:
         """The path of this device's FCPM profile for ``backend``, if it has one."""
         return self.profile if backend == "torch" else dict(self.profiles).get(backend)
+    # where it sits in an end–edge–cloud hierarchy (MCIA, edgepart.mcia): "end" | "edge" | "cloud", or None
+    # when the cluster is flat. An edge server's capacity is its speed and memory_mb, shared by the tasks of
+    # the end devices; an end device's uplink is its link to the edge, the WAN the edge–cloud link.
+    tier: str | None = None
 
 
 def _node_calibration(dev: dict) -> tuple:
@@ -258,6 +263,8 @@ class Cluster:
             if d.stage_start_ms is not None and not d.stage_start_ms >= 0:
                 raise ClusterError(f"device {d.name!r}: stage_start_ms must be a number >= 0, "
                                    f"got {d.stage_start_ms}")
+            if d.tier is not None and d.tier not in TIERS:
+                raise ClusterError(f"device {d.name!r}: tier must be one of {list(TIERS)}, got {d.tier!r}")
         self.devices = list(devices)
         self.default_link = {**DEFAULT_LINK, **(default_link or {})}
         self.overrides = [dict(o) for o in (overrides or [])]
@@ -295,7 +302,7 @@ class Cluster:
             if not isinstance(dev, dict) or "name" not in dev:
                 raise ClusterError(f"devices[{i}] needs a 'name'")
             unknown = set(dev) - {"name", "speed", "memory_mb", "address", "profile", "memory_speed", "calibration",
-                                  "stage_start_ms", "node_calibration", "backend", "profiles"}
+                                  "stage_start_ms", "node_calibration", "backend", "profiles", "tier"}
             if unknown:
                 raise ClusterError(f"device {dev['name']!r}: unknown keys {sorted(unknown)}")
             devices.append(Device(name=str(dev["name"]), speed=float(dev.get("speed", 1.0)),
@@ -305,7 +312,8 @@ class Cluster:
                                   calibration=_calibration(dev),
                                   stage_start_ms=_number_or_none(dev, "stage_start_ms"),
                                   node_calibration=_node_calibration(dev), backend=_backend(dev),
-                                  profiles=_profiles(dev)))
+                                  profiles=_profiles(dev),
+                                  tier=str(dev["tier"]) if dev.get("tier") is not None else None))
         links = d.get("links", {}) or {}
         return cls(devices, links.get("default"), links.get("overrides"), d.get("source"),
                    d.get("shared_medium", False))
@@ -363,6 +371,8 @@ class Cluster:
                 e["backend"] = d.backend
             if d.profiles:
                 e["profiles"] = dict(d.profiles)
+            if d.tier is not None:
+                e["tier"] = d.tier
             devs.append(e)
         return {"source": self.source, "shared_medium": self.shared_medium, "devices": devs,
                 "links": {"default": dict(self.default_link), "overrides": copy.deepcopy(self.overrides)}}
@@ -377,6 +387,12 @@ class Cluster:
             if d.name == name:
                 return d
         raise ClusterError(f"no device named {name!r}; devices are {self.names}")
+
+    def tier(self, tier: str) -> list[Device]:
+        """The devices of one tier ("end", "edge", "cloud"), in file order."""
+        if tier not in TIERS:
+            raise ClusterError(f"tier must be one of {list(TIERS)}, got {tier!r}")
+        return [d for d in self.devices if d.tier == tier]
 
     def fastest(self) -> str:
         return max(self.devices, key=lambda d: d.speed).name
