@@ -31,7 +31,7 @@ def zoo():
 
 
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
-@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("n", [pytest.param(2, marks=pytest.mark.slow), 3, pytest.param(4, marks=pytest.mark.slow)])
 def test_every_strategy_runs_exactly(zoo, name, n):
     m, x, ref = zoo[name]
     speeds = [1.0, 3.0, 2.0, 4.0][:n]

@@ -48,7 +48,8 @@ def test_wrong_input_shape_is_a_value_error_naming_the_shape(cluster):
         cluster.infer(torch.zeros(1, 3, 16, 16))
 
 
-@pytest.mark.parametrize("name", zoo.names())
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("vgg16", "resnet50", "alexnet") else n
+                                  for n in zoo.names()])
 def test_zoo_over_sockets(name, cluster, tmp_path):
     """Every zoo model on 2-4 workers (the cluster's worker processes, redeployed with each bundle)."""
     model, (x,) = zoo.get(name, input_size=SIZE.get(name, 32))
@@ -144,6 +145,7 @@ def test_tampered_bundle_file_is_refused_by_the_worker(cluster, tiny, tmp_path):
     assert all(p is None for p in [cluster.procs[k].poll() for k in cluster.procs])
 
 
+@pytest.mark.slow
 def test_local_cluster_leaves_no_processes(tiny):
     import os
     model, x, d = tiny
@@ -155,6 +157,7 @@ def test_local_cluster_leaves_no_processes(tiny):
             os.kill(pid, 0)
 
 
+@pytest.mark.slow
 def test_workers_reuse_activation_memory_instead_of_page_faulting_it_in(tmp_path):
     """Workers keep freed tensor memory (worker.keep_freed_memory): without it each request of this
     model page-faulted its 1-2 MiB activations in again, ~1300 faults per request and device. Checked

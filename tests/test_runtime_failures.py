@@ -91,6 +91,7 @@ def test_hung_worker_detected_by_heartbeat(setup):
         assert_close(c.infer(x, timeout=30), model(x))
 
 
+@pytest.mark.slow
 def test_quiet_worker_is_not_declared_dead(setup):
     """A worker is judged by unanswered pings, not by how long it has had nothing to say: after a
     long quiet spell (here faked: its last frame 100 s ago, as after a slow deploy of the other
