@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-import onnxruntime as ort
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -82,6 +81,8 @@ def load(model: onnx.ModelProto | str | os.PathLike | bytes) -> tuple[onnx.Model
 
 def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` after ONNX Runtime's basic (semantics-preserving) graph optimisations."""
+    # why not at the top: importing onnxruntime starts a native thread (see runtime.ort._ort)
+    import onnxruntime as ort
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.log_severity_level = 3

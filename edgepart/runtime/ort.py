@@ -13,11 +13,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from edgepart.ir import output as output_tree
 from edgepart.ir.manifest import DeviceSpec, Send
+
+
+def _ort():
+    """onnxruntime, imported on first use: importing it starts a native thread, and a thread that
+    allocates before a worker applies its malloc settings (runtime.allocator.keep_freed_memory: one
+    arena) gets an arena of its own, whose heaps are unmapped and page-faulted in again per request."""
+    import onnxruntime
+    return onnxruntime
 
 
 @dataclass(frozen=True)
@@ -51,8 +58,9 @@ def stage_io(spec: DeviceSpec, stage: int, output: dict) -> StageIO:
     return StageIO(tuple(inputs), outputs)
 
 
-def session_options() -> ort.SessionOptions:
+def session_options():
     """One intra-op and one inter-op thread, sequential execution, all graph optimisations."""
+    ort = _ort()
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
@@ -62,8 +70,8 @@ def session_options() -> ort.SessionOptions:
     return so
 
 
-def new_session(model: bytes) -> ort.InferenceSession:
-    return ort.InferenceSession(model, session_options(), providers=["CPUExecutionProvider"])
+def new_session(model: bytes):
+    return _ort().InferenceSession(model, session_options(), providers=["CPUExecutionProvider"])
 
 
 class OrtStage:
