@@ -206,36 +206,39 @@ def test_timing_uses_the_workers_malloc_settings_so_outputs_are_not_page_faulted
 _ARENA_FAULTS = r"""
 import resource, sys, threading
 import torch
-from edgepart.runtime.allocator import keep_freed_memory
+torch.set_num_threads(1)
 if sys.argv[1] == "worker":
+    from edgepart.runtime.allocator import keep_freed_memory
     assert keep_freed_memory()
-else:                                   # what the settings were before the main-heap fix: no mmap, no trim
-    import ctypes, ctypes.util
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    assert libc.mallopt(-4, 0) and libc.mallopt(-1, 2 ** 31 - 1)
+conv = torch.nn.Conv2d(1024, 1024, 3, padding=1).eval()   # YOLOv2-tiny's: 38 MB of reordered weights per call
+x = torch.randn(1, 1024, 13, 13)
 out = []
-def compute():                           # a worker's compute thread: 30 MB held, a 38 MB buffer per call
+def compute():                           # a worker's compute thread, holding 30 MB of its stage
     held = torch.ones(30 << 18)
-    for _ in range(5):
-        f0 = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
-        buf = torch.ones(38 << 18)
-        del buf
-        out.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - f0)
+    with torch.no_grad():
+        for _ in range(8):
+            f0 = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+            y = conv(x)
+            del y
+            out.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - f0)
 t = threading.Thread(target=compute)
 t.start()
 t.join()
-print(max(out[1:]))
+print(max(out[2:]))
 """
 
 
 @pytest.mark.slow
 def test_a_workers_compute_thread_reuses_a_buffer_larger_than_what_its_own_heap_has_left():
-    """glibc gives a thread an arena of 64 MiB heaps and unmaps a heap once it is entirely free, so a
-    38 MB buffer next to 30 MB held came from a fresh heap — page-faulted in — on every call
-    (4,800–9,700 faults) even with mmap off and trimming off; the worker's settings use the main heap."""
+    """A 1024→1024 3×3 convolution reorders its 38 MB of weights into a fresh buffer on every call.
+    With glibc's defaults (mmap above the threshold, trimming, a heap per thread's arena) a compute
+    thread page-faulted that buffer in on every call (≈ 9,700 faults, the `aofl` YOLOv2-tiny edge stage's
+    9,217 per request); under the worker's settings (runtime.allocator) it is reused after the first calls.
+    (A bare ``torch.ones`` loop is not a stand-in: torch allocates with 64-byte ``posix_memalign``, and
+    whether glibc can reuse a freed chunk of exactly that size depends on the heap's layout at start.)"""
     import subprocess
     import sys
     run = lambda mode: int(subprocess.run([sys.executable, "-c", _ARENA_FAULTS, mode], capture_output=True,  # noqa: E731
                                           text=True, check=True).stdout)
-    assert run("without_main_heap") > 2000, "the case this test pins no longer faults here: it cannot tell"
-    assert run("worker") < 100             # 38 MB is 9,728 pages
+    assert run("plain") > 2000, "the case this test pins no longer faults here: it cannot tell"
+    assert all(run("worker") < 100 for _ in range(3))     # 38 MB is 9,728 pages
