@@ -324,6 +324,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--refit", action="store_true", help="re-fit and re-report from the saved measurements")
+    ap.add_argument("--measure-only", action="store_true",
+                    help="time and save the raw measurements, then stop (fit and report later with --refit, "
+                         "outside the measurement lock)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     loads = [float(v) for v in a.loads.split(",")]
@@ -365,6 +368,9 @@ def main(argv=None):
         raw_path.write_text(json.dumps({"seconds": t_meas, "timing_cpu": core, "measurements": {
             rd: {str(L): [[list(k), e] for k, e in est.items()] for L, est in by_load.items()}
             for rd, by_load in meas.items()}}))
+        if a.measure_only:
+            print(f"wrote {raw_path} ({t_meas / 60:.1f} min of timing)")
+            return 0
     loads = sorted({L for by_load in meas.values() for L in by_load})
     meta = device_meta("host")
     meta.update(loads=loads, timing_cpu=core, target_rse=a.target_rse, note="fitted by benchmarks/fcpm_accuracy.py")

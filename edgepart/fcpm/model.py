@@ -604,7 +604,8 @@ class DeviceProfile:
         (a family with fewer than ``min_family`` samples uses the fit over all of them) the time in
         context is a·(isolated prediction) + b + c·(weight bytes) + d·(input bytes) — the bytes counted
         only where they fit the last-level cache (:func:`sequence_terms`) — non-negative, least
-        squares on relative error. Returns (and keeps in ``self.sequence``) the coefficients and the fit's
+        squares on relative error; a family without enough samples keeps a = 1 and takes b, c, d fitted
+        over all samples. Returns (and keeps in ``self.sequence``) the coefficients and the fit's
         check on the samples themselves: RMSPE and share within ±10 %, isolated vs corrected.
         """
         if not samples:
@@ -618,15 +619,21 @@ class DeviceProfile:
             rows_by_fam.setdefault(family_of(s["info"]), []).append(
                 (np.concatenate([[iso], sequence_terms(s["info"], s.get("rows"))]), float(s["t"])))
 
-        def fit(rows):
+        def fit(rows, a_fixed=None):
             A = np.asarray([r[0] / r[1] for r in rows])
             b = np.ones(len(rows))
+            if a_fixed is not None:      # the isolated prediction kept as it is: only what context adds is fitted
+                b = b - a_fixed * A[:, 0]
+                A = A[:, 1:]
             scale = np.abs(A).max(0)
             scale[scale <= 0] = 1.0
             coef, _ = nnls(A / scale, b)
-            return (coef / scale).tolist()
+            coef = (coef / scale).tolist()
+            return coef if a_fixed is None else [float(a_fixed), *coef]
         everything = [r for rows in rows_by_fam.values() for r in rows]
-        glob = fit(everything)
+        # an op type without enough samples of its own keeps its isolated prediction plus what context adds
+        # on average (a per-node cost and cold weights and inputs): never a scale fitted on other op types
+        glob = fit(everything, a_fixed=1.0)
         fams = {f: fit(rows) for f, rows in sorted(rows_by_fam.items()) if len(rows) >= min_family}
 
         rel_iso, rel = [], []
