@@ -177,16 +177,17 @@ def build_units(configs, test_cids, layers, slices, regions, graphs, nets):
     return u
 
 
-def measure_all(units, loads, minutes, target_rse, rounds=("A", "B"), progress=True):
-    """{round: {load: {key: Estimate as JSON}}}, every phase timed in every round at every load level."""
+def measure_all(units, loads, minutes, target_rse, rounds=("A", "B"), progress=True, phases=None):
+    """{round: {load: {key: Estimate as JSON}}}, every phase (of ``phases``) timed in every round at every load."""
     out = {r: {} for r in rounds}
+    phases = {p: PHASES[p] / sum(PHASES[q] for q in phases or PHASES) for p in (phases or PHASES)}
     per = minutes * 60.0 / (len(loads) * len(rounds))
     with pinned_thread() as core:
         for L in loads:
             with BackgroundLoad(L, avoid_cpu=core):
                 for rd in rounds:
                     est = {}
-                    for phase, share in PHASES.items():
+                    for phase, share in phases.items():
                         t0 = time.perf_counter()
                         h = Harness(target_rse=target_rse, min_samples=5, max_samples=40, budget_s=per * share,
                                     sample_s=0.003)
@@ -307,6 +308,13 @@ def _key(k):
     return tuple(k)
 
 
+def _phase(k) -> str:
+    """The phase a job key belongs to."""
+    tag = str(k[0])
+    return {"sweep": "sweep", "layer": "isolated zoo", "slice": "isolated zoo"}.get(tag) or \
+        {"model": "models", "region": "regions", "net": "nets"}[tag.split(":")[0]]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="three small models, a small sweep (development)")
@@ -324,6 +332,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--refit", action="store_true", help="re-fit and re-report from the saved measurements")
+    ap.add_argument("--phases", default=None,
+                    help=f"time only these phases (of {','.join(PHASES)}) and replace their jobs in the saved "
+                         "measurements, keeping the others")
     ap.add_argument("--measure-only", action="store_true",
                     help="time and save the raw measurements, then stop (fit and report later with --refit, "
                          "outside the measurement lock)")
@@ -362,8 +373,18 @@ def main(argv=None):
     else:
         units = build_units(configs, test_cids, layers, slices, regions, graphs, nets)
         t0 = time.time()
-        meas, core = measure_all(units, loads, a.minutes, a.target_rse, progress=not a.no_progress)
+        phases = a.phases.split(",") if a.phases else None
+        meas, core = measure_all(units, loads, a.minutes, a.target_rse, progress=not a.no_progress, phases=phases)
         t_meas = time.time() - t0
+        if phases:                  # the other phases' jobs as saved before
+            saved = json.loads(raw_path.read_text())
+            for rd, by_load in saved["measurements"].items():
+                for L, rows in by_load.items():
+                    mine = meas.setdefault(rd, {}).setdefault(float(L), {})
+                    for k, e in rows:
+                        if _phase(_key(k)) not in phases:
+                            mine[_key(k)] = e
+            t_meas += saved["seconds"]
         raw_path.parent.mkdir(parents=True, exist_ok=True)
         raw_path.write_text(json.dumps({"seconds": t_meas, "timing_cpu": core, "measurements": {
             rd: {str(L): [[list(k), e] for k, e in est.items()] for L, est in by_load.items()}

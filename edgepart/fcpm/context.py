@@ -43,6 +43,14 @@ def graph_stage(gm, inputs: tuple, prefix: Any, total: bool = True) -> tuple[Sta
     keys = [(prefix, n.name) for n in nodes if n.name in timed]
     infos = {(prefix, n.name): clean_info(node_info(n)) for n in nodes if n.name in timed}
 
+    last_use: dict[str, str] = {}          # value -> the last node reading it: freed after that node, as the runtime does
+    for n in nodes:
+        for a in n.all_input_nodes:
+            last_use[a.name] = n.name
+    frees: dict[str, list[str]] = {}
+    for v, n in last_use.items():
+        frees.setdefault(n, []).append(v)
+
     def make():
         steps = []
         it = iter(inputs)
@@ -58,16 +66,25 @@ def graph_stage(gm, inputs: tuple, prefix: Any, total: bool = True) -> tuple[Sta
             elif n.op == "output":
                 continue
             else:
+                kwargs = dict(n.kwargs)
                 if n.op == "call_module":
-                    fn = gm.get_submodule(str(n.target))
+                    mod = gm.get_submodule(str(n.target))
+                    if getattr(mod, "inplace", False):
+                        mod.inplace = False        # device code never computes in place (codegen turns it off)
+                    fn = mod.forward               # a function call per node, as device code makes, not Module.__call__
                 elif n.op == "call_function":
                     fn = n.target
+                    if kwargs.get("inplace"):
+                        kwargs["inplace"] = False
                 else:   # call_method
                     fn = (lambda name: lambda self, *a, **k: getattr(self, name)(*a, **k))(str(n.target))
                 key = (prefix, n.name) if n.name in timed else None
 
-                def prep(env, fn=fn, args=n.args, kwargs=n.kwargs):
-                    return (fn, map_arg(args, lambda a: env[a.name]), map_arg(kwargs, lambda a: env[a.name]))
+                def prep(env, fn=fn, args=n.args, kwargs=kwargs, dead=tuple(frees.get(n.name, ()))):
+                    call = (fn, map_arg(args, lambda a: env[a.name]), map_arg(kwargs, lambda a: env[a.name]))
+                    for v in dead:              # their last reader is this node: the allocator may reuse them
+                        env.pop(v, None)
+                    return call
                 steps.append((n.name, key, prep))
         return steps, None
     names = [k[1] for k in keys]
@@ -116,7 +133,7 @@ def chain_stage(infos: list[dict], rows_out: int, prefix: Any, seed: int = 0) ->
             prev = f"l{i - 1}" if i else None
 
             def prep(env, rn=rn, want=want, prev=prev, first=(i == 0)):
-                x = env.get(prev) if not first else None
+                x = env.pop(prev, None) if not first else None     # read once: freed for reuse, as the runtime does
                 if x is None or not isinstance(x, torch.Tensor) or x.dim() != 4 or len(want) != 4 \
                         or x.shape[1] != want[1] or x.shape[3] != want[3]:
                     x = rn._x
