@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -454,11 +455,11 @@ def table_rows(results, loads, sets):
 def report(results, loads, prof, meta, a, n_cfg, n_test, n_layers, n_slices, n_regions, n_models, n_nets, t_meas,
            ctx_fit, hstats):
     lines = ["# FCPM accuracy", "",
-             f"Measured on this host ({meta['cores']} cores, {meta['processor'] or meta['machine']}, torch "
-             f"{meta['torch']}) on {time.strftime('%Y-%m-%d')}, {t_meas / 60:.0f} min of timing "
-             f"(`benchmarks/fcpm_accuracy.py --minutes {a.minutes:g} --scale {a.scale:g} --layers {a.layers} "
-             f"--regions {a.regions} --nets {a.nets} --loads {','.join(f'{L:g}' for L in loads)}`"
-             f"{' --quick' if a.quick else ''}, under `/work/bin/measure`).", "",
+             f"Measured on this host ({os.cpu_count()} cores, {meta['processor'] or meta['machine']}, torch "
+             f"{meta['torch']}) on {time.strftime('%Y-%m-%d')}, {t_meas / 60:.1f} min of timing in all "
+             f"(sizes `--scale {a.scale:g} --layers {a.layers} --regions {a.regions} --nets {a.nets} "
+             f"--loads {','.join(f'{L:g}' for L in loads)}`{' --quick' if a.quick else ''}; timed under "
+             "`/work/bin/measure`).", "",
              "**The harness** (`edgepart/fcpm/harness.py`): one torch thread pinned to CPU "
              f"{meta.get('timing_cpu')}, the background load's process pinned to the other core; every job visited "
              "in the same order in every pass (an isolated job after untimed warm calls of itself, a layer in "
