@@ -9,8 +9,11 @@ convolutions, max/avg pooling, batch norm, activations, add/mul, concat, linear,
 upsampling, global pooling, padding), with channel counts, kernel sizes, strides
 and input sizes drawn like the stages of real CNNs, and for row-local ops several
 *row-slice heights* of the kind partitioning produces. Each (configuration, rows)
-is timed with warm-up and repeats (median) at every background load level (made
-by :class:`BackgroundLoad`). The JSON holds the raw measurements and the fitted
+is timed at every background load level (made by :class:`BackgroundLoad`) through the timing
+harness (:mod:`edgepart.fcpm.harness`: one pinned core, a fixed predecessor, interleaved passes
+until the median's relative standard error is 1 % or the budget is spent), and the synthetic
+networks layer by layer in context (:mod:`edgepart.fcpm.context`), which the FCPM's in-network
+part is fitted on. The JSON holds the raw measurements and the fitted
 model (:class:`DeviceProfile`).
 
 **Rate-limited devices.** Under a CPU quota (an emulated slow worker's cgroup, a
@@ -461,7 +464,8 @@ MEASUREMENTS_FORMAT = "edgepart-fcpm-measurements/1"
 def measure(quick: bool = False, loads=DEFAULT_LOADS, seed: int = 0, budget_s: float | None = None,
             progress: bool = True, name: str | None = None, counts: dict | None = None, nets: int | None = None,
             sustained: str | bool = "auto", cpu_cores: float | None = None,
-            on_progress: Callable[[int, int, str], None] | None = None, backend: str = "torch") -> dict:
+            on_progress: Callable[[int, int, str], None] | None = None, backend: str = "torch",
+            cpu: int | None = None) -> dict:
     """Run the sweep on this machine (this process, its CPU share): the raw measurements as plain JSON data.
 
     ``sustained`` — time rate-limited (see :func:`measure_sweep`): "auto" (default) does so when this
@@ -471,6 +475,9 @@ def measure(quick: bool = False, loads=DEFAULT_LOADS, seed: int = 0, budget_s: f
     L means L of the device's CPU budget (quota, else the measured share) taken by other work.
     :func:`fit_profile` turns the result into a :class:`DeviceProfile`; ``edgepart profile --endpoint``
     runs this inside a worker and fits on the client.
+
+    ``cpu``: the core the timing thread is pinned to (default :func:`edgepart.fcpm.harness.timing_core`;
+    a worker passes its compute thread's ``--pin-cpu``).
 
     ``backend="onnxruntime"``: every layer and network runs as an ONNX Runtime session; each layer's
     time is net of the session's own cost per run, stored as ``meta["stage_start_s"]``.
@@ -502,7 +509,7 @@ def measure(quick: bool = False, loads=DEFAULT_LOADS, seed: int = 0, budget_s: f
     records = measure_sweep(configs, loads, target_s=0.005 if quick else 0.03, min_repeats=3 if quick else 5,
                             budget_s=budget_s, progress=progress, seed=seed, passes=1 if quick else 2,
                             sustained=sustained, load_cores=capacity, on_progress=on_progress, stats=stats,
-                            make_runner=ort_runner_factory() if on_ort else None)
+                            make_runner=ort_runner_factory() if on_ort else None, cpu=cpu)
     call_s = session_call_s() if on_ort else 0.0
     for rec in records if on_ort else ():   # a stage pays the session's own cost once, not once per layer: charged per stage
         rec["t"] = max(rec["t"] - call_s, 0.05 * rec["t"])
@@ -512,7 +519,7 @@ def measure(quick: bool = False, loads=DEFAULT_LOADS, seed: int = 0, budget_s: f
     net_list = design_nets(n_nets, seed) if n_nets else []
     net_recs = measure_nets(net_list, loads, target_s=0.02 if quick else 0.1, passes=1 if quick else 2,
                             sustained=sustained, load_cores=capacity, on_progress=on_progress,
-                            make_call=ort_net if on_ort else None, budget_s=0.25 * budget_s,
+                            make_call=ort_net if on_ort else None, budget_s=0.15 * budget_s,
                             cpu=stats.get("timing_cpu")) if net_list else []
     infos = [net_infos(n, x) for n, x in net_list]
     meta = device_meta(name, cpu_share=round(base, 4) if base is not None else None)

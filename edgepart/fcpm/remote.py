@@ -146,7 +146,8 @@ def _run_profile(worker: Worker, cpu_cores: float | None, conn: Conn, opts: dict
         t0 = time.perf_counter()
         m = measure(quick=opts["quick"], loads=opts["loads"], seed=opts["seed"], budget_s=opts["budget"],
                     progress=False, name=worker.device, counts=opts["counts"], nets=opts["nets"],
-                    sustained=opts["sustained"], cpu_cores=cpu_cores, on_progress=on_progress)
+                    sustained=opts["sustained"], cpu_cores=cpu_cores, on_progress=on_progress,
+                    cpu=worker.executor.pin_cpu)     # where the worker computes, if it is pinned
         m["meta"]["remote"] = {"worker": worker.address, "device": worker.device}
         data = json.dumps(m, separators=(",", ":")).encode()
         if len(data) > MAX_RESULT:
