@@ -1,55 +1,68 @@
-"""FCPM accuracy: predicted vs measured latency, FCPM next to the FLOPs-only baseline, per load level.
+"""FCPM accuracy with the timing harness: layers timed in context, accuracy judged against re-timing.
 
-    .venv/bin/python benchmarks/fcpm_accuracy.py            # ~15 min on 2 cores
-    .venv/bin/python benchmarks/fcpm_accuracy.py --quick    # a minute or so, for development
+    /work/bin/measure .venv/bin/python benchmarks/fcpm_accuracy.py              # ~25 min of timing (--minutes)
+    .venv/bin/python benchmarks/fcpm_accuracy.py --quick --minutes 2           # for development
 
-What is measured, at every background load level (made by edgepart.fcpm.load):
+Every timing goes through the harness (edgepart/fcpm/harness.py): one thread pinned to one core
+(the background load's process on the other core), each job after the same predecessor in every
+pass, interleaved passes, repeated until the median's relative standard error is at
+``--target-rse`` or the phase's share of ``--minutes`` is spent. Everything is timed in two
+rounds (A, then B) at every load level; the share of jobs whose A and B estimates agree within
+±10 % is the set's *re-timing agreement*, the harness's repeatability and the ceiling for any
+model. A job's measured time is the geometric mean of A and B.
 
-* the profiler's sweep; the FCPM and the baseline are fitted on 70 % of its
-  configurations, the other 30 % are the *held-out configurations*;
-* *zoo layers*: every distinct layer of the zoo models (never in the sweep), whole;
-* *zoo slices*: row-sliced versions of those layers, heights as 2..8 devices give;
-* *regions*: 2..6 consecutive row-local layers of zoo models run together as one
-  (fused run, measured as one), whole and row-sliced; predicted as the sum of
-  the layers' predictions;
-* *whole models*: each zoo model's forward pass on this device (one torch thread),
-  predicted as the sum of its nodes' predictions.
+Test sets, **in context** (each layer inside its stage, a timer around it, after its real predecessor):
 
-Metrics: share of predictions within ±10 % of measured (nn-Meter), RMSPE,
-Spearman ρ. Writes benchmarks/results/fcpm_accuracy.{md,json,png} and
-profiles/host.json (the FCPM fitted on the whole sweep).
+* *zoo layers*: every non-view node of the zoo models, each model run node by node;
+* *row slices*: the layers of row-sliced regions (2..6 consecutive row-local zoo layers, each
+  computing the rows the next needs, halos and explicit border padding as device code has them);
+* *regions* (whole and row-sliced): the sum of their layers' times;
+* *whole models*: the sum of the model's layers' times.
+
+**Isolated** (the second table; each job alone, warm): held-out sweep configurations, distinct
+zoo layers and row slices of them.
+
+The FCPM: the isolated part fitted on 70 % of the sweep's configurations; the in-network part
+(DeviceProfile.fit_context) on random synthetic CNNs timed layer by layer in context — no zoo model
+in either. FLOPs baseline: latency linear in FLOPs per op type and load (Neurosurgeon).
+Writes benchmarks/results/fcpm_accuracy.{md,json,png} and fcpm_measurements.json (raw, for
+``--refit``); a profile only with ``--profile-out``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgepart import models  # noqa: E402
-from edgepart.passes.info import node_info  # noqa: E402
-from edgepart.passes.trace import COMPUTE_OPS, trace  # noqa: E402
+from edgepart.fcpm.context import chain_rows, chain_stage, graph_stage  # noqa: E402
 from edgepart.fcpm.features import clean_info, features  # noqa: E402
+from edgepart.fcpm.harness import Harness, Isolated, agreement, pinned_thread  # noqa: E402
 from edgepart.fcpm.load import BackgroundLoad  # noqa: E402
 from edgepart.fcpm.model import CANDIDATES, DeviceProfile, metrics  # noqa: E402
-from edgepart.fcpm.ops import Runner, family, geometry, time_callable  # noqa: E402
-from edgepart.fcpm.profiler import design_nets, design_sweep, device_meta, measure_nets, net_infos  # noqa: E402
+from edgepart.fcpm.ops import Runner, geometry  # noqa: E402
+from edgepart.fcpm.profiler import COUNTS, design_nets, design_sweep, device_meta  # noqa: E402
 from edgepart.passes import analyse  # noqa: E402
+from edgepart.passes.info import node_info  # noqa: E402
+from edgepart.passes.trace import COMPUTE_OPS, trace  # noqa: E402
 
 from results_notes import write_keeping_analysis  # noqa: E402
 
 ROW_LOCAL = {"conv2d", "max_pool2d", "avg_pool2d", "batch_norm", "activation", "pointwise", "interpolate", "pad"}
 ZOO = ["resnet18", "mobilenet_v2", "alexnet", "inception", "yolov2_tiny", "se_resnet", "unet", "tinynet", "resnet50",
        "vgg16"]
+# share of each (load, round)'s time per phase
+PHASES = {"sweep": 0.38, "isolated zoo": 0.30, "models": 0.14, "regions": 0.10, "nets": 0.08}
 
 
 # --------------------------------------------------------------------------- test sets from the zoo
@@ -60,7 +73,6 @@ def zoo_graphs(names):
         m, (x,) = models.get(name)
         out[name] = (m, x, analyse(trace(m, (x,))))
     return out
-
 
 def zoo_layers(graphs, rng, max_layers: int, slices_per_layer: int):
     """Distinct zoo layers (whole) and row slices of the row-local ones."""
@@ -132,179 +144,201 @@ def zoo_regions(graphs, rng, n_regions: int):
     return regions
 
 
-def region_rows(infos, rows_out):
-    """Rows each layer of a chain computes so the last one yields ``rows_out`` rows."""
-    rows = [rows_out]
-    for info in reversed(infos[1:]):
-        g = geometry(info, rows[0])
-        need = g.in_rows if g.family in ("conv", "dwconv", "maxpool", "avgpool", "upsample") else g.rows
-        prev_total = info["in_shape"][2] if info.get("in_shape") else g.rows
-        rows.insert(0, max(1, min(need, prev_total)))
-    return rows
+
+# --------------------------------------------------------------------------- units
+
+def nbytes_of(info, rows=None):
+    g = geometry(info, rows)
+    return int(4 * (g.weight_elems + g.in_elems + g.out_elems))
 
 
-class RegionRunner:
-    def __init__(self, infos, rows_out, seed=0):
-        self.rows = region_rows(infos, rows_out)
-        self.runners = [Runner(info, r, seed=seed + i) for i, (info, r) in enumerate(zip(infos, self.rows))]
-
-    def __call__(self):
-        x = self.runners[0]._x
-        for rn in self.runners:
-            want = rn._x.shape
-            if x.dim() != 4 or x.shape[1] != want[1] or x.shape[3] != want[3]:
-                x = rn._x
-            elif x.shape[2] > want[2]:
-                x = x[:, :, : want[2]]
-            elif x.shape[2] < want[2]:
-                x = F.pad(x, (0, 0, 0, want[2] - x.shape[2]))
-            x = rn.call(x)
-        return x
-
-
-# --------------------------------------------------------------------------- measuring
-
-COMPUTE_BOUND = ("conv", "linear")     # families whose drift follows the reference convolution, not the reference add
-
-
-def reference_kernels():
-    """Two fixed kernels timed between jobs: how fast the machine is *right now* for compute-bound
-    work (a 3×3 convolution, ~1 ms) and for memory-bound work (an add over 800 KB, ~30 µs)."""
-    g = torch.Generator().manual_seed(11)
-    x, w = torch.randn(1, 64, 28, 28, generator=g), torch.randn(64, 64, 3, 3, generator=g)
-    a, b = torch.randn(1, 64, 56, 56, generator=g), torch.randn(1, 64, 56, 56, generator=g)
-    return {"conv": lambda: F.conv2d(x, w, padding=1), "add": lambda: torch.add(a, b)}
+def build_units(configs, test_cids, layers, slices, regions, graphs, nets):
+    """{phase: [harness units]}; every key a tuple of plain values (JSON-able)."""
+    u = {p: [] for p in PHASES}
+    for c in configs:
+        for r in c["rows"]:
+            u["sweep"].append(Isolated(("sweep", c["cid"], r), (lambda c=c, r=r: Runner(c["info"], r, seed=c["cid"])),
+                                       nbytes_of(c["info"], r)))
+    for i, info in enumerate(layers):
+        u["isolated zoo"].append(Isolated(("layer", i), (lambda info=info, i=i: Runner(info, None, seed=1000 + i)),
+                                          nbytes_of(info)))
+    for i, (info, r) in enumerate(slices):
+        u["isolated zoo"].append(Isolated(("slice", i), (lambda info=info, r=r, i=i: Runner(info, r, seed=3000 + i)),
+                                          nbytes_of(info, r)))
+    for name, (_, x, gm) in graphs.items():
+        u["models"].append(graph_stage(gm, (x,), f"model:{name}")[0])
+    for i, reg in enumerate(regions):
+        u["regions"].append(chain_stage(reg["infos"], reg["rows"], f"region:{i}", seed=5000 + 10 * i)[0])
+    for i, (net, x) in enumerate(nets):
+        u["nets"].append(graph_stage(analyse(trace(net, (x,))), (x,), f"net:{i}")[0])
+    rng = np.random.default_rng(7)             # one fixed order, the same in every pass and round
+    for p in u:
+        order = rng.permutation(len(u[p]))
+        u[p] = [u[p][j] for j in order]
+    return u
 
 
-def measure_all(jobs, loads, target_s, min_repeats, progress=True, passes=2):
-    """jobs: list of (key, make_callable, kind, reference). Returns {(key, load): {"passes": [median per
-    pass], "ref": [the job's reference kernel time around it, per pass]}}; the reference is timed
-    before every job, and a job's value is the geometric mean of the one before and after it."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    out = {}
-    refs = reference_kernels()
-    order = list(np.random.default_rng(7).permutation(len(jobs)))
-    torch.set_num_threads(1)
-
-    def ref_now():
-        return {k: time_callable(f, target_s=0.004, min_repeats=3, max_repeats=50, warmup_s=0.001)["t"]
-                for k, f in refs.items()}
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  disable=not progress) as bar:
-        task = bar.add_task("measuring", total=len(jobs) * len(loads) * passes)
+def measure_all(units, loads, minutes, target_rse, rounds=("A", "B"), progress=True, phases=None):
+    """{round: {load: {key: Estimate as JSON}}}, every phase (of ``phases``) timed in every round at every load."""
+    out = {r: {} for r in rounds}
+    phases = {p: PHASES[p] / sum(PHASES[q] for q in phases or PHASES) for p in (phases or PHASES)}
+    per = minutes * 60.0 / (len(loads) * len(rounds))
+    with pinned_thread() as core:
         for L in loads:
-            with BackgroundLoad(L):
-                for p in range(passes):
-                    timed = []
-                    for j in (order if p % 2 == 0 else order[::-1]):
-                        key, make, kind, ref = jobs[j]
-                        before = ref_now()
-                        fn = make()
-                        ts = target_s * (8 if kind == "model" else 2 if kind == "region" else 1)
-                        m = time_callable(fn, target_s=ts, min_repeats=min_repeats if kind != "model" else 5,
-                                          max_repeats=50)
-                        timed.append((key, ref, m["t"], before))
-                        del fn
-                        bar.update(task, advance=1, description=f"load {L:.0%} · pass {p + 1} · {kind:<7}")
-                    after = ref_now()
-                    for i, (key, ref, t, before) in enumerate(timed):
-                        r0, r1 = before[ref], (timed[i + 1][3] if i + 1 < len(timed) else after)[ref]
-                        rec = out.setdefault((key, L), {"passes": [], "ref": [], "ref_kind": ref})
-                        rec["passes"].append(t)
-                        rec["ref"].append(math.sqrt(r0 * r1))
-    return out
+            with BackgroundLoad(L, avoid_cpu=core):
+                for rd in rounds:
+                    est = {}
+                    for phase, share in phases.items():
+                        t0 = time.perf_counter()
+                        h = Harness(target_rse=target_rse, min_samples=5, max_samples=40, budget_s=per * share,
+                                    sample_s=0.003)
+                        got = h.run(units[phase])
+                        est.update({k: e.to_json() for k, e in got.items()})
+                        if progress:
+                            conv = np.mean([e.converged for e in got.values()]) if got else float("nan")
+                            print(f"  load {L:.0%} round {rd} {phase:<13} {len(got):5d} jobs in "
+                                  f"{time.perf_counter() - t0:5.0f} s, {conv:.0%} at the target RSE", flush=True)
+                    out[rd][L] = est
+    return out, core
 
 
-def ref_kind(info):
-    return "conv" if family(info) in COMPUTE_BOUND else "add"
+# --------------------------------------------------------------------------- evaluation
+
+SETS_CONTEXT = ("zoo layers", "row slices", "regions (whole)", "regions (row slices)", "whole models")
+SETS_ISOLATED = ("held-out sweep configs", "zoo layers (isolated)", "zoo row slices (isolated)")
 
 
-def lowest(meas):
-    """{(key, load): the lowest pass median} — another program's burst only ever adds time."""
-    return {k: min(v["passes"]) for k, v in meas.items()}
-
-
-def typical_reference(meas):
-    """{(load, reference kind): median reference time over the whole load level}."""
-    refs = {}
-    for (key, L), v in meas.items():
-        if v.get("ref"):
-            refs.setdefault((L, v["ref_kind"]), []).extend(v["ref"])
-    return {k: float(np.median(v)) for k, v in refs.items()}
-
-
-def drift_corrected(meas):
-    """{(key, load): time at the machine's typical speed}: each pass median × (the level's median
-    reference time ÷ the reference time around that job), then the geometric mean over passes.
-
-    On this shared VM the same kernel's time drifts by ±10–25 % over seconds with other tenants'
-    activity (a 1 ms conv, an add over 800 KB: correlated between kernels of the same kind), so a
-    measured time carries the moment it was taken; dividing by a reference timed just around it
-    takes most of that out, for the measured times used to fit and to test alike."""
-    typical = typical_reference(meas)
-    out = {}
-    for (key, L), v in meas.items():
-        if not v.get("ref"):
-            out[(key, L)] = min(v["passes"])
-            continue
-        R = typical[(L, v["ref_kind"])]
-        out[(key, L)] = float(np.exp(np.mean([np.log(t * R / r) for t, r in zip(v["passes"], v["ref"])])))
-    return out
-
-
-def retiming_agreement(meas, keys, corrected=False):
-    """Share of jobs whose two pass medians agree within ±10 % (raw, or each drift-corrected):
-    the ceiling of any model's ±10 % accuracy against one of them."""
-    ok = []
-    for k in keys:
-        v = meas.get(k)
-        if not v or len(v.get("passes", [])) < 2:
-            continue
-        a, b = v["passes"][:2]
-        if corrected and v.get("ref"):      # the level's typical reference time cancels in a / b
-            a, b = a / v["ref"][0], b / v["ref"][1]
-        ok.append(abs(a / b - 1) <= 0.10)
-    return float(np.mean(ok)) if ok else float("nan")
-
-
-def model_callable(m, x):
-    def run():
-        return m(x)
-    return run
-
-
-# --------------------------------------------------------------------------- report
-
-TEST_SETS = ("held-out sweep configs", "zoo layers (whole)", "zoo layers (row slices)", "regions (whole)",
-             "regions (row slices)", "whole models")
-TABLE_HEAD = ["| test set | load | n | FCPM acc±10% | baseline acc±10% | re-timing agreement ±10% | FCPM RMSPE | "
-              "baseline RMSPE | FCPM ρ | baseline ρ |", "|---|---|---|---|---|---|---|---|---|---|"]
-
-
-def table_rows(results, loads):
-    rows = []
+def combine(meas, loads):
+    """{load: {key: geometric mean of the rounds' estimates}}, and {load: {key: (A, B)}}."""
+    rounds = list(meas)
+    both, pairs = {}, {}
     for L in loads:
-        for name in TEST_SETS:
-            v = results[L].get(name)
-            if not v:
+        both[L], pairs[L] = {}, {}
+        keys = set.intersection(*(set(meas[r][L]) for r in rounds))
+        for k in keys:
+            ts = [meas[r][L][k]["t"] for r in rounds]
+            both[L][k] = float(np.exp(np.mean(np.log(ts))))
+            if len(ts) >= 2:
+                pairs[L][k] = (ts[0], ts[1])
+    return both, pairs
+
+
+def evaluate(times, pairs, loads, configs, test_cids, layers, slices, regions, graphs, nets, stored, meta, seed):
+    """Fit on the training data in ``times`` and score every test set per load."""
+    recs = [{"cid": k[1], "family": configs[k[1]]["family"], "rows": k[2], "load": L, "t": t}
+            for L in loads for k, t in times[L].items() if k[0] == "sweep"]
+    train = [r for r in recs if r["cid"] not in test_cids]
+    prof = DeviceProfile.fit(stored, train, dict(meta, split="train (70% of sweep configs)"), seed=seed,
+                             keep_measurements=False)
+    net_info = [{n.name: clean_info(node_info(n)) for n in analyse(trace(net, (x,))).graph.nodes
+                 if n.op in COMPUTE_OPS} for net, x in nets]
+    ctx = [{"info": net_info[int(k[0].split(":")[1])][k[1]], "rows": None, "load": L, "t": t}
+           for L in loads for k, t in times[L].items()
+           if isinstance(k[0], str) and k[0].startswith("net:") and k[1] != "total"]
+    ctx_fit = prof.fit_context(ctx)
+    model_info = {name: {n.name: clean_info(node_info(n)) for n in gm.graph.nodes if n.op in COMPUTE_OPS}
+                  for name, (_, _, gm) in graphs.items()}
+    region_r = [chain_rows(reg["infos"], reg["rows"]) for reg in regions]
+
+    def pred(info, rows, L, ctx_=True):
+        return (prof.predict(info, rows, L, context="sequence" if ctx_ else "isolated"),
+                prof.predict(info, rows, L, which="baseline"))
+
+    results = {}
+    for L in loads:
+        sets = {s: [] for s in SETS_CONTEXT + SETS_ISOLATED}
+        models_tab = {}
+        model_sum = {}
+        region_sum = {}
+        for k, t in times[L].items():
+            tag = k[0]
+            if tag == "sweep" and k[1] in test_cids:
+                sets["held-out sweep configs"].append((k, *pred(configs[k[1]]["info"], k[2], L, False), t))
+            elif tag == "layer":
+                sets["zoo layers (isolated)"].append((k, *pred(layers[k[1]], None, L, False), t))
+            elif tag == "slice":
+                info, r = slices[k[1]]
+                sets["zoo row slices (isolated)"].append((k, *pred(info, r, L, False), t))
+            elif isinstance(tag, str) and tag.startswith("model:"):
+                name = tag.split(":", 1)[1]
+                if k[1] == "total":
+                    continue
+                p, b = pred(model_info[name][k[1]], None, L)
+                sets["zoo layers"].append((k, p, b, t))
+                s = model_sum.setdefault(name, [0.0, 0.0])
+                s[0] += p
+                s[1] += b
+            elif isinstance(tag, str) and tag.startswith("region:"):
+                i = int(tag.split(":")[1])
+                if k[1] == "total":
+                    continue
+                reg = regions[i]
+                p, b = pred(reg["infos"][k[1]], region_r[i][k[1]], L)
+                whole = reg["rows"] == reg["infos"][-1]["rows"]
+                if not whole:
+                    sets["row slices"].append((k, p, b, t))
+                s = region_sum.setdefault(i, [0.0, 0.0])
+                s[0] += p
+                s[1] += b
+        for name, (p, b) in model_sum.items():
+            k = (f"model:{name}", "total")
+            if k in times[L]:
+                sets["whole models"].append((k, p, b, times[L][k]))
+                models_tab[name] = {"measured_ms": times[L][k] * 1e3, "fcpm_ms": p * 1e3, "baseline_ms": b * 1e3}
+        for i, (p, b) in region_sum.items():
+            k = (f"region:{i}", "total")
+            if k in times[L]:
+                whole = regions[i]["rows"] == regions[i]["infos"][-1]["rows"]
+                sets["regions (whole)" if whole else "regions (row slices)"].append((k, p, b, times[L][k]))
+        results[L] = {"models": models_tab}
+        for name, rows in sets.items():
+            if not rows:
                 continue
-            fc, bl, rt = v["fcpm"], v["baseline"], v["retiming"]
-            rows.append(f"| {name} | {L:.0%} | {fc['n']} | **{fc['acc10']:.0%}** | {bl['acc10']:.0%} | "
-                        f"{'–' if math.isnan(rt) else f'{rt:.0%}'} | {fc['rmspe']:.1%} | {bl['rmspe']:.1%} | "
-                        f"{fc['spearman']:.3f} | {bl['spearman']:.3f} |")
-    return rows
+            keys = [r[0] for r in rows]
+            p, b, t = (np.array(v, float) for v in list(zip(*rows))[1:])
+            results[L][name] = {"fcpm": metrics(p, t), "baseline": metrics(b, t),
+                                "retiming": agreement({k: pairs[L][k][0] for k in keys if k in pairs[L]},
+                                                      {k: pairs[L][k][1] for k in keys if k in pairs[L]}),
+                                "points": [[float(x), float(y), float(z)] for x, y, z in zip(p, b, t)]}
+    return prof, results, ctx_fit, recs, ctx
+
+
+# --------------------------------------------------------------------------- main
+
+def _key(k):
+    return tuple(k)
+
+
+def _phase(k) -> str:
+    """The phase a job key belongs to."""
+    tag = str(k[0])
+    return {"sweep": "sweep", "layer": "isolated zoo", "slice": "isolated zoo"}.get(tag) or \
+        {"model": "models", "region": "regions", "net": "nets"}[tag.split(":")[0]]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--loads", default="0,0.25,0.5,0.75")
+    ap.add_argument("--quick", action="store_true", help="three small models, a small sweep (development)")
+    ap.add_argument("--loads", default="0,0.5")
     ap.add_argument("--models", default=",".join(ZOO))
+    ap.add_argument("--minutes", type=float, default=24.0, help="timing budget over all loads and both rounds")
+    ap.add_argument("--scale", type=float, default=0.5, help="sweep size relative to the profiler's default design")
+    ap.add_argument("--layers", type=int, default=250, help="distinct zoo layers timed isolated (at most)")
+    ap.add_argument("--slices-per-layer", type=int, default=1)
+    ap.add_argument("--regions", type=int, default=60, help="zoo regions (each also row-sliced)")
+    ap.add_argument("--nets", type=int, default=12, help="synthetic networks the in-network part is fitted on")
+    ap.add_argument("--target-rse", type=float, default=0.01)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--profile-out", default=str(ROOT / "profiles" / "host.json"))
+    ap.add_argument("--profile-out", default=None, help="also write the FCPM fitted on the whole sweep here")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--refit", action="store_true", help="re-fit and re-report from the saved measurements")
+    ap.add_argument("--phases", default=None,
+                    help=f"time only these phases (of {','.join(PHASES)}) and replace their jobs in the saved "
+                         "measurements, keeping the others")
+    ap.add_argument("--measure-only", action="store_true",
+                    help="time and save the raw measurements, then stop (fit and report later with --refit, "
+                         "outside the measurement lock)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     loads = [float(v) for v in a.loads.split(",")]
@@ -312,10 +346,8 @@ def main(argv=None):
     names = a.models.split(",")
     if a.quick:
         names = [n for n in names if n in ("tinynet", "resnet18", "mobilenet_v2")]
-    t_start = time.time()
-
-    # the sweep and its split
-    configs = design_sweep(quick=a.quick, seed=a.seed)
+    counts = {k: max(2, int(round(v * (a.scale / 6 if a.quick else a.scale)))) for k, v in COUNTS.items()}
+    configs = design_sweep(seed=a.seed, counts=counts)
     by_fam = {}
     for c in configs:
         by_fam.setdefault(c["family"], []).append(c["cid"])
@@ -323,190 +355,157 @@ def main(argv=None):
     for fam, cids in by_fam.items():
         k = int(round(0.3 * len(cids)))
         test_cids |= set(rng.choice(cids, size=k, replace=False).tolist()) if k else set()
-
     graphs = zoo_graphs(names)
-    layers, slices = zoo_layers(graphs, rng, 40 if a.quick else 400, 1 if a.quick else 2)
-    regions = zoo_regions(graphs, rng, 12 if a.quick else 70)
-
-    jobs = []
-    for c in configs:
-        for r in c["rows"]:
-            jobs.append((("sweep", c["cid"], r), (lambda c=c, r=r: Runner(c["info"], r, seed=c["cid"])), "sweep",
-                         ref_kind(c["info"])))
-    for i, info in enumerate(layers):
-        jobs.append((("layer", i, info["rows"]), (lambda info=info, i=i: Runner(info, None, seed=1000 + i)), "layer",
-                     ref_kind(info)))
-    for i, (info, r) in enumerate(slices):
-        jobs.append((("slice", i, r), (lambda info=info, r=r, i=i: Runner(info, r, seed=3000 + i)), "slice",
-                     ref_kind(info)))
-    for i, reg in enumerate(regions):
-        jobs.append((("region", i, reg["rows"]),
-                     (lambda reg=reg, i=i: RegionRunner(reg["infos"], reg["rows"], seed=5000 + 10 * i)), "region",
-                     "conv"))
-    for name, (m, x, _) in graphs.items():
-        jobs.append((("model", name, 0), (lambda m=m, x=x: model_callable(m, x)), "model", "conv"))
-    print(f"{len(configs)} sweep configs ({len(test_cids)} held out), {len(layers)} zoo layers, {len(slices)} slices, "
-          f"{len(regions)} regions, {len(graphs)} models; {len(jobs)} jobs × {len(loads)} loads", flush=True)
-
-    raw_path = Path(a.out) / f"fcpm_measurements{'_quick' if a.quick else ''}.json"
-
-    def save_raw():
-        raw_path.parent.mkdir(parents=True, exist_ok=True)
-        raw_path.write_text(json.dumps({"seconds": t_meas, "loads": loads, "measurements": [
-            [list(k), L, v["passes"], v["ref"], v["ref_kind"]] for (k, L), v in meas.items()]}))
-    if a.refit:
-        saved = json.loads(raw_path.read_text())
-        meas = {}
-        for row in saved["measurements"]:   # [key, load, t] (older files) or [key, load, passes, refs, ref kind]
-            k, L = tuple(row[0]), float(row[1])
-            meas[(k, L)] = ({"passes": [row[2]], "ref": [], "ref_kind": None} if len(row) == 3 else
-                            {"passes": row[2], "ref": row[3], "ref_kind": row[4]})
-        t_meas = saved["seconds"]
-    else:
-        meas = measure_all(jobs, loads, 0.005 if a.quick else 0.03, 3 if a.quick else 5,
-                           progress=not a.no_progress, passes=1 if a.quick else 2)
-        t_meas = time.time() - t_start
-        save_raw()
-    loads = sorted({L for (_, L) in meas})
-    nets = design_nets(4 if a.quick else 16, a.seed)
-    if not any(k[0] == "net" for (k, _) in meas):   # training networks for the in-network correction
-        for r in measure_nets(nets, loads, target_s=0.02 if a.quick else 0.3, passes=1 if a.quick else 2):
-            meas[(("net", r["net"], 0), r["load"])] = {"passes": [r["t"]], "ref": [], "ref_kind": None}
-        save_raw()
-    net_info_lists = [net_infos(n, x) for n, x in nets]
+    layers, slices = zoo_layers(graphs, rng, 30 if a.quick else a.layers, a.slices_per_layer)
+    regions = zoo_regions(graphs, rng, 8 if a.quick else a.regions)
+    nets = design_nets(3 if a.quick else a.nets, a.seed)
     stored = [{"cid": c["cid"], "family": c["family"], "info": clean_info(c["info"]), "rows": c["rows"]}
               for c in configs]
+    sfx = "_quick" if a.quick else ""
+    raw_path = Path(a.out) / f"fcpm_measurements{sfx}.json"
+    print(f"{len(configs)} sweep configs ({len(test_cids)} held out), {len(layers)} zoo layers and {len(slices)} "
+          f"slices isolated, {len(graphs)} models and {len(regions)} regions in context, {len(nets)} training "
+          f"networks; loads {loads}, two rounds, {a.minutes:g} min", flush=True)
+    if a.refit:
+        saved = json.loads(raw_path.read_text())
+        meas = {rd: {float(L): {_key(k): e for k, e in rows} for L, rows in by_load.items()}
+                for rd, by_load in saved["measurements"].items()}
+        t_meas, core = saved["seconds"], saved.get("timing_cpu")
+    else:
+        units = build_units(configs, test_cids, layers, slices, regions, graphs, nets)
+        t0 = time.time()
+        phases = a.phases.split(",") if a.phases else None
+        meas, core = measure_all(units, loads, a.minutes, a.target_rse, progress=not a.no_progress, phases=phases)
+        t_meas = time.time() - t0
+        if phases:                  # the other phases' jobs as saved before
+            saved = json.loads(raw_path.read_text())
+            for rd, by_load in saved["measurements"].items():
+                for L, rows in by_load.items():
+                    mine = meas.setdefault(rd, {}).setdefault(float(L), {})
+                    for k, e in rows:
+                        if _phase(_key(k)) not in phases:
+                            mine[_key(k)] = e
+            t_meas += saved["seconds"]
+        raw_path.parent.mkdir(parents=True, exist_ok=True)
+        raw_path.write_text(json.dumps({"seconds": t_meas, "timing_cpu": core, "measurements": {
+            rd: {str(L): [[list(k), e] for k, e in est.items()] for L, est in by_load.items()}
+            for rd, by_load in meas.items()}}))
+        if a.measure_only:
+            print(f"wrote {raw_path} ({t_meas / 60:.1f} min of timing)")
+            return 0
+    loads = sorted({L for by_load in meas.values() for L in by_load})
     meta = device_meta("host")
-    meta.update(loads=loads, note="fitted by benchmarks/fcpm_accuracy.py")
-
-    def evaluate(times):
-        """Fit on the training part of ``times`` ({(key, load): seconds}) and score every test set."""
-        net_seqs = [{"infos": net_info_lists[k[1]], "load": L, "t": t} for (k, L), t in times.items()
-                    if k[0] == "net"]
-        recs = [{"cid": k[1], "family": configs[k[1]]["family"], "rows": k[2], "load": L, "t": t}
-                for (k, L), t in times.items() if k[0] == "sweep"]
-        train = [r for r in recs if r["cid"] not in test_cids]
-        prof = DeviceProfile.fit(stored, train, dict(meta, split="train (70% of sweep configs)"), seed=a.seed,
-                                 keep_measurements=False)
-        seq_fit = prof.fit_sequences(net_seqs)
-
-        def pair(info, rows, L, t):
-            return prof.predict(info, rows, L, context="isolated"), prof.predict(info, rows, L, which="baseline"), t
-
-        results = {L: {} for L in loads}
-        for L in loads:
-            sets = {name: [] for name in TEST_SETS}
-            keys = {name: [] for name in TEST_SETS}
-            for (k, LL), t in times.items():
-                if LL != L:
-                    continue
-                name = None
-                if k[0] == "sweep" and k[1] in test_cids:
-                    name, trip = "held-out sweep configs", pair(configs[k[1]]["info"], k[2], L, t)
-                elif k[0] == "layer":
-                    name, trip = "zoo layers (whole)", pair(layers[k[1]], None, L, t)
-                elif k[0] == "slice":
-                    name, trip = "zoo layers (row slices)", pair(slices[k[1]][0], k[2], L, t)
-                elif k[0] == "region":
-                    reg = regions[k[1]]
-                    rr = region_rows(reg["infos"], reg["rows"])
-                    p = sum(prof.predict(i, r, L) for i, r in zip(reg["infos"], rr))   # in-network correction included
-                    b = sum(prof.predict(i, r, L, which="baseline") for i, r in zip(reg["infos"], rr))
-                    name = "regions (whole)" if reg["rows"] == reg["infos"][-1]["rows"] else "regions (row slices)"
-                    trip = (p, b, t)
-                elif k[0] == "model":
-                    gm = graphs[k[1]][2]
-                    infos = [node_info(n) for n in gm.graph.nodes if n.op in COMPUTE_OPS]
-                    p = sum(prof.predict(i, None, L) for i in infos)          # in-network correction included
-                    p_iso = sum(prof.predict(i, None, L, context="isolated") for i in infos)
-                    b = sum(prof.predict(i, None, L, which="baseline") for i in infos)
-                    name, trip = "whole models", (p, b, t)
-                    results[L].setdefault("models", {})[k[1]] = {"measured_ms": t * 1e3, "fcpm_ms": p * 1e3,
-                                                                  "fcpm_isolated_sum_ms": p_iso * 1e3,
-                                                                  "baseline_ms": b * 1e3}
-                if name:
-                    sets[name].append(trip)
-                    keys[name].append((k, LL))
-            for name, trip in sets.items():
-                if not trip:
-                    continue
-                p, b, t = (np.array(v) for v in zip(*trip))
-                results[L][name] = {"fcpm": metrics(p, t), "baseline": metrics(b, t),
-                                    "retiming": retiming_agreement(meas, keys[name], corrected=times is not raw),
-                                    "points": [[float(x), float(y), float(z)] for x, y, z in zip(p, b, t)]}
-        return prof, results, seq_fit, recs, net_seqs
-
-    raw = lowest(meas)
-    prof, results, seq_fit, recs, net_seqs = evaluate(raw)
-    corrected = None
-    if any(v["ref"] for v in meas.values()):
-        corrected = evaluate(drift_corrected(meas))[1]
-
-    # final profile on the whole sweep
-    prof_all = DeviceProfile.fit(stored, recs, dict(meta, split="all sweep configs"), seed=a.seed)
-    prof_all.fit_sequences(net_seqs)
-    if not a.quick:
+    meta.update(loads=loads, timing_cpu=core, target_rse=a.target_rse, note="fitted by benchmarks/fcpm_accuracy.py")
+    times, pairs = combine(meas, loads)
+    prof, results, ctx_fit, recs, ctx = evaluate(times, pairs, loads, configs, test_cids, layers, slices, regions,
+                                                 graphs, nets, stored, meta, a.seed)
+    harness_stats = repeatability(meas, loads)
+    if a.profile_out:
+        prof_all = DeviceProfile.fit(stored, recs, dict(meta, split="all sweep configs"), seed=a.seed)
+        prof_all.fit_context(ctx)
         prof_all.save(a.profile_out)
-
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    sfx = "_quick" if a.quick else ""
-    md = report(results, corrected, loads, prof, meta, len(configs), len(test_cids), len(layers), len(slices),
-                len(regions), t_meas, seq_fit)
+    md = report(results, loads, prof, meta, a, len(configs), len(test_cids), len(layers), len(slices), len(regions),
+                len(graphs), len(nets), t_meas, ctx_fit, harness_stats)
     print(md)
     write_keeping_analysis(out / f"fcpm_accuracy{sfx}.md", md)
     (out / f"fcpm_accuracy{sfx}.json").write_text(json.dumps(
-        {"meta": meta, "loads": loads, "chosen_models": prof.summary(),
-         "results": {str(L): v for L, v in results.items()},
-         "drift_corrected": {str(L): v for L, v in corrected.items()} if corrected else None}, indent=1))
+        {"meta": meta, "loads": loads, "chosen_models": prof.summary(), "context_fit": ctx_fit,
+         "harness": {str(L): v for L, v in harness_stats.items()},
+         "results": {str(L): v for L, v in results.items()}}, indent=1))
     plot(results, loads, out / f"fcpm_accuracy{sfx}.png")
     return 0
 
 
-def report(results, corrected, loads, prof, meta, n_cfg, n_test, n_layers, n_slices, n_regions, t_meas, seq_fit):
+def repeatability(meas, loads):
+    """Per load: the harness's own figures — jobs, share at the target RSE, median RSE, median samples."""
+    out = {}
+    for L in loads:
+        es = [e for rd in meas for e in meas[rd].get(L, {}).values()]
+        rse = [e["rse"] for e in es if e.get("rse") is not None]
+        out[L] = {"estimates": len(es), "converged": float(np.mean([bool(e["converged"]) for e in es])) if es else 0,
+                  "median_rse": float(np.median(rse)) if rse else float("nan"),
+                  "p90_rse": float(np.percentile(rse, 90)) if rse else float("nan"),
+                  "median_samples": float(np.median([e["n"] for e in es])) if es else 0}
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+HEAD = ["| test set | load | n | re-timing agreement ±10% | FCPM acc±10% | FCPM ÷ agreement | baseline acc±10% | "
+        "FCPM RMSPE | baseline RMSPE | FCPM ρ |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def table_rows(results, loads, sets):
+    rows = []
+    for L in loads:
+        for name in sets:
+            v = results[L].get(name)
+            if not v:
+                continue
+            fc, bl, rt = v["fcpm"], v["baseline"], v["retiming"]
+            share = fc["acc10"] / rt if rt and not math.isnan(rt) else float("nan")
+            rows.append(f"| {name} | {L:.0%} | {fc['n']} | {'–' if math.isnan(rt) else f'{rt:.0%}'} | "
+                        f"**{fc['acc10']:.0%}** | {'–' if math.isnan(share) else f'{share:.0%}'} | {bl['acc10']:.0%} | "
+                        f"{fc['rmspe']:.1%} | {bl['rmspe']:.1%} | {fc['spearman']:.3f} |")
+    return rows
+
+
+def report(results, loads, prof, meta, a, n_cfg, n_test, n_layers, n_slices, n_regions, n_models, n_nets, t_meas,
+           ctx_fit, hstats):
     lines = ["# FCPM accuracy", "",
-             f"Measured on this host ({meta['cores']} cores, {meta['processor'] or meta['machine']}, torch "
-             f"{meta['torch']}, one torch thread) on {time.strftime('%Y-%m-%d')}, {t_meas / 60:.0f} min of timing. "
-             "The machine is a shared VM, so the background load is *at least* the controlled level. Every job "
-             "was timed in two passes over all jobs (in opposite orders), each the median of ≥ 5 repeats after "
-             "warm-up, under the malloc settings workers run with (no page faults per call); two reference kernels "
-             "(a 1 ms convolution, an 800 KB add) were timed between jobs.", "",
-             f"Fitted on 70 % of the {n_cfg} sweep configurations (all load levels); tested on the other {n_test} "
-             f"configurations, {n_layers} distinct zoo layers (never in the sweep) and {n_slices} row slices of them, "
-             f"and {n_regions} fused regions (2–6 consecutive row-local zoo layers run as one, whole and sliced, "
-             "predicted as the sum of their layers' predictions with the in-network correction, as the planner's "
-             "cost model predicts a stage).", "",
-             "acc±10% = share of predictions within ±10 % of measured (nn-Meter's definition). "
-             "Baseline = latency linear in FLOPs per layer type and load level (Neurosurgeon style). "
-             "*Re-timing agreement* = share of the set's jobs whose two pass medians agree within ±10 %: "
-             "how well one measurement predicts another of the same job on this machine, the ceiling for "
-             "any model.", "",
-             "## Measured times as they came (the lower of the two pass medians)", "",
-             *TABLE_HEAD, *table_rows(results, loads), ""]
-    if corrected:
-        lines += ["## Drift-corrected times (fit and test alike)", "",
-                  "The same measurements, each pass median scaled by the load level's median reference time ÷ the "
-                  "reference time around that job (the convolution for conv / linear layers, regions and "
-                  "models, the add for the rest), then the geometric mean of the two passes. This takes out "
-                  "the machine's speed drift between moments (other tenants), not the differences between "
-                  "layers a model has to predict.", "",
-                  *TABLE_HEAD, *table_rows(corrected, loads), ""]
-    lines += [
-             "## Whole models (one device, one torch thread)", "",
-             "Measured: the model's eager forward pass. FCPM: sum over its nodes of the isolated-layer prediction "
-             "plus the in-network correction (per node: c0 + c1·weight bytes + c2·input bytes, non-negative), "
-             f"fitted on {seq_fit.get('n', 0)} timings of 16 random synthetic CNNs (not zoo models) — "
-             f"coefficients {', '.join(f'{c:.3g}' for c in seq_fit.get('coef', []))}. "
-             "'sum of isolated' leaves the correction out.", "",
-             "| model | load | measured ms | FCPM ms | error | sum of isolated ms | error | baseline ms | error |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"Measured on this host ({os.cpu_count()} cores, {meta['processor'] or meta['machine']}, torch "
+             f"{meta['torch']}) on {time.strftime('%Y-%m-%d')}, {t_meas / 60:.1f} min of timing in all "
+             f"(sizes `--scale {a.scale:g} --layers {a.layers} --regions {a.regions} --nets {a.nets} "
+             f"--loads {','.join(f'{L:g}' for L in loads)}`{' --quick' if a.quick else ''}; timed under "
+             "`/work/bin/measure`).", "",
+             "**The harness** (`edgepart/fcpm/harness.py`): one torch thread pinned to CPU "
+             f"{meta.get('timing_cpu')}, the background load's process pinned to the other core; every job visited "
+             "in the same order in every pass (an isolated job after untimed warm calls of itself, a layer in "
+             "context after its stage's previous layer), passes interleaved, each job repeated until its "
+             f"median's relative standard error is ≤ {a.target_rse:.0%} (at least 5 samples) or its phase's "
+             "time share is spent. Everything was timed in two rounds (A then B) at each load; "
+             "**re-timing agreement** = share of a set's jobs whose A and B estimates agree within ±10 % — the "
+             "harness's repeatability, and the ceiling of any model's ±10 % accuracy against them. Measured "
+             "time = geometric mean of A and B.", "",
+             f"FCPM: isolated part fitted on 70 % of {n_cfg} sweep configurations, in-network part "
+             f"(`DeviceProfile.fit_context`) on {n_nets} random synthetic CNNs timed layer by layer in context; "
+             f"no zoo model in either. Tested on {n_models} zoo models run node by node (every non-view layer "
+             f"in context), {n_regions} zoo regions (2–6 consecutive row-local layers) whole and row-sliced "
+             f"(each layer in context on the rows the next needs), and isolated: the other {n_test} sweep "
+             f"configurations, {n_layers} distinct zoo layers and {n_slices} row slices of them. "
+             "Baseline: latency linear in FLOPs per op type and load (Neurosurgeon), fitted on the same "
+             "isolated sweep. acc±10% = share of predictions within ±10 % of measured; *FCPM ÷ agreement* = "
+             "that share as a fraction of the set's re-timing agreement.", "",
+             "## Layers, slices, regions and models timed in context", "",
+             *HEAD, *table_rows(results, loads, SETS_CONTEXT), "",
+             "## Isolated timings (each job alone, warm)", "",
+             *HEAD, *table_rows(results, loads, SETS_ISOLATED), "",
+             "## The harness's repeatability", "",
+             "| load | estimates (both rounds) | at the target RSE | median RSE | 90th pct RSE | median samples |",
+             "|---|---|---|---|---|---|"]
+    for L in loads:
+        h = hstats[L]
+        lines.append(f"| {L:.0%} | {h['estimates']} | {h['converged']:.0%} | {h['median_rse']:.2%} | "
+                     f"{h['p90_rse']:.2%} | {h['median_samples']:.0f} |")
+    lines += ["", "## The in-network part (fitted on the synthetic networks' layers in context)", "",
+              f"Time in context = a·(isolated prediction) + b + c·(weight bytes) + d·(input bytes), per op type "
+              f"(≥ 12 samples, else the fit over all). On its own {ctx_fit.get('n', 0)} training samples: "
+              f"RMSPE {ctx_fit.get('rmspe_isolated', float('nan')):.1%} isolated → "
+              f"{ctx_fit.get('rmspe_corrected', float('nan')):.1%} corrected; within ±10 % "
+              f"{ctx_fit.get('acc10_isolated', float('nan')):.0%} → {ctx_fit.get('acc10_corrected', float('nan')):.0%}.",
+              "", "| op type | a | b µs | c ns/KB | d ns/KB |", "|---|---|---|---|---|"]
+    for fam, c in sorted((ctx_fit.get("families") or {}).items()) + [("(all)", ctx_fit.get("global", [0] * 4))]:
+        lines.append(f"| {fam} | {c[0]:.3f} | {c[1] * 1e6:.2f} | {c[2] * 1e9 * 1024:.3f} | {c[3] * 1e9 * 1024:.3f} |")
+    lines += ["", "## Whole models (sum of their layers in context)", "",
+              "| model | load | measured ms | FCPM ms | error | baseline ms | error |", "|---|---|---|---|---|---|---|"]
     for L in loads:
         for name, v in sorted(results[L].get("models", {}).items()):
             e1 = v["fcpm_ms"] / v["measured_ms"] - 1
-            e0 = v["fcpm_isolated_sum_ms"] / v["measured_ms"] - 1
             e2 = v["baseline_ms"] / v["measured_ms"] - 1
-            lines.append(f"| {name} | {L:.0%} | {v['measured_ms']:.1f} | {v['fcpm_ms']:.1f} | {e1:+.1%} | "
-                         f"{v['fcpm_isolated_sum_ms']:.1f} | {e0:+.1%} | {v['baseline_ms']:.1f} | {e2:+.1%} |")
+            lines.append(f"| {name} | {L:.0%} | {v['measured_ms']:.2f} | {v['fcpm_ms']:.2f} | {e1:+.1%} | "
+                         f"{v['baseline_ms']:.2f} | {e2:+.1%} |")
     lines += ["", "## Model chosen per op type (on a validation split of the training configurations)", "",
               "| op type | chosen | validation acc±10% (" + " / ".join(CANDIDATES) + ") |", "|---|---|---|"]
     for fam, m in sorted(prof.families.items()):
@@ -520,23 +519,21 @@ def plot(results, loads, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    sets = ["held-out sweep configs", "zoo layers (whole)", "zoo layers (row slices)", "regions (whole)",
-            "regions (row slices)"]
-    fig, axes = plt.subplots(1, len(loads), figsize=(4.2 * len(loads), 4.2), squeeze=False)
+    sets = ["zoo layers", "row slices", "regions (whole)", "regions (row slices)", "zoo layers (isolated)"]
+    fig, axes = plt.subplots(1, len(loads), figsize=(4.6 * len(loads), 4.4), squeeze=False)
     for ax, L in zip(axes[0], loads):
-        for s, mk in zip(sets, "o^vsD"):
+        for s, mk in zip(sets, "o^vsx"):
             if s not in results[L]:
                 continue
             pts = np.array(results[L][s]["points"])
-            ax.scatter(pts[:, 2] * 1e3, pts[:, 0] * 1e3, s=8, marker=mk, label=s, alpha=0.6)
-        lo, hi = 1e-3, 1e3
-        xs = np.array([lo, hi])
+            ax.scatter(pts[:, 2] * 1e3, pts[:, 0] * 1e3, s=7, marker=mk, label=s, alpha=0.5)
+        xs = np.array([1e-3, 1e3])
         ax.plot(xs, xs, "k-", lw=0.8)
         ax.fill_between(xs, xs * 0.9, xs * 1.1, color="gray", alpha=0.25, label="±10%")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlim(lo, hi)
-        ax.set_ylim(lo, hi)
+        ax.set_xlim(*xs)
+        ax.set_ylim(*xs)
         ax.set_xlabel("measured ms")
         ax.set_ylabel("FCPM predicted ms")
         ax.set_title(f"background load {L:.0%}")

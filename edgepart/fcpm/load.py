@@ -31,6 +31,8 @@ from pathlib import Path
 _SPIN = r"""
 import os, sys, time
 duty, period, clock = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+if len(sys.argv) > 5 and sys.argv[5]:
+    os.sched_setaffinity(0, {int(c) for c in sys.argv[5].split(",")})
 parent = os.getppid()
 busy = duty * period
 if clock == "wall":
@@ -156,7 +158,7 @@ class BackgroundLoad:
     """Context manager: ``with BackgroundLoad(0.5): ...`` runs the body under 50 % background load."""
 
     def __init__(self, level: float, cores: float | None = None, period_s: float = 0.01, settle_s: float = 0.3,
-                 clock: str = "wall"):
+                 clock: str = "wall", avoid_cpu: int | None = None):
         if clock not in ("wall", "cpu"):
             raise ValueError(f"clock must be 'wall' or 'cpu', not {clock!r}")
         self.level = float(level)
@@ -164,12 +166,29 @@ class BackgroundLoad:
         self.period_s = period_s
         self.settle_s = settle_s
         self.clock = clock
+        self.avoid_cpu = avoid_cpu
         self.procs: list[subprocess.Popen] = []
+
+    def placement(self, n: int) -> list[str]:
+        """Where each of ``n`` spinners runs ("" = anywhere). With ``avoid_cpu`` (a pinned timing thread's
+        core, wall clock only) the spinners are pinned to the other cores first, one each, and only
+        spinners beyond those share the timing core: the load a level means lands the same way in
+        every run, not wherever the scheduler put it that time."""
+        try:
+            cpus = sorted(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover
+            cpus = []
+        if self.avoid_cpu is None or self.clock != "wall" or not cpus:
+            return [""] * n
+        others = [c for c in cpus if c != self.avoid_cpu] or [self.avoid_cpu]
+        order = others + ([self.avoid_cpu] if self.avoid_cpu in cpus else [])
+        return [str(order[i % len(order)]) for i in range(n)]
 
     def start(self) -> "BackgroundLoad":
         n, duty = plan_load(self.level, self.cores, self.clock)
-        for _ in range(n):
-            cmd = [sys.executable, "-c", _SPIN, repr(min(1.0, duty)), repr(self.period_s), self.clock, repr(DEBT_S)]
+        for where in self.placement(n):
+            cmd = [sys.executable, "-c", _SPIN, repr(min(1.0, duty)), repr(self.period_s), self.clock, repr(DEBT_S),
+                   where]
             self.procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                                stderr=subprocess.DEVNULL))
         if self.procs:

@@ -27,6 +27,7 @@ import numpy as np
 
 from edgepart.fcpm.features import FEATURES, design_row, features
 from edgepart.fcpm.ops import CHEAP_ACTS, geometry
+from edgepart.fcpm.ops import family as family_of
 
 FORMAT = "edgepart-fcpm/1"
 # A family with no fitted model borrows one of these, in order.
@@ -489,7 +490,14 @@ class DeviceProfile:
         """
         t = self._predict_isolated(info, rows, load, which)
         if context == "sequence" and which == "fcpm" and self.sequence:
-            t += float(np.dot(self.sequence["coef"], sequence_terms(info, rows)))
+            fams = self.sequence.get("families")
+            if fams is not None and t == TRIVIAL_TIME:
+                return t
+            if fams is not None:      # fitted on layers timed in their stages (fit_context)
+                c = fams.get(family_of(info), self.sequence["global"])
+                t = c[0] * t + float(np.dot(c[1:], sequence_terms(info, rows)))
+            else:                     # older profiles: fitted on whole networks (fit_sequences)
+                t += float(np.dot(self.sequence["coef"], sequence_terms(info, rows)))
         return t
 
     def _predict_isolated(self, info: dict, rows: int | None, load: float, which: str) -> float:
@@ -585,6 +593,62 @@ class DeviceProfile:
         self.sequence = {"coef": coef.tolist(), "terms": ["per node", "weight bytes", "input bytes"],
                          "n": len(sequences), "rmspe_isolated": float(np.sqrt(np.mean(np.square(before)))),
                          "rmspe_corrected": float(np.sqrt(np.mean(np.square(after))))}
+        self._cache.clear()
+        return self.sequence
+
+    def fit_context(self, samples: list[dict], min_family: int = 12) -> dict:
+        """Fit the in-network part on layers timed in context (each inside its stage, after its real
+        predecessor: :mod:`edgepart.fcpm.context`).
+
+        ``samples``: [{"info", "rows" (None: whole), "load", "t": seconds in context}]. Per op family
+        (a family with fewer than ``min_family`` samples uses the fit over all of them) the time in
+        context is a·(isolated prediction) + b + c·(weight bytes) + d·(input bytes) — the bytes counted
+        only where they fit the last-level cache (:func:`sequence_terms`) — non-negative, least
+        squares on relative error; a family without enough samples keeps a = 1 and takes b, c, d fitted
+        over all samples. Returns (and keeps in ``self.sequence``) the coefficients and the fit's
+        check on the samples themselves: RMSPE and share within ±10 %, isolated vs corrected.
+        """
+        if not samples:
+            return {}
+        from scipy.optimize import nnls
+        self.sequence = None
+        self._cache.clear()
+        rows_by_fam: dict[str, list] = {}
+        for s in samples:
+            iso = self.predict(s["info"], s.get("rows"), s["load"], context="isolated")
+            rows_by_fam.setdefault(family_of(s["info"]), []).append(
+                (np.concatenate([[iso], sequence_terms(s["info"], s.get("rows"))]), float(s["t"])))
+
+        def fit(rows, a_fixed=None):
+            A = np.asarray([r[0] / r[1] for r in rows])
+            b = np.ones(len(rows))
+            if a_fixed is not None:      # the isolated prediction kept as it is: only what context adds is fitted
+                b = b - a_fixed * A[:, 0]
+                A = A[:, 1:]
+            scale = np.abs(A).max(0)
+            scale[scale <= 0] = 1.0
+            coef, _ = nnls(A / scale, b)
+            coef = (coef / scale).tolist()
+            return coef if a_fixed is None else [float(a_fixed), *coef]
+        everything = [r for rows in rows_by_fam.values() for r in rows]
+        # an op type without enough samples of its own keeps its isolated prediction plus what context adds
+        # on average (a per-node cost and cold weights and inputs): never a scale fitted on other op types
+        glob = fit(everything, a_fixed=1.0)
+        fams = {f: fit(rows) for f, rows in sorted(rows_by_fam.items()) if len(rows) >= min_family}
+
+        rel_iso, rel = [], []
+        for f, rows in rows_by_fam.items():
+            c = np.asarray(fams.get(f, glob))
+            for x, t in rows:
+                rel.append(float(np.dot(c, x)) / t - 1)
+                rel_iso.append(x[0] / t - 1)
+        self.sequence = {"kind": "context", "terms": ["isolated prediction", "per node", "weight bytes",
+                                                      "input bytes"],
+                         "families": fams, "global": glob, "coef": [0.0, 0.0, 0.0], "n": len(samples),
+                         "rmspe_isolated": float(np.sqrt(np.mean(np.square(rel_iso)))),
+                         "rmspe_corrected": float(np.sqrt(np.mean(np.square(rel)))),
+                         "acc10_isolated": float(np.mean(np.abs(rel_iso) <= 0.10)),
+                         "acc10_corrected": float(np.mean(np.abs(rel) <= 0.10))}
         self._cache.clear()
         return self.sequence
 

@@ -9,8 +9,11 @@ convolutions, max/avg pooling, batch norm, activations, add/mul, concat, linear,
 upsampling, global pooling, padding), with channel counts, kernel sizes, strides
 and input sizes drawn like the stages of real CNNs, and for row-local ops several
 *row-slice heights* of the kind partitioning produces. Each (configuration, rows)
-is timed with warm-up and repeats (median) at every background load level (made
-by :class:`BackgroundLoad`). The JSON holds the raw measurements and the fitted
+is timed at every background load level (made by :class:`BackgroundLoad`) through the timing
+harness (:mod:`edgepart.fcpm.harness`: one pinned core, a fixed predecessor, interleaved passes
+until the median's relative standard error is 1 % or the budget is spent), and the synthetic
+networks layer by layer in context (:mod:`edgepart.fcpm.context`), which the FCPM's in-network
+part is fitted on. The JSON holds the raw measurements and the fitted
 model (:class:`DeviceProfile`).
 
 **Rate-limited devices.** Under a CPU quota (an emulated slow worker's cgroup, a
@@ -36,10 +39,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from edgepart.fcpm.context import graph_stage
 from edgepart.fcpm.features import clean_info
+from edgepart.fcpm.harness import Harness, Isolated, pinned_thread
 from edgepart.fcpm.load import BackgroundLoad, cpu_count, cpu_quota_cores, sustained_share
 from edgepart.fcpm.model import DeviceProfile
-from edgepart.fcpm.ops import Runner, family, time_callable
+from edgepart.fcpm.ops import Runner, family, geometry
 from edgepart.fcpm.ort_timing import ort_net, ort_runner_factory, session_call_s
 from edgepart.passes import analyse
 from edgepart.passes.info import node_info
@@ -131,6 +136,7 @@ ACT_TEMPLATES = {"ReLU()": "F.relu({x})", "ReLU6()": "F.relu6({x})", "LeakyReLU(
 COUNTS = {"conv": 380, "gconv": 24, "dwconv": 60, "maxpool": 40, "avgpool": 24, "bn": 40, "act": 90, "binary": 40,
           "cat": 20, "linear": 30, "upsample": 24, "gap": 16, "pad": 10, "trivial": 3}
 MAX_FLOPS = 3.5e9
+TARGET_RSE = 0.01          # the harness repeats a job until its median's relative standard error is this
 RATE_LIMITED_SHARE = 0.7   # sustaining less of a core than this: a CPU quota; time rate-limited
 
 
@@ -260,19 +266,23 @@ def measure_sweep(configs: list[dict], loads=DEFAULT_LOADS, target_s: float = 0.
                   budget_s: float | None = None, progress: bool = True, seed: int = 0, passes: int = 2,
                   on_load: Callable[[float], None] | None = None, sustained: bool = False,
                   load_cores: float | None = None, on_progress: Callable[[int, int, str], None] | None = None,
-                  stats: dict | None = None, make_runner: Callable[[dict, int, int], Callable] | None = None
-                  ) -> list[dict]:
-    """Time every (configuration, rows) at every load level; returns measurement records.
+                  stats: dict | None = None, make_runner: Callable[[dict, int, int], Callable] | None = None,
+                  target_rse: float = TARGET_RSE, cpu: int | None = None) -> list[dict]:
+    """Time every (configuration, rows) at every load level with the timing harness; returns records.
 
-    Each job is timed in ``passes`` passes over the sweep (the second in reverse order), keeping the
-    lowest median: another program's burst on a shared machine only ever adds time.
+    The timing thread is pinned to one core (``cpu``, else :func:`edgepart.fcpm.harness.timing_core`),
+    the background load's processes to the other cores first. Per load level the jobs are visited
+    in interleaved passes, always in the same order, each visit one sample (warm-up calls, then a
+    burst of about ``target_s / min_repeats`` seconds; its median), until every job's median has a
+    relative standard error of at most ``target_rse`` with at least ``max(3, passes + 1)`` samples, or
+    the level's share of ``budget_s`` is spent. Records: {cid, family, rows, load, t (the median),
+    t_min, n and passes (samples), rse, converged}.
 
-    ``sustained`` (a rate-limited device, see :mod:`edgepart.fcpm.load`): each job's median is taken
-    in this thread's CPU time and divided by the share of a core the thread sustained over the whole
-    load level (CPU time / wall time while it was always busy), so a record's ``t`` is the time the
-    job takes on average on that device, quota stalls included; background load then lives in the
-    same CPU budget (``load_cores``: the device's share; default: the share measured at the first level).
-    ``on_progress(done, total, phase)`` is called after every job (it may raise to abort);
+    ``sustained`` (a rate-limited device, see :mod:`edgepart.fcpm.load`): the samples are taken in
+    thread CPU time and divided by the share of a core the thread sustained over the level, stalls
+    included; background load then lives in the same CPU budget (``load_cores``: the device's share;
+    default: the share measured at the first level).
+    ``on_progress(done, total, phase)`` is called after every visit (it may raise to abort);
     ``stats`` (a dict) receives {"share": {load: share of a core sustained at that level}}.
     ``make_runner(info, rows, seed)``: the callable to time (default :class:`Runner`, torch); a job
     it cannot make (e.g. a layer the ONNX exporter refuses) is left out.
@@ -282,63 +292,56 @@ def measure_sweep(configs: list[dict], loads=DEFAULT_LOADS, target_s: float = 0.
     order = list(np.random.default_rng(seed + 1).permutation(len(jobs)))   # no drift aligned with one family
     records: list[dict] = []
     loads = list(loads)
-    per_load = budget_s / len(loads) if budget_s else None
-    clock = time.thread_time if sustained else None
+    per_load = budget_s / len(loads) if budget_s else 3600.0
+    clock = time.thread_time if sustained else time.perf_counter
     shares: dict[float, float] = {}
-    total = len(jobs) * len(loads) * passes
-    done = 0
-    torch.set_num_threads(1)
-    with _progress(progress) as bar:
+    min_samples = max(3, passes + 1)
+    total = len(jobs) * len(loads) * min_samples
+    done = [0]
+    with pinned_thread(cpu) as core, _progress(progress) as bar:
         task = bar.add_task("profiling", total=total) if bar else None
-        for li, L in enumerate(loads):
+        for L in loads:
             if on_load:
                 on_load(L)
-            best: dict[int, dict] = {}
             if sustained:
                 cores = load_cores or shares.get(0.0) or sustained_share()
                 bg = BackgroundLoad(L, cores=cores, clock="cpu")
             else:
-                bg = BackgroundLoad(L)
+                bg = BackgroundLoad(L, avoid_cpu=core)
+
+            def on_pass(visits, n_units, L=L):
+                done[0] += 1
+                if bar:
+                    bar.update(task, completed=min(done[0], total), description=f"load {L:.0%}")
+                if on_progress:
+                    on_progress(min(done[0], total), total, f"sweep at load {L:g}")
+            units = []
+            for j in order:
+                cfg, rows = jobs[j]
+                g = geometry(cfg["info"], rows)
+                units.append(Isolated(j, (lambda cfg=cfg, rows=rows: make_runner(cfg["info"], rows, int(cfg["cid"]))),
+                                      nbytes=int(4 * (g.weight_elems + g.in_elems + g.out_elems))))
+            harness = Harness(target_rse=target_rse, min_samples=min_samples, budget_s=per_load,
+                              sample_s=target_s / max(1, min_repeats), clock=clock, on_pass=on_pass)
             with bg:
                 t_start = time.perf_counter()
                 c_start = time.thread_time()
-                for p in range(passes):
-                    for j in (order if p % 2 == 0 else order[::-1]):
-                        if per_load and time.perf_counter() - t_start > per_load * (p + 1) / passes \
-                                and (p > 0 or len(best) >= 0.5 * len(jobs)):
-                            break
-                        cfg, rows = jobs[j]
-                        try:
-                            fn = make_runner(cfg["info"], rows, int(cfg["cid"]))
-                        except Exception:  # noqa: BLE001 — not timeable on this backend: no record
-                            continue
-                        m = time_callable(fn, target_s=target_s, min_repeats=min_repeats, clock=clock)
-                        if j not in best or m["t"] < best[j]["t"]:
-                            best[j] = {**m, "passes": best.get(j, {}).get("passes", 0) + 1}
-                        else:
-                            best[j]["passes"] += 1
-                        done += 1
-                        if bar:
-                            bar.update(task, advance=1, description=f"load {L:.0%} · pass {p + 1} · "
-                                                                    f"{cfg['family']:<8}")
-                        if on_progress:
-                            on_progress(done, total, f"sweep at load {L:g}")
+                est = harness.run(units)
                 share = (time.thread_time() - c_start) / max(1e-9, time.perf_counter() - t_start)
             shares[L] = share
             scale = 1.0 / max(share, 1e-3) if sustained else 1.0
-            for j, m in best.items():
+            for j in sorted(est):
+                e = est[j]
                 cfg, rows = jobs[j]
                 rec = {"cid": cfg["cid"], "family": cfg["family"], "rows": int(rows), "load": float(L),
-                       **{k: (float(v) * (scale if k in ("t", "t_min", "iqr") else 1.0) if k not in ("n", "passes")
-                              else int(v)) for k, v in m.items()}}
+                       "t": e.t * scale, "t_min": e.t_min * scale, "n": e.n, "passes": e.n,
+                       "rse": e.rse if math.isfinite(e.rse) else None, "converged": e.converged}
                 if sustained:
-                    rec["t_cpu"] = float(m["t"])
+                    rec["t_cpu"] = float(e.t)
                 records.append(rec)
-            done = len(jobs) * passes * (li + 1)
-            if bar:
-                bar.update(task, completed=done)
     if stats is not None:
         stats["share"] = shares
+        stats["timing_cpu"] = core
     return records
 
 
@@ -385,32 +388,56 @@ def net_infos(net, x) -> list[dict]:
 def measure_nets(nets, loads, target_s: float = 0.3, passes: int = 2, progress: bool = False,
                  sustained: bool = False, load_cores: float | None = None,
                  on_progress: Callable[[int, int, str], None] | None = None,
-                 make_call: Callable[[torch.nn.Module, torch.Tensor], Callable] | None = None) -> list[dict]:
-    """End-to-end times of ``nets`` (one torch thread) at each load: [{net, load, t}].
+                 make_call: Callable[[torch.nn.Module, torch.Tensor], Callable] | None = None,
+                 budget_s: float | None = None, target_rse: float = TARGET_RSE, cpu: int | None = None) -> list[dict]:
+    """``nets`` timed at each load: [{net, load, t, layers}], one torch thread pinned to one core.
 
-    ``sustained``: as in :func:`measure_sweep` (CPU-time medians ÷ the share of a core sustained).
-    ``make_call(net, x)``: the callable to time (default ``net(x)`` in torch)."""
-    calls = [(make_call or (lambda net, x: lambda: net(x)))(net, x) for net, x in nets]
+    Default: *layers in context* — each network runs node by node as a stage runs it, a timer around
+    each layer (:func:`edgepart.fcpm.context.graph_stage`), in the harness's interleaved passes to
+    ``target_rse`` within ``budget_s`` (per load level); ``t`` is the sum of its layers and
+    ``layers`` [[index into :func:`net_infos`, seconds in context], ...] what the FCPM's in-network
+    part is fitted on. ``make_call(net, x)`` (e.g. an ONNX Runtime session): the network timed end to
+    end as one call (no ``layers``). ``sustained``: as in :func:`measure_sweep`."""
     out = []
-    torch.set_num_threads(1)
-    clock = time.thread_time if sustained else None
-    total, done = len(nets) * len(loads) * passes, 0
-    for L in loads:
-        bg = BackgroundLoad(L, cores=load_cores or sustained_share(), clock="cpu") if sustained else BackgroundLoad(L)
-        with bg:
-            best = {}
-            t_start, c_start = time.perf_counter(), time.thread_time()
-            for p in range(passes):
-                for i in (range(len(nets)) if p % 2 == 0 else reversed(range(len(nets)))):
-                    t = time_callable(calls[i], target_s=target_s, min_repeats=5, max_repeats=30,
-                                      clock=clock)["t"]
-                    best[i] = min(best.get(i, float("inf")), t)
-                    done += 1
-                    if on_progress:
-                        on_progress(done, total, f"networks at load {L:g}")
-            share = (time.thread_time() - c_start) / max(1e-9, time.perf_counter() - t_start)
+    clock = time.thread_time if sustained else time.perf_counter
+    min_samples = max(3, passes + 1)
+    total, done = len(nets) * len(loads) * min_samples, [0]
+    units, index = [], {}
+    for i, (net, x) in enumerate(nets):
+        if make_call is not None:
+            units.append(Isolated(("net", i), (lambda net=net, x=x: make_call(net, x))))
+            continue
+        gm = analyse(trace(net, (x,)))
+        names = [n.name for n in gm.graph.nodes if n.op in COMPUTE_OPS]
+        index[i] = {name: j for j, name in enumerate(names)}
+        stage, _ = graph_stage(gm, (x,), i)
+        units.append(stage)
+    with pinned_thread(cpu) as core:
+        for L in loads:
+            bg = (BackgroundLoad(L, cores=load_cores or sustained_share(), clock="cpu") if sustained
+                  else BackgroundLoad(L, avoid_cpu=core))
+
+            def on_pass(visits, n_units, L=L):
+                done[0] += 1
+                if on_progress:
+                    on_progress(min(done[0], total), total, f"networks at load {L:g}")
+            harness = Harness(target_rse=target_rse, min_samples=min_samples,
+                              budget_s=(budget_s or 60.0 * len(nets)) / len(loads),
+                              sample_s=target_s / 5, clock=clock, on_pass=on_pass)
+            with bg:
+                t_start, c_start = time.perf_counter(), time.thread_time()
+                est = harness.run(units)
+                share = (time.thread_time() - c_start) / max(1e-9, time.perf_counter() - t_start)
             scale = 1.0 / max(share, 1e-3) if sustained else 1.0
-            out += [{"net": i, "load": float(L), "t": t * scale} for i, t in sorted(best.items())]
+            for i in range(len(nets)):
+                if make_call is not None:
+                    if ("net", i) in est:
+                        out.append({"net": i, "load": float(L), "t": est[("net", i)].t * scale})
+                    continue
+                if (i, "total") not in est:
+                    continue
+                layers = [[index[i][k[1]], e.t * scale] for k, e in est.items() if k[0] == i and k[1] != "total"]
+                out.append({"net": i, "load": float(L), "t": est[(i, "total")].t * scale, "layers": sorted(layers)})
     return out
 
 
@@ -437,7 +464,8 @@ MEASUREMENTS_FORMAT = "edgepart-fcpm-measurements/1"
 def measure(quick: bool = False, loads=DEFAULT_LOADS, seed: int = 0, budget_s: float | None = None,
             progress: bool = True, name: str | None = None, counts: dict | None = None, nets: int | None = None,
             sustained: str | bool = "auto", cpu_cores: float | None = None,
-            on_progress: Callable[[int, int, str], None] | None = None, backend: str = "torch") -> dict:
+            on_progress: Callable[[int, int, str], None] | None = None, backend: str = "torch",
+            cpu: int | None = None) -> dict:
     """Run the sweep on this machine (this process, its CPU share): the raw measurements as plain JSON data.
 
     ``sustained`` — time rate-limited (see :func:`measure_sweep`): "auto" (default) does so when this
@@ -447,6 +475,9 @@ def measure(quick: bool = False, loads=DEFAULT_LOADS, seed: int = 0, budget_s: f
     L means L of the device's CPU budget (quota, else the measured share) taken by other work.
     :func:`fit_profile` turns the result into a :class:`DeviceProfile`; ``edgepart profile --endpoint``
     runs this inside a worker and fits on the client.
+
+    ``cpu``: the core the timing thread is pinned to (default :func:`edgepart.fcpm.harness.timing_core`;
+    a worker passes its compute thread's ``--pin-cpu``).
 
     ``backend="onnxruntime"``: every layer and network runs as an ONNX Runtime session; each layer's
     time is net of the session's own cost per run, stored as ``meta["stage_start_s"]``.
@@ -478,7 +509,7 @@ def measure(quick: bool = False, loads=DEFAULT_LOADS, seed: int = 0, budget_s: f
     records = measure_sweep(configs, loads, target_s=0.005 if quick else 0.03, min_repeats=3 if quick else 5,
                             budget_s=budget_s, progress=progress, seed=seed, passes=1 if quick else 2,
                             sustained=sustained, load_cores=capacity, on_progress=on_progress, stats=stats,
-                            make_runner=ort_runner_factory() if on_ort else None)
+                            make_runner=ort_runner_factory() if on_ort else None, cpu=cpu)
     call_s = session_call_s() if on_ort else 0.0
     for rec in records if on_ort else ():   # a stage pays the session's own cost once, not once per layer: charged per stage
         rec["t"] = max(rec["t"] - call_s, 0.05 * rec["t"])
@@ -486,15 +517,17 @@ def measure(quick: bool = False, loads=DEFAULT_LOADS, seed: int = 0, budget_s: f
     base = shares.get(0.0, share0)                      # the share of a core with no background load
     n_nets = (4 if quick else 16) if nets is None else int(nets)
     net_list = design_nets(n_nets, seed) if n_nets else []
-    net_recs = measure_nets(net_list, loads, target_s=0.02 if quick else 0.3, passes=1 if quick else 2,
+    net_recs = measure_nets(net_list, loads, target_s=0.02 if quick else 0.1, passes=1 if quick else 2,
                             sustained=sustained, load_cores=capacity, on_progress=on_progress,
-                            make_call=ort_net if on_ort else None) if net_list else []
+                            make_call=ort_net if on_ort else None, budget_s=0.15 * budget_s,
+                            cpu=stats.get("timing_cpu")) if net_list else []
     infos = [net_infos(n, x) for n, x in net_list]
     meta = device_meta(name, cpu_share=round(base, 4) if base is not None else None)
     meta.update(loads=loads, quick=quick, seed=seed, profile_seconds=round(time.perf_counter() - t0, 1),
                 n_configs=len(configs), n_measurements=len(records), rate_limited=sustained,
                 cpu_quota_cores=quota, cpu_share_by_load={f"{L:g}": round(v, 4) for L, v in shares.items()},
-                backend=backend)
+                backend=backend, timing_cpu=stats.get("timing_cpu"), target_rse=TARGET_RSE,
+                converged_share=round(sum(bool(r.get("converged")) for r in records) / max(1, len(records)), 3))
     if on_ort:
         meta["stage_start_s"] = call_s
     if sustained and base:                  # the load the profiled thread really saw, relative to no load
@@ -514,7 +547,11 @@ def fit_profile(m: dict, name: str | None = None) -> DeviceProfile:
         meta["device"] = name
     prof = DeviceProfile.fit(m["configs"], m["records"], meta, seed=int(meta.get("seed", 0)))
     nets = m.get("nets") or {"infos": [], "records": []}
-    if nets["records"]:
+    in_context = [{"info": nets["infos"][r["net"]][j], "rows": None, "load": r["load"], "t": t}
+                  for r in nets["records"] for j, t in r.get("layers") or []]
+    if in_context:           # layers timed in their stages: the in-network part fitted on those
+        prof.fit_context(in_context)
+    elif nets["records"]:    # older measurements: whole networks timed end to end
         prof.fit_sequences([{"infos": nets["infos"][r["net"]], "load": r["load"], "t": r["t"]}
                             for r in nets["records"]])
     if prof.measurements is not None:

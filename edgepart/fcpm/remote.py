@@ -146,7 +146,8 @@ def _run_profile(worker: Worker, cpu_cores: float | None, conn: Conn, opts: dict
         t0 = time.perf_counter()
         m = measure(quick=opts["quick"], loads=opts["loads"], seed=opts["seed"], budget_s=opts["budget"],
                     progress=False, name=worker.device, counts=opts["counts"], nets=opts["nets"],
-                    sustained=opts["sustained"], cpu_cores=cpu_cores, on_progress=on_progress)
+                    sustained=opts["sustained"], cpu_cores=cpu_cores, on_progress=on_progress,
+                    cpu=worker.executor.pin_cpu)     # where the worker computes, if it is pinned
         m["meta"]["remote"] = {"worker": worker.address, "device": worker.device}
         data = json.dumps(m, separators=(",", ":")).encode()
         if len(data) > MAX_RESULT:
@@ -272,6 +273,14 @@ def check_measurements(m: Any) -> None:
         if not (isinstance(r, dict) and type(r.get("net")) is int and 0 <= r["net"] < len(nets["infos"])
                 and _num(r.get("load")) and _num(r.get("t")) and r["t"] > 0):
             bad(f"bad network record {str(r)[:120]}")
+        layers = r.get("layers")
+        if layers is None:
+            continue
+        n_nodes = len(nets["infos"][r["net"]]) if isinstance(nets["infos"][r["net"]], list) else 0
+        if not isinstance(layers, list) or not all(
+                isinstance(v, list) and len(v) == 2 and type(v[0]) is int and 0 <= v[0] < n_nodes
+                and _num(v[1]) and v[1] > 0 for v in layers):
+            bad(f"bad layer timings in network record {str(r)[:120]}")
 
 
 def profile_remote(endpoint: str, key, options: dict | None = None, name: str | None = None,

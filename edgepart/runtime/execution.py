@@ -27,6 +27,7 @@ import collections
 import heapq
 import itertools
 import logging
+import os
 import resource
 import threading
 import time
@@ -127,8 +128,9 @@ class Executor:
 
     def __init__(self, stats: collections.Counter, stop_event: threading.Event, threads: int = 1,
                  request_timeout: float = 120.0, stage_clock: StageClock | None = None,
-                 load_meter: "LoadMeter | None" = None):
+                 load_meter: "LoadMeter | None" = None, pin_cpu: int | None = None):
         self.stats = stats
+        self.pin_cpu = pin_cpu            # the compute thread's core (None: wherever the scheduler puts it)
         self.stop_event = stop_event
         self.threads = threads
         self.request_timeout = request_timeout
@@ -369,6 +371,11 @@ class Executor:
 
     def _compute_loop(self) -> None:
         torch.set_num_threads(max(1, self.threads))
+        if self.pin_cpu is not None:
+            # why pinned: an unpinned thread migrates between cores and finds its caches cold after each
+            # move; pinned, a stage's time repeats (and matches the FCPM, whose timings are pinned too).
+            # Linux affinity is per thread: the socket threads stay free to run on the other cores.
+            os.sched_setaffinity(0, {self.pin_cpu})
         while not self.stop_event.is_set():
             with self.lock:
                 while (not self.runq or self.computing) and not self.stop_event.is_set():

@@ -46,7 +46,7 @@ log = logging.getLogger("edgepart.worker")
 class Worker:
     """One device's worker: listens on ``listen`` (port 0: any free port) for connections that know ``key``.
 
-    ``threads``: torch threads for compute; ``workdir``: where deployed bundles are kept (default: a
+    ``threads``: torch threads for compute; ``pin_cpu``: the compute thread's CPU (None: not pinned); ``workdir``: where deployed bundles are kept (default: a
     temp dir of its own, removed by :meth:`stop`); ``request_timeout``: a request idle this long (s)
     fails; ``deploy_pubkey``: an Ed25519 public key (runtime/signing.py): only deploys signed by its
     private key are taken (None: any holder of ``key`` may deploy); ``server_options``: the
@@ -61,7 +61,7 @@ class Worker:
                  workdir: str | os.PathLike | None = None, max_payload: int = DEFAULT_MAX_PAYLOAD,
                  request_timeout: float = 120.0, link_shaper: LinkShaperFactory | None = None,
                  stage_clock: StageClock | None = None, deploy_pubkey=None, server_options: dict | None = None,
-                 backend: str | None = None):
+                 backend: str | None = None, pin_cpu: int | None = None):
         if len(key) < MIN_KEY_BYTES:
             raise EdgepartError(f"the worker needs a shared key of at least {MIN_KEY_BYTES} bytes (--key-file)")
         self.key = key
@@ -72,7 +72,9 @@ class Worker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.stats: collections.Counter = collections.Counter()
         self.stop_event = threading.Event()
-        self.executor = Executor(self.stats, self.stop_event, threads, request_timeout, stage_clock)
+        if pin_cpu is not None and hasattr(os, "sched_getaffinity") and pin_cpu not in os.sched_getaffinity(0):
+            raise EdgepartError(f"--pin-cpu {pin_cpu}: this worker may only use CPUs {sorted(os.sched_getaffinity(0))}")
+        self.executor = Executor(self.stats, self.stop_event, threads, request_timeout, stage_clock, pin_cpu=pin_cpu)
         self.server = Server(listen, key, self._hello, self.stats, self.stop_event, max_payload,
                              **(server_options or {}))
         self.deployer = Deployer(self.workdir, self.executor, key, max_payload, lambda: self.server.address,
@@ -133,6 +135,8 @@ def build_parser(prog: str = "edgepart worker") -> argparse.ArgumentParser:
     p.add_argument("--deploy-pubkey", help="take only deploys signed by this Ed25519 key's private half "
                                            "(PEM, from edgepart keygen --deploy; see docs/security.md)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for compute (default 1)")
+    p.add_argument("--pin-cpu", type=int, default=None,
+                   help="pin the compute thread to this CPU (its times then repeat, as the FCPM's pinned timings do)")
     p.add_argument("--workdir", help="where deployed bundles are kept (default: a new temp dir)")
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="run deployed programs on torch or onnxruntime (default: the bundle's choice for the device)")
@@ -155,6 +159,7 @@ def setup_process(args: argparse.Namespace) -> None:
 def worker_options(args: argparse.Namespace) -> dict:
     """Worker(...) keyword arguments from the options of :func:`build_parser`."""
     return {"listen": args.listen, "key": read_key(args.key_file), "threads": args.threads, "workdir": args.workdir,
+            "pin_cpu": args.pin_cpu,
             "max_payload": args.max_payload, "request_timeout": args.request_timeout, "backend": args.backend,
             "deploy_pubkey": load_public_key(args.deploy_pubkey) if args.deploy_pubkey else None}
 

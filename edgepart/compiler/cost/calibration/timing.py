@@ -1,29 +1,20 @@
-"""How the calibration times things: one torch thread, pinned where the workers run, thread CPU time."""
+"""How the calibration times things: one torch thread pinned to one core where the workers run, thread CPU time."""
 from __future__ import annotations
 
-import os
 import time
 from contextlib import contextmanager
 
-import torch
-
+from edgepart.fcpm.harness import pinned_thread
 from edgepart.fcpm.ops import Runner, time_callable
 
 
 @contextmanager
 def pinned_one_thread(cpuset: list[int] | None):
-    """One torch thread, pinned to ``cpuset`` if given (where the testbed's workers run); restored after."""
-    old_threads = torch.get_num_threads()
-    old_aff = os.sched_getaffinity(0) if cpuset else None
-    try:
-        torch.set_num_threads(1)
-        if cpuset:
-            os.sched_setaffinity(0, set(cpuset))
+    """One torch thread, the calling thread pinned to one core — the last of ``cpuset`` (where the test
+    bed's workers run) if given, else :func:`edgepart.fcpm.harness.timing_core` — restored after.
+    Unpinned, the timing thread migrates between cores and a timing does not repeat (issue #20)."""
+    with pinned_thread(cpuset=cpuset):
         yield
-    finally:
-        torch.set_num_threads(old_threads)
-        if old_aff is not None:
-            os.sched_setaffinity(0, old_aff)
 
 
 def retime_records(configs: dict, records: list[dict], budget_s: float) -> dict[str, list[float]]:

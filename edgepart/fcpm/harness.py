@@ -1,0 +1,359 @@
+"""The timing harness: timings that repeat on a shared machine.
+
+Two timings of the same job taken the old way (an unpinned thread, all repeats of one job in a
+row, whatever job came before) agreed within ±10 % for only a third to a half of the jobs of a
+set on a busy host (issue #20). The harness removes the causes it can control:
+
+* **one core.** :func:`pinned_thread` pins the calling thread (and sets one torch thread) to one
+  core — :func:`timing_core`: ``$EDGEPART_TIMING_CPU``, else the last core this process may use
+  (the one ``/work/bin/measure`` keeps quiet on the lab machine) — and restores both after. An
+  unpinned thread migrates between cores and finds its caches cold after every move;
+* **a fixed predecessor.** Every :class:`Unit` is visited in the same order in every pass, and
+  what ran just before each timed call is fixed by the unit and recorded with its estimate
+  (``pred``): an :class:`Isolated` job's timed calls follow untimed calls of itself ("itself
+  (warm)"); a :class:`Stage`'s layers follow the stage's previous layer, its first layer the
+  stage's last one (an untimed run of the stage opens every visit);
+* **interleaved passes.** A pass takes one sample of every unit still short of its target; the
+  samples of a job are spread over the whole measurement instead of taken in one burst, so a slow
+  minute of the machine shifts every job a little instead of a few jobs a lot;
+* **repeat to a target.** A job's estimate is the median of its samples, its uncertainty the
+  relative standard error of that median (from the median absolute deviation). Passes go on
+  until every job is at ``target_rse`` with at least ``min_samples`` samples, or the time budget
+  is spent (then the estimate says ``converged=False``): bounded time, always.
+
+Units are built lazily and in memory-bounded chunks (``max_bytes``: a VGG-16 classifier layer
+holds 400 MB); the passes interleave within a chunk. :func:`agreement` compares two runs of the
+harness (the re-timing agreement the accuracy benchmark reports as the harness's repeatability).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from edgepart.runtime.allocator import keep_freed_memory
+
+TIMING_CPU_ENV = "EDGEPART_TIMING_CPU"
+
+
+# --------------------------------------------------------------------------- pinning
+
+def allowed_cpus() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover — not Linux
+        return []
+
+
+def timing_core(cpuset: Sequence[int] | None = None) -> int | None:
+    """The core a timing thread is pinned to: ``$EDGEPART_TIMING_CPU`` if set (and allowed), else the
+    last core of ``cpuset`` (e.g. where the test bed's workers run) or of the cores this process may use.
+    None where affinity cannot be set (not Linux)."""
+    cpus = sorted(cpuset) if cpuset else allowed_cpus()
+    if not cpus:
+        return None
+    env = os.environ.get(TIMING_CPU_ENV, "").strip()
+    if env:
+        try:
+            want = int(env)
+        except ValueError:
+            raise ValueError(f"${TIMING_CPU_ENV} must be a CPU number, got {env!r}") from None
+        if want not in cpus:
+            raise ValueError(f"${TIMING_CPU_ENV}={want} is not among the CPUs this process may use {cpus}")
+        return want
+    return cpus[-1]
+
+
+@contextmanager
+def pinned_thread(cpu: int | None = None, cpuset: Sequence[int] | None = None) -> Iterator[int | None]:
+    """Pin the calling thread to one core (``cpu``, else :func:`timing_core` of ``cpuset``) with one torch
+    thread; both are restored on exit. Yields the core (None: pinning is not available here).
+
+    Only the calling thread moves (Linux affinity is per thread): a worker's other threads keep theirs.
+    """
+    if cpu is None:
+        cpu = timing_core(cpuset)
+    old_threads = torch.get_num_threads()
+    old_aff = None
+    if cpu is not None and hasattr(os, "sched_setaffinity"):
+        old_aff = os.sched_getaffinity(0)
+        try:
+            os.sched_setaffinity(0, {int(cpu)})
+        except OSError as e:
+            raise ValueError(f"cannot pin the timing thread to CPU {cpu}: {e}") from None
+    try:
+        torch.set_num_threads(1)
+        yield cpu
+    finally:
+        torch.set_num_threads(old_threads)
+        if old_aff is not None:
+            os.sched_setaffinity(0, old_aff)
+
+
+# --------------------------------------------------------------------------- estimates
+
+def median(xs: Sequence[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    if n == 0:
+        return float("nan")
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def rse_of_median(xs: Sequence[float]) -> float:
+    """Relative standard error of the median of ``xs``: 1.253 × 1.483 × MAD / √n / median (inf below 3)."""
+    n = len(xs)
+    if n < 3:
+        return math.inf
+    m = median(xs)
+    if m <= 0:
+        return math.inf
+    mad = median([abs(x - m) for x in xs])
+    return 1.2533 * 1.4826 * mad / math.sqrt(n) / m
+
+
+@dataclass
+class Estimate:
+    """One job's timing: ``t`` the median of its samples (seconds), ``rse`` that median's relative
+    standard error, ``n`` samples, ``pred`` what ran just before each timed call."""
+    t: float
+    rse: float
+    n: int
+    t_min: float
+    pred: str
+    converged: bool
+    samples: list[float] = field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict:
+        return {"t": self.t, "rse": self.rse if math.isfinite(self.rse) else None, "n": self.n,
+                "t_min": self.t_min, "pred": self.pred, "converged": self.converged}
+
+
+# --------------------------------------------------------------------------- units
+
+class Unit:
+    """Something the harness visits once per pass; a visit returns ``{job key: one sample (s)}``."""
+    keys: list
+    preds: dict
+    bytes: int = 0
+
+    def build(self) -> None:
+        """Allocate what the visits need (called once, just before the unit's chunk is timed)."""
+
+    def release(self) -> None:
+        """Free it (called when the chunk is done)."""
+
+    def visit(self, clock: Callable[[], float], target_s: float) -> dict:
+        raise NotImplementedError
+
+
+class Isolated(Unit):
+    """A job timed alone and warm: each visit makes untimed warm-up calls, then times a burst of calls
+    (about ``target_s`` in all, 1..``max_burst``) and gives the burst's median as the sample.
+    ``make()`` returns the zero-argument callable; ``nbytes``: its tensors' size, for chunking."""
+
+    def __init__(self, key, make: Callable[[], Callable[[], Any]], nbytes: int = 0, max_burst: int = 25):
+        self.keys, self.preds = [key], {key: "itself (warm)"}
+        self.make, self.bytes, self.max_burst = make, int(nbytes), max_burst
+        self.fn: Callable | None = None
+        self._est = None
+
+    def build(self) -> None:
+        self.fn = self.make()
+
+    def release(self) -> None:
+        self.fn = None
+
+    def visit(self, clock, target_s):
+        fn = self.fn
+        t0 = clock()
+        fn()
+        first = clock() - t0
+        if self._est is None or first < 0.02:    # a second warm call unless the job is long
+            t0 = clock()
+            fn()
+            first = clock() - t0
+        est = self._est = first if self._est is None else min(self._est, first)
+        n = max(1, min(self.max_burst, int(target_s / max(est, 1e-7))))
+        ts = []
+        for _ in range(n):
+            t0 = clock()
+            fn()
+            ts.append(clock() - t0)
+        return {self.keys[0]: median(ts)}
+
+
+class Stage(Unit):
+    """Layers run one after another, as a stage runs them, with a timer around each layer.
+
+    ``make()`` returns ``(steps, first_input)``: ``steps`` a list of ``(name, key, prep)`` in
+    execution order, where ``prep(env) -> (callable, args, kwargs)`` prepares one step's call from
+    the values so far (``env[name]``; ``env[None]`` is ``first_input``) — untimed — and the call is
+    timed if ``key`` is not None (a job of this unit; steps without a key, e.g. a graph's inputs,
+    run untimed). ``keys``: the timed steps' keys, in order. A visit runs the stage once untimed
+    (so the first layer's predecessor is always the stage's last layer, as in a worker running it
+    request after request), then ``runs`` timed runs (about ``target_s`` in all, at most
+    ``max_runs``); each layer's sample is its median over those runs. ``total_key``: also a sample
+    of the whole stage (the sum of its timed layers), if not None."""
+
+    def __init__(self, keys: list, make: Callable[[], tuple[list, Any]], nbytes: int = 0, total_key=None,
+                 max_runs: int = 10, names: list[str] | None = None):
+        self.layer_keys = list(keys)
+        self.total_key = total_key
+        self.keys = self.layer_keys + ([total_key] if total_key is not None else [])
+        names = names or [str(k) for k in keys]
+        self.preds = {k: (names[i - 1] if i else f"{names[-1]} (the stage's previous run)")
+                      for i, k in enumerate(self.layer_keys)}
+        if total_key is not None:
+            self.preds[total_key] = "the stage itself (previous run)"
+        self.make, self.bytes, self.max_runs = make, int(nbytes), max_runs
+        self.steps = None
+        self.x0 = None
+        self.last = None      # the last step's value of the latest run (tests check the stage computes the model)
+        self._est = None
+
+    def build(self) -> None:
+        self.steps, self.x0 = self.make()
+        timed = [key for _, key, _ in self.steps if key is not None]
+        if timed != self.layer_keys:
+            raise ValueError("a Stage's steps must time exactly its keys, in order")
+
+    def release(self) -> None:
+        self.steps, self.x0, self.last = None, None, None
+
+    def _run(self, clock) -> list[float]:
+        env: dict = {None: self.x0}
+        out = []
+        for name, key, prep in self.steps:
+            fn, args, kwargs = prep(env)
+            if key is None:
+                env[name] = fn(*args, **kwargs)
+                continue
+            t0 = clock()
+            y = fn(*args, **kwargs)
+            out.append(clock() - t0)
+            env[name] = y
+        self.last = env[name]
+        return out
+
+    def visit(self, clock, target_s):
+        first = sum(self._run(clock))
+        est = self._est = first if self._est is None else min(self._est, first)
+        runs = max(1, min(self.max_runs, int(target_s / max(est, 1e-7))))
+        per = [self._run(clock) for _ in range(runs)]
+        sample = {k: median([p[i] for p in per]) for i, k in enumerate(self.layer_keys)}
+        if self.total_key is not None:
+            sample[self.total_key] = median([sum(p) for p in per])
+        return sample
+
+
+# --------------------------------------------------------------------------- the harness
+
+@dataclass
+class Harness:
+    """Interleaved passes over units until every job's median is at ``target_rse`` (with at least
+    ``min_samples`` samples) or ``budget_s`` is spent. ``sample_s``: timed seconds per sample of a
+    unit; ``max_bytes``: the units of one chunk (timed together, interleaved) hold at most this much;
+    ``clock``: wall time by default, ``time.thread_time`` on a rate-limited device."""
+    target_rse: float = 0.01
+    min_samples: int = 5
+    max_samples: int = 60
+    budget_s: float = 60.0
+    sample_s: float = 0.002
+    max_bytes: int = 1 << 30
+    clock: Callable[[], float] = time.perf_counter
+    on_pass: Callable[[int, int], None] | None = None    # (samples taken so far, units) after each visit
+
+    def chunks(self, units: list[Unit]) -> list[list[Unit]]:
+        out, cur, size = [], [], 0
+        for u in units:
+            if cur and size + u.bytes > self.max_bytes:
+                out.append(cur)
+                cur, size = [], 0
+            cur.append(u)
+            size += u.bytes
+        if cur:
+            out.append(cur)
+        return out
+
+    def run(self, units: list[Unit]) -> dict[Any, Estimate]:
+        """Time ``units`` (in the calling thread: pin it first, :func:`pinned_thread`); returns
+        ``{job key: Estimate}``. A unit that fails to build or run is left out (its keys absent)."""
+        keep_freed_memory()
+        samples: dict[Any, list[float]] = {}
+        preds: dict[Any, str] = {}
+        t_start = time.perf_counter()
+        chunks = self.chunks(units)
+        visits = 0
+        with torch.inference_mode():
+            for ci, chunk in enumerate(chunks):
+                left = max(0.0, self.budget_s - (time.perf_counter() - t_start))
+                share = left * len(chunk) / max(1, sum(len(c) for c in chunks[ci:]))
+                deadline = time.perf_counter() + share
+                live = []
+                for u in chunk:
+                    try:
+                        u.build()
+                        live.append(u)
+                    except Exception:  # noqa: BLE001 — a job this backend cannot build: no estimate
+                        continue
+                    for k in u.keys:
+                        samples.setdefault(k, [])
+                        preds[k] = u.preds.get(k, "?")
+                while live:
+                    todo = [u for u in live if not self._done(u, samples)]
+                    if not todo:
+                        break
+                    # the minimum samples are taken even past the deadline, up to twice the chunk's share
+                    short = any(len(samples[k]) < self.min_samples for u in todo for k in u.keys)
+                    now = time.perf_counter()
+                    if now > deadline + share or (now > deadline and not short):
+                        break
+                    for u in todo:
+                        try:
+                            got = u.visit(self.clock, self.sample_s)
+                        except Exception:  # noqa: BLE001 — failed mid-run: drop the unit
+                            live.remove(u)
+                            for k in u.keys:
+                                samples.pop(k, None)
+                            continue
+                        for k, v in got.items():
+                            samples[k].append(v)
+                        visits += 1
+                        if self.on_pass:
+                            self.on_pass(visits, len(units))
+                for u in chunk:
+                    u.release()
+        out = {}
+        for k, xs in samples.items():
+            if not xs:
+                continue
+            r = rse_of_median(xs)
+            out[k] = Estimate(median(xs), r, len(xs), min(xs), preds.get(k, "?"),
+                              len(xs) >= self.min_samples and r <= self.target_rse, list(xs))
+        return out
+
+    def _done(self, u: Unit, samples: dict) -> bool:
+        for k in u.keys:
+            xs = samples.get(k, [])
+            if len(xs) >= self.max_samples:
+                continue
+            if len(xs) < self.min_samples or rse_of_median(xs) > self.target_rse:
+                return False
+        return True
+
+
+def agreement(a: dict, b: dict, keys=None, tol: float = 0.10) -> float:
+    """Share of the jobs in both ``a`` and ``b`` ({key: Estimate or seconds}) whose two timings agree within
+    ±``tol`` (|a/b − 1| ≤ tol): the re-timing agreement, the ceiling for any model's ±10 % accuracy."""
+    def t(v):
+        return v.t if isinstance(v, Estimate) else float(v)
+    ks = [k for k in (a if keys is None else keys) if k in a and k in b]
+    if not ks:
+        return float("nan")
+    return sum(abs(t(a[k]) / t(b[k]) - 1) <= tol for k in ks) / len(ks)

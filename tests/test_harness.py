@@ -1,0 +1,208 @@
+"""The timing harness (#20): pinning, fixed predecessors, interleaved passes to a target RSE within a
+bounded time, layers timed in context, the in-network part fitted on them."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgepart import models
+from edgepart.fcpm import DeviceProfile
+from edgepart.fcpm.context import chain_stage, graph_stage, timed_nodes
+from edgepart.fcpm.harness import (Harness, Isolated, Stage, agreement, median, pinned_thread, rse_of_median,
+                                   timing_core)
+from edgepart.fcpm.load import BackgroundLoad
+from edgepart.fcpm.profiler import conv_info, eltwise_info, pool_info
+from edgepart.fcpm.remote import check_measurements
+from edgepart.errors import EdgepartError
+from edgepart.passes import analyse
+from edgepart.passes.trace import trace
+
+ROOT = Path(__file__).resolve().parents[1]
+linux = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="thread affinity is Linux-only")
+
+
+def test_median_and_rse():
+    assert median([3, 1, 2]) == 2 and median([1, 2, 3, 4]) == 2.5
+    assert rse_of_median([1.0, 1.0]) == math.inf              # too few samples to say
+    assert rse_of_median([1.0] * 9) == 0.0
+    spread = rse_of_median([0.9, 1.0, 1.1, 0.95, 1.05])
+    assert 0.01 < spread < 0.1
+    assert rse_of_median([0.9, 1.0, 1.1, 0.95, 1.05] * 4) < spread     # more samples, smaller error
+
+
+@linux
+def test_pinned_thread_pins_one_core_and_restores():
+    before, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    with pinned_thread() as cpu:
+        assert cpu == timing_core() == max(before)
+        assert os.sched_getaffinity(0) == {cpu}
+        assert torch.get_num_threads() == 1
+    assert os.sched_getaffinity(0) == before and torch.get_num_threads() == threads
+    with pinned_thread(cpuset=[min(before)]) as cpu:
+        assert os.sched_getaffinity(0) == {min(before)}
+
+
+@linux
+def test_timing_core_from_the_environment(monkeypatch):
+    cpus = sorted(os.sched_getaffinity(0))
+    monkeypatch.setenv("EDGEPART_TIMING_CPU", str(cpus[0]))
+    assert timing_core() == cpus[0]
+    monkeypatch.setenv("EDGEPART_TIMING_CPU", "9999")
+    with pytest.raises(ValueError, match="9999"):
+        timing_core()
+
+
+def _fake_clock():
+    """A clock that advances by what the job says it took (deterministic timings)."""
+    state = {"now": 0.0}
+    return state, (lambda: state["now"])
+
+
+def test_harness_repeats_to_the_target_and_records_the_predecessor():
+    state, clock = _fake_clock()
+    calls = {"a": 0, "b": 0}
+    noise = iter([1.0, 1.3, 0.8, 1.1, 0.9] * 400)
+
+    def job(name, t):
+        def run():
+            calls[name] += 1
+            state["now"] += t * (next(noise) if name == "b" else 1.0)
+        return run
+    units = [Isolated("a", lambda: job("a", 1e-3)), Isolated("b", lambda: job("b", 1e-3))]
+    est = Harness(target_rse=0.02, min_samples=5, max_samples=200, budget_s=60, clock=clock).run(units)
+    assert est["a"].t == pytest.approx(1e-3) and est["a"].converged and est["a"].n == 5   # steady: the minimum
+    assert est["b"].n > est["a"].n and est["b"].rse <= 0.02 and est["b"].converged    # noisy: repeated until there
+    assert est["a"].pred == "itself (warm)"
+    assert agreement(est, {"a": 1.05e-3, "b": 2e-3}) == 0.5
+
+
+def test_harness_stops_at_its_time_budget():
+    """A job that never converges: the run ends near its budget (wall time), estimate marked not converged."""
+    import random
+    rnd = random.Random(0)
+
+    def make():
+        def run():
+            time.sleep(rnd.choice([0.0002, 0.002]))
+        return run
+    t0 = time.perf_counter()
+    est = Harness(target_rse=1e-6, min_samples=3, max_samples=10_000, budget_s=0.5, sample_s=0.001).run(
+        [Isolated("x", make)])
+    assert time.perf_counter() - t0 < 1.5
+    assert est["x"].n >= 3 and not est["x"].converged
+
+
+def test_harness_interleaves_passes_in_a_fixed_order():
+    order = []
+
+    class U(Isolated):
+        def visit(self, clock, target_s):
+            order.append(self.keys[0])
+            return {self.keys[0]: 1.0}
+    units = [U(k, lambda: (lambda: None)) for k in "xyz"]
+    Harness(min_samples=3, budget_s=10).run(units)
+    assert order == list("xyz") * 3          # pass after pass, not x x x y y y z z z
+
+
+def test_harness_chunks_by_memory_and_skips_unbuildable_units():
+    built = []
+
+    def make(k):
+        def f():
+            built.append(k)
+            if k == "bad":
+                raise RuntimeError("cannot build")
+            return lambda: None
+        return f
+    units = [Isolated(k, make(k), nbytes=600) for k in ("p", "bad", "q")]
+    h = Harness(min_samples=3, budget_s=5, max_bytes=1000)
+    assert [len(c) for c in h.chunks(units)] == [1, 1, 1]
+    est = h.run(units)
+    assert set(est) == {"p", "q"}
+
+
+def test_graph_stage_runs_the_model_layer_by_layer():
+    m, (x,) = models.get("tinynet")
+    gm = analyse(trace(m, (x,)))
+    stage, infos = graph_stage(gm, (x,), "tinynet")
+    assert stage.layer_keys == [("tinynet", n.name) for n in timed_nodes(gm)] and set(infos) == set(stage.layer_keys)
+    stage.build()
+    with torch.inference_mode():
+        sample = stage.visit(time.perf_counter, 0.001)
+        assert torch.allclose(stage.last, m(x), rtol=1e-5, atol=1e-6)     # the stage computes the model
+    assert all(v > 0 for v in sample.values())
+    assert sample[("tinynet", "total")] == pytest.approx(sum(sample[k] for k in stage.layer_keys), rel=0.5)
+    first, second = stage.layer_keys[:2]
+    assert stage.preds[second] == first[1]                                  # its real predecessor
+    assert "previous run" in stage.preds[first]
+
+
+def test_chain_stage_slices_compute_the_rows_the_next_layer_needs():
+    infos = [conv_info(16, 16, 32, 32, 3, 1), eltwise_info("activation", 16, 32, 32, "ReLU()", 1, 1,
+                                                           params={"template": "F.relu({x})"}),
+             pool_info("max_pool2d", 16, 32, 32, 2, 2)]
+    stage, rows = chain_stage(infos, 5, "r")
+    assert rows == [10, 10, 5]
+    est = Harness(min_samples=3, budget_s=5).run([stage])
+    assert set(est) == {("r", 0), ("r", 1), ("r", 2), ("r", "total")}
+    assert stage.preds[("r", 1)].startswith("0:")
+    with pytest.raises(ValueError, match="keys"):
+        Stage([("r", 9)], lambda: ([("l0", ("r", 0), lambda env: (lambda: 1, (), {}))], None)).build()
+
+
+@linux
+def test_background_load_goes_to_the_other_cores():
+    cpus = sorted(os.sched_getaffinity(0))
+    bg = BackgroundLoad(0.5, avoid_cpu=cpus[-1])
+    where = bg.placement(3)
+    if len(cpus) > 1:
+        assert where[0] != str(cpus[-1]) and str(cpus[-1]) in where    # others first, then the timing core
+    assert BackgroundLoad(0.5).placement(2) == ["", ""]
+    with BackgroundLoad(0.5, avoid_cpu=cpus[-1], settle_s=0.05) as b:
+        for p, want in zip(b.procs, b.placement(len(b.procs))):
+            time.sleep(0.05)
+            assert os.sched_getaffinity(p.pid) == {int(want)}
+
+
+def test_fit_context_recovers_a_relation_and_old_profiles_still_load():
+    prof = DeviceProfile.load(ROOT / "profiles" / "host.json")      # written before fit_context: still loads
+    info = conv_info(64, 64, 28, 28, 3)
+    old = prof.predict(info, None, 0.0)
+    assert old > 0 and prof.sequence and "families" not in prof.sequence
+    layers = [conv_info(c, c, h, h, k) for c in (16, 32, 64) for h in (14, 28, 56) for k in (1, 3)]
+    layers += [eltwise_info("batch_norm", c, h, h, "BatchNorm2d", 2, params={"eps": 1e-5})
+               for c in (16, 32, 64, 128) for h in (14, 28, 56, 112)]
+    samples = [{"info": i, "rows": None, "load": 0.0,
+                "t": 1.5 * prof.predict(i, None, 0.0, context="isolated") + 20e-6} for i in layers]
+    fit = prof.fit_context(samples)
+    assert fit["acc10_corrected"] == 1.0 and fit["rmspe_corrected"] < 0.01
+    assert fit["families"]["conv"][0] == pytest.approx(1.5, rel=0.02)
+    for s in samples:
+        assert prof.predict(s["info"], None, 0.0) == pytest.approx(s["t"], rel=0.02)
+    again = DeviceProfile.from_json(json.loads(json.dumps(prof.to_json())))
+    assert again.predict(info, 7, 0.0) == pytest.approx(prof.predict(info, 7, 0.0), rel=1e-12)
+
+
+def test_measurements_with_layer_timings_are_checked():
+    m = {"format": "edgepart-fcpm-measurements/1", "meta": {}, "configs": [], "records": [],
+         "nets": {"infos": [[{}, {}]], "records": [{"net": 0, "load": 0.0, "t": 0.01, "layers": [[1, 0.004]]}]}}
+    check_measurements(m)
+    for bad in ([[2, 0.004]], [[0, -1.0]], [["0", 0.1]], "x"):
+        m["nets"]["records"][0]["layers"] = bad
+        with pytest.raises(EdgepartError, match="layer timings"):
+            check_measurements(m)
+
+
+def test_worker_pin_cpu_option():
+    from edgepart.runtime import worker
+    args = worker.build_parser().parse_args(["--key-file", "k", "--pin-cpu", "0"])
+    assert args.pin_cpu == 0
+    if hasattr(os, "sched_getaffinity"):
+        with pytest.raises(EdgepartError, match="pin-cpu 9999"):
+            worker.Worker(key=b"k" * 32, pin_cpu=9999)
