@@ -170,3 +170,13 @@ def test_a_drl_plan_that_breaks_constraints_reports_them():
     sol = plan_drl(tables, tiers, levels, _random_policy())
     assert sol.violations and any("memory_mb" in v for v in sol.violations)
     assert "2 tasks fit nowhere" in sol.status
+
+
+@pytest.mark.slow
+def test_training_is_deterministic_for_a_seed_and_exports_a_loadable_policy(tmp_path):
+    from edgepart.mcia.train import train
+    a = train(tmp_path / "a.json", steps=1024, pool=1, n_val=1, eval_every=512, log=lambda s: None)
+    b = train(tmp_path / "b.json", steps=1024, pool=1, n_val=1, eval_every=512, log=lambda s: None)
+    pa, pb = load_policy(a), load_policy(b)
+    assert pa.sha256 == pb.sha256
+    assert pa.training["algorithm"].startswith("PPO") and pa.training["seed"] == 0

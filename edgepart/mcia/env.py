@@ -163,27 +163,44 @@ class Planner:
         if self.order:
             self._reserve(self.order[0], -1)
 
-    def _fallbacks(self, rounds: int = 30) -> list[int]:
-        """Each task's fallback. Going through the tasks in the scenario's order, each takes the candidate
-        that fits beside the fallbacks before it with the least footprint: Σ price × use / what is left, over
-        the edge share, its medium, edge memory, its end device's memory and load (of equal footprint the
-        higher term). While a resource overflows in the end, its price doubles and the pass is redone."""
+    def _fallbacks(self, rounds: int = 12) -> list[int]:
+        """Each task's fallback. Going through the tasks, each takes the candidate that fits beside the
+        fallbacks before it with the least footprint: Σ price × use / what is left, over the edge share, its
+        medium, edge memory, its end device's memory and load (of equal footprint the higher term). While a
+        resource overflows in the end, its price doubles and the pass is redone; if one still overflows, a
+        local search (:meth:`_repair_fallbacks`). Tried in the scenario's order, then the tasks that need
+        the most end-device load first, then reversed; the first that fits is kept."""
+        n = len(self.options)
+        heavy = sorted(range(n), key=lambda i: -float(self.options[i].load.min()))
+        best: list[int] = []
+        for order in (list(range(n)), heavy, list(reversed(range(n)))):
+            out = self._priced_pass(order, rounds)
+            if not self.fallbacks_fit:
+                out = self._repair_fallbacks(out)
+            if not best:
+                best = out
+            if self.fallbacks_fit:
+                return out
+        return best
+
+    def _priced_pass(self, order: list[int], rounds: int) -> list[int]:
         L, n_m, n_e = self.levels, len(self.medium_left), len(self.end_load_left)
         self.fallbacks_fit = False
         price = {"edge": 1.0, "emem": 1.0, "medium": np.ones(n_m), "nmem": np.ones(n_e), "load": np.ones(n_e)}
-        out: list[int] = []
+        out = [0] * len(self.options)
         for _ in range(rounds):
             edge, medium, emem = 0, np.zeros(n_m), 0.0
             nmem, load = np.zeros(n_e), np.zeros(n_e)
-            out = []
-            for i, o in enumerate(self.options):
+            for i in order:
+                o = self.options[i]
                 m, e = self._medium[i], self._end[i]
                 left = (L - edge, L - medium[m], self.edge_mem_left - emem, self.end_mem_left[e] - nmem[e],
                         1.0 - load[e])
                 fit = ((o.a <= left[0]) & (o.b <= left[1]) & (o.edge_bytes <= left[2]) & (o.end_bytes <= left[3])
                        & (o.load <= left[4] + 1e-12))
                 fp = (price["edge"] * o.a / max(left[0], 0.5) + price["medium"][m] * o.b / max(left[1], 0.5)
-                      + price["emem"] * o.edge_bytes / max(left[2], 1.0) + price["nmem"][e] * o.end_bytes / max(left[3], 1.0)
+                      + price["emem"] * o.edge_bytes / max(left[2], 1.0)
+                      + price["nmem"][e] * o.end_bytes / max(left[3], 1.0)
                       + price["load"][e] * o.load / max(left[4], 1e-3))
                 k = int(np.lexsort((-o.term, np.where(fit, fp, fp + 1e12)))[0])
                 edge += o.a[k]
@@ -191,7 +208,7 @@ class Planner:
                 emem += o.edge_bytes[k]
                 nmem[e] += o.end_bytes[k]
                 load[e] += o.load[k]
-                out.append(k)
+                out[i] = k
             over = {"edge": edge > L, "medium": medium > L, "emem": emem > self.edge_mem_left,
                     "nmem": nmem > self.end_mem_left, "load": load > 1.0 + 1e-12}
             self.fallbacks_fit = not any(np.any(v) for v in over.values())
@@ -199,6 +216,42 @@ class Planner:
                 break
             for r, v in over.items():
                 price[r] = price[r] * np.where(v, 2.0, 1.0)
+        return out
+
+    def _repair_fallbacks(self, out: list[int]) -> list[int]:
+        """Local search when pricing left an overflow: move the one task's fallback to the candidate that
+        lowers the total relative overflow Σ max(0, use − capacity) / capacity the most, until nothing
+        overflows or no move lowers it."""
+        n_m, n_e = len(self.medium_left), len(self.end_load_left)
+        cap = np.concatenate([[self.levels], np.full(n_m, self.levels), [self.edge_mem_left], self.end_mem_left,
+                              np.ones(n_e) + 1e-12]).astype(float)
+        col = [np.array([0, 1 + self._medium[i], 1 + n_m, 2 + n_m + self._end[i], 2 + n_m + n_e + self._end[i]])
+               for i in range(len(self.options))]
+        use = [np.stack([o.a, o.b, o.edge_bytes, o.end_bytes, o.load], axis=1).astype(float) for o in self.options]
+        total = np.zeros(len(cap))
+        for i, k in enumerate(out):
+            np.add.at(total, col[i], use[i][k])
+        out = list(out)
+        for _ in range(4 * len(out) + 10):
+            if np.all(total <= cap):
+                self.fallbacks_fit = True
+                break
+            best = (0.0, -1, -1)
+            for i, k in enumerate(out):
+                c = col[i]
+                if np.all(total[c] <= cap[c]):
+                    continue
+                before = np.maximum(total[c] - cap[c], 0) / cap[c]
+                after = np.maximum(total[c] - use[i][k] + use[i] - cap[c], 0) / cap[c]
+                gain = before.sum() - after.sum(axis=1)
+                j = int(np.argmax(gain))
+                if gain[j] > best[0] + 1e-15:
+                    best = (float(gain[j]), i, j)
+            if best[1] < 0:
+                break
+            _, i, j = best
+            np.add.at(total, col[i], use[i][j] - use[i][out[i]])
+            out[i] = j
         return out
 
     def _reserve(self, i: int, sign: int) -> None:
