@@ -226,7 +226,7 @@ def cmd_mcia(args) -> int:
     tables = [build_table(t, cluster, tiers) for t in tasks]
     names = STRATEGIES if args.strategy == "all" else [args.strategy]
     for name in names:
-        sol = plan(tables, tiers, levels, name, time_limit=args.time_limit, policy=args.policy)
+        sol = plan(tables, tiers, levels, name, time_limit=args.time_limit, policy=args.policy, rollouts=args.rollouts)
         info = f", {sol.solver} {sol.status}, gap {sol.gap:.2%}, {sol.solve_time:.2f} s" if name == "milp" else ""
         if name == "drl":
             info = f", {sol.solver}, {sol.status}, {1e3 * sol.solve_time / len(tables):.2f} ms per decision"
@@ -326,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="milp (default) | drl | end-only | edge-only | cloud-only | neurosurgeon | greedy | random "
                          "| all")
     mc.add_argument("--policy", help="drl: the policy's JSON spec (default: the one shipped with edgepart)")
+    mc.add_argument("--rollouts", type=int, help="drl: task orders to plan, the best kept (default: see docs/mcia.md)")
     mc.add_argument("--out", default="drl.json", help="train: the policy's JSON spec to write (weights beside it)")
     mc.add_argument("--steps", type=int, default=300_000, help="train: PPO environment steps")
     mc.add_argument("--seed", type=int, default=0, help="train: the seed (scenarios, PPO)")

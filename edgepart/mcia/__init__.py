@@ -23,15 +23,16 @@ STRATEGIES = ("milp", "drl", *BASELINES)
 
 
 def plan(tables: list[TaskTable], tiers: Tiers, levels: int, strategy: str = "milp",
-         time_limit: float = 60.0, gap: float = 1e-4, policy=None) -> Solution:
+         time_limit: float = 60.0, gap: float = 1e-4, policy=None, rollouts: int | None = None) -> Solution:
     """The plan of ``strategy`` (milp, drl or a baseline), evaluated; the broken constraints of a baseline's
     or the DRL policy's plan are in ``Solution.violations`` (the MILP's are always empty). ``policy``: the
-    DRL policy (a :class:`edgepart.mcia.drl.Policy` or its JSON spec's path; default: the shipped one)."""
+    DRL policy (a :class:`edgepart.mcia.drl.Policy` or its JSON spec's path; default: the shipped one);
+    ``rollouts``: how many task orders it plans, the best kept (default ``drl.ROLLOUTS``)."""
     if strategy == "milp":
         return solve_milp(tables, tiers, levels, time_limit=time_limit, gap=gap)
     if strategy == "drl":
         from edgepart.mcia.drl import plan_drl  # why: torch and the policy file are loaded only for this strategy
-        return plan_drl(tables, tiers, levels, policy)
+        return plan_drl(tables, tiers, levels, policy, **({} if rollouts is None else {"rollouts": rollouts}))
     if strategy not in BASELINES:
         raise EdgepartError(f"unknown MCIA strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     return solution(strategy, tables, tiers, BASELINES[strategy](tables, tiers, levels), levels)
