@@ -180,3 +180,13 @@ def test_training_is_deterministic_for_a_seed_and_exports_a_loadable_policy(tmp_
     pa, pb = load_policy(a), load_policy(b)
     assert pa.sha256 == pb.sha256
     assert pa.training["algorithm"].startswith("PPO") and pa.training["seed"] == 0
+
+
+def test_rollouts_keep_the_best_order_and_say_which_won():
+    tables, tiers, levels = tiny(5, n=6, levels=8)
+    one = plan_drl(tables, tiers, levels, rollouts=1)
+    many = plan_drl(tables, tiers, levels, rollouts=5)
+    assert "rollout" not in one.status and "of 5 won" in many.status
+    assert many.objective >= one.objective and not many.violations
+    with pytest.raises(EdgepartError, match="rollouts"):
+        plan_drl(tables, tiers, levels, rollouts=0)
