@@ -208,8 +208,9 @@ def timing(policy, out: Path) -> int:
     lines = ["# MCIA: the DRL policy's time per decision", "",
              f"`python benchmarks/mcia.py --timing` ({time.strftime('%Y-%m-%d')}), policy {policy.name} "
              f"(sha256 {policy.sha256[:12]}), one torch thread pinned to one core; per instance the median of 5 "
-             "plans. A decision = one task: its observation, the network, the decode. Options = building the "
-             "50 tasks' candidates (the MILP's candidate generation, done once per plan).", "",
+             f"plans. A decision = one task in all {ROLLOUTS} rollouts: fallbacks, observations, the network, the "
+             "decode (÷ 50 tasks). Options = building the 50 tasks' candidates (the MILP's candidate generation, "
+             "done once per plan).", "",
              "| instance | ms per decision | options, s (50 tasks) |", "|---|---:|---:|"]
     for bw in (1.0, 10.0, 100.0):
         for mix in ("accuracy", "latency", "mixed"):
