@@ -4,7 +4,8 @@
     edgepart inspect DIR
     edgepart train MODEL --dataset mnist --out DIR
     edgepart versions MODEL --scales 1,0.75,0.5,0.25 --dataset mnist --out DIR | edgepart versions show DIR
-    edgepart mcia plan CLUSTER TASKS [--strategy milp|end-only|...|all] [--explain]
+    edgepart mcia plan CLUSTER TASKS [--strategy milp|drl|end-only|...|all] [--explain]
+    edgepart mcia train --out POLICY.json [--steps N] [--seed S]   (the DRL policy)
     edgepart worker / deploy / run / profile / probe   (runtime and profiling)
     edgepart keygen --run FILE | --deploy FILE          (keys: docs/security.md)
 
@@ -213,14 +214,22 @@ def cmd_mcia(args) -> int:
     # why: the MCIA stack (version sets, PuLP) is loaded only by the command that uses it
     from edgepart.mcia import STRATEGIES, Tiers, load_tasks, plan
     from edgepart.mcia.build import build_table  # why: as above
+    if args.action == "train":
+        from edgepart.mcia.train import train  # why: as above (and stable-baselines3 only for training)
+        train(args.out, steps=args.steps, seed=args.seed, pool=args.pool)
+        return 0
+    if args.tasks is None:
+        raise EdgepartError("edgepart mcia plan needs CLUSTER.yaml and TASKS.yaml")
     cluster = Cluster.from_file(args.cluster)
     tiers = Tiers.from_cluster(cluster)
     tasks, levels = load_tasks(args.tasks, tiers)
     tables = [build_table(t, cluster, tiers) for t in tasks]
     names = STRATEGIES if args.strategy == "all" else [args.strategy]
     for name in names:
-        sol = plan(tables, tiers, levels, name, time_limit=args.time_limit)
+        sol = plan(tables, tiers, levels, name, time_limit=args.time_limit, policy=args.policy, rollouts=args.rollouts)
         info = f", {sol.solver} {sol.status}, gap {sol.gap:.2%}, {sol.solve_time:.2f} s" if name == "milp" else ""
+        if name == "drl":
+            info = f", {sol.solver}, {sol.status}, {1e3 * sol.solve_time / len(tables):.2f} ms per decision"
         print(f"{name}: objective {sol.objective:.4f}{info}")
         print(f"  {'task':12s} {'version':12s} {'end | edge | cloud cut after':34s} {'edge':>5s} {'uplink':>6s} "
               f"{'latency ms':>10s} {'accuracy':>8s}")
@@ -308,13 +317,20 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--deploy", help="write a new Ed25519 deploy key to this file and its public key to FILE.pub")
     k.set_defaults(func=cmd_keygen)
     mc = sub.add_parser("mcia", help="MCIA: version, end|edge|cloud cuts and shares for many tasks",
-                        description="edgepart mcia plan CLUSTER.yaml TASKS.yaml [--strategy S] [--explain] "
-                                    "(docs/mcia.md)")
-    mc.add_argument("action", choices=["plan"])
-    mc.add_argument("cluster", help="tiered cluster YAML (tier: end | edge | cloud per device)")
-    mc.add_argument("tasks", help="tasks YAML")
+                        description="edgepart mcia plan CLUSTER.yaml TASKS.yaml [--strategy S] [--explain]; "
+                                    "edgepart mcia train --out POLICY.json (docs/mcia.md)")
+    mc.add_argument("action", choices=["plan", "train"])
+    mc.add_argument("cluster", nargs="?", help="tiered cluster YAML (tier: end | edge | cloud per device)")
+    mc.add_argument("tasks", nargs="?", help="tasks YAML")
     mc.add_argument("--strategy", default="milp",
-                    help="milp (default) | end-only | edge-only | cloud-only | neurosurgeon | greedy | random | all")
+                    help="milp (default) | drl | end-only | edge-only | cloud-only | neurosurgeon | greedy | random "
+                         "| all")
+    mc.add_argument("--policy", help="drl: the policy's JSON spec (default: the one shipped with edgepart)")
+    mc.add_argument("--rollouts", type=int, help="drl: task orders to plan, the best kept (default: see docs/mcia.md)")
+    mc.add_argument("--out", default="drl.json", help="train: the policy's JSON spec to write (weights beside it)")
+    mc.add_argument("--steps", type=int, default=300_000, help="train: PPO environment steps")
+    mc.add_argument("--seed", type=int, default=0, help="train: the seed (scenarios, PPO)")
+    mc.add_argument("--pool", type=int, default=24, help="train: scenarios of 50 tasks drawn for training")
     mc.add_argument("--time-limit", type=float, default=60.0, help="MILP time limit in seconds")
     mc.add_argument("--explain", action="store_true", help="latency parts, objective terms, weights per task")
     mc.set_defaults(func=cmd_mcia)
