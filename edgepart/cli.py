@@ -5,6 +5,7 @@
     edgepart train MODEL --dataset mnist --out DIR
     edgepart versions MODEL --scales 1,0.75,0.5,0.25 --dataset mnist --out DIR | edgepart versions show DIR
     edgepart mcia plan CLUSTER TASKS [--strategy milp|end-only|...|all] [--explain]
+    edgepart mcia run CLUSTER TASKS [--requests N] [--cpuset 1]   (the plan on the emulated testbed; root)
     edgepart worker / deploy / run / profile / probe   (runtime and profiling)
     edgepart keygen --run FILE | --deploy FILE          (keys: docs/security.md)
 
@@ -216,6 +217,8 @@ def cmd_mcia(args) -> int:
     cluster = Cluster.from_file(args.cluster)
     tiers = Tiers.from_cluster(cluster)
     tasks, levels = load_tasks(args.tasks, tiers)
+    if args.action == "run":
+        return _mcia_run(args, cluster, tasks, levels)
     tables = [build_table(t, cluster, tiers) for t in tasks]
     names = STRATEGIES if args.strategy == "all" else [args.strategy]
     for name in names:
@@ -238,6 +241,19 @@ def cmd_mcia(args) -> int:
         for v in sol.violations:
             print(f"  violates: {v}")
     return 0
+
+
+def _mcia_run(args, cluster, tasks, levels) -> int:
+    from edgepart.mcia.run import MciaRun  # why: the testbed is loaded only by `mcia run`
+    strategy = "milp" if args.strategy == "all" else args.strategy
+    cpuset = [int(c) for c in args.cpuset.split(",")] if args.cpuset else None
+    with MciaRun(cluster, tasks, levels, strategy, time_scale=args.time_scale, cpuset=cpuset,
+                 time_limit=args.time_limit, log=print) as run:
+        report = run.measure(requests=args.requests)
+    print(report.table())
+    print(f"time scale {report.time_scale:.3g}; median over tasks of (measured / predicted - 1): "
+          f"{report.median_error * 100:+.1f} %; every output equals its version's: {report.all_exact}")
+    return 0 if report.all_exact else 1
 
 
 def _training_arguments(p: argparse.ArgumentParser) -> None:
@@ -310,13 +326,17 @@ def build_parser() -> argparse.ArgumentParser:
     mc = sub.add_parser("mcia", help="MCIA: version, end|edge|cloud cuts and shares for many tasks",
                         description="edgepart mcia plan CLUSTER.yaml TASKS.yaml [--strategy S] [--explain] "
                                     "(docs/mcia.md)")
-    mc.add_argument("action", choices=["plan"])
+    mc.add_argument("action", choices=["plan", "run"], help="plan: print the plan; run: run it on the tiered "
+                    "emulated testbed (root) and compare latency with the prediction")
     mc.add_argument("cluster", help="tiered cluster YAML (tier: end | edge | cloud per device)")
     mc.add_argument("tasks", help="tasks YAML")
     mc.add_argument("--strategy", default="milp",
                     help="milp (default) | end-only | edge-only | cloud-only | neurosurgeon | greedy | random | all")
     mc.add_argument("--time-limit", type=float, default=60.0, help="MILP time limit in seconds")
     mc.add_argument("--explain", action="store_true", help="latency parts, objective terms, weights per task")
+    mc.add_argument("--requests", type=int, default=10, help="run: requests per task (default 10)")
+    mc.add_argument("--cpuset", help="run: CPUs the workers are pinned to, e.g. 1")
+    mc.add_argument("--time-scale", type=float, help="run: emulated time ÷ wall time (default: fit the CPUs)")
     mc.set_defaults(func=cmd_mcia)
     for name, (_, _, helptext) in DELEGATED.items():
         sub.add_parser(name, help=helptext, add_help=False)
