@@ -22,6 +22,8 @@ set record) and the top-1 accuracy of the answers it got.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 import statistics
 import tempfile
 import threading
@@ -38,7 +40,8 @@ from edgepart.errors import EdgepartError
 from edgepart.mcia.build import build_table, legal_cuts
 from edgepart.mcia.scenario import Task, Tiers
 from edgepart.mcia.solve import Solution
-from edgepart.mcia.table import Choice, TaskTable, uses
+from edgepart.compiler.cost.model import CostModel
+from edgepart.mcia.table import Choice, TaskTable, reference_latency, uses
 from edgepart.passes import analyse
 from edgepart.passes.trace import trace
 from edgepart.testbed.tiered import TieredTestbed, fit_time_scale
@@ -56,6 +59,58 @@ def task_cluster(cluster: Cluster, tiers: Tiers, end: str) -> Cluster:
     d["source"] = end
     d["shared_medium"] = False
     return Cluster.from_dict(d)
+
+
+def version_cpu_s(vs: VersionSet, name: str, cpuset: list[int] | None = None, runs: int = 40) -> float:
+    """Median thread CPU seconds of version ``name`` compiled for one device and run in-process (one torch
+    thread, pinned to ``cpuset`` if given: the CPUs the testbed's workers run on)."""
+    model, x = vs.model(name)
+    bundle = vs.compile(name, Cluster.homogeneous(1), strategy="single")
+    old_affinity = os.sched_getaffinity(0)
+    old_threads = torch.get_num_threads()
+    try:
+        if cpuset:
+            os.sched_setaffinity(0, cpuset)
+        torch.set_num_threads(1)
+        for _ in range(5):
+            bundle.run_local(x)
+        times = []
+        for _ in range(runs):
+            c0 = time.thread_time()
+            bundle.run_local(x)
+            times.append(time.thread_time() - c0)
+    finally:
+        os.sched_setaffinity(0, old_affinity)
+        torch.set_num_threads(old_threads)
+    return statistics.median(times)
+
+
+def calibrate_table(table: TaskTable, vs: VersionSet, cluster: Cluster, cpuset: list[int] | None = None,
+                    cache: dict | None = None) -> TaskTable:
+    """The table with each version's compute times × (its single-device run measured on this host ÷ the cost
+    model's prediction of that run on a device of speed 1 with the task's end device's profile).
+
+    For an emulated testbed whose devices' profiles describe this host: the FCPM profile predicts small
+    versions' layers too slowly (vgg_small at scale 0.25: about 2× its measured time here), and the MILP's
+    latencies are only as good as its compute times. One factor per version keeps the profile's split
+    of time between layers."""
+    cache = {} if cache is None else cache
+    ref = Cluster([dataclasses.replace(cluster.device(table.task.source), name="ref", speed=1.0, tier=None)])
+    cost = CostModel(ref)
+    versions = []
+    for v in table.versions:
+        key = (str(vs.dir), v.name)
+        if key not in cache:
+            model, x = vs.model(v.name)
+            gm = trace(model, (x,))
+            analyse(gm, ref)
+            predicted = sum(cost.compute_time(n, "ref") for n in compute_nodes(gm))
+            cache[key] = version_cpu_s(vs, v.name, cpuset) / predicted
+        f = cache[key]
+        versions.append(dataclasses.replace(v, end_s=tuple(t * f for t in v.end_s), edge_s=tuple(t * f for t in v.edge_s),
+                                            cloud_s=tuple(t * f for t in v.cloud_s)))
+    full = max(versions, key=lambda v: v.param_bytes[-1])
+    return TaskTable(table.task, tuple(versions), reference_latency(full))
 
 
 def choice_plan(model, x, choice: Choice, cluster: Cluster, tiers: Tiers, end: str) -> Plan:
@@ -153,16 +208,21 @@ class UpdateReport:
 class MciaRun:
     """An MCIA plan deployed on the tiered testbed (module docstring). ``strategy``: milp or a baseline
     (edgepart.mcia.plan); ``time_scale``: None fits every task's processes into ``headroom`` of the
-    ``cpuset``'s CPUs; ``host_speed``: this CPU now ÷ the one the cluster's speeds refer to."""
+    ``cpuset``'s CPUs; ``host_speed``: this CPU now ÷ the one the cluster's speeds refer to; ``calibrate``:
+    scale each version's compute times to its run measured on this host (:func:`calibrate_table`; it
+    measures the host as it is now, so leave ``host_speed`` at 1)."""
 
     def __init__(self, cluster: Cluster, tasks: list[Task], levels: int = 8, strategy: str = "milp",
                  time_scale: float | None = None, cpuset: list[int] | None = None, host_speed: float = 1.0,
-                 headroom: float = 0.9, time_limit: float = 60.0, workdir=None, log=None):
+                 headroom: float = 0.9, time_limit: float = 60.0, calibrate: bool = False, workdir=None, log=None):
         self.cluster = cluster
         self.tiers = Tiers.from_cluster(cluster)
         self.levels = levels
         self.strategy = strategy
         self.time_limit = time_limit
+        self.calibrate = calibrate
+        self.cpuset = cpuset
+        self.factors: dict[tuple[str, str], float] = {}     # (version set, version) -> calibration factor
         self.log = log or (lambda msg: None)
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="edgepart-mcia-run-")
         self.workdir = Path(workdir or self._tmp.name)
@@ -196,7 +256,10 @@ class MciaRun:
     def _table(self, task: Task) -> TaskTable:
         t = self.tables.get(task.name)
         if t is None or t.task != task:
-            t = self.tables[task.name] = build_table(task, self.cluster, self.tiers, self._set(task))
+            t = build_table(task, self.cluster, self.tiers, self._set(task))
+            if self.calibrate:
+                t = calibrate_table(t, self._set(task), self.cluster, self.cpuset, self.factors)
+            self.tables[task.name] = t
         return t
 
     def _solve(self, tasks: list[Task]) -> Solution:
@@ -260,17 +323,20 @@ class MciaRun:
             if r is None:
                 self._start(t, c)
                 rep.added.append(name)
-            elif (r.choice.version, r.choice.k1, r.choice.k2) != (c.version, c.k1, c.k2) or r.table.task != t:
+            elif ((r.choice.version, r.choice.k1, r.choice.k2, r.table.task.source, r.table.task.versions)
+                  != (c.version, c.k1, c.k2, t.source, t.versions)):
                 self.bed.remove_task(name)
                 self._start(t, c)
                 rep.redeployed.append(name)
-            elif (r.choice.edge_share, r.choice.up_share) != (c.edge_share, c.up_share):
-                self.bed.set_shares(name, edge_share=c.edge_share / self.levels if c.edge_share else None,
-                                    up_share=c.up_share / self.levels if c.up_share else None)
-                r.choice = c
-                rep.reshared.append(name)
             else:
-                rep.unchanged.append(name)
+                r.table = self.tables[name]           # its property (weights, deadline) may have changed
+                if (r.choice.edge_share, r.choice.up_share) != (c.edge_share, c.up_share):
+                    self.bed.set_shares(name, edge_share=c.edge_share / self.levels if c.edge_share else None,
+                                        up_share=c.up_share / self.levels if c.up_share else None)
+                    rep.reshared.append(name)
+                else:
+                    rep.unchanged.append(name)
+                r.choice = c
         self.tasks, self.solution = list(tasks), sol
         return rep
 
@@ -282,7 +348,7 @@ class MciaRun:
         """The test split (images, labels) of the data set the task's version set was trained on."""
         vs = self._set(task)
         d = vs.info["data"]
-        key = (d["name"], int(d["input_size"]), int(d["split_seed"]))
+        key = (d["dataset"], int(d["input_size"]), int(d["split_seed"]))
         if key not in self._splits:
             test = datasets.load(*key).test
             self._splits[key] = (test.x, test.y)
