@@ -248,7 +248,7 @@ def _mcia_run(args, cluster, tasks, levels) -> int:
     strategy = "milp" if args.strategy == "all" else args.strategy
     cpuset = [int(c) for c in args.cpuset.split(",")] if args.cpuset else None
     with MciaRun(cluster, tasks, levels, strategy, time_scale=args.time_scale, cpuset=cpuset,
-                 time_limit=args.time_limit, log=print) as run:
+                 time_limit=args.time_limit, calibrate=args.calibrate, log=print) as run:
         report = run.measure(requests=args.requests)
     print(report.table())
     print(f"time scale {report.time_scale:.3g}; median over tasks of (measured / predicted - 1): "
@@ -337,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--requests", type=int, default=10, help="run: requests per task (default 10)")
     mc.add_argument("--cpuset", help="run: CPUs the workers are pinned to, e.g. 1")
     mc.add_argument("--time-scale", type=float, help="run: emulated time ÷ wall time (default: fit the CPUs)")
+    mc.add_argument("--calibrate", action="store_true", help="run: scale each version's compute times to its run "
+                    "measured on this host (when the devices' profiles describe this host)")
     mc.set_defaults(func=cmd_mcia)
     for name, (_, _, helptext) in DELEGATED.items():
         sub.add_parser(name, help=helptext, add_help=False)
