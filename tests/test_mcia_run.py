@@ -96,3 +96,21 @@ def test_tiny_instance_runs_exactly_on_the_tiered_testbed_and_resolves(vs):
         bed_ns = list(run.bed.ns.values())
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(n in left for n in bed_ns)
+
+
+def test_calibration_scales_each_version_by_one_factor(vs):
+    from edgepart.mcia.run import calibrate_table
+    vset, _ = vs
+    cluster = Cluster.from_dict(CLUSTER)
+    tiers = Tiers.from_cluster(cluster)
+    table = build_table(Task("t", "p0", versions=vset.dir), cluster, tiers, vset)
+    cache = {(str(vset.dir), v.name): 0.5 + i for i, v in enumerate(table.versions)}     # given: nothing timed
+    cal = calibrate_table(table, vset, cluster, cache=cache)
+    for i, (a, b) in enumerate(zip(table.versions, cal.versions)):
+        for old, new in ((a.end_s, b.end_s), (a.edge_s, b.edge_s), (a.cloud_s, b.cloud_s)):
+            assert new == pytest.approx(tuple(t * (0.5 + i) for t in old))
+        assert (b.cut_bytes, b.param_bytes, b.accuracy) == (a.cut_bytes, a.param_bytes, a.accuracy)
+    full = max(range(len(cal.versions)), key=lambda i: cal.versions[i].param_bytes[-1])
+    assert cal.reference_s == pytest.approx(cal.versions[full].end_s[-1])
+    measured = calibrate_table(table, vset, cluster)          # timed here: a positive factor per version
+    assert all(m.end_s[-1] > 0 for m in measured.versions)
