@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import statistics
 import tempfile
 import threading
@@ -44,6 +45,8 @@ from edgepart.compiler.cost.model import CostModel
 from edgepart.mcia.table import Choice, TaskTable, reference_latency, uses
 from edgepart.passes import analyse
 from edgepart.passes.trace import trace
+from edgepart.runtime.client import Session
+from edgepart.runtime.worker import serve
 from edgepart.testbed.tiered import TieredTestbed, fit_time_scale
 from edgepart.versions import VersionSet
 
@@ -61,34 +64,62 @@ def task_cluster(cluster: Cluster, tiers: Tiers, end: str) -> Cluster:
     return Cluster.from_dict(d)
 
 
-def version_cpu_s(vs: VersionSet, name: str, cpuset: list[int] | None = None, runs: int = 40) -> float:
-    """Median thread CPU seconds of version ``name`` compiled for one device and run in-process (one torch
-    thread, pinned to ``cpuset`` if given: the CPUs the testbed's workers run on)."""
-    model, x = vs.model(name)
+class _StageCpu:
+    """A worker's stage clock that records each compute stage's thread CPU time (what a dilated testbed
+    worker stretches, testbed.cpu.CpuDilation) and does not stretch it."""
+
+    def __init__(self):
+        self.cpu: list[float] = []
+
+    def stretch(self, t0: float, c0: float) -> float:
+        self.cpu.append(time.thread_time() - c0)
+        return time.perf_counter() - t0
+
+
+def version_cpu_s(vs: VersionSet, name: str, cpuset: list[int] | None = None, runs: int = 30,
+                  warmup: int = 5, gap_s: float = 0.02) -> float:
+    """Median thread CPU seconds of the compute stage of version ``name`` compiled for one device, run by a
+    real worker (in this process, over loopback, pinned to ``cpuset``) the way the testbed runs it: one
+    request at a time after ``gap_s`` idle, during which other work (here: writing 8 MB) evicts the caches
+    as the testbed's other workers on the same CPU do. Worker stages cost more CPU than a warm in-process
+    loop (message handling, cold caches: benchmarks/results/stage_start.md), and that is what the
+    emulation dilates."""
     bundle = vs.compile(name, Cluster.homogeneous(1), strategy="single")
-    old_affinity = os.sched_getaffinity(0)
-    old_threads = torch.get_num_threads()
+    _, x = vs.model(name)
+    tmp = tempfile.mkdtemp(prefix="edgepart-mcia-cal-")
+    clock, key = _StageCpu(), os.urandom(32)
+    junk = torch.empty(2 * 2 ** 20)
+    old = os.sched_getaffinity(0)
     try:
-        if cpuset:
+        bundle.save(tmp)
+        if cpuset:              # the worker's threads inherit this thread's affinity when it starts them
             os.sched_setaffinity(0, cpuset)
-        torch.set_num_threads(1)
-        for _ in range(5):
-            bundle.run_local(x)
-        times = []
-        for _ in range(runs):
-            c0 = time.thread_time()
-            bundle.run_local(x)
-            times.append(time.thread_time() - c0)
+        try:
+            worker = serve("127.0.0.1:0", key, threads=1, stage_clock=clock)
+        finally:
+            os.sched_setaffinity(0, old)
+        try:
+            with Session(tmp, {bundle.manifest.source_device: worker.address}, key) as s:
+                for _ in range(warmup + runs):
+                    junk.add_(1.0)
+                    time.sleep(gap_s)
+                    s.infer(x)
+        finally:
+            worker.stop()
     finally:
-        os.sched_setaffinity(0, old_affinity)
-        torch.set_num_threads(old_threads)
-    return statistics.median(times)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if len(clock.cpu) < warmup + runs:
+        raise EdgepartError(f"version {name!r}: the calibration worker timed {len(clock.cpu)} stages, expected "
+                            f"{warmup + runs}")
+    return statistics.median(clock.cpu[-runs:])
 
 
 def calibrate_table(table: TaskTable, vs: VersionSet, cluster: Cluster, cpuset: list[int] | None = None,
                     cache: dict | None = None) -> TaskTable:
-    """The table with each version's compute times × (its single-device run measured on this host ÷ the cost
-    model's prediction of that run on a device of speed 1 with the task's end device's profile).
+    """The table with each version's compute times × (its single-device stage's CPU time in a worker on this
+    host, :func:`version_cpu_s`, ÷ the cost model's prediction of it on a device of speed 1 with the task's
+    end device's profile). Exact for plans that run a version whole on one tier; a split plan's per-stage
+    costs are spread over its nodes in proportion (approximate).
 
     For an emulated testbed whose devices' profiles describe this host: the FCPM profile predicts small
     versions' layers too slowly (vgg_small at scale 0.25: about 2× its measured time here), and the MILP's
