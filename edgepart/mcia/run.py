@@ -92,12 +92,11 @@ def version_cpu_s(vs: VersionSet, name: str, cpuset: list[int] | None = None, ru
     old = os.sched_getaffinity(0)
     try:
         bundle.save(tmp)
-        if cpuset:              # the worker's threads inherit this thread's affinity when it starts them
+        if cpuset:
+            # the worker's threads inherit this thread's affinity when it starts them; and this thread stays
+            # there, so that its writes evict the caches of the CPU the worker computes on
             os.sched_setaffinity(0, cpuset)
-        try:
-            worker = serve("127.0.0.1:0", key, threads=1, stage_clock=clock)
-        finally:
-            os.sched_setaffinity(0, old)
+        worker = serve("127.0.0.1:0", key, threads=1, stage_clock=clock)
         try:
             with Session(tmp, {bundle.manifest.source_device: worker.address}, key) as s:
                 for _ in range(warmup + runs):
@@ -107,6 +106,7 @@ def version_cpu_s(vs: VersionSet, name: str, cpuset: list[int] | None = None, ru
         finally:
             worker.stop()
     finally:
+        os.sched_setaffinity(0, old)
         shutil.rmtree(tmp, ignore_errors=True)
     if len(clock.cpu) < warmup + runs:
         raise EdgepartError(f"version {name!r}: the calibration worker timed {len(clock.cpu)} stages, expected "
