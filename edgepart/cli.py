@@ -5,6 +5,7 @@
     edgepart train MODEL --dataset mnist --out DIR
     edgepart versions MODEL --scales 1,0.75,0.5,0.25 --dataset mnist --out DIR | edgepart versions show DIR
     edgepart mcia plan CLUSTER TASKS [--strategy milp|drl|end-only|...|all] [--explain]
+    edgepart mcia run CLUSTER TASKS [--requests N] [--cpuset 1]   (the plan on the emulated testbed; root)
     edgepart mcia train --out POLICY.json [--steps N] [--seed S]   (the DRL policy)
     edgepart worker / deploy / run / profile / probe   (runtime and profiling)
     edgepart keygen --run FILE | --deploy FILE          (keys: docs/security.md)
@@ -219,10 +220,12 @@ def cmd_mcia(args) -> int:
         train(args.out, steps=args.steps, seed=args.seed, pool=args.pool)
         return 0
     if args.tasks is None:
-        raise EdgepartError("edgepart mcia plan needs CLUSTER.yaml and TASKS.yaml")
+        raise EdgepartError(f"edgepart mcia {args.action} needs CLUSTER.yaml and TASKS.yaml")
     cluster = Cluster.from_file(args.cluster)
     tiers = Tiers.from_cluster(cluster)
     tasks, levels = load_tasks(args.tasks, tiers)
+    if args.action == "run":
+        return _mcia_run(args, cluster, tasks, levels)
     tables = [build_table(t, cluster, tiers) for t in tasks]
     names = STRATEGIES if args.strategy == "all" else [args.strategy]
     for name in names:
@@ -247,6 +250,19 @@ def cmd_mcia(args) -> int:
         for v in sol.violations:
             print(f"  violates: {v}")
     return 0
+
+
+def _mcia_run(args, cluster, tasks, levels) -> int:
+    from edgepart.mcia.run import MciaRun  # why: the testbed is loaded only by `mcia run`
+    strategy = "milp" if args.strategy == "all" else args.strategy
+    cpuset = [int(c) for c in args.cpuset.split(",")] if args.cpuset else None
+    with MciaRun(cluster, tasks, levels, strategy, time_scale=args.time_scale, cpuset=cpuset,
+                 time_limit=args.time_limit, calibrate=args.calibrate, log=print) as run:
+        report = run.measure(requests=args.requests)
+    print(report.table())
+    print(f"time scale {report.time_scale:.3g}; median over tasks of (measured / predicted - 1): "
+          f"{report.median_error * 100:+.1f} %; every output equals its version's: {report.all_exact}")
+    return 0 if report.all_exact else 1
 
 
 def _training_arguments(p: argparse.ArgumentParser) -> None:
@@ -317,9 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--deploy", help="write a new Ed25519 deploy key to this file and its public key to FILE.pub")
     k.set_defaults(func=cmd_keygen)
     mc = sub.add_parser("mcia", help="MCIA: version, end|edge|cloud cuts and shares for many tasks",
-                        description="edgepart mcia plan CLUSTER.yaml TASKS.yaml [--strategy S] [--explain]; "
+                        description="edgepart mcia plan|run CLUSTER.yaml TASKS.yaml [--strategy S] [--explain]; "
                                     "edgepart mcia train --out POLICY.json (docs/mcia.md)")
-    mc.add_argument("action", choices=["plan", "train"])
+    mc.add_argument("action", choices=["plan", "run", "train"], help="plan: print the plan; run: run it on the "
+                    "tiered emulated testbed (root) and compare latency with the prediction; train: the DRL policy")
     mc.add_argument("cluster", nargs="?", help="tiered cluster YAML (tier: end | edge | cloud per device)")
     mc.add_argument("tasks", nargs="?", help="tasks YAML")
     mc.add_argument("--strategy", default="milp",
@@ -333,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--pool", type=int, default=24, help="train: scenarios of 50 tasks drawn for training")
     mc.add_argument("--time-limit", type=float, default=60.0, help="MILP time limit in seconds")
     mc.add_argument("--explain", action="store_true", help="latency parts, objective terms, weights per task")
+    mc.add_argument("--requests", type=int, default=10, help="run: requests per task (default 10)")
+    mc.add_argument("--cpuset", help="run: CPUs the workers are pinned to, e.g. 1")
+    mc.add_argument("--time-scale", type=float, help="run: emulated time ÷ wall time (default: fit the CPUs)")
+    mc.add_argument("--calibrate", action="store_true", help="run: scale each version's compute times to its run "
+                    "measured on this host (when the devices' profiles describe this host)")
     mc.set_defaults(func=cmd_mcia)
     for name, (_, _, helptext) in DELEGATED.items():
         sub.add_parser(name, help=helptext, add_help=False)
