@@ -51,7 +51,7 @@ MAX_INFLIGHT = 4096
 MAX_FINISHED = 8192            # ids of finished requests remembered, so their late pieces are dropped
 REQ_ID_MAX = 80
 INLINE_COMPUTE_S = 0.005       # a reader thread runs a request itself only if recent ones computed this briefly
-RX_WINDOW_S = 3.0              # per sending peer, the arrival rates of the pieces of the last this many s are reported
+RX_WINDOW_S = 1.0              # per sending peer, the arrival rates of the pieces of the last this many s are reported
 RX_SAMPLES = 64
 KEEP_OLD = 8                   # older deployments kept loaded besides the active one (more while requests use them;
                                # an online controller keeps a standby plan per device deployed)
