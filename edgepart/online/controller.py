@@ -589,18 +589,23 @@ class Controller:
         name = type(self.model).__name__
         try:
             if quick:
+                # each quick strategy on the devices, and on the devices less one (not the source): a
+                # device behind a link that dropped is best left out, which these strategies never do
                 best = None
-                for strategy in QUICK:
-                    try:
-                        p = make_plan(gm, cluster, strategy)
-                    except Exception:  # noqa: BLE001 — a baseline that cannot plan this cluster is skipped
-                        continue
-                    t = self.predict(p, gm=gm, source=cluster.source)
-                    if best is None or t < best[0]:
-                        best = (t, p)
+                subsets = [cluster] + [self.state.cluster([u for u in usable if u != d], bake_load=True)
+                                       for d in usable if d != cluster.source and len(usable) > 2]
+                for sub in subsets:
+                    for strategy in QUICK:
+                        try:
+                            p = make_plan(gm, sub, strategy)
+                        except Exception:  # noqa: BLE001 — a baseline that cannot plan this cluster is skipped
+                            continue
+                        t = self.predict(p, gm=gm, source=cluster.source)
+                        if best is None or t < best[0]:
+                            best = (t, p, sub)
                 if best is None:
                     raise EdgepartError("no quick strategy could plan the devices left")
-                plan = best[1]
+                _, plan, cluster = best
             else:
                 plan = make_plan(gm, cluster, self.cfg.strategy)
             bundle = compile_plan(gm, plan, cluster, name)

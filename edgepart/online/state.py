@@ -153,7 +153,9 @@ class LiveState:
         out = {"bandwidth_mbps": nominal["bandwidth_mbps"], "latency_ms": nominal["latency_ms"]}
         if ls is not None:
             if ls.bandwidth_mbps.value is not None:
-                out["bandwidth_mbps"] = ls.bandwidth_mbps.value
+                # a link is taken at most as fast as the cluster file says: a faster measurement is a burst
+                # (a shaper's or NIC's bucket lets a piece through at once), not its sustained rate
+                out["bandwidth_mbps"] = min(ls.bandwidth_mbps.value, nominal["bandwidth_mbps"])
             if ls.latency_ms.value is not None:
                 out["latency_ms"] = ls.latency_ms.value
         return out
