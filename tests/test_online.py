@@ -341,6 +341,7 @@ def test_hold_runs_while_the_candidate_compiles(tiny, plans, tmp_path):
     assert ctl2.session.switched
 
 
+@pytest.mark.slow
 def test_links_from_real_transfers(tiny):
     """Workers time the pieces they receive and report each link's rate and latency (``rx_mbps:P``,
     ``link_lat_us:P``); the controller turns them into the live links. Emulated in the sender (no root
@@ -419,3 +420,50 @@ def test_dead_source_without_replanning_gives_a_clear_error(tiny, plans, workers
     finally:
         s.close()
         workers.restart("d0")
+
+
+def test_piece_arrival_is_timed_without_its_latency():
+    """Channel.rx_span: the bytes of a payload that were still on the way when its header was read and
+    how long they took — a link that delivers half a piece, then the rest 0.3 s later, shows 0.3 s for
+    the late half; bytes already waiting are not counted (they say nothing of the link)."""
+    import socket
+    from edgepart.runtime.protocol import Channel
+    key_a, key_b = os.urandom(32), os.urandom(32)
+    a1, a2 = socket.socketpair()
+    b1, b2 = socket.socketpair()
+    tx, rx = Channel(a1, key_a, key_b), Channel(b2, key_b, key_a)
+    x = torch.randn(64, 1024)                                       # 256 KiB
+    got = []
+
+    def drain():
+        while chunk := a2.recv(1 << 20):
+            got.append(chunk)
+    d = threading.Thread(target=drain)
+    d.start()
+    tx.send({"kind": "piece"}, [x])
+    a1.shutdown(socket.SHUT_WR)
+    d.join(10)
+    wire = b"".join(got)
+    expect = lambda h: [("float32", (64, 1024))]                  # noqa: E731
+    half = len(wire) // 2
+
+    def relay():
+        b1.sendall(wire[:half])
+        time.sleep(0.3)
+        b1.sendall(wire[half:])
+    t = threading.Thread(target=relay)
+    t.start()
+    f = rx.recv(expect)
+    t.join()
+    assert torch.equal(f.parts[0], x)
+    nbytes, span = rx.rx_span
+    assert 0.28 <= span <= 0.6, span
+    assert len(wire) - half - 100 <= nbytes <= len(wire) - half + 100    # the late half only
+    rx2 = Channel(b2, key_b, key_a)            # the same frame again, all of it here before the header is read
+    threading.Thread(target=b1.sendall, args=(wire,), daemon=True).start()
+    time.sleep(0.2)
+    assert torch.equal(rx2.recv(expect).parts[0], x)
+    # what the socket buffer held was not counted; the little that did not fit came at once
+    assert rx2.rx_span is None or (rx2.rx_span[0] < len(wire) // 2 and rx2.rx_span[1] < 0.05), rx2.rx_span
+    for s in (a1, a2, b1, b2):
+        s.close()

@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -134,6 +135,7 @@ class Controller:
         # the background compilers' inboxes, the newest request wins: (usable, signature, why)
         self._want_quick = None
         self._want_candidate = None
+        self._want_deploy: Candidate | None = None    # a held candidate to deploy ahead of its swap
         self._ready: queue.Queue = queue.Queue()   # what they compiled: (Candidate, signature, why)
         self._compiling = False
         self._last_compile = -math.inf
@@ -416,6 +418,9 @@ class Controller:
                 self._better_since = now
                 self._event("candidate", gain=round(gain, 3), predicted_ms=_ms(cand_pred), current_ms=_ms(cur_pred),
                             devices=_plan_devices(cand.plan), source=cand.source, state=self.state.snapshot())
+                if cand.pv is None and self.cfg.predeploy:      # deploy it while it is held
+                    self._want_deploy = cand
+                    self._bg_wake.set()
             if now - self._better_since >= self.cfg.hold_s:
                 why = (f"the source {cand.source!r} is back: inputs go there again" if home else
                        f"predicted {gain:.0%} faster for {now - self._better_since:.1f} s")
@@ -444,6 +449,8 @@ class Controller:
         if old is not None and set(_plan_devices(old.plan)) <= set(self._usable()) and \
                 self.predict(old.plan, source=old.source) <= pred and not self._going_home(cur, cand):
             return
+        if old is not None and old.bundle.dir is not None:
+            self._discard(old.bundle.dir, cur)
         self._cand = cand
         self._cand_sig = sig
         since = None
@@ -501,13 +508,13 @@ class Controller:
     def _deliver(self, cand: "Candidate", sig, why: str, gm) -> None:
         """Hand a compiled candidate to the controller; saved (and, if it is predicted ``min_gain`` faster
         than the current plan now, deployed: the swap is then a switch) first."""
-        cand.bundle.save(self.workdir / f"cand-{time.monotonic_ns()}")
         s = self.session
         cur = s.plan
         if self.cfg.predeploy and not self.stop_event.is_set():
             p_cur = self.predict(self._plan_of(cur), gm=gm, source=cur.source)
             p = self.predict(cand.plan, gm=gm, source=cand.source)
             if (p_cur > 0 and 1 - p / p_cur >= self.cfg.min_gain) or self._going_home(cur, cand):
+                cand.bundle.save(self.workdir / f"cand-{time.monotonic_ns()}")
                 try:
                     cand.pv = s.deploy_plan(cand.bundle.dir)
                 except EdgepartError as e:
@@ -531,6 +538,15 @@ class Controller:
                             self._deliver(quick, sig, why + ", quick", self.gm_bg)
                     finally:
                         self._want_quick = None
+                elif self._want_deploy is not None:
+                    cand, self._want_deploy = self._want_deploy, None
+                    if cand is self._cand and cand.pv is None:
+                        if cand.bundle.dir is None:
+                            cand.bundle.save(self.workdir / f"cand-{time.monotonic_ns()}")
+                        try:
+                            cand.pv = self.session.deploy_plan(cand.bundle.dir)
+                        except EdgepartError as e:
+                            log.info("candidate not deployed ahead: %s", e)
                 elif self._want_standby and self.cfg.standby:
                     self._want_standby = False
                     self._prepare_standby()
@@ -614,6 +630,16 @@ class Controller:
             return None
         return Candidate(plan, bundle, time.monotonic(), time.perf_counter() - t0, cluster.source)
 
+    def _discard(self, path, keep: PlanVersion) -> None:
+        """Remove a bundle this controller saved (under its workdir) unless it is ``keep``'s: a long-running
+        session compiles many (tens of MB each); the workers keep the ones deployed by sha256."""
+        path = Path(path)
+        try:
+            if path.resolve() != Path(keep.dir).resolve() and path.resolve().is_relative_to(self.workdir.resolve()):
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
+
     def _swap(self, pv: PlanVersion | None, bundle, kind: str, reason: str, before: float, after: float) -> None:
         s = self.session
         t0 = time.perf_counter()
@@ -630,6 +656,9 @@ class Controller:
             return
         old = s.plan
         s.switch(pv)
+        for _, (spv, _) in self._standby.items():      # bundles saved for the old plan: not needed any more
+            self._discard(spv.dir, pv)
+        self._discard(old.dir, pv)
         self._stage_pred = self._stage_times(pv)
         self._prev_stats = {}                      # counters of the old plan's stages: start over
         self._better_since = None

@@ -356,6 +356,8 @@ class Session:
         if known is not None:                      # the same plan again: keep its version number
             if plan.tmp:
                 shutil.rmtree(plan.tmp, ignore_errors=True)
+            elif not (known.dir / MANIFEST).is_file():   # its first copy was removed: files come from this one
+                known.dir = plan.dir
             plan = known
         unknown = [d for d in plan.devices if d not in self.links]
         if unknown:
