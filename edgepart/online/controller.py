@@ -1,25 +1,31 @@
 """The online controller: watch the cluster while serving, re-plan when it pays, swap plans, fail over.
 
-A background thread (never on a request's path) runs every ``interval`` seconds:
+A background thread (never on a request's path) runs every ``interval`` seconds (details and the
+defaults: docs/online.md):
 
-1. **monitor** — asks every worker for its counters (``stats``: per-stage compute times, CPU
-   load) and, every ``probe_every`` seconds, has one pair of workers measure their link with a
-   light probe (``edgepart.fcpm.probe``: a few pings and at most ~1 MB); updates the
-   :class:`~edgepart.online.state.LiveState`;
+1. **monitor** — asks every worker for its counters (``stats``): per-stage compute times (the
+   devices' loads), and the links as the requests' own pieces show them (how fast each peer's
+   pieces arrived, the kernel's round-trip times); a link no piece crossed lately is *idle* and
+   gets a light probe now and then (``edgepart.fcpm.probe``). Updates the
+   :class:`~edgepart.online.state.LiveState` (EWMAs with a confidence);
 2. **predict** — the current plan's latency under the live state: its schedule on the live
-   cluster, simulated (``compiler.cost.simulator.simulate``) with the FCPM cost model given each
-   device's load (``CostModel(loads=...)``);
+   cluster, simulated (``compiler.cost.simulator.simulate``) with the FCPM cost model;
 3. **re-plan** — when the live state moved (devices up/down, a load or a link bandwidth changed
-   noticeably) or every ``recheck_s``, compiles a candidate (``edgepart.compile``, strategy
-   ``ofpm``, on the devices that answer, their speeds × (1 − load), the live links) and predicts
-   it the same way. **Hysteresis**: it swaps only when the candidate is predicted at least
-   ``min_gain`` faster than the current plan continuously for ``hold_s`` seconds;
-4. **swap** — saves the candidate, deploys it (workers receive only the files they do not hold
-   with the same sha256) and switches the session at a request boundary
-   (:meth:`Session.switch`: in-flight requests finish on their plan);
+   noticeably) or every ``recheck_s``, two background threads compile candidates for the devices
+   that answer (their speeds × (1 − load), the live links): a quick one (no MILP, under a second)
+   and one of the strategy (``ofpm``, seconds), each predicted the same way. **Hysteresis**: swap
+   only when the candidate is predicted at least ``min_gain`` faster than the current plan
+   continuously for ``hold_s`` seconds — judged on the live states of the rounds since the change
+   too, so the hold runs while the candidate compiles; a candidate that qualifies is deployed
+   while it is held;
+4. **swap** — deploys it if not done yet (workers receive only the files they do not hold with the
+   same sha256) and switches the session at a request boundary (:meth:`Session.switch`:
+   in-flight requests finish on their plan);
 5. **failover** — when a device of the current plan stops answering (the session's heartbeat:
-   ``dead_after``) it re-plans at once without it (no hysteresis) and switches; the requests that
-   were in flight on it were parked by the session and are sent again on the new plan. A device
+   ``dead_after``) it switches at once (no hysteresis) to a plan without it (a standby plan
+   prepared in the background, or a quick one); the requests that were in flight on it were
+   parked by the session and are sent again on the new plan. If it was the source, the new plan
+   takes the inputs on another device, and the plan moves back when the source is back. A device
    that answers again rejoins through the ordinary re-plan (hysteresis applies).
 
 With ``replan=False`` (a static plan) it only monitors, and redeploys the same plan to a
