@@ -460,9 +460,13 @@ class Controller:
         self._cand = cand
         self._cand_sig = sig
         since = None
+        home = self._going_home(cur, cand)
         for t, cl, p_cur in reversed(self._rounds):
-            p = self.predict(cand.plan, cluster=cl, source=cand.source)
-            if not (self._going_home(cur, cand) or (p_cur > 0 and 1 - p / p_cur >= self.cfg.min_gain)):
+            if home:                           # the source must have been back that long
+                if t < self.state.devices[cand.source].up_since:
+                    break
+            elif not (p_cur > 0 and 1 - self.predict(cand.plan, cluster=cl, source=cand.source) / p_cur
+                      >= self.cfg.min_gain):
                 break
             since = t
         self._better_since = since

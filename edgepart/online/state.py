@@ -67,6 +67,7 @@ class DeviceState:
     base_ratio: float | None = None                        # the ratio at no load (first measurements)
     proc_load: Smoothed = field(default_factory=Smoothed)
     down_since: float | None = None
+    up_since: float = -math.inf          # when it last came back (monotonic)
 
     def load(self, use_proc: bool) -> float:
         if self.ratio.value is not None and self.base_ratio is not None and self.ratio.updated >= self.proc_load.updated - 5:
@@ -137,6 +138,7 @@ class LiveState:
         st.alive = alive
         st.down_since = None if alive else (st.down_since or time.monotonic())
         if alive:                       # back: what it measured before may not hold any more
+            st.up_since = time.monotonic()
             st.ratio = Smoothed()
             st.proc_load = Smoothed()
 
