@@ -70,6 +70,7 @@ log = logging.getLogger("edgepart.online")
 IDLE_S = 3.0                            # a link no timed piece crossed for this long is idle: probed instead
 REPROBE_S = 2.0                         # an idle link is probed again at most this often ...
 SLOW_MBPS, SLOW_PROBE_S = 100.0, 10.0   # ... and one slower than this (cluster Mbit/s) at most this often
+SETTLE_S = 1.0                          # s after a swap before stage times count again (the old plan drains)
 # failover plans: strategies that plan in milliseconds (the baselines and the MILP take seconds)
 QUICK = ("single", "even", "proportional", "modnn")
 LIGHT_PROBE = {"pings": 3, "messages": 1, "small_bytes": 64, "piece_bytes": 64 << 10, "max_bytes": 1 << 20,
@@ -133,6 +134,7 @@ class Controller:
         self._rounds: collections.deque = collections.deque()   # (t, live cluster, current plan's prediction)
         self._moved_from: tuple | None = None   # the live state (signature) candidates were last requested for
         self._asked_at = -math.inf
+        self._settle_until = -math.inf         # stage times are not read before (see _monitor)
         self._suspect: dict[str, float] = {}
         self.predicted: float | None = None      # the current plan's predicted latency (cluster s)
         self.history: list[tuple[float, float]] = []   # (t, predicted latency of the current plan) per round
@@ -291,7 +293,9 @@ class Controller:
             prev = self._prev_stats.get(d)
             self._prev_stats[d] = st
             self._links_seen(d, st, prev or {}, now)
-            if prev is None:
+            # right after a swap the workers' stage counters (keyed by stage number) still count the old
+            # plan's requests finishing: their times say nothing of the new plan's stages
+            if prev is None or now < self._settle_until:
                 continue
             meas = pred = 0.0
             for (dev, stage), p in self._stage_pred.items():
@@ -671,6 +675,7 @@ class Controller:
         self._discard(old.dir, pv)
         self._stage_pred = self._stage_times(pv)
         self._prev_stats = {}                      # counters of the old plan's stages: start over
+        self._settle_until = time.monotonic() + SETTLE_S
         self._better_since = None
         self._rounds.clear()                       # the held candidates were measured against the old plan
         self.predicted = after
