@@ -250,15 +250,16 @@ class _FakeSession:
 @pytest.mark.parametrize("gain,expect_swap", [(0.3, True), (0.05, False)])
 def test_controller_hysteresis(tiny, plans, tmp_path, gain, expect_swap):
     """A candidate predicted ``gain`` faster swaps only if gain >= min_gain, and only after hold_s."""
-    from edgepart.online.controller import Controller
+    from edgepart.online.controller import Candidate, Controller
     model, x = tiny
     cl = Cluster.heterogeneous([1.0, 0.7, 0.5])
     ctl = Controller(model, (x,), cl, ControllerConfig(min_gain=0.1, hold_s=1.0), workdir=tmp_path)
     ctl.session = _FakeSession(plans["even"])
     cand = edgepart.compile(model, (x,), cl, strategy="single")
-    ctl._cand = (cand.plan, cand, time.monotonic(), 0.0)      # as the background compiler leaves it
-    ctl._cand_sig = ctl._signature()
-    ctl.predict = lambda plan, loads=None: (1 - gain) if plan.devices() == ["d0"] else 1.0
+    ctl._cand = Candidate(cand.plan, cand, time.monotonic(), 0.0, "d0")      # as the background compiler leaves it
+    ctl._moved_from = ctl._signature()
+    ctl._asked_at = time.monotonic()
+    ctl.predict = lambda plan, **kw: (1 - gain) if plan.devices() == ["d0"] else 1.0
     t = time.monotonic()
     ctl._decide(t)
     assert not ctl.session.switched                       # better, but not yet for hold_s
@@ -292,3 +293,177 @@ def test_serve_endpoint_answers_plain_clients(tiny, plans, workers):
                 client.close()
         finally:
             ep.stop()
+
+
+def test_hold_runs_while_the_candidate_compiles(tiny, plans, tmp_path):
+    """The hysteresis is judged on the live states of the rounds before a candidate arrived: one that
+    would have been min_gain faster in every round of the last hold_s swaps as soon as it is compiled
+    (the hold does not add to the compile time); one that would not have been waits for hold_s."""
+    from edgepart.online.controller import Candidate, Controller
+    model, x = tiny
+    cl = Cluster.heterogeneous([1.0, 0.7, 0.5])
+    ctl = Controller(model, (x,), cl, ControllerConfig(min_gain=0.1, hold_s=1.0, interval=0.25), workdir=tmp_path)
+    ctl.session = _FakeSession(plans["even"])
+    ctl._request_candidate = lambda *a: None          # no background compilers here
+    slow = {"link": False}
+    # the current plan (3 devices) is predicted 1.0 while the link is fast, 2.0 once it "dropped"
+    ctl.predict = lambda plan, cluster=None, **kw: (0.95 if plan.devices() == ["d0"] else
+                                                    (2.0 if (cluster.link("d0", "d1")["bandwidth_mbps"] < 50
+                                                             if cluster is not None else slow["link"]) else 1.0))
+    t = time.monotonic()
+    for k in range(4):                                 # 4 rounds (1 s) with the link fast
+        ctl._decide(t + 0.25 * k)
+    ctl.state.link("d0", "d1", bandwidth_mbps=20.0)
+    slow["link"] = True
+    for k in range(4, 9):                              # then 5 rounds (1.25 s) with it slow
+        ctl._decide(t + 0.25 * k)
+    cand = edgepart.compile(model, (x,), cl, strategy="single")
+    ctl._ready.put((Candidate(cand.plan, cand, time.monotonic(), 0.0, "d0"), ctl._signature(), "state moved"))
+    ctl._decide(t + 0.25 * 9)
+    assert ctl.session.switched, ctl.events              # better in each of the last 1.25 s: swapped at once
+    e = [e for e in ctl.events if e["event"] == "candidate"][-1]
+    assert e["better_since_s"] >= 1.0
+    # another candidate, a state that moved just now: it waits for its hold
+    ctl2 = Controller(model, (x,), cl, ControllerConfig(min_gain=0.1, hold_s=1.0, interval=0.25), workdir=tmp_path)
+    ctl2.session = _FakeSession(plans["even"])
+    ctl2._request_candidate = lambda *a: None
+    ctl2.predict = ctl.predict
+    slow["link"] = False
+    for k in range(4):
+        ctl2._decide(t + 0.25 * k)
+    ctl2.state.link("d0", "d1", bandwidth_mbps=20.0)
+    slow["link"] = True
+    ctl2._decide(t + 1.0)
+    ctl2._ready.put((Candidate(cand.plan, cand, time.monotonic(), 0.0, "d0"), ctl2._signature(), "state moved"))
+    ctl2._decide(t + 1.25)
+    assert not ctl2.session.switched
+    ctl2._decide(t + 2.1)
+    assert ctl2.session.switched
+
+
+@pytest.mark.slow
+def test_links_from_real_transfers(tiny):
+    """Workers time the pieces they receive and report each link's rate and latency (``rx_mbps:P``,
+    ``link_lat_us:P``); the controller turns them into the live links. Emulated in the sender (no root
+    needed): 20 Mbit/s, 2 ms."""
+    from edgepart.online.controller import Controller
+    model, _ = zoo.get("tinynet", input_size=128)
+    model.eval()
+    x = torch.randn(1, 3, 128, 128)
+    cl = Cluster.heterogeneous([1.0, 0.7, 0.5], bandwidth_mbps=20.0, latency_ms=2.0)
+    b = edgepart.compile(model, (x,), cl, strategy="even")
+    with edgepart.LocalCluster(b, emulate="inprocess") as c:
+        for _ in range(6):
+            c.infer(x)
+        stats = c.session.stats()
+    ts = c.time_scale
+    rates = {(src, d): v / ts for d, st in stats.items() for k, v in st.items() if k.startswith("rx_mbps:")
+             for src in [k.split(":", 1)[1]]}
+    assert rates, stats
+    for (src, d), mbps in rates.items():
+        assert 14 <= mbps <= 26, (src, d, mbps)                   # 20 Mbit/s
+    lat = [v / 1e3 * ts for st in stats.values() for k, v in st.items() if k.startswith("link_lat_us:")]
+    assert lat and all(1.6 <= v <= 3.0 for v in lat), lat          # 2 ms one way
+    ctl = Controller(model, (x,), Cluster.heterogeneous([1.0, 0.7, 0.5]), ControllerConfig(time_scale=ts))
+    for d, st in stats.items():
+        ctl._links_seen(d, st, {}, time.monotonic())
+    (src, d), mbps = next(iter(rates.items()))
+    assert ctl.state.link_values(src, d)["bandwidth_mbps"] == pytest.approx(mbps, rel=0.5)
+    assert not ctl.state.link_idle(src, d, 3.0)                    # busy: measured, not probed
+    snap = ctl.state.snapshot()["links"]
+    assert any(v["from"] == "transfers" for v in snap.values()), snap
+
+
+def test_dead_source_fails_over_and_comes_back(tiny, plans, workers):
+    """The source (where inputs go) is killed mid-stream: the controller moves the inputs to another
+    device, every request is answered once and correctly; when the source is back, the plan moves
+    back to it."""
+    model, x = tiny
+    cfg = ControllerConfig(hold_s=0.5, interval=0.2, probe_every=0, proc_load=False)
+    with AdaptiveSession(plans["even"], workers.endpoints, workers.key, model, (x,), config=cfg,
+                         dead_after=1.0, heartbeat=0.25, timeout=60) as s:
+        assert s.plan.source == "d0"
+        with torch.no_grad():
+            threads, answers, failures, times = stream(s.submit, model, 3, 40)
+            time.sleep(0.3)
+            workers.kill("d0")
+            for t in threads:
+                t.join(90)
+        assert not failures, failures[:3]
+        assert len(answers) == 120 and set(answers.values()) == {1}
+        fo = [e for e in s.events if e["event"] == "failover"]
+        assert fo and fo[0]["source"] != "d0" and "was the source" in fo[0]["reason"], s.events
+        assert s.plan.source != "d0"
+        workers.restart("d0")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and s.plan.source != "d0":
+            s.infer(x, timeout=30)
+            time.sleep(0.1)
+        assert s.plan.source == "d0", s.events
+        assert any("is back" in str(e.get("reason")) for e in s.events if e["event"] == "replan"), s.events
+        assert_close(s.infer(x, timeout=30), model(x))
+
+
+def test_dead_source_without_replanning_gives_a_clear_error(tiny, plans, workers):
+    """A session that cannot re-plan (a static plan): requests while its source is down end at their
+    deadline with an error naming the source, never a hang."""
+    model, x = tiny
+    s = Session(plans["even"], workers.endpoints, workers.key, resubmit=True, timeout=2.0, heartbeat=0.25,
+                dead_after=1.0)
+    try:
+        assert_close(s.infer(x), model(x))
+        workers.kill("d0")
+        t0 = time.monotonic()
+        with pytest.raises(edgepart.EdgepartError, match=r"'d0' \(the source, where inputs go\) down"):
+            s.infer(x, timeout=10)
+        assert time.monotonic() - t0 < 2.0 + 1.0
+    finally:
+        s.close()
+        workers.restart("d0")
+
+
+def test_piece_arrival_is_timed_without_its_latency():
+    """Channel.rx_span: the bytes of a payload that were still on the way when its header was read and
+    how long they took — a link that delivers half a piece, then the rest 0.3 s later, shows 0.3 s for
+    the late half; bytes already waiting are not counted (they say nothing of the link)."""
+    import socket
+    from edgepart.runtime.protocol import Channel
+    key_a, key_b = os.urandom(32), os.urandom(32)
+    a1, a2 = socket.socketpair()
+    b1, b2 = socket.socketpair()
+    tx, rx = Channel(a1, key_a, key_b), Channel(b2, key_b, key_a)
+    x = torch.randn(64, 1024)                                       # 256 KiB
+    got = []
+
+    def drain():
+        while chunk := a2.recv(1 << 20):
+            got.append(chunk)
+    d = threading.Thread(target=drain)
+    d.start()
+    tx.send({"kind": "piece"}, [x])
+    a1.shutdown(socket.SHUT_WR)
+    d.join(10)
+    wire = b"".join(got)
+    expect = lambda h: [("float32", (64, 1024))]                  # noqa: E731
+    half = len(wire) // 2
+
+    def relay():
+        b1.sendall(wire[:half])
+        time.sleep(0.3)
+        b1.sendall(wire[half:])
+    t = threading.Thread(target=relay)
+    t.start()
+    f = rx.recv(expect)
+    t.join()
+    assert torch.equal(f.parts[0], x)
+    nbytes, span = rx.rx_span
+    assert 0.28 <= span <= 0.6, span
+    assert len(wire) - half - 100 <= nbytes <= len(wire) - half + 100    # the late half only
+    rx2 = Channel(b2, key_b, key_a)            # the same frame again, all of it here before the header is read
+    threading.Thread(target=b1.sendall, args=(wire,), daemon=True).start()
+    time.sleep(0.2)
+    assert torch.equal(rx2.recv(expect).parts[0], x)
+    # what the socket buffer held was not counted; the little that did not fit came at once
+    assert rx2.rx_span is None or (rx2.rx_span[0] < len(wire) // 2 and rx2.rx_span[1] < 0.05), rx2.rx_span
+    for s in (a1, a2, b1, b2):
+        s.close()

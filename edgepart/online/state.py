@@ -17,6 +17,7 @@ worker's ``cpu_load`` reading (``/proc/stat``) when ``proc_load`` is on.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -66,6 +67,7 @@ class DeviceState:
     base_ratio: float | None = None                        # the ratio at no load (first measurements)
     proc_load: Smoothed = field(default_factory=Smoothed)
     down_since: float | None = None
+    up_since: float = -math.inf          # when it last came back (monotonic)
 
     def load(self, use_proc: bool) -> float:
         if self.ratio.value is not None and self.base_ratio is not None and self.ratio.updated >= self.proc_load.updated - 5:
@@ -77,9 +79,13 @@ class DeviceState:
 
 @dataclass
 class LinkState:
+    """One link: bandwidth and one-way latency, from the pieces real requests moved on it (``observed``:
+    when last) or, while it carries none, from light probes (``probed``: when last)."""
+
     bandwidth_mbps: Smoothed = field(default_factory=Smoothed)
     latency_ms: Smoothed = field(default_factory=Smoothed)
-    probed: float = 0.0
+    probed: float = -math.inf
+    observed: float = -math.inf
 
 
 class LiveState:
@@ -108,19 +114,31 @@ class LiveState:
         self.devices[device].proc_load.add(load, self.alpha, now)
 
     def link(self, a: str, b: str, bandwidth_mbps: float | None = None, latency_ms: float | None = None,
-             now: float | None = None) -> None:
+             now: float | None = None, probe: bool = False) -> None:
+        """A measurement of link a-b: from real transfers (default) or from a probe (``probe``)."""
         ls = self.links.setdefault(frozenset((a, b)), LinkState())
+        now = time.monotonic() if now is None else now
         if bandwidth_mbps is not None and bandwidth_mbps > 0:
             ls.bandwidth_mbps.add(bandwidth_mbps, self.alpha, now, jump=LINK_JUMP)
+            if not probe:
+                ls.observed = now
         if latency_ms is not None and latency_ms >= 0:
             ls.latency_ms.add(latency_ms, self.alpha, now)
-        ls.probed = time.monotonic() if now is None else now
+        if probe:
+            ls.probed = now
+
+    def link_idle(self, a: str, b: str, idle_s: float, now: float | None = None) -> bool:
+        """No real transfer measured a-b for ``idle_s`` seconds."""
+        ls = self.links.get(frozenset((a, b)))
+        now = time.monotonic() if now is None else now
+        return ls is None or now - ls.observed > idle_s
 
     def set_alive(self, device: str, alive: bool) -> None:
         st = self.devices[device]
         st.alive = alive
         st.down_since = None if alive else (st.down_since or time.monotonic())
         if alive:                       # back: what it measured before may not hold any more
+            st.up_since = time.monotonic()
             st.ratio = Smoothed()
             st.proc_load = Smoothed()
 
@@ -137,7 +155,9 @@ class LiveState:
         out = {"bandwidth_mbps": nominal["bandwidth_mbps"], "latency_ms": nominal["latency_ms"]}
         if ls is not None:
             if ls.bandwidth_mbps.value is not None:
-                out["bandwidth_mbps"] = ls.bandwidth_mbps.value
+                # a link is taken at most as fast as the cluster file says: a faster measurement is a burst
+                # (a shaper's or NIC's bucket lets a piece through at once), not its sustained rate
+                out["bandwidth_mbps"] = min(ls.bandwidth_mbps.value, nominal["bandwidth_mbps"])
             if ls.latency_ms.value is not None:
                 out["latency_ms"] = ls.latency_ms.value
         return out
@@ -165,8 +185,14 @@ class LiveState:
         for i, a in enumerate(names):
             for b in names[i + 1:]:
                 overrides.append({"a": a, "b": b, **self.link_values(a, b)})
-        source = self.nominal.source if self.nominal.source in names else names[0]
+        source = self.nominal.source if self.nominal.source in names else self.substitute_source(names)
         return Cluster(devs, dict(self.nominal.default_link), overrides, source, self.nominal.shared_medium)
+
+    def substitute_source(self, names: list[str]) -> str:
+        """Where inputs go while the nominal source is down: the fastest of ``names`` now (speed ÷
+        calibration × (1 − load))."""
+        loads, cal = self.loads(), self.calibration()
+        return max(names, key=lambda d: (self.nominal.device(d).speed / cal.get(d, 1.0) * (1 - loads[d]), d))
 
     def snapshot(self) -> dict:
         """A JSON-able view for logs: per device alive, load and confidence; per measured link bandwidth."""
@@ -176,5 +202,7 @@ class LiveState:
         return {"devices": {d: {"alive": st.alive, "load": round(loads[d], 3), "calibration": round(cal[d], 3),
                                 "confidence": round(st.ratio.confidence(now), 2)}
                             for d, st in self.devices.items()},
-                "links": {"-".join(sorted(k)): {kk: round(v, 3) for kk, v in self.link_values(*sorted(k)).items()}
-                          for k in self.links}}
+                "links": {"-".join(sorted(k)): {**{kk: round(v, 3) for kk, v in self.link_values(*sorted(k)).items()},
+                                                "confidence": round(ls.bandwidth_mbps.confidence(now), 2),
+                                                "from": "transfers" if ls.observed >= ls.probed else "probe"}
+                          for k, ls in self.links.items()}}

@@ -356,6 +356,8 @@ class Session:
         if known is not None:                      # the same plan again: keep its version number
             if plan.tmp:
                 shutil.rmtree(plan.tmp, ignore_errors=True)
+            elif not (known.dir / MANIFEST).is_file():   # its first copy was removed: files come from this one
+                known.dir = plan.dir
             plan = known
         unknown = [d for d in plan.devices if d not in self.links]
         if unknown:
@@ -594,8 +596,20 @@ class Session:
             if not r.fut.done():
                 self.counts["failed"] += 1
                 r.fut.set_exception(EdgepartError(
-                    f"request {r.base} timed out after {self.timeout:.0f} s"
+                    f"request {r.base} timed out after {self.timeout:.0f} s" + self._why_stuck(r)
                     + (f" (earlier attempts: {'; '.join(r.tries)[:300]})" if r.tries else "")))
+
+    def _why_stuck(self, r: _Request) -> str:
+        """Why a request could not be answered: the devices of the plan it waits for that are down (the
+        source named as such: nothing runs without it unless a controller moves the inputs elsewhere)."""
+        plan = self.plan
+        down = [d for d in plan.devices if d in self.links and not self.links[d].alive]
+        if not down:
+            return ""
+        what = ", ".join(f"{d!r}{' (the source, where inputs go)' if d == plan.source else ''} down since "
+                         f"{time.monotonic() - (self.links[d].down_since or time.monotonic()):.0f} s: "
+                         f"{self.links[d].reason}" for d in down)
+        return f": {plan.describe()} cannot run, device {what}; restart it or re-plan without it"
 
     def _revive(self) -> None:
         """Reconnect (and redeploy to) any worker found dead; raise WorkerDied if one is still unreachable."""

@@ -52,6 +52,8 @@ MAX_INFLIGHT = 4096
 MAX_FINISHED = 8192            # ids of finished requests remembered, so their late pieces are dropped
 REQ_ID_MAX = 80
 INLINE_COMPUTE_S = 0.005       # a reader thread runs a request itself only if recent ones computed this briefly
+RX_WINDOW_S = 1.0              # per sending peer, the arrival rates of the pieces of the last this many s are reported
+RX_SAMPLES = 64
 KEEP_OLD = 8                   # older deployments kept loaded besides the active one (more while requests use them;
                                # an online controller keeps a standby plan per device deployed)
 
@@ -147,6 +149,8 @@ class Executor:
         self.computing = False               # a request is being advanced (by the compute or a reader thread)
         self.recent_compute: collections.deque = collections.deque(maxlen=16)   # s per finished request
         self.seq = itertools.count()
+        # per sending peer: (monotonic time, bytes, s) of the pieces whose arrival was timed (link monitoring)
+        self.rx: dict[str, collections.deque] = {}
 
     @property
     def device(self) -> str | None:
@@ -188,7 +192,58 @@ class Executor:
             out["bundles"] = len(self.deployments)
         if self.load_meter is not None:
             out["cpu_load"] = round(self.load_meter.load(), 4)
+        out.update(self.link_stats())
         return out
+
+    def link_stats(self) -> dict:
+        """What real transfers show of each link (see docs/online.md): ``rx_mbps:P`` — the rate (wall
+        Mbit/s) at which the pieces from peer P arrived over the last :data:`RX_WINDOW_S` s, the upper
+        quartile of the pieces' own rates (a reader thread descheduled mid-piece only makes one piece
+        look slower); ``rx_frames:P`` counts the pieces timed so far (a monitor sees whether any
+        arrived since it last asked); ``link_lat_us:P`` — the one-way latency to P, from the kernel's
+        round-trip times of the connection the pieces go on (``PeerLink.latency``)."""
+        out: dict = {}
+        now = time.monotonic()
+        with self.lock:
+            rx = {d: list(q) for d, q in self.rx.items()}
+            links: dict[str, list] = {}
+            for dep in self.deployments.values():
+                for d, link in dep.links.items():
+                    links.setdefault(d, []).append(link)
+        for d, samples in rx.items():
+            out[f"rx_frames:{d}"] = self.stats.get(f"rx_frames:{d}", 0)
+            rates = sorted(8 * b / t / 1e6 for (when, b, t) in samples if now - when <= RX_WINDOW_S and t > 0)
+            if rates:
+                out[f"rx_mbps:{d}"] = round(rates[(3 * len(rates)) // 4 if len(rates) > 1 else 0], 3)
+        for d, ls in links.items():
+            lat = [x for x in (link.latency() for link in ls) if x is not None]
+            if lat:
+                out[f"link_lat_us:{d}"] = round(min(lat) * 1e6, 1)
+        return out
+
+    def _timed_arrival(self, conn: Conn, h: dict, nbytes: int) -> None:
+        """Record how long a piece took to arrive (Channel.rx_span, plus the time an emulated link's
+        shaper held it in the sender: ``held_us``)."""
+        src = h.get("from")
+        span = conn.ch.rx_span
+        held = h.get("held_us")
+        held_s = held / 1e6 if type(held) is int and 0 <= held < 600_000_000 else 0.0
+        if held_s > 0:
+            sample = (nbytes, held_s + (span[1] if span else 0.0))
+        elif span is not None:
+            sample = span
+        else:
+            return
+        if not isinstance(src, str) or sample[1] <= 0:
+            return
+        with self.lock:
+            q = self.rx.get(src)
+            if q is None:
+                if len(self.rx) >= 256:
+                    return
+                q = self.rx[src] = collections.deque(maxlen=RX_SAMPLES)
+            q.append((time.monotonic(), sample[0], sample[1]))
+            self.stats[f"rx_frames:{src}"] += 1
 
     def activate(self, dep: Deployment) -> None:
         """Run ``dep`` for new untagged requests from now on, and for requests that name its bundle id.
@@ -275,7 +330,9 @@ class Executor:
 
     def _on_piece(self, conn: Conn, frame: Frame) -> None:
         h, value = frame.header, frame.parts[0]
-        self.stats["bytes_received"] += value.numel() * value.element_size()
+        n = value.numel() * value.element_size()
+        self.stats["bytes_received"] += n
+        self._timed_arrival(conn, h, n)
         rid = h["req"]
         key = (h["from"], h["tensor"], h["rows"][0], h["rows"][1])
         with self.lock:

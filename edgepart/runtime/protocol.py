@@ -34,9 +34,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import fcntl
 import os
 import socket
 import struct
+import termios
 import threading
 import time
 from dataclasses import dataclass
@@ -63,6 +65,9 @@ MIN_KEY_BYTES = 32
 FRAME_TIMEOUT = 30.0                    # once a frame has started, no gap in it may be longer than this
 CHUNK = 256 << 10                       # parts are authenticated (and sent/received) in chunks of this size
 STAGE = 8 << 10                         # receive reads of at most this much when the frame's size is unknown
+# a payload is timed (Channel.rx_span) if at least this many of its bytes were still on the way when its header
+# was read: below it, the time is mostly system calls and scheduling, not the link
+RX_SPAN_MIN = 32 << 10
 _NONCE_H = b"h\x00\x00\x00"                # nonce = domain byte || 3-byte chunk index || 8-byte seq
 _NONCE_P = b"p\x00\x00\x00"
 MAX_CHUNKS = 1 << 24
@@ -290,6 +295,14 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
 Expect = Callable[[dict], Any]
 
 
+def _queued(sock: socket.socket) -> int:
+    """Bytes received by the kernel on ``sock`` and not read yet (0 where that cannot be asked)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):
+        return 0
+
+
 class Channel:
     """One authenticated connection. ``send`` is thread-safe; ``recv`` must be called from one thread."""
 
@@ -309,6 +322,9 @@ class Channel:
         self._ra = self._rz = 0
         self._deadline: float | None = None     # monotonic time the handshake must finish by
         self.last_activity = _now()             # a frame was last sent or received (idle connections close)
+        # (bytes, seconds) the last received frame's payload took to arrive, counting only the bytes that
+        # were not yet here when its header was read; None if it carried under RX_SPAN_MIN such bytes
+        self.rx_span: tuple[int, float] | None = None
         if k_send is not None:
             self._set_keys(k_send, k_recv)
         try:
@@ -746,8 +762,14 @@ class Channel:
                     views.append(v)
                 else:
                     parts.append(torch.empty(s, dtype=DTYPES[d]))
+            self.rx_span = None
             if plen:
+                t0 = time.perf_counter()
+                ahead = self._rz - self._ra + _queued(self.sock)
                 self._recv_payload(views, sn)
+                late = plen - ahead
+                if late >= RX_SPAN_MIN:
+                    self.rx_span = (late, time.perf_counter() - t0)
         elif isinstance(want, int):
             if plen > want:
                 raise ProtocolError(f"{header['kind']!r} payload of {plen} bytes exceeds its {want}-byte bound")

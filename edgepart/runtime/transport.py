@@ -11,6 +11,8 @@ EOF and, when a frame cannot be written, fails the request it belongs to and rep
 from __future__ import annotations
 
 import collections
+import socket
+import struct
 import threading
 import time
 from typing import Callable, Protocol
@@ -35,8 +37,13 @@ class LinkShaper(Protocol):
     def release_time(self, enqueued: float, nbytes: int = 0) -> float:
         """The monotonic time a frame of ``nbytes`` queued at ``enqueued`` may be written."""
 
-    def consume(self, nbytes: int) -> None:
-        """Account for ``nbytes`` about to be written (sleeping as long as the link's bandwidth asks)."""
+    def consume(self, nbytes: int) -> float | None:
+        """Account for ``nbytes`` about to be written (sleeping as long as the link's bandwidth asks); the
+        seconds it held them (their emulated time on the link, which the receiver cannot see: the bytes
+        then leave at once), or None."""
+
+    # optional: ``latency``, the one-way delay (s) the shaper adds to every frame (a delay line the
+    # kernel's round-trip time does not see)
 
 
 # link_shaper(peer, nic): the shaper of this worker's traffic to ``peer`` (None: unshaped). With
@@ -187,7 +194,9 @@ class Writer:
                 delay = release - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-                self.shaper.consume(n + FRAME_EXTRA)
+                held = self.shaper.consume(n + FRAME_EXTRA)
+                if held and n:      # the receiver times the payload's arrival: tell it the emulated part
+                    header = {**header, "held_us": int(held * 1e6)}
             if ch is None:
                 ch = self.ch = self.connect()
             ch.send(header, parts)
@@ -220,6 +229,19 @@ class PeerLink:
     def put(self, header: dict, parts=(), req: Cancellable | None = None) -> None:
         self.writer.put(header, parts, req)
 
+    def latency(self) -> float | None:
+        """The link's one-way latency (s) as the connection's real traffic shows it: half the kernel's
+        minimum round-trip time of its TCP segments (the propagation part; the queueing behind a
+        slow link is the bandwidth's), plus the delay an emulated link's shaper adds; None before the
+        connection carried anything (or where the OS does not say)."""
+        ch = self.writer.ch
+        if ch is None or ch.closed:
+            return None
+        rtt = tcp_min_rtt(ch.sock)
+        if rtt is None:
+            return None
+        return rtt / 2 + float(getattr(self.writer.shaper, "latency", 0.0) or 0.0)
+
     def close(self) -> None:
         self.closed = True
         self.writer.close()
@@ -246,3 +268,22 @@ class PeerLink:
         if req is not None:
             self.on_request_failed(req, Failure(ErrorCode.PEER_DOWN, self.device, f"device {self.device!r} {reason}"))
         self.on_down(self.device, reason)
+
+
+_TCPI_MIN_RTT = 148            # offset of tcpi_min_rtt (u32, µs) in Linux's struct tcp_info (since 4.6)
+
+
+def tcp_min_rtt(sock: socket.socket) -> float | None:
+    """The kernel's minimum round-trip time (s) of ``sock``'s TCP connection over its recent segments
+    (Linux; windowed by net.ipv4.tcp_min_rtt_wlen, 300 s by default), or None."""
+    tcp_info = getattr(socket, "TCP_INFO", None)
+    if tcp_info is None:
+        return None
+    try:
+        b = sock.getsockopt(socket.IPPROTO_TCP, tcp_info, 256)
+    except OSError:
+        return None
+    if len(b) < _TCPI_MIN_RTT + 4:
+        return None
+    us = struct.unpack_from("I", b, _TCPI_MIN_RTT)[0]
+    return us / 1e6 if 0 < us < 0xFFFFFFFF else None

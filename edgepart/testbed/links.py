@@ -59,15 +59,18 @@ class Shaper:
             return enqueued + self.latency
         return self.nic.reserve(enqueued, self.latency + nbytes / self.nic_rate) + self.latency
 
-    def consume(self, nbytes: int) -> None:
+    def consume(self, nbytes: int) -> float | None:
+        """Take ``nbytes`` from the token bucket, sleeping while it is empty; the frame's emulated time on the
+        link (``nbytes`` ÷ rate: its bytes then leave at once), None if the link is not shaped here."""
         if self.rate is None:
-            return
+            return None
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
         self.t = now
         self.tokens -= nbytes
         if self.tokens < 0:
             time.sleep(-self.tokens / self.rate)
+        return nbytes / self.rate
 
 
 @dataclass(frozen=True)
