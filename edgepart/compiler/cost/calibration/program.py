@@ -12,9 +12,11 @@ from edgepart.compiler.bundle import compile as compile_model
 from edgepart.testbed.local import LocalCluster
 
 
-def _one_device_bundle(model, example_inputs: tuple):
-    """``model`` compiled for a cluster of one device named ``device`` (its whole device program)."""
-    one = Cluster.from_dict({"source": "device", "devices": [{"name": "device", "speed": 1.0}], "links": {}})
+def _one_device_bundle(model, example_inputs: tuple, backend: str = "torch"):
+    """``model`` compiled for a cluster of one device named ``device`` running on ``backend`` (its whole
+    device program)."""
+    one = Cluster.from_dict({"source": "device", "devices": [{"name": "device", "speed": 1.0, "backend": backend}],
+                             "links": {}})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")          # no profile: the plan is one device whatever the costs say
         return compile_model(model, example_inputs, one, strategy="single")
@@ -44,11 +46,14 @@ class ProgramTimer:
 
         with ProgramTimer(model, (x,), cpuset=[1]) as timer:
             seconds = timer.time(budget_s=1.0)
+
+    ``backend="onnxruntime"``: the program's stages run as ONNX Runtime sessions (one thread, on the
+    worker's compute thread, so its thread CPU time is theirs).
     """
 
-    def __init__(self, model, example_inputs, cpuset: list[int] | None = None):
+    def __init__(self, model, example_inputs, cpuset: list[int] | None = None, backend: str = "torch"):
         self.inputs = _as_tuple(example_inputs)
-        self.cluster = LocalCluster(_one_device_bundle(model, self.inputs), cpuset=cpuset)
+        self.cluster = LocalCluster(_one_device_bundle(model, self.inputs, backend), cpuset=cpuset)
         try:
             self.cluster.infer(*self.inputs)     # deployed and warm
         except BaseException:
