@@ -340,8 +340,9 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
                 cell["speedup_before_pools"] = single["median"] / bp["median"]
                 cell["speedup_before_pools_rounds"] = [a / b for a, b in zip(single["round_medians"], bp["round_medians"])]
                 cell["speedup_before_pools_predicted"] = single["predicted"] / bp["predicted"]
-                cell["same_plan_before_as_single"] = (plans[BEFORE_POOLS].to_dict()["stages"]
-                                                      == plans["single"].to_dict()["stages"])
+                # (the two plans are of different graphs: one stage on the fastest device is the single plan)
+                cell["same_plan_before_as_single"] = (len(plans[BEFORE_POOLS].stages) == 1
+                                                      and plans[BEFORE_POOLS].devices() == plans["single"].devices())
             cells.append(cell)
     return cells
 
@@ -485,7 +486,7 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
         single = c["runs"]["single"]
         for s, r in c["runs"].items():
             err = r["error"] * 100
-            mark = "" if abs(r["error"]) <= TOLERANCE else " ⚠"
+            mark = ("" if abs(r["error"]) <= TOLERANCE else " ⚠") if r.get("calibrated", True) else " (uncalibrated)"
             per_round = [a / b for a, b in zip(single.get("round_medians", []), r.get("round_medians", []))]
             per_round_txt = " / ".join(f"{x:.2f}" for x in per_round) if len(per_round) > 1 else "–"
             same_mark = " (= single's plan)" if s == "ofpm" and c.get("same_plan_as_single") else ""
