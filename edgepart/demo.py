@@ -32,10 +32,13 @@ import torch
 
 import edgepart
 from edgepart import models
+from edgepart.compiler.backends import choose_backends
 from edgepart.compiler.cost.calibration import Calibration, calibrate
 from edgepart.compiler.cost.calibration.host_speed import HostSpeedProbe
 from edgepart.compiler.cost.simulator import simulate_bundle
 from edgepart.compiler.inspect import plan_table
+from edgepart.passes import analyse
+from edgepart.passes.trace import trace
 from edgepart.testbed.emulator import netns_available
 from edgepart.testbed.local import LocalCluster
 
@@ -74,9 +77,6 @@ def demo_cluster(profile: Path | None, calibration: Calibration | None = None, b
 
 def chosen_backend(model, x0, cluster_description: dict) -> str:
     """The backend the compiler would choose for the fastest device of the (uncalibrated) cluster."""
-    from edgepart.compiler.backends import choose_backends
-    from edgepart.passes import analyse
-    from edgepart.passes.trace import trace
     cluster = edgepart.Cluster.from_dict(cluster_description)
     _, choice = choose_backends(analyse(trace(model, (x0,)), cluster), cluster)
     return choice[cluster.fastest()].backend
