@@ -158,8 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         # (its device program, in a worker) is not its layers timed one by one, and layers of one type
         # drift apart by size (thin slices of layers with large weights cost far more than their share
         # of the rows): measure all of it on this model now and plan with it.
+        # the model whole timed as the demo runs it, a host-speed probe before each request (it evicts
+        # the caches; an ONNX Runtime program is 1.2x slower after it, see calibration.program)
         calibration = calibrate(model, (x0,), probe, backend=backend,
-                                profile=ort_profile if backend == "onnxruntime" else None)
+                                profile=ort_profile if backend == "onnxruntime" else None,
+                                between=(lambda: probe.measure(0.1)) if backend == "onnxruntime" else None)
     cluster = edgepart.Cluster.from_dict(demo_cluster(profile, calibration, backend, ort_profile))
     # the fastest device alone on the other backend, to compare with (its profile as it is: not calibrated)
     other = "torch" if backend == "onnxruntime" else "onnxruntime"

@@ -66,7 +66,7 @@ class Calibration:
 def calibrate(model, example_inputs: tuple, probe: HostSpeedProbe, *, budget_s: float = 2.0, rounds: int = 3,
               family_budget_s: float = 3.0, layer_budget_s: float = 4.0, time_model: bool = True,
               time_layers: bool = True, backend: str = "torch", profile=None,
-              split_pools: bool = True) -> Calibration:
+              split_pools: bool = True, between=None) -> Calibration:
     """Calibrate the cost model of devices emulated from ``probe.profile`` for ``model`` now, pinned to ``probe.cpuset``.
 
     1. :func:`~.op_types.calibrate_op_types` on the model's own layers: host speed, memory speed and
@@ -81,12 +81,14 @@ def calibrate(model, example_inputs: tuple, probe: HostSpeedProbe, *, budget_s: 
     devices that run on that backend, costed with that profile (default: the probe's; give the
     backend's, e.g. ``profiles/host_ort.json`` for ``onnxruntime``); everything but the host speed is
     then timed as that backend runs it (:func:`~.op_types.calibrate_op_types`). ``split_pools``: the
-    layers as the compiler sees them with (default) or without ``passes.pools``."""
+    layers as the compiler sees them with (default) or without ``passes.pools``. ``between``: called
+    before each request of the model timed whole (:class:`~.program.ProgramTimer`), what the devices
+    do between requests (e.g. the testbed's host-speed probe)."""
     prof = probe.profile if profile is None else (profile if hasattr(profile, "predict") else DeviceProfile.load(profile))
     nodes = [node_info(n) for n in compute_nodes(analyse(trace(model, example_inputs), split_pools=split_pools))]
     t = time.perf_counter()
     if time_model:
-        with ProgramTimer(model, example_inputs, cpuset=probe.cpuset, backend=backend) as timer:
+        with ProgramTimer(model, example_inputs, cpuset=probe.cpuset, backend=backend, between=between) as timer:
             ops = calibrate_op_types(probe, budget_s, rounds, family_budget_s, nodes=nodes, forward=timer,
                                      backend=backend, profile=prof)
     else:

@@ -48,10 +48,16 @@ class ProgramTimer:
             seconds = timer.time(budget_s=1.0)
 
     ``backend="onnxruntime"``: the program's stages run as ONNX Runtime sessions (one thread, on the
-    worker's compute thread, so its thread CPU time is theirs).
+    worker's compute thread, so its thread CPU time is theirs). ``between``: called before each timed
+    request, untimed — what a device does between requests (on the emulated testbed a host-speed probe
+    runs torch networks before every request; after it MobileNetV2's program on ONNX Runtime took
+    7.2–7.3 ms where back to back it took 5.7–6.2, on torch 19.7 where 18.5–19.0: timed warm, the
+    model speed of an ONNX Runtime device came out 1.2× too fast).
     """
 
-    def __init__(self, model, example_inputs, cpuset: list[int] | None = None, backend: str = "torch"):
+    def __init__(self, model, example_inputs, cpuset: list[int] | None = None, backend: str = "torch",
+                 between: Callable[[], object] | None = None):
+        self.between = between
         self.inputs = _as_tuple(example_inputs)
         self.cluster = LocalCluster(_one_device_bundle(model, self.inputs, backend), cpuset=cpuset)
         try:
@@ -68,6 +74,8 @@ class ProgramTimer:
         """Median thread CPU seconds of the worker's stages per request, over requests sent for about ``budget_s``."""
         t0, per = time.perf_counter(), []
         while len(per) < max_repeats and (len(per) < min_repeats or time.perf_counter() - t0 < budget_s):
+            if self.between is not None:
+                self.between()
             before = self._stage_cpu_s()
             self.cluster.infer(*self.inputs)
             per.append(self._stage_cpu_s() - before)
