@@ -390,3 +390,18 @@ def test_program_timer_on_onnxruntime_runs_the_onnx_program():
     with ProgramTimer(model, (x,), backend="onnxruntime") as timer:
         assert timer.time(budget_s=0.05) > 0
         assert timer.cluster.manifest.devices["device"].backend == "onnxruntime"
+
+
+def test_program_timer_runs_what_happens_between_requests_untimed():
+    """ProgramTimer(between=...): called before every timed request, not counted in its time."""
+    model, (x,) = models.get("tinynet")
+    calls = []
+
+    def busy():
+        calls.append(1)
+        t = time.thread_time()
+        while time.thread_time() - t < 0.02:
+            pass
+    with ProgramTimer(model, (x,), between=busy) as timer:
+        t = timer.time(budget_s=0.0, min_repeats=3, max_repeats=3)
+    assert len(calls) == 3 and t < 0.02
