@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import edgepart  # noqa: E402
 from edgepart import models  # noqa: E402
 from edgepart.cluster import Cluster, Device  # noqa: E402
+from edgepart.compiler.backends import choose_backends  # noqa: E402
 from edgepart.compiler.cost.model import CostModel  # noqa: E402
 from edgepart.compiler.cost.simulator import simulate_plan  # noqa: E402
 from edgepart.compiler.planning.registry import make_plan  # noqa: E402
@@ -117,6 +118,10 @@ def simulated(name: str) -> dict:
             # the profile's prediction of the whole model on one device of speed 1, to set beside part 1
             row[f"predicted_{backend}_ms"] = 1e3 * (cost.stage_start_time("d0") + sum(
                 cost.compute_time(n, "d0") for n in gm.graph.nodes if n.op in COMPUTE_OPS))
+    # the compiler's own choice for a device with both profiles and no backend: key
+    both = Cluster([Device("d0", 1.0, profile=PROFILES["torch"], profiles=(("onnxruntime", PROFILES["onnxruntime"]),))])
+    gm = analyse(trace(model, (x,)), both)
+    row["auto"] = choose_backends(gm, both)[1]["d0"].backend
     return row
 
 
@@ -153,25 +158,27 @@ def write(rows1: list[dict], rows2: list[dict], meta: dict, testbed: list[dict] 
     measured = {r["model"]: r for r in rows1}
     md += ["", "## The profiles against part 1 (one device of speed 1, whole model, ms)", "",
            "What the planner believes: each backend's profile predicts the whole model on one device; "
-           "part 1 measured the device program. The two profiles were not taken under the same "
-           "conditions (see profiles/README.md): `host.json` is a full sweep on a quiet host, `host_ort.json` "
-           "a quick sweep while other jobs loaded the host, so their ratio overstates ONNX Runtime's "
-           "time; with them the compiler's automatic choice (no `backend:` key) picks ONNX Runtime only "
-           "where the predicted ratio is below 1. Part 1's ratios, measured interleaved on one core, "
-           "are the better guide: the choice is only as good as the two profiles, and on this shared host "
-           "quick profiles taken minutes apart disagreed by up to 3× (a quick torch profile taken at 19:38 "
-           "predicted ResNet-18 at 148 ms).", "",
+           "part 1 measured the device program. `host.json` is a full torch sweep on a quiet host (4 load "
+           "levels, 2026-12-02); `host_ort.json` an ONNX Runtime sweep of half the full design at load 0 "
+           "(401 configurations, 2 passes, 16 synthetic networks), pinned to one core under the measurement "
+           "lock (2026-12-04 21:15 UTC, see profiles/README.md). Part 1 ran on a loaded host, so its absolute "
+           "times are above both profiles' alike; the ratio ORT ÷ torch is what the compiler's automatic "
+           "choice (no `backend:` key) rests on, and *auto* is what it picks for a device of speed 1 with "
+           "both profiles.", "",
            "| model | torch: predicted | torch: measured | ORT: predicted | ORT: measured | "
-           "predicted ORT ÷ torch | measured ORT ÷ torch |", "|---|---:|---:|---:|---:|---:|---:|"]
+           "predicted ORT ÷ torch | measured ORT ÷ torch | auto |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows2:
         m = measured.get(r["model"])
         if m is None:
             continue
         pt, po = r["predicted_torch_ms"], r["predicted_onnxruntime_ms"]
         md.append(f"| {r['model']} | {pt:.1f} | {m['program_torch']:.1f} | {po:.1f} | {m['program_ort']:.1f} | "
-                  f"{po / pt:.2f} | {m['program_ort'] / m['program_torch']:.2f} |")
+                  f"{po / pt:.2f} | {m['program_ort'] / m['program_torch']:.2f} | {r.get('auto', '–')} |")
     if testbed:
-        md += ["", f"## Emulated testbed: ofpm vs the fastest single device (median ms, {meta.get('testbed', '')})", "",
+        md += ["", f"## Emulated testbed, uncalibrated: ofpm vs the fastest single device (median ms, "
+               f"{meta.get('testbed', '')})", "",
+               "Superseded by `benchmarks/testbed.py --backend onnxruntime` (results/testbed_ort.md: calibrated "
+               "online on ONNX Runtime, measured against predicted, ORT and torch single side by side). "
                "`benchmarks/ort.py --testbed ...`: the four devices of benchmarks/testbed.py (phone 0.4 — the "
                "source —, board 0.5, laptop 0.7, edge 1.0) as worker processes in network namespaces with tc "
                "links, compute stages dilated to each device's speed (host speed taken as 1.0), 5 requests "

@@ -21,7 +21,14 @@ even when other programs slow this machine's cores down. Measured = median over
 devices' time); each round deploys and runs every strategy of a cell once, in an order rotated
 from round to round, so the strategies are compared side by side rather than minutes apart.
 
-Writes benchmarks/results/testbed.{json,md,png}.
+``--backend onnxruntime``: every device runs its stages in ONNX Runtime (#19); plans are costed
+with the ONNX Runtime profile (``profiles/host_ort.json``), the online calibration times the model's
+layers and its device program as ONNX Runtime runs them, and each cell also runs the single-device
+plan on torch, so the table reports ofpm on ONNX Runtime against ONNX Runtime *and* torch on the
+fastest device. ``--pools-before`` (#21) also runs the ofpm plan of the compiler without
+``passes.pools`` (global pools whole), side by side with the ofpm plan of the compiler as it is.
+
+Writes benchmarks/results/testbed.{json,md,png} (``--out`` to name them otherwise).
 """
 from __future__ import annotations
 
@@ -58,7 +65,11 @@ from results_notes import write_keeping_analysis  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 PROFILE = ROOT / "profiles" / "host.json"
-MODELS = {"vgg16": 160, "resnet18": 224, "yolov2_tiny": 256, "mobilenet_v2": 224}
+PROFILES = {"torch": PROFILE, "onnxruntime": ROOT / "profiles" / "host_ort.json"}
+MODELS = {"vgg16": 160, "resnet18": 224, "yolov2_tiny": 256, "mobilenet_v2": 224, "se_resnet": 224}
+DEFAULT_MODELS = ["vgg16", "resnet18", "yolov2_tiny", "mobilenet_v2"]
+TORCH_SINGLE = "single on torch"       # the extra strategy of --backend onnxruntime
+BEFORE_POOLS = "ofpm before pools"     # the extra strategy of --pools-before
 DEVICES = [("phone", 0.4), ("board", 0.5), ("laptop", 0.7), ("edge", 1.0)]
 BASELINES = ["neurosurgeon", "dads", "modnn", "deepthings", "aofl", "edgeld"]
 BANDS = [100, 1000]
@@ -66,15 +77,18 @@ TOLERANCE = 0.15
 
 
 def make_cluster(mbps: float, profile: Path = PROFILE, calibration: Calibration | None = None,
-                 stage_start_s: float | None = None) -> Cluster:
+                 stage_start_s: float | None = None, backend: str | None = None) -> Cluster:
     """The testbed's cluster; ``calibration``: the online calibration of the model on this host
     (``edgepart.compiler.cost.calibration.calibrate``; every device is this host), None: the profile as
     it is; ``stage_start_s``: seconds of the profiled machine a stage start costs (each device's
-    ``stage_start_ms`` is it ÷ speed; None: the cost model's constant)."""
+    ``stage_start_ms`` is it ÷ speed; None: the cost model's constant). ``backend``: every device runs
+    on it (with the ONNX Runtime profile for ``onnxruntime``); None: no ``backend:`` key (torch, as
+    the compiler chooses without an ONNX Runtime profile)."""
     extra = lambda s: {} if stage_start_s is None else {"stage_start_ms": stage_start_s * 1e3 / s}  # noqa: E731
+    on = {} if backend is None else {"backend": backend, "profiles": {"onnxruntime": str(PROFILES["onnxruntime"])}}
     description = {
         "source": "phone",
-        "devices": [{"name": n, "speed": s, "profile": str(profile), **extra(s)} for n, s in DEVICES],
+        "devices": [{"name": n, "speed": s, "profile": str(profile), **on, **extra(s)} for n, s in DEVICES],
         "links": {"default": {"bandwidth_mbps": mbps, "latency_ms": 0.5}}}
     return Cluster.from_dict(description if calibration is None else calibration.apply(description))
 
@@ -218,14 +232,21 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
             # op type's speed relative to the CPU speed the emulator normalises away, on the model's own
             # layers and the model whole as a device runs it (its device program in a worker, stopped
             # before the testbed's workers start), then each layer whole and sliced
+            backend = emu.get("backend") or "torch"
             cal = None
             if emu.get("probe") is not None and not emu.get("no_memory"):
+                # the model whole timed as the testbed runs it: a host-speed probe before every request
+                # (it evicts the caches: +25 % on MobileNetV2 on ONNX Runtime, +5 % on torch)
+                cold = emu.get("model_timing", "cold" if backend != "torch" else "warm") == "cold"
+                between = (lambda: emu["probe"].measure(0.1)) if cold else None
                 cal = calibrate(model, (x0,), emu["probe"], time_model=not emu.get("no_model_speed"),
-                                time_layers=not emu.get("no_node_calibration"))
+                                time_layers=not emu.get("no_node_calibration"), backend=backend,
+                                profile=PROFILES[backend], between=between)
                 if "layers" in cal.measured:
-                    log(f"{name} {mbps:g} Mb/s: {len(cal.node_calibration)} layers calibrated in "
+                    log(f"{name} {mbps:g} Mb/s: {len(cal.node_calibration)} layers calibrated on {backend} in "
                         f"{cal.layer_seconds:.1f} s", flush=True)
-            cl = make_cluster(mbps, calibration=cal, stage_start_s=emu.get("stage_start_s"))
+            cl = make_cluster(mbps, calibration=cal, stage_start_s=emu.get("stage_start_s"),
+                              backend=None if backend == "torch" else backend)
             gm = trace(model, (x0,))
             analyse(gm, cl)
             cost = CostModel(cl)
@@ -246,7 +267,28 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
             distinct = [s for s in ranked if all(plans[s].to_dict()["stages"] != plans[o].to_dict()["stages"]
                                                  for o in ("ofpm", "single"))]
             chosen = ["ofpm", "single"] + distinct[:n_baselines]
-            cell = {"model": name, "input": size, "mbps": mbps, "ofpm_source": res.source, "solve_s": solve_s,
+            extra_source = {}
+            if backend != "torch":
+                # the same single-device plan on torch, as a user without edgepart's ORT backend runs it:
+                # measured side by side; predicted with the torch profile as it is (not calibrated here)
+                cl_t = make_cluster(mbps, stage_start_s=emu.get("stage_start_s"), backend="torch")
+                gm_t = analyse(trace(model, (x0,)), cl_t)
+                plans[TORCH_SINGLE] = STRATEGIES["single"](gm_t, cl_t)
+                bundles[TORCH_SINGLE] = compile_plan(gm_t, plans[TORCH_SINGLE], cl_t, name)
+                pred[TORCH_SINGLE] = simulate(bundles[TORCH_SINGLE].schedule, cl_t, CostModel(cl_t), gm=gm_t)
+                chosen.append(TORCH_SINGLE)
+            if emu.get("pools_before"):
+                # the compiler without passes.pools (#21): global pools whole, end of the split stage
+                gm_b = analyse(trace(model, (x0,)), cl, split_pools=False)
+                warm_b = {"single": STRATEGIES["single"](gm_b, cl)}
+                res_b = solve_ofpm(gm_b, cl, CostModel(cl), time_limit=time_limit, warm_start=warm_b)
+                plans[BEFORE_POOLS] = res_b.plan
+                bundles[BEFORE_POOLS] = compile_plan(gm_b, res_b.plan, cl, name)
+                pred[BEFORE_POOLS] = simulate(bundles[BEFORE_POOLS].schedule, cl, cost, gm=gm_b)
+                extra_source[BEFORE_POOLS] = res_b.source
+                chosen.append(BEFORE_POOLS)
+            cell = {"model": name, "input": size, "mbps": mbps, "backend": backend, "ofpm_source": res.source,
+                    "solve_s": solve_s, "sources": extra_source,
                     "memory_speed": cal.memory_speed if cal else 1.0, "calibration": cal.calibration if cal else {},
                     "model_speed": cal.model_speed if cal else None,
                     "node_calibration": cal.node_calibration if cal else {},
@@ -268,6 +310,7 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
                     sim = pred[s]
                     m["predicted"] = sim.latency
                     m["error"] = m["median"] / sim.latency - 1.0
+                    m["calibrated"] = s != TORCH_SINGLE
                     for dev, v in m["devices"].items():
                         v["predicted_compute_s"] = sim.devices.get(dev, {}).get("compute", 0.0)
                         for r in sim.runs:
@@ -291,6 +334,19 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
             # the same ratio within each round (measured minutes apart, not across the whole cell)
             cell["speedup_rounds"] = [a / b for a, b in zip(single["round_medians"], cell["runs"]["ofpm"]["round_medians"])]
             cell["speedup_predicted"] = single["predicted"] / cell["runs"]["ofpm"]["predicted"]
+            if TORCH_SINGLE in cell["runs"]:
+                ts_ = cell["runs"][TORCH_SINGLE]
+                cell["speedup_vs_torch_single"] = ts_["median"] / cell["runs"]["ofpm"]["median"]
+                cell["speedup_vs_torch_single_rounds"] = [
+                    a / b for a, b in zip(ts_["round_medians"], cell["runs"]["ofpm"]["round_medians"])]
+            if BEFORE_POOLS in cell["runs"]:
+                bp = cell["runs"][BEFORE_POOLS]
+                cell["speedup_before_pools"] = single["median"] / bp["median"]
+                cell["speedup_before_pools_rounds"] = [a / b for a, b in zip(single["round_medians"], bp["round_medians"])]
+                cell["speedup_before_pools_predicted"] = single["predicted"] / bp["predicted"]
+                # (the two plans are of different graphs: one stage on the fastest device is the single plan)
+                cell["same_plan_before_as_single"] = (len(plans[BEFORE_POOLS].stages) == 1
+                                                      and plans[BEFORE_POOLS].devices() == plans["single"].devices())
             cells.append(cell)
     return cells
 
@@ -305,10 +361,63 @@ MODEL_SPEED_OF = {
 }
 
 
+def summary_tables(cells) -> list[str]:
+    """The ONNX Runtime table (#19) and the before/after-pools table (#21), where the cells have them."""
+    out: list[str] = []
+    ort = [c for c in cells if c.get("speedup_vs_torch_single") is not None]
+    if ort:
+        split = [c for c in ort if len(c["runs"]["ofpm"]["devices_used"]) > 1]
+        other = [c for c in ort if not c.get("same_plan_as_single") and c not in split]
+        out += ["## ofpm on ONNX Runtime against the fastest single device (ms, emulated devices' time)", "",
+                f"ofpm faster than ONNX Runtime on the fastest single device (measured) in **"
+                f"{sum(1 for c in split if c['speedup_measured'] > 1.0)} of {len(split)}** cells where its plan "
+                f"splits"
+                + (f", and in **{sum(1 for c in other if c['speedup_measured'] > 1.0)} of {len(other)}** where it "
+                   "runs the whole model on another device (the source: no input to send)" if other else "")
+                + f"; prediction within ±{TOLERANCE:.0%} in **"
+                f"{sum(1 for c in ort if abs(c['runs']['ofpm']['error']) <= TOLERANCE)} of {len(ort)}** cells. "
+                "Speed-ups are ratios of medians measured in the same rounds (per round in brackets).", "",
+                "| model | Mbit/s | ofpm plan | ORT single: measured | ofpm on ORT: predicted | measured | error | "
+                "×ORT single measured (per round) | ×ORT single predicted | torch single: measured | "
+                "×torch single measured (per round) |", "|---|---:|---|---:|---:|---:|---:|---|---:|---:|---|"]
+        for c in ort:
+            o, s1, t1 = c["runs"]["ofpm"], c["runs"]["single"], c["runs"][TORCH_SINGLE]
+            plan = ("single device (= ORT single's plan)" if c.get("same_plan_as_single")
+                    else f"whole model on {o['devices_used'][0]} (no split)" if len(o["devices_used"]) == 1
+                    else f"{o['stages']} stages on {', '.join(o['devices_used'])}")
+            rnd = lambda v: " / ".join(f"{x:.2f}" for x in v)  # noqa: E731
+            out.append(f"| {c['model']}@{c['input']} | {c['mbps']:g} | {plan} | {s1['median'] * 1e3:.1f} | "
+                       f"{o['predicted'] * 1e3:.1f} | {o['median'] * 1e3:.1f} | {o['error'] * 100:+.1f}%"
+                       f"{'' if abs(o['error']) <= TOLERANCE else ' ⚠'} | **{c['speedup_measured']:.2f}×** "
+                       f"({rnd(c['speedup_rounds'])}) | {c['speedup_predicted']:.2f}× | {t1['median'] * 1e3:.1f} | "
+                       f"**{c['speedup_vs_torch_single']:.2f}×** ({rnd(c['speedup_vs_torch_single_rounds'])}) |")
+        out.append("")
+    pools = [c for c in cells if c.get("speedup_before_pools") is not None]
+    if pools:
+        out += ["## Before and after the global-pool split (`passes.pools`, #21)", "",
+                f"*{BEFORE_POOLS}*: ofpm's plan from the compiler without `passes.pools` (each global pool whole, "
+                "ending its split stage), measured in the same rounds as ofpm with the pass and the fastest single "
+                "device.", "",
+                "| model | Mbit/s | single: measured | ofpm before: predicted | measured | ×single measured (per round) | "
+                "ofpm after: predicted | measured | ×single measured (per round) | stages before → after |",
+                "|---|---:|---:|---:|---:|---|---:|---:|---|---|"]
+        for c in pools:
+            b, a, s1 = c["runs"][BEFORE_POOLS], c["runs"]["ofpm"], c["runs"]["single"]
+            rnd = lambda v: " / ".join(f"{x:.2f}" for x in v)  # noqa: E731
+            out.append(f"| {c['model']}@{c['input']} | {c['mbps']:g} | {s1['median'] * 1e3:.1f} | "
+                       f"{b['predicted'] * 1e3:.1f} | {b['median'] * 1e3:.1f} | **{c['speedup_before_pools']:.2f}×** "
+                       f"({rnd(c['speedup_before_pools_rounds'])}) | {a['predicted'] * 1e3:.1f} | "
+                       f"{a['median'] * 1e3:.1f} | **{c['speedup_measured']:.2f}×** ({rnd(c['speedup_rounds'])}) | "
+                       f"{b['stages']}{' (single)' if c.get('same_plan_before_as_single') else ''} → {a['stages']}"
+                       f"{' (single)' if c.get('same_plan_as_single') else ''} |")
+        out.append("")
+    return out
+
+
 def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, warmup: int, rounds: int = 1,
                    generated: str | None = None) -> None:
     ofpm_err = [c["runs"]["ofpm"]["error"] for c in cells]
-    all_err = [r["error"] for c in cells for r in c["runs"].values()]
+    all_err = [r["error"] for c in cells for r in c["runs"].values() if r.get("calibrated", True)]
     inside = sum(1 for e in ofpm_err if abs(e) <= TOLERANCE)
     beats = sum(1 for c in cells if c["speedup_measured"] > 1.0)
     same = [c for c in cells if c.get("same_plan_as_single")]
@@ -317,10 +426,21 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
     hs = [r["host_speed"] for c in cells for r in c["runs"].values()]
     ts = [r["time_scale"] for c in cells for r in c["runs"].values()]
     desc = cells[0]["runs"]["ofpm"]["emulation"] if cells else ""
-    lines = ["# Testbed: predicted vs measured latency", "",
+    backend = (cells[0].get("backend") if cells else None) or "torch"
+    on_ort = backend != "torch"
+    lines = ["# Testbed: predicted vs measured latency" + (" — every device on ONNX Runtime" if on_ort else ""), "",
              f"Generated by `benchmarks/testbed.py {argv}` on {generated or time.strftime('%Y-%m-%d %H:%M')}. Devices "
              f"{', '.join(f'{n} {s}' for n, s in DEVICES)} (phone is the source); compute = FCPM profile of this "
-             "machine's core (`profiles/host.json`) ÷ speed; links 0.5 ms + bandwidth, sender-NIC contention. "
+             f"machine's core (`profiles/{PROFILES[backend].name}`, {backend}) ÷ speed; links 0.5 ms + bandwidth, "
+             "sender-NIC contention. "
+             + (f"Every device runs its stages in ONNX Runtime (one thread); the online calibration below timed the "
+                f"model's layers (each exported alone, whole and sliced) and its device program in ONNX Runtime "
+                f"sessions, against the ONNX Runtime profile, the program timed whole after a host-speed probe before "
+                f"each request as the testbed runs it (`--model-timing {emu.get('model_timing', 'cold')}`); the "
+                f"host speed is the CPU's, measured with torch networks against `profiles/host.json` as for torch. *{TORCH_SINGLE}*: the single-device plan "
+                "with the edge running torch, measured in the same rounds; its prediction is the torch profile "
+                "uncalibrated, so it is left out of the error figures. " if on_ort else "")
+             + 
              "Predicted = the simulator on the exact schedule with the planner's cost model. Measured = median of "
              f"{n_requests * rounds} sequential requests per strategy ({rounds} round{'s' if rounds > 1 else ''} of "
              f"{n_requests}; each round deploys and runs every strategy of the cell once, after {warmup} warm-up, "
@@ -367,6 +487,7 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
                 if same else "") + "; measured speed-up "
              f"geomean {math.exp(statistics.mean(math.log(c['speedup_measured']) for c in cells)):.2f}× "
              f"(predicted {math.exp(statistics.mean(math.log(c['speedup_predicted']) for c in cells)):.2f}×)", "",
+             *summary_tables(cells),
              "## Predicted vs measured (ms, emulated devices' time)", "",
              "| model | Mbit/s | strategy | predicted | measured (median) | error | min–max | ×single measured | "
              "×single per round | ×single predicted | stages | devices |",
@@ -375,7 +496,7 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
         single = c["runs"]["single"]
         for s, r in c["runs"].items():
             err = r["error"] * 100
-            mark = "" if abs(r["error"]) <= TOLERANCE else " ⚠"
+            mark = ("" if abs(r["error"]) <= TOLERANCE else " ⚠") if r.get("calibrated", True) else " (uncalibrated)"
             per_round = [a / b for a, b in zip(single.get("round_medians", []), r.get("round_medians", []))]
             per_round_txt = " / ".join(f"{x:.2f}" for x in per_round) if len(per_round) > 1 else "–"
             same_mark = " (= single's plan)" if s == "ofpm" and c.get("same_plan_as_single") else ""
@@ -428,7 +549,7 @@ def plot(cells, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5.5, 5.0))
-    pts = [(c, s, r) for c in cells for s, r in c["runs"].items()]
+    pts = [(c, s, r) for c in cells for s, r in c["runs"].items() if r.get("calibrated", True)]
     lo = min(min(r["predicted"], r["median"]) for _, _, r in pts) * 1e3 * 0.8
     hi = max(max(r["predicted"], r["median"]) for _, _, r in pts) * 1e3 * 1.2
     xs = [lo, hi]
@@ -461,7 +582,17 @@ def plot(cells, path: Path) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="vgg16 at 1000 Mbit/s only")
-    ap.add_argument("--models", nargs="*", choices=list(MODELS))
+    ap.add_argument("--models", nargs="*", choices=list(MODELS),
+                    help=f"default: {' '.join(DEFAULT_MODELS)}")
+    ap.add_argument("--backend", default="torch", choices=list(PROFILES),
+                    help="what every device runs its stages on; onnxruntime also runs the single-device plan on "
+                         "torch (default out: testbed_ort)")
+    ap.add_argument("--model-timing", choices=["cold", "warm"], default=None,
+                    help="time the model whole for the calibration after a host-speed probe each request, as "
+                         "the testbed runs it (cold; default for onnxruntime), or back to back (warm; default "
+                         "for torch, as results/testbed.md was measured)")
+    ap.add_argument("--pools-before", action="store_true",
+                    help="also run ofpm's plan from the compiler without passes.pools (global pools whole)")
     ap.add_argument("--bands", nargs="*", type=float)
     ap.add_argument("--requests", type=int, default=5, help="requests per strategy per round")
     ap.add_argument("--rounds", type=int, default=3,
@@ -487,10 +618,11 @@ def main(argv=None):
     ap.add_argument("--stage-start", default="workers", choices=["workers", "constant"],
                     help="cost of a stage start: as measured inside the emulated workers by stage_start.py "
                          "(results/stage_start.json; four workers share one core), or the cost model's constant")
-    ap.add_argument("--out", default="testbed")
+    ap.add_argument("--out", default=None, help="results/<out>.{json,md,png} (default testbed, or testbed_ort)")
     ap.add_argument("--from-json", action="store_true",
                     help="re-render results/<out>.md and .png from results/<out>.json without running anything")
     args = ap.parse_args(argv)
+    args.out = args.out or ("testbed" if args.backend == "torch" else "testbed_ort")
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="FCPM profile has no model")
     if args.from_json:
@@ -501,14 +633,15 @@ def main(argv=None):
         plot(saved["cells"], RESULTS / f"{args.out}.png")
         print(f"re-rendered {RESULTS / args.out}.{{md,png}}")
         return
-    model_names = args.models or (["vgg16"] if args.quick else list(MODELS))
+    model_names = args.models or (["vgg16"] if args.quick else DEFAULT_MODELS)
     bands = args.bands or ([1000] if args.quick else BANDS)
     emu = {"probe": None, "cpuset": [int(c) for c in args.cpuset.split(",")] if args.cpuset else None,
            "period_us": args.period_us, "cpu": args.cpu, "time_scale": args.time_scale, "no_memory": args.no_memory,
            "no_model_speed": args.no_model_speed, "no_node_calibration": args.no_node_calibration,
            "host_speed": args.host_speed if args.host_speed == "auto" else float(args.host_speed),
            "stage_start_s": workers_stage_start() if args.stage_start == "workers" else None,
-           "model_speed_of": "program in a worker"}
+           "model_speed_of": "program in a worker", "backend": args.backend, "pools_before": args.pools_before,
+           "model_timing": args.model_timing or ("warm" if args.backend == "torch" else "cold")}
     if emu["host_speed"] == "auto":
         emu["probe"] = HostSpeedProbe(PROFILE, emu["cpuset"], kind=args.probe)
     t = time.perf_counter()

@@ -11,6 +11,12 @@ workers to one CPU, stretches every compute stage to its device's speed (``cpu="
 and scales the shares by the host's speed measured just before each request
 (``HostSpeedProbe``), so other programs slowing this machine down do not change
 the emulated devices' speeds.
+
+Each device also names the ONNX Runtime profile of that core (``profiles/host_ort.json``); without
+``--backend`` the compiler runs every device on whichever backend the profiles predict faster
+(``edgepart.compiler.backends``), the online calibration times the model as that backend runs it, and
+the report sets the plan's speed-up over the fastest single device on ONNX Runtime next to its
+speed-up over that device on torch (both single-device runs measured under the same emulation).
 """
 from __future__ import annotations
 
@@ -26,10 +32,13 @@ import torch
 
 import edgepart
 from edgepart import models
+from edgepart.compiler.backends import choose_backends
 from edgepart.compiler.cost.calibration import Calibration, calibrate
 from edgepart.compiler.cost.calibration.host_speed import HostSpeedProbe
 from edgepart.compiler.cost.simulator import simulate_bundle
 from edgepart.compiler.inspect import plan_table
+from edgepart.passes import analyse
+from edgepart.passes.trace import trace
 from edgepart.testbed.emulator import netns_available
 from edgepart.testbed.local import LocalCluster
 
@@ -44,15 +53,33 @@ DEMO_CLUSTER = {
     "links": {"default": {"bandwidth_mbps": 1000, "latency_ms": 0.5}},
 }
 HOST_PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "host.json"
+HOST_ORT_PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "host_ort.json"
+BACKENDS = ("torch", "onnxruntime")
 
 
-def demo_cluster(profile: Path | None, calibration: Calibration | None = None) -> dict:
+def demo_cluster(profile: Path | None, calibration: Calibration | None = None, backend: str | None = None,
+                 ort_profile: Path | None = None) -> dict:
     """The demo cluster; with a profile, every device's speed is relative to the profiled core, and
-    with a calibration (measured just before) so are its memory speed, op types and layers."""
+    with a calibration (measured just before) so are its memory speed, op types and layers.
+    ``ort_profile``: every device's ONNX Runtime profile too; ``backend``: every device runs on it
+    (None: no ``backend:`` key, the compiler chooses)."""
     if profile is None:
-        return DEMO_CLUSTER
-    profiled = {**DEMO_CLUSTER, "devices": [{**d, "profile": str(profile)} for d in DEMO_CLUSTER["devices"]]}
-    return profiled if calibration is None else calibration.apply(profiled)
+        devices = DEMO_CLUSTER["devices"]
+    else:
+        devices = [{**d, "profile": str(profile)} for d in DEMO_CLUSTER["devices"]]
+    if ort_profile is not None:
+        devices = [{**d, "profiles": {"onnxruntime": str(ort_profile)}} for d in devices]
+    if backend is not None:
+        devices = [{**d, "backend": backend} for d in devices]
+    described = {**DEMO_CLUSTER, "devices": devices}
+    return described if calibration is None else calibration.apply(described)
+
+
+def chosen_backend(model, x0, cluster_description: dict) -> str:
+    """The backend the compiler would choose for the fastest device of the (uncalibrated) cluster."""
+    cluster = edgepart.Cluster.from_dict(cluster_description)
+    _, choice = choose_backends(analyse(trace(model, (x0,)), cluster), cluster)
+    return choice[cluster.fastest()].backend
 
 
 def _max_rel_error(y, ref) -> float:
@@ -108,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-emulate", action="store_true", help="run workers at full speed, links unshaped")
     ap.add_argument("--no-profile", action="store_true",
                     help="plan with FLOPs ÷ speed instead of the host's FCPM profile ÷ speed")
+    ap.add_argument("--backend", choices=BACKENDS, default=None,
+                    help="run every device on this backend (default: the faster on the profiles)")
     ap.add_argument("--out", default=None, help="bundle directory (default: a temporary one)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -115,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     size = args.input_size or {"vgg16": 160, "yolov2_tiny": 256}.get(args.model, models.default_input_size(args.model))
     model, (x0,) = models.get(args.model, input_size=size)
     profile = HOST_PROFILE if HOST_PROFILE.is_file() and not args.no_profile else None
+    ort_profile = HOST_ORT_PROFILE if profile is not None and HOST_ORT_PROFILE.is_file() else None
+    backend = args.backend or (chosen_backend(model, x0, demo_cluster(profile, ort_profile=ort_profile))
+                               if ort_profile is not None else "torch")
     emulate = not args.no_emulate
     probe, cpuset, calibration = None, None, None
     if emulate and profile is not None and netns_available()[0]:
@@ -126,9 +158,18 @@ def main(argv: list[str] | None = None) -> int:
         # (its device program, in a worker) is not its layers timed one by one, and layers of one type
         # drift apart by size (thin slices of layers with large weights cost far more than their share
         # of the rows): measure all of it on this model now and plan with it.
-        calibration = calibrate(model, (x0,), probe)
-    cluster = edgepart.Cluster.from_dict(demo_cluster(profile, calibration))
-    print(f"model {args.model} at {size}x{size}; cluster: {cluster}; strategy {strategy}")
+        # the model whole timed as the demo runs it, a host-speed probe before each request (it evicts
+        # the caches; an ONNX Runtime program is 1.2x slower after it, see calibration.program)
+        calibration = calibrate(model, (x0,), probe, backend=backend,
+                                profile=ort_profile if backend == "onnxruntime" else None,
+                                between=(lambda: probe.measure(0.1)) if backend == "onnxruntime" else None)
+    cluster = edgepart.Cluster.from_dict(demo_cluster(profile, calibration, backend, ort_profile))
+    # the fastest device alone on the other backend, to compare with (its profile as it is: not calibrated)
+    other = "torch" if backend == "onnxruntime" else "onnxruntime"
+    other_cluster = edgepart.Cluster.from_dict(demo_cluster(profile, None, other, ort_profile)) \
+        if other == "torch" or ort_profile is not None or profile is None else None
+    print(f"model {args.model} at {size}x{size}; cluster: {cluster}; strategy {strategy}; every device on {backend}"
+          + ("" if args.backend else " (the faster on the profiles)"))
     if calibration is not None:
         print(f"online calibration (speed now ÷ profiled, relative to the CPU's): memory {calibration.memory_speed:.2f}; "
               f"model whole {calibration.model_speed:.2f}; op types (× model) "
@@ -143,20 +184,26 @@ def main(argv: list[str] | None = None) -> int:
     tmp = None if args.out else tempfile.TemporaryDirectory(prefix="edgepart-demo-")
     try:
         return _compile_run_report(Path(args.out or tmp.name), args, model, x0, cluster, strategy, inputs, refs,
-                                   emulate, probe, cpuset, profile)
+                                   emulate, probe, cpuset, profile, backend, other_cluster)
     finally:
         if tmp is not None:
             tmp.cleanup()
 
 
 def _compile_run_report(work: Path, args, model, x0, cluster, strategy, inputs, refs, emulate, probe, cpuset,
-                        profile) -> int:
-    """Compile the plan and the single-device baseline into ``work``, run both, print the report."""
+                        profile, backend: str = "torch", other_cluster=None) -> int:
+    """Compile the plan and the single-device baselines (``backend``'s, and with ``other_cluster`` the
+    fastest device on the other backend) into ``work``, run them, print the report."""
     t = time.perf_counter()
     bundle = edgepart.compile(model, (x0,), cluster, strategy=strategy, name=args.model)
     bundle.save(work / "plan")
     single = edgepart.compile(model, (x0,), cluster, strategy="single", name=args.model)
     single.save(work / "single")
+    other = None
+    if other_cluster is not None:
+        other = edgepart.compile(model, (x0,), other_cluster, strategy="single", name=args.model)
+        other.save(work / "single_other")
+    other_backend = "torch" if backend == "onnxruntime" else "onnxruntime"
     print(f"compiled in {time.perf_counter() - t:.1f} s → {work}")
     print(plan_table(bundle.manifest))
     local_err = _max_rel_error(edgepart.load_bundle(work / "plan").run_local(inputs[0]), refs[0])
@@ -165,6 +212,8 @@ def _compile_run_report(work: Path, args, model, x0, cluster, strategy, inputs, 
     pred_part, pred_single = simulate_bundle(bundle), simulate_bundle(single)
     part = _measure(work / "plan", inputs, refs, emulate, strategy, probe, cpuset)
     base = _measure(work / "single", inputs, refs, emulate, "single", probe, cpuset)
+    alt = _measure(work / "single_other", inputs, refs, emulate, f"single on {other_backend}", probe, cpuset) \
+        if other is not None else None
     p50, b50 = statistics.median(part["latencies"]), statistics.median(base["latencies"])
     print()
     print(f"emulation: {part['emulation']}")
@@ -174,14 +223,21 @@ def _compile_run_report(work: Path, args, model, x0, cluster, strategy, inputs, 
               f"{min(hs):.2f}–{max(hs):.2f}; memory speed (÷ CPU speed): "
               f"{min(part['memory_speeds'] + base['memory_speeds']):.2f}–"
               f"{max(part['memory_speeds'] + base['memory_speeds']):.2f}")
-    print(f"cost model: {'FCPM profile ' + str(profile.name) + ' ÷ speed' if profile else 'FLOPs ÷ speed'}"
+    shown = HOST_ORT_PROFILE if backend == "onnxruntime" and profile else profile
+    print(f"cost model: {'FCPM profile ' + str(shown.name) + ' ÷ speed' if shown else 'FLOPs ÷ speed'}"
           f"{', calibrated online (memory speed, op types, layers)' if probe is not None else ''}")
     print("| run | requests | predicted (ms) | median latency (ms) | error | min (ms) | max rel. error |")
     print("|---|---|---|---|---|---|---|")
     print(f"| {strategy} on {len(cluster)} devices | {len(inputs)} | {pred_part.latency * 1e3:.1f} | {p50 * 1e3:.1f} | "
           f"{(p50 / pred_part.latency - 1) * 100:+.1f}% | {min(part['latencies']) * 1e3:.1f} | {part['worst']:.1g} |")
-    print(f"| single ({cluster.fastest()}) | {len(inputs)} | {pred_single.latency * 1e3:.1f} | {b50 * 1e3:.1f} | "
-          f"{(b50 / pred_single.latency - 1) * 100:+.1f}% | {min(base['latencies']) * 1e3:.1f} | {base['worst']:.1g} |")
+    print(f"| single ({cluster.fastest()}, {backend}) | {len(inputs)} | {pred_single.latency * 1e3:.1f} | "
+          f"{b50 * 1e3:.1f} | {(b50 / pred_single.latency - 1) * 100:+.1f}% | {min(base['latencies']) * 1e3:.1f} | "
+          f"{base['worst']:.1g} |")
+    if alt is not None:
+        a50 = statistics.median(alt["latencies"])
+        print(f"| single ({cluster.fastest()}, {other_backend}; profile not calibrated) | {len(inputs)} | "
+              f"{simulate_bundle(other).latency * 1e3:.1f} | {a50 * 1e3:.1f} | – | {min(alt['latencies']) * 1e3:.1f} | "
+              f"{alt['worst']:.1g} |")
     if part["stats"]:
         print()
         print("| device | compute (ms/request) | predicted | bytes sent/request | bytes received/request |")
@@ -196,8 +252,11 @@ def _compile_run_report(work: Path, args, model, x0, cluster, strategy, inputs, 
     print("latency per request (ms), single: " + " ".join(f"{t * 1e3:.1f}" for t in base["latencies"]))
     moved = sum(t.nbytes for t in bundle.manifest.transfers)
     print(f"\nbytes moved per request (plan): {moved:,}")
-    print(f"speed-up over the fastest single device ({cluster.fastest()}): {b50 / p50:.2f}x measured, "
+    print(f"speed-up over the fastest single device ({cluster.fastest()}) on {backend}: {b50 / p50:.2f}x measured, "
           f"{pred_single.latency / pred_part.latency:.2f}x predicted")
+    if alt is not None:
+        print(f"speed-up over the fastest single device ({cluster.fastest()}) on {other_backend}: "
+              f"{statistics.median(alt['latencies']) / p50:.2f}x measured")
     print("all outputs match the original model")
     return 0
 

@@ -303,3 +303,105 @@ def test_calibrate_without_the_model_whole_or_its_layers(host):
     assert "linear" not in cal.calibration and cal.memory_speed == 2.0
     cl = cal.apply(_two_profiled_devices())
     assert all(d.node_calibration == () and dict(d.calibration) == cal.calibration for d in cl.devices)
+
+
+# --------------------------------------------------------------------------- devices on ONNX Runtime
+
+HOST_ORT = Path(__file__).resolve().parents[1] / "profiles" / "host_ort.json"
+
+
+def test_layer_runner_on_onnxruntime_computes_what_the_torch_layer_does(tiny):
+    """layer_runner("onnxruntime"): each layer (whole and a slice) exported alone and run in a session,
+    equal to the torch layer; the session's own cost per run is what is taken off; a layer made whole
+    twice is exported once (the op types are timed in rounds), a slice each time."""
+    from edgepart.compiler.cost.calibration import timing
+    from edgepart.fcpm import ort_timing
+    exports = []
+    real = ort_timing._export
+
+    def counting(fn, x):
+        exports.append(1)
+        return real(fn, x)
+    make_torch, make_ort = timing.layer_runner("torch"), timing.layer_runner("onnxruntime")
+    infos = [node_info(n) for n in compute_nodes(tiny) if family(node_info(n)) not in ("trivial",)]
+    assert infos
+    for info in infos:
+        for rows in (None, 1):
+            t, t_off = make_torch(info, rows)
+            o, o_off = make_ort(info, rows)
+            assert t_off == 0.0 and 0.0 < o_off < 1e-3
+            want, got = t().detach(), torch.from_numpy(o()[0])
+            assert got.shape == want.shape, info["name"]
+            assert float((got - want).abs().max()) <= 1e-4 * max(1.0, float(want.abs().max())), info["name"]
+    import unittest.mock as mock
+    with mock.patch.object(ort_timing, "_export", counting):
+        make_ort(infos[0], None)
+        make_ort(infos[0], None)
+        make_ort(infos[0], 1)
+    assert len(exports) == 1      # the whole layer: kept from the loop above; the slice: exported again
+    with pytest.raises(ValueError, match="backend"):
+        timing.layer_runner("tvm")
+
+
+def test_model_speed_on_onnxruntime_takes_no_program_charge_off(host, monkeypatch):
+    """An ONNX Runtime device's cost has no per-node program overhead (its profile timed the layers in
+    sessions): model_speed of its program compares the layers with all of the measured time."""
+    model, (x,) = models.get("mobilenet_v2", input_size=64)
+    infos = [node_info(n) for n in compute_nodes(analyse(trace(model, (x,))))]
+    layers = sum(calibrated_prediction(host, i, None) for i in infos if family(i) != "trivial")
+    free = (1e-6, 1e6)
+    monkeypatch.setattr(whole_model, "time_callable", lambda fn, **kw: {"t": 2 * layers})
+    k = model_speed(host, infos, {}, 1.0, lambda: None, bounds=free, program=True, backend="onnxruntime")
+    assert k == pytest.approx(0.5)
+    assert model_speed(host, infos, {}, 1.0, lambda: None, bounds=free, program=True) > k
+
+
+def test_node_calibration_on_onnxruntime(tiny):
+    """measure_node_calibration(backend="onnxruntime"): the same nodes and row points as on torch,
+    timed in sessions; an op type keeps its level (its whole-node factors average 1)."""
+    infos = [node_info(n) for n in compute_nodes(tiny)]
+    prof = _PerRowProfile()
+    cal = measure_node_calibration(prof, infos, budget_s=0.3, bounds=(1e-3, 1e3), backend="onnxruntime")
+    timed = [i for i in infos if family(i) not in ("linear", "trivial")]
+    assert set(cal) == {i["name"] for i in timed}
+    for fam in {family(i) for i in timed}:
+        members = [i for i in timed if family(i) == fam]
+        weighted = sum(prof.predict(i, None) * cal[i["name"]][-1][1] for i in members)
+        assert weighted == pytest.approx(sum(prof.predict(i, None) for i in members), rel=0.01), fam
+
+
+def test_op_type_calibration_on_onnxruntime_against_its_profile(host, tiny):
+    """calibrate_op_types(backend="onnxruntime", profile=...): the host speed is still the probe's (the
+    CPU's), the op types and the memory speed are timed on ONNX Runtime against the ONNX Runtime
+    profile — not the probe's torch reading of memory (2× its host speed here)."""
+    ort = DeviceProfile.load(HOST_ORT)
+    infos = [node_info(n) for n in compute_nodes(tiny)]
+    got = calibrate_op_types(_FixedProbe(host, [0.5, 0.5]), rounds=2, family_budget_s=0.2, nodes=infos,
+                             backend="onnxruntime", profile=ort)
+    assert got.host_speed == 0.5
+    assert set(got.calibration) == {family(i) for i in infos} - {"linear", "trivial"}
+    if ort.streaming_reference() is not None:
+        assert got.memory_speed != 4.0 and got.memory_speed > 0
+
+
+def test_program_timer_on_onnxruntime_runs_the_onnx_program():
+    """ProgramTimer(backend="onnxruntime"): the worker runs the model's stages as ONNX graphs."""
+    model, (x,) = models.get("tinynet")
+    with ProgramTimer(model, (x,), backend="onnxruntime") as timer:
+        assert timer.time(budget_s=0.05) > 0
+        assert timer.cluster.manifest.devices["device"].backend == "onnxruntime"
+
+
+def test_program_timer_runs_what_happens_between_requests_untimed():
+    """ProgramTimer(between=...): called before every timed request, not counted in its time."""
+    model, (x,) = models.get("tinynet")
+    calls = []
+
+    def busy():
+        calls.append(1)
+        t = time.thread_time()
+        while time.thread_time() - t < 0.02:
+            pass
+    with ProgramTimer(model, (x,), between=busy) as timer:
+        t = timer.time(budget_s=0.0, min_repeats=3, max_repeats=3)
+    assert len(calls) == 3 and t < 0.02

@@ -159,6 +159,19 @@ def test_global_pools_split_into_row_means_and_a_combine():
         assert_close(edgepart.compile(net, (x,), CLUSTER, strategy=strategy).run_local(x), ref)
 
 
+def test_analyse_without_the_pool_split_leaves_global_pools_whole():
+    """analyse(split_pools=False), the compiler before passes.pools (benchmarks/testbed.py --pools-before):
+    no row means, nothing replicated, and its plans still run exact."""
+    net, x = Pools().eval(), torch.randn(1, 3, 16, 12)
+    gm = analyse(trace(net, (x,)), CLUSTER, split_pools=False)
+    assert not [n for n in gm.graph.nodes if n.name.endswith(pools.ROW_MEAN_SUFFIX)]
+    assert not [n for n in gm.graph.nodes if n.meta.get("replicated")]
+    with torch.no_grad():
+        ref = net(x)
+    plan = make_plan(gm, CLUSTER, "even")
+    assert_close(compile_plan(gm, plan, CLUSTER, "pools").run_local(x), ref)
+
+
 def test_an_se_block_no_longer_gathers_its_input(monkeypatch):
     """The even plan of SE-ResNet-18: before passes.pools every SE pooled a gathered activation; now each
     device pools its own rows, the row means are all-gathered and every device runs the SE MLP."""

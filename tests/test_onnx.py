@@ -290,3 +290,29 @@ def test_each_device_is_costed_with_its_backends_profile():
     conv = next(n for n in gm.graph.nodes if n.op == "call_module" and "conv" in n.name)
     torch_cost = CostModel(Cluster([Device("t", **both)]))
     assert cost.compute_time(conv, "ort") != torch_cost.compute_time(conv, "t")
+
+
+def test_the_ort_sweep_keeps_exported_graphs_within_its_cap():
+    """ort_runner_factory: a session per call (dropped by the caller after timing), its exported graph
+    kept for the next pass only while the kept graphs fit the cap (a full sweep's sessions, all kept,
+    once filled the 24 GB host)."""
+    from edgepart.fcpm import ort_timing
+    from edgepart.fcpm.profiler import conv_info
+    info = conv_info(8, 8, 12, 12)
+    calls = []
+    real = ort_timing._export
+
+    def counting(fn, x):
+        calls.append(1)
+        return real(fn, x)
+    import unittest.mock as mock
+    with mock.patch.object(ort_timing, "_export", counting):
+        keep = ort_timing.ort_runner_factory()
+        a, b = keep(info, 4, 1), keep(info, 4, 1)
+        assert len(calls) == 1 and a is not b and a.model == b.model
+        none = ort_timing.ort_runner_factory(cache_bytes=0)
+        none(info, 4, 1)
+        none(info, 4, 1)
+        assert len(calls) == 3
+    import numpy as np
+    np.testing.assert_allclose(a()[0], b()[0])

@@ -16,11 +16,13 @@ from edgepart.passes.shapes import check_shapes
 __all__ = ["analyse", "split_global_pools", "mark_replicated", "annotate_ops", "annotate_rowmaps", "annotate_flops"]
 
 
-def analyse(gm: fx.GraphModule, cluster=None) -> fx.GraphModule:
+def analyse(gm: fx.GraphModule, cluster=None, split_pools: bool = True) -> fx.GraphModule:
     """Run every analysis pass in order (global pools split → ops → row maps → replicated
-    squeeze-excite MLPs → FLOPs) on a graph from compiler.trace."""
+    squeeze-excite MLPs → FLOPs) on a graph from compiler.trace. ``split_pools=False`` leaves global
+    pools whole (the compiler before ``passes.pools``; for measuring what the pass gains)."""
     check_shapes(gm)
-    split_global_pools(gm)
+    if split_pools:
+        split_global_pools(gm)
     annotate_ops(gm)
     annotate_rowmaps(gm)
     mark_replicated(gm)

@@ -24,6 +24,7 @@ from edgepart.compiler.cost.calibration.host_speed import HostSpeedProbe
 from edgepart.compiler.cost.calibration.layers import measure_node_calibration
 from edgepart.compiler.cost.calibration.op_types import OpTypeRound, calibrate_op_types
 from edgepart.compiler.cost.calibration.program import ProgramTimer
+from edgepart.fcpm import DeviceProfile
 from edgepart.passes.info import node_info
 from edgepart.compiler.planning.plan import compute_nodes
 from edgepart.passes.trace import trace
@@ -64,7 +65,8 @@ class Calibration:
 
 def calibrate(model, example_inputs: tuple, probe: HostSpeedProbe, *, budget_s: float = 2.0, rounds: int = 3,
               family_budget_s: float = 3.0, layer_budget_s: float = 4.0, time_model: bool = True,
-              time_layers: bool = True) -> Calibration:
+              time_layers: bool = True, backend: str = "torch", profile=None,
+              split_pools: bool = True, between=None) -> Calibration:
     """Calibrate the cost model of devices emulated from ``probe.profile`` for ``model`` now, pinned to ``probe.cpuset``.
 
     1. :func:`~.op_types.calibrate_op_types` on the model's own layers: host speed, memory speed and
@@ -75,19 +77,28 @@ def calibrate(model, example_inputs: tuple, probe: HostSpeedProbe, *, budget_s: 
     2. With ``time_layers``, right after, in the same state of the host: each layer whole and sliced
        relative to its op type (:func:`~.layers.measure_node_calibration`, ``layer_budget_s``).
 
-    ``example_inputs``: the model's inputs, as for tracing it."""
-    nodes = [node_info(n) for n in compute_nodes(analyse(trace(model, example_inputs)))]
+    ``example_inputs``: the model's inputs, as for tracing it. ``backend`` and ``profile``: calibrate
+    devices that run on that backend, costed with that profile (default: the probe's; give the
+    backend's, e.g. ``profiles/host_ort.json`` for ``onnxruntime``); everything but the host speed is
+    then timed as that backend runs it (:func:`~.op_types.calibrate_op_types`). ``split_pools``: the
+    layers as the compiler sees them with (default) or without ``passes.pools``. ``between``: called
+    before each request of the model timed whole (:class:`~.program.ProgramTimer`), what the devices
+    do between requests (e.g. the testbed's host-speed probe)."""
+    prof = probe.profile if profile is None else (profile if hasattr(profile, "predict") else DeviceProfile.load(profile))
+    nodes = [node_info(n) for n in compute_nodes(analyse(trace(model, example_inputs), split_pools=split_pools))]
     t = time.perf_counter()
     if time_model:
-        with ProgramTimer(model, example_inputs, cpuset=probe.cpuset) as timer:
-            ops = calibrate_op_types(probe, budget_s, rounds, family_budget_s, nodes=nodes, forward=timer)
+        with ProgramTimer(model, example_inputs, cpuset=probe.cpuset, backend=backend, between=between) as timer:
+            ops = calibrate_op_types(probe, budget_s, rounds, family_budget_s, nodes=nodes, forward=timer,
+                                     backend=backend, profile=prof)
     else:
-        ops = calibrate_op_types(probe, budget_s, rounds, family_budget_s, nodes=nodes)
+        ops = calibrate_op_types(probe, budget_s, rounds, family_budget_s, nodes=nodes, backend=backend, profile=prof)
     op_type_seconds = time.perf_counter() - t
     node_calibration, layer_seconds = {}, 0.0
     if time_layers:
         t = time.perf_counter()
-        node_calibration = measure_node_calibration(probe.profile, nodes, budget_s=layer_budget_s, cpuset=probe.cpuset)
+        node_calibration = measure_node_calibration(prof, nodes, budget_s=layer_budget_s, cpuset=probe.cpuset,
+                                                    backend=backend)
         layer_seconds = time.perf_counter() - t
     measured = ("op_types",) + (("model",) if ops.model_speed is not None else ()) + (("layers",) if time_layers else ())
     return Calibration(host_speed=ops.host_speed, memory_speed=ops.memory_speed, calibration=ops.calibration,

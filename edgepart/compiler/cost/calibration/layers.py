@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from edgepart.compiler.cost.calibration.timing import pinned_one_thread
+from edgepart.compiler.cost.calibration.timing import layer_runner, pinned_one_thread
 from edgepart.fcpm import DeviceProfile
-from edgepart.fcpm.ops import Runner, family, time_callable
+from edgepart.fcpm.ops import family, time_callable
 
 
 def row_points(total: int, max_points: int = 10) -> list[int]:
@@ -38,7 +38,7 @@ def smooth_slice_factors(points: list[tuple[int, float]]) -> list[tuple[int, flo
 
 
 def measure_node_calibration(profile, nodes: list[dict], budget_s: float = 4.0, cpuset: list[int] | None = None,
-                             bounds: tuple[float, float] = (0.33, 3.0)) -> dict[str, list]:
+                             bounds: tuple[float, float] = (0.33, 3.0), backend: str = "torch") -> dict[str, list]:
     """How each layer of a model runs now — whole and as slices of its rows — relative to its op type.
 
     The op-type calibration (:func:`~edgepart.compiler.cost.calibration.op_types.measure_family_speeds`,
@@ -62,24 +62,28 @@ def measure_node_calibration(profile, nodes: list[dict], budget_s: float = 4.0, 
     between the points). Measured time never falls as a slice grows (running max), so noise does not
     make a planner prefer a bigger slice, and one low reading does not make it prefer that slice size
     (:func:`smooth_slice_factors`). Timing: thread CPU, one torch thread, pinned to ``cpuset``,
-    medians of ≥ 7 calls (3 left a 1024→1024 convolution's slices ±20–30 % apart between runs)."""
+    medians of ≥ 7 calls (3 left a 1024→1024 convolution's slices ±20–30 % apart between runs).
+    ``backend``: time each layer as a device on that backend runs it (:func:`~.timing.layer_runner`),
+    against ``profile``, that backend's profile."""
     prof = profile if hasattr(profile, "predict") else DeviceProfile.load(profile)
     todo = [(info, row_points(int(info.get("rows", 1) or 1))) for info in nodes
             if info.get("name") and family(info) not in ("linear", "trivial")]
     n_points = sum(len(p) for _, p in todo) or 1
     ratios: dict[str, dict[int, float]] = {}
     sums: dict[str, list[float]] = {}          # op type -> [Σ predicted, Σ measured] of whole layers
+    make_runner = layer_runner(backend)
     with pinned_one_thread(cpuset):
         for info, pts in todo:
             measured: dict[int, float] = {}
             for r in pts:
                 try:
-                    run = Runner(info, r)
+                    run, call_s = make_runner(info, r)
                 except Exception:   # noqa: BLE001 — a node the profiler cannot build alone keeps its op type's
                     measured = {}
                     break
-                measured[r] = time_callable(run, target_s=budget_s / n_points, min_repeats=7, max_repeats=30,
-                                            warmup_s=0.002, clock=time.thread_time)["t"]
+                t = time_callable(run, target_s=budget_s / n_points, min_repeats=7, max_repeats=30,
+                                  warmup_s=0.002, clock=time.thread_time)["t"]
+                measured[r] = max(t - call_s, 0.05 * t)
             total = pts[-1]
             if total not in measured:
                 continue

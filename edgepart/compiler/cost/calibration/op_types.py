@@ -10,14 +10,15 @@ import numpy as np
 
 from edgepart.compiler.cost.calibration.host_speed import HostSpeedProbe
 from edgepart.compiler.cost.calibration.program import ProgramTimer
-from edgepart.compiler.cost.calibration.timing import pinned_one_thread, retime_records
+from edgepart.compiler.cost.calibration.timing import layer_runner, pinned_one_thread, retime_records
 from edgepart.compiler.cost.calibration.whole_model import model_speed
 from edgepart.fcpm import DeviceProfile
-from edgepart.fcpm.ops import Runner, family, time_callable
+from edgepart.fcpm.ops import family, time_callable
 
 
 def measure_family_speeds(profile, per_family: int = 3, budget_s: float = 3.0, cpuset: list[int] | None = None,
-                          relative_to: float = 1.0, nodes: list[dict] | None = None) -> dict[str, float]:
+                          relative_to: float = 1.0, nodes: list[dict] | None = None,
+                          backend: str = "torch", make_runner=None) -> dict[str, float]:
     """How fast each op type of an FCPM profile runs now, relative to when it was profiled.
 
     Without ``nodes``: for every family (op type) of the profile, ``per_family`` of its recorded
@@ -32,11 +33,14 @@ def measure_family_speeds(profile, per_family: int = 3, budget_s: float = 3.0, c
     as ``relative_to``: what is left is how much more one op type drifted than the CPU as a whole.
     The result is a device's ``calibration`` in a cluster description (``CostModel`` divides that
     family's predictions by it). ``linear`` is left out: weight streaming is ``memory_speed``'s job.
+    ``backend`` (with ``nodes``): the layers run as a device on that backend runs them
+    (:func:`~.timing.layer_runner`; or ``make_runner``, one such factory kept between calls), against
+    ``profile``, that backend's profile.
     """
     prof = profile if hasattr(profile, "measurements") else DeviceProfile.load(profile)
     if nodes is not None:
         with pinned_one_thread(cpuset):
-            sums = _retime_nodes(prof, nodes, budget_s)
+            sums = _retime_nodes(prof, nodes, budget_s, make_runner or layer_runner(backend))
         ratios = {fam: [p / m] for fam, (p, m) in sums.items() if m > 0}
     else:
         meas = prof.measurements or {}
@@ -60,22 +64,48 @@ def measure_family_speeds(profile, per_family: int = 3, budget_s: float = 3.0, c
             for fam, v in sorted(ratios.items())}
 
 
-def _retime_nodes(prof, nodes: list[dict], budget_s: float) -> dict[str, tuple[float, float]]:
-    """{family: (Σ isolated prediction, Σ measured thread CPU)} over ``nodes`` timed whole."""
+def _retime_nodes(prof, nodes: list[dict], budget_s: float, make_runner) -> dict[str, tuple[float, float]]:
+    """{family: (Σ isolated prediction, Σ measured thread CPU)} over ``nodes`` timed whole
+    (``make_runner``: :func:`~.timing.layer_runner`)."""
     todo = [n for n in nodes if family(n) not in ("linear", "trivial")]
     sums: dict[str, tuple[float, float]] = {}
     for info in todo:
         try:
-            run = Runner(info)
+            run, call_s = make_runner(info, None)
         except Exception:   # noqa: BLE001 — a node the profiler cannot build alone is not timed
             continue
         m = time_callable(run, target_s=budget_s / max(1, len(todo)), min_repeats=3, max_repeats=20,
                           clock=time.thread_time)["t"]
+        m = max(m - call_s, 0.05 * m)
         p = prof.predict(info, None, context="isolated")
         fam = family(info)
         a, b = sums.get(fam, (0.0, 0.0))
         sums[fam] = (a + p, b + m)
     return sums
+
+
+def _streaming_runner(prof, make_runner) -> tuple | None:
+    """(callable, seconds off each call, recorded seconds) for ``prof``'s largest recorded linear layer
+    as ``make_runner`` (:func:`~.timing.layer_runner`) runs it (what ``HostSpeedProbe`` re-times for
+    torch); () if the profile records none."""
+    ref = prof.streaming_reference() if hasattr(prof, "streaming_reference") else None
+    if ref is None:
+        return ()
+    run, call_s = make_runner(ref[0], None)
+    return run, call_s, ref[1]
+
+
+def _streaming_speed(stream: tuple, cpuset: list[int] | None) -> float:
+    """recorded ÷ now (median of 5 calls, thread CPU) of a :func:`_streaming_runner`."""
+    run, call_s, recorded = stream
+    with pinned_one_thread(cpuset):
+        run()
+        ts = []
+        for _ in range(5):
+            c = time.thread_time()
+            run()
+            ts.append(max(time.thread_time() - c - call_s, 1e-9))
+    return recorded / sorted(ts)[len(ts) // 2]
 
 
 @dataclass(frozen=True)
@@ -99,7 +129,7 @@ class OpTypeCalibration:
 
 def calibrate_op_types(probe: HostSpeedProbe, budget_s: float = 2.0, rounds: int = 3, family_budget_s: float = 3.0,
                        nodes: list[dict] | None = None, forward: Callable[[], object] | ProgramTimer | None = None,
-                       program: bool = False) -> OpTypeCalibration:
+                       program: bool = False, backend: str = "torch", profile=None) -> OpTypeCalibration:
     """The online calibration of an emulated device's cost model per op type, measured now with
     ``probe``'s profile, pinned to its cpuset: ``host_speed``, and ``memory_speed`` and
     ``calibration`` (per op type) both relative to host_speed — the emulator already scales CPU time
@@ -123,19 +153,30 @@ def calibrate_op_types(probe: HostSpeedProbe, budget_s: float = 2.0, rounds: int
     keep the proportions their own layers showed. ``forward`` may be a :class:`ProgramTimer` (the
     program timed in a worker), and ``program=True`` says a callable ``forward`` runs the device
     program (:func:`~edgepart.compiler.cost.calibration.program.program_forward`; see
-    :func:`~edgepart.compiler.cost.calibration.whole_model.model_speed`)."""
+    :func:`~edgepart.compiler.cost.calibration.whole_model.model_speed`).
+
+    ``backend`` and ``profile`` (default: the probe's, a torch profile): calibrate devices that run on
+    ``backend`` and are costed with ``profile`` (that backend's). The host speed stays the probe's — it
+    is the CPU's speed, which the emulator scales every worker by, whatever runs on it — and the rest is
+    timed on that backend relative to it: the layers as :func:`~.timing.layer_runner` runs them, the
+    memory speed on ``profile``'s largest linear layer, the model whole as ``forward`` runs it."""
     n = max(1, rounds)
+    prof = probe.profile if profile is None else profile
+    make_runner = layer_runner(backend)
+    stream = None if backend == "torch" else _streaming_runner(prof, make_runner)
     per_round = []
     for _ in range(n):
         m = probe.measure(budget_s / n)
         hs = m["host_speed"]
         ms = m["memory_speed"] / hs if m.get("memory_speed") else 1.0
-        cal = measure_family_speeds(probe.profile, cpuset=probe.cpuset, relative_to=hs,
-                                    budget_s=family_budget_s / n, nodes=nodes)
+        if stream is not None:
+            ms = _streaming_speed(stream, probe.cpuset) / hs if stream else 1.0
+        cal = measure_family_speeds(prof, cpuset=probe.cpuset, relative_to=hs,
+                                    budget_s=family_budget_s / n, nodes=nodes, make_runner=make_runner)
         k = None
         if forward is not None and nodes:
-            k = model_speed(probe.profile, nodes, cal, ms, forward, hs, cpuset=probe.cpuset,
-                            budget_s=family_budget_s / n, program=program)
+            k = model_speed(prof, nodes, cal, ms, forward, hs, cpuset=probe.cpuset,
+                            budget_s=family_budget_s / n, program=program, backend=backend)
         per_round.append(OpTypeRound(hs, ms, cal, k))
     families = sorted({f for r in per_round for f in r.calibration})
     calibration = {f: statistics.median(r.calibration[f] for r in per_round if f in r.calibration) for f in families}

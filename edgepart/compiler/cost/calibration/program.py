@@ -12,9 +12,11 @@ from edgepart.compiler.bundle import compile as compile_model
 from edgepart.testbed.local import LocalCluster
 
 
-def _one_device_bundle(model, example_inputs: tuple):
-    """``model`` compiled for a cluster of one device named ``device`` (its whole device program)."""
-    one = Cluster.from_dict({"source": "device", "devices": [{"name": "device", "speed": 1.0}], "links": {}})
+def _one_device_bundle(model, example_inputs: tuple, backend: str = "torch"):
+    """``model`` compiled for a cluster of one device named ``device`` running on ``backend`` (its whole
+    device program)."""
+    one = Cluster.from_dict({"source": "device", "devices": [{"name": "device", "speed": 1.0, "backend": backend}],
+                             "links": {}})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")          # no profile: the plan is one device whatever the costs say
         return compile_model(model, example_inputs, one, strategy="single")
@@ -44,11 +46,20 @@ class ProgramTimer:
 
         with ProgramTimer(model, (x,), cpuset=[1]) as timer:
             seconds = timer.time(budget_s=1.0)
+
+    ``backend="onnxruntime"``: the program's stages run as ONNX Runtime sessions (one thread, on the
+    worker's compute thread, so its thread CPU time is theirs). ``between``: called before each timed
+    request, untimed — what a device does between requests (on the emulated testbed a host-speed probe
+    runs torch networks before every request; after it MobileNetV2's program on ONNX Runtime took
+    7.2–7.3 ms where back to back it took 5.7–6.2, on torch 19.7 where 18.5–19.0: timed warm, the
+    model speed of an ONNX Runtime device came out 1.2× too fast).
     """
 
-    def __init__(self, model, example_inputs, cpuset: list[int] | None = None):
+    def __init__(self, model, example_inputs, cpuset: list[int] | None = None, backend: str = "torch",
+                 between: Callable[[], object] | None = None):
+        self.between = between
         self.inputs = _as_tuple(example_inputs)
-        self.cluster = LocalCluster(_one_device_bundle(model, self.inputs), cpuset=cpuset)
+        self.cluster = LocalCluster(_one_device_bundle(model, self.inputs, backend), cpuset=cpuset)
         try:
             self.cluster.infer(*self.inputs)     # deployed and warm
         except BaseException:
@@ -63,6 +74,8 @@ class ProgramTimer:
         """Median thread CPU seconds of the worker's stages per request, over requests sent for about ``budget_s``."""
         t0, per = time.perf_counter(), []
         while len(per) < max_repeats and (len(per) < min_repeats or time.perf_counter() - t0 < budget_s):
+            if self.between is not None:
+                self.between()
             before = self._stage_cpu_s()
             self.cluster.infer(*self.inputs)
             per.append(self._stage_cpu_s() - before)

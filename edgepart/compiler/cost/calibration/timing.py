@@ -1,11 +1,42 @@
-"""How the calibration times things: one torch thread pinned to one core where the workers run, thread CPU time."""
+"""How the calibration times things: one torch thread pinned to one core where the workers run, thread
+CPU time; each layer as the device's backend runs it (:func:`layer_runner`)."""
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
 
 from edgepart.fcpm.harness import pinned_thread
 from edgepart.fcpm.ops import Runner, time_callable
+
+BACKENDS = ("torch", "onnxruntime")
+
+
+def layer_runner(backend: str = "torch"):
+    """``(info, rows) -> (callable, seconds to take off each call)``: a row slice of one node as a device
+    on ``backend`` runs it — a torch :class:`Runner`, or the same computation exported to ONNX and run
+    in a one-thread ONNX Runtime session (as ``edgepart profile --backend onnxruntime`` timed it), whose
+    own cost per run (an empty session's, ``ort_timing.session_call_s``) the profile charges per stage,
+    not per layer, and is taken off here as it was there. One factory keeps the graphs of the layers it
+    made whole (``rows`` None), to time them again without exporting them again."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+    if backend == "torch":
+        return lambda info, rows=None: (Runner(info, rows), 0.0)
+    from edgepart.fcpm.ort_timing import OrtRunner, session_call_s   # why: onnxruntime loads on first use only
+    call_s = session_call_s()
+    whole: dict[str, bytes] = {}     # layers timed whole, exported once (the op types are timed in rounds)
+
+    def make(info, rows=None):
+        r = Runner(info, rows)
+        key = json.dumps(info, sort_keys=True, default=str) if rows is None else None
+        if key in whole:
+            return OrtRunner(None, r._x, whole[key]), call_s
+        run = OrtRunner(r.fn, r._x)
+        if key is not None:
+            whole[key] = run.model
+        return run, call_s
+    return make
 
 
 @contextmanager

@@ -12,7 +12,8 @@ from edgepart.fcpm.ops import family, time_callable
 
 def model_speed(profile, nodes: list[dict], calibration: dict[str, float], memory_speed: float,
                 forward: Callable[[], object] | ProgramTimer, relative_to: float = 1.0, cpuset: list[int] | None = None,
-                budget_s: float = 1.0, bounds: tuple[float, float] = (0.5, 2.0), program: bool = False) -> float:
+                budget_s: float = 1.0, bounds: tuple[float, float] = (0.5, 2.0), program: bool = False,
+                backend: str = "torch") -> float:
     """How fast a whole model runs now relative to its calibrated prediction: Σ over ``nodes`` of the
     profile's in-network prediction as calibrated (``cost.calibrated_prediction``, what
     ``CostModel.compute_time`` charges before the runtime's own overhead) ÷ (``forward()``'s thread CPU time ×
@@ -26,11 +27,14 @@ def model_speed(profile, nodes: list[dict], calibration: dict[str, float], memor
     was measured. Timing the eager model instead leaves the charge unchecked: its fit (13.6 µs per node +
     0.21 ns per padded byte, ``results/runtime_overhead.md``) says 5.3 ms for MobileNetV2 at 224 where
     the program measured 1.5 ms more than the eager model, and the testbed's MobileNetV2 stages ran
-    0.76–0.79× their prediction."""
+    0.76–0.79× their prediction. ``backend="onnxruntime"``: ``forward`` runs the program on ONNX
+    Runtime, whose cost model charges no per-node overhead (its profile timed the layers in sessions), so
+    nothing is taken off."""
     predicted = sum(calibrated_prediction(profile, info, None, 0.0, calibration, memory_speed)
                     for info in nodes if family(info) != "trivial")
     program = program or isinstance(forward, ProgramTimer)
-    overhead = sum(program_overhead(info, max(1, int(info.get("rows", 1) or 1))) for info in nodes) if program else 0.0
+    overhead = sum(program_overhead(info, max(1, int(info.get("rows", 1) or 1))) for info in nodes) \
+        if program and backend == "torch" else 0.0
     if isinstance(forward, ProgramTimer):
         measured = forward.time(budget_s)
     else:
