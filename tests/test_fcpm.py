@@ -244,4 +244,5 @@ def test_a_workers_compute_thread_reuses_a_buffer_larger_than_what_its_own_heap_
     run = lambda mode: int(subprocess.run([sys.executable, "-c", _ARENA_FAULTS, mode], capture_output=True,  # noqa: E731
                                           text=True, check=True).stdout)
     assert run("plain") > 2000, "the case this test pins no longer faults here: it cannot tell"
-    assert all(run("worker") < 100 for _ in range(3))     # 38 MB is 9,728 pages
+    # 38 MB is 9,728 pages; the 692 KB output (169 pages) now and then lands on pages not touched before
+    assert all(run("worker") < 1000 for _ in range(3))
