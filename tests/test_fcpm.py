@@ -246,3 +246,19 @@ def test_a_workers_compute_thread_reuses_a_buffer_larger_than_what_its_own_heap_
     assert run("plain") > 2000, "the case this test pins no longer faults here: it cannot tell"
     # 38 MB is 9,728 pages; the 692 KB output (169 pages) now and then lands on pages not touched before
     assert all(run("worker") < 1000 for _ in range(3))
+
+
+def test_a_row_mean_costs_what_the_global_pool_of_its_rows_costs():
+    """passes.pools splits a squeeze-excite pool into per-row means; the torch profile (fitted before
+    that pass, on global pools only) must price them as the pools they replace — it once priced one
+    56-row mean at 140 ms and the whole SE-ResNet at 10× the model without the split."""
+    from edgepart import models
+    prof = DeviceProfile.load(HOST_PROFILE)
+    model, (x,) = models.get("se_resnet", input_size=64)
+    total = {}
+    for split in (True, False):
+        gm = analyse(trace(model, (x,)), split_pools=split)
+        infos = [node_info(n) for n in gm.graph.nodes if n.op in COMPUTE_OPS]
+        assert split == any(i.get("kind") == "row_mean" for i in infos)
+        total[split] = sum(prof.predict(i) for i in infos)
+    assert total[True] == pytest.approx(total[False], rel=0.2), total
