@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -32,8 +31,8 @@ from edgepart.runtime.client import Session, bundle_dir_of
 from edgepart.runtime.program import read_manifest
 from edgepart.runtime.protocol import as_key
 from edgepart.testbed.emulator import Emulator
+from edgepart.testbed.processes import start_worker, stop_process_groups, worker_env
 
-_REPO_ROOT = str(Path(__file__).resolve().parents[2])
 _live: "weakref.WeakSet[LocalCluster]" = weakref.WeakSet()
 
 
@@ -109,37 +108,13 @@ class LocalCluster:
             cmd += ["--backend", self.backend]
         if self.emulator:
             cmd = self.emulator.wrap(device, cmd)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = _REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        env.setdefault("OMP_NUM_THREADS", str(self.threads))
-        log = open(self.log_dir / f"{device}.log", "ab")
-        try:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env,
-                                    start_new_session=True)
-        finally:
-            log.close()
-        self.procs[device] = proc
-        if self.emulator:
-            self.emulator.attach(device, proc.pid)
-        line = b""
-        deadline = time.monotonic() + self.startup_timeout
-        while not line.endswith(b"\n"):
-            left = deadline - time.monotonic()
-            if left <= 0 or proc.poll() is not None:
-                break
-            r, _, _ = select.select([proc.stdout], [], [], min(left, 0.5))
-            if r:
-                ch = proc.stdout.read1(4096) if hasattr(proc.stdout, "read1") else proc.stdout.read(1)
-                if not ch:
-                    break
-                line += ch
-        proc.stdout.close()
-        text = line.decode(errors="replace").strip()
-        if not text.startswith("edgepart worker listening on "):
-            tail = (self.log_dir / f"{device}.log").read_text(errors="replace")[-2000:]
-            raise EdgepartError(f"worker for device {device!r} did not start (exit code {proc.poll()}); "
-                                f"its log:\n{tail}")
-        addr = text.rsplit(" ", 1)[1]
+
+        def register(proc):          # before it is ready: a worker that fails to start is stopped by close()
+            self.procs[device] = proc
+            if self.emulator:
+                self.emulator.attach(device, proc.pid)
+        _, addr = start_worker(cmd, self.log_dir / f"{device}.log", worker_env(self.threads), self.startup_timeout,
+                               f"worker for device {device!r}", on_spawn=register)
         self.endpoints[device] = self.emulator.client_endpoint(device, addr) if self.emulator else addr
 
     @property
@@ -208,25 +183,7 @@ class LocalCluster:
                 self.session.close()
             except Exception:  # noqa: BLE001
                 pass
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 3.0
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(5)
+        stop_process_groups(list(self.procs.values()))
         if self.emulator is not None:
             self.emulator.close()
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -40,13 +40,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,9 +52,9 @@ from edgepart.errors import EdgepartError
 from edgepart.runtime.client import Session
 from edgepart.runtime.program import read_manifest
 from edgepart.testbed.emulator import CGROOT, TESTBED_SHARES, _rmdir_cgroup, _run, netns_available
+from edgepart.testbed.processes import start_worker, stop_process_groups, worker_env
 
 log = logging.getLogger("edgepart.emulate")
-_REPO_ROOT = str(Path(__file__).resolve().parents[2])
 BASE_PORT = 21000
 CONTROL_CLASS = 9999            # htb class of packets no task's port matches (none expected)
 
@@ -322,30 +319,15 @@ class TieredTestbed:
         cmd = ["ip", "netns", "exec", self.ns[device]] + cmd
         if self.cpuset:
             cmd = ["taskset", "-c", ",".join(map(str, self.cpuset))] + cmd
-        env = dict(os.environ)
-        env["PYTHONPATH"] = _REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        env.setdefault("OMP_NUM_THREADS", "1")
         logf = self.tmp / "logs" / f"{slot.name}-{device}.log"
         logf.parent.mkdir(exist_ok=True)
-        with open(logf, "ab") as log_out:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_out, stdin=subprocess.DEVNULL, env=env,
-                                    start_new_session=True)
-        slot.procs[device] = proc
-        with open(os.path.join(self.cgroup, "cgroup.procs"), "w") as f:
-            f.write(str(proc.pid))
-        line, deadline = b"", time.monotonic() + self.startup_timeout
-        while not line.endswith(b"\n") and proc.poll() is None and time.monotonic() < deadline:
-            r, _, _ = select.select([proc.stdout], [], [], 0.5)
-            if r:
-                chunk = proc.stdout.read1(4096)
-                if not chunk:
-                    break
-                line += chunk
-        proc.stdout.close()
-        if not line.decode(errors="replace").startswith("edgepart worker listening on "):
-            tail = logf.read_text(errors="replace")[-2000:]
-            raise EdgepartError(f"task {slot.name!r}: worker on {device!r} did not start (exit code {proc.poll()}); "
-                                f"its log:\n{tail}")
+
+        def confine(proc):
+            slot.procs[device] = proc
+            with open(os.path.join(self.cgroup, "cgroup.procs"), "w") as f:
+                f.write(str(proc.pid))
+        start_worker(cmd, logf, worker_env(1), self.startup_timeout, f"task {slot.name!r}: worker on {device!r}",
+                     on_spawn=confine)
 
     def set_shares(self, name: str, edge_share: float | None = None, up_share: float | None = None) -> None:
         """Change a running task's edge compute share (its edge process's dilation) and uplink share (its htb
@@ -369,7 +351,7 @@ class TieredTestbed:
                 slot.session.close()
             except Exception:  # noqa: BLE001 — stopping anyway
                 pass
-        _stop(list(slot.procs.values()))
+        stop_process_groups(list(slot.procs.values()))
 
     # --- teardown ----------------------------------------------------------------------------------
     def close(self) -> None:
@@ -398,25 +380,6 @@ class TieredTestbed:
             self.close()
         except Exception:  # noqa: BLE001
             pass
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + 3.0
-    for p in procs:
-        try:
-            p.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait(5)
 
 
 def _rate(rate_mbps: float, ceil_mbps: float) -> list[str]:
