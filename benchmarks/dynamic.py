@@ -32,7 +32,6 @@ import collections
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -55,17 +54,6 @@ from testbed import make_cluster  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL, SIZE = "yolov2_tiny", 256
 TOLERANCE = 0.15
-
-
-def reshape_link(emu, a: str, b: str, mbps: float) -> None:
-    """Change the tc rate of the emulated a-b link (both veth ends) to ``mbps`` (cluster units)."""
-    i, j = sorted((emu.devices.index(a), emu.devices.index(b)))
-    da, db = emu.devices[i], emu.devices[j]
-    bw = mbps * emu.time_scale
-    burst = max(16 * 1024, int(bw * 1e6 / 8 * 0.004))
-    for dev, ns in ((f"ep{emu.tag}{i}x{j}", emu.ns[da]), (f"ep{emu.tag}{j}x{i}", emu.ns[db])):
-        subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "change", "dev", dev, "root", "tbf",
-                        "rate", f"{bw:.6f}mbit", "burst", str(burst), "latency", "500ms"], check=True)
 
 
 def set_share(emu, device: str, factor: float) -> None:
@@ -145,7 +133,7 @@ def run(kind: str, bundle_dir: Path, model, example, args, script: dict | None) 
         changes.append({"t": time.monotonic() - t_start, "change": f"50% CPU load on {fastest}"})
         at(2 * P)
         a, b = used.get("link") or busiest_link(s.plan.manifest, s.session.alive_devices())
-        reshape_link(emu, a, b, 20.0)
+        emu.set_link(a, b, 20.0)
         changes.append({"t": time.monotonic() - t_start, "change": f"link {a}-{b} 1000 -> 20 Mbit/s"})
         at(3 * P)
         victim = used.get("victim") or victim_of(s.plan.manifest, s.plan.source)

@@ -170,3 +170,60 @@ def test_sender_nic_sends_one_message_at_a_time_in_the_order_sent():
     assert to_b.release_time(13.0, 0) == pytest.approx(13.5)             # idle NIC: only the latency
     alone = Shaper(None, latency_ms=500.0)                                # no NIC: the delay line only
     assert alone.release_time(10.0, 10**9) == pytest.approx(10.5)
+
+
+RECEIVER = """
+import socket, sys, time
+s = socket.socket(); s.bind((sys.argv[1], 5301)); s.listen(1); s.settimeout(20)
+c, _ = s.accept(); c.settimeout(20); n = 0; last = 0.0
+while True:
+    b = c.recv(1 << 20)
+    if not b:
+        break
+    n += len(b)
+    if time.monotonic() - last > 0.05:         # (a full stdout pipe would stop the reader: few lines)
+        last = time.monotonic()
+        print(last, n, flush=True)
+"""
+SENDER = """
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 5301), timeout=20); buf = b"x" * (256 << 10); t0 = time.monotonic()
+while time.monotonic() - t0 < float(sys.argv[2]):
+    s.sendall(buf)
+"""
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.skipif(not netns_available()[0], reason=f"netns emulation unavailable: {netns_available()[1]}")
+def test_a_link_slowed_while_it_is_busy_keeps_carrying_data(bundle):
+    """set_link from a fast to a slow rate under a bulk transfer: data goes on at the new rate. (With
+    ``tc qdisc change`` the 64 KB offload packets queued under the fast rate never fit the slow rate's
+    16 KB bucket, and the link carried nothing at all.)"""
+    model, x, d, manifest = bundle
+    with edgepart.LocalCluster(d, emulate=True) as c:
+        emu, s = c.emulator, c.time_scale
+        emu.set_link("a", "b", 2000.0)
+        ip_b = emu.pair_ip[("a", "b")]
+        rx = subprocess.Popen(["ip", "netns", "exec", emu.ns["b"], "python3", "-c", RECEIVER, ip_b],
+                              stdout=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        tx = subprocess.Popen(["ip", "netns", "exec", emu.ns["a"], "python3", "-c", SENDER, ip_b, "5"])
+        try:
+            time.sleep(1.5)
+            t_change = time.monotonic()
+            emu.set_link("a", "b", BW)
+            assert tx.wait(timeout=30) == 0
+            out, _ = rx.communicate(timeout=30)
+        finally:
+            for p in (tx, rx):
+                if p.poll() is None:
+                    p.kill()
+        samples = [tuple(map(float, line.split())) for line in out.splitlines()]
+        assert samples and samples[-1][1] > 0
+        lo, hi = t_change + 0.5, t_change + 3.0
+        got = [n for t, n in samples if lo <= t <= hi]
+        moved = (max(got) - min(got)) if len(got) >= 2 else 0
+        expected = BW * s * 1e6 / 8 * (hi - lo)
+        assert moved >= 0.3 * expected, f"{moved} bytes in {hi - lo:.1f} s after the change, expected ~{expected:.0f}"
+        assert "tbf" in sh(f"ip netns exec {emu.ns['a']} tc qdisc show")

@@ -155,7 +155,6 @@ class Emulator:
 
     # --- setup ---------------------------------------------------------------------------
     def _build(self) -> None:
-        s = self.time_scale
         for i, d in enumerate(self.devices):
             ns = f"ep{self.tag}-{i}"
             _run("ip", "netns", "add", ns)
@@ -183,14 +182,10 @@ class Emulator:
                 base = f"10.197.{self.net}.{4 * k}"
                 ia, ib = _addr(base, 1), _addr(base, 2)
                 k += 1
-                bw = self.link[frozenset((a, b))]["bandwidth_mbps"] * s
                 for dev, ns, ip in ((va, self.ns[a], ia), (vb, self.ns[b], ib)):
                     _run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{ip}/30", "dev", dev)
                     _run("ip", "netns", "exec", ns, "ip", "link", "set", dev, "up")
-                    rate_bps = bw * 1e6
-                    burst = max(16 * 1024, int(rate_bps / 8 * 0.004))
-                    _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-                         "rate", f"{bw:.6f}mbit", "burst", str(burst), "latency", "500ms")
+                self._shape(a, b, self.link[frozenset((a, b))]["bandwidth_mbps"], replace=False)
                 self.pair_ip[(a, b)] = ib
                 self.pair_ip[(b, a)] = ia
         self._steer_network()
@@ -234,6 +229,35 @@ class Emulator:
             if os.path.exists(path):
                 with open(path, "w") as f:
                     f.write(mask)
+
+    def _veths(self, a: str, b: str) -> list[tuple[str, str]]:
+        """The (veth, namespace) ends of the a-b link."""
+        i, j = sorted((self.devices.index(a), self.devices.index(b)))
+        da, db = self.devices[i], self.devices[j]
+        return [(f"ep{self.tag}{i}x{j}", self.ns[da]), (f"ep{self.tag}{j}x{i}", self.ns[db])]
+
+    def _shape(self, a: str, b: str, mbps: float, replace: bool) -> None:
+        bw = mbps * self.time_scale
+        burst = max(16 * 1024, int(bw * 1e6 / 8 * 0.004))
+        for dev, ns in self._veths(a, b):
+            if replace:
+                _run("ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root")
+            _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                 "rate", f"{bw:.6f}mbit", "burst", str(burst), "latency", "500ms")
+
+    def set_link(self, a: str, b: str, mbps: float) -> None:
+        """Re-shape the running a-b link to ``mbps`` (cluster units; both directions).
+
+        The qdisc is replaced, not changed in place (``tc qdisc change``): packets queued under a
+        fast rate include segmentation-offload packets up to 64 KB, which a fast link's bucket
+        passes whole; after a change to a slow rate the bucket (16 KB) can never hold the packet
+        at the queue's head, and tbf then sends nothing at all, on any connection, for as long as
+        it stays queued. Replacing drops the queue; TCP sends it again through the new qdisc,
+        which segments what it cannot pass whole."""
+        if self.mode != "netns":
+            raise RuntimeError("set_link needs the netns testbed (root); in-process links are shaped by the sender")
+        self._shape(a, b, mbps, replace=True)
+        self.link[frozenset((a, b))] = {**self.link[frozenset((a, b))], "bandwidth_mbps": mbps}
 
     def share_file(self, device: str) -> str:
         return os.path.join(self.sharedir, f"{device}.share")
