@@ -182,14 +182,20 @@ def test_sigstopped_worker_detected_within_timeout(tiny, plans, workers):
                     dead_after=1.0, on_event=on_event)
         try:
             assert_close(s.infer(x), model(x))
+            assert s.oldest_pending(s.plan) == (0.0, 0)
             t0 = time.monotonic()
             os.killpg(c.procs["d1"].pid, signal.SIGSTOP)
+            fut = s.submit(x)
+            time.sleep(0.5)
+            age, n = s.oldest_pending(s.plan)               # the request stuck on it shows its age
+            assert n == 1 and 0.4 <= age <= 1.5, (age, n)
             assert down.wait(5.0)
             assert seen["device"] == "d1"
             assert time.monotonic() - t0 <= 1.0 + 2 * 0.25 + 0.5     # dead_after + two heartbeats + slack
         finally:
             os.killpg(c.procs["d1"].pid, signal.SIGCONT)
             s.close()
+        del fut
 
 
 class _Adaptive:
@@ -237,6 +243,9 @@ class _FakeSession:
 
     def servable(self, plan=None):
         return True
+
+    def oldest_pending(self, plan):
+        return (0.0, 0)                    # answers keep coming: no stall bound
 
     def deploy_plan(self, d):
         from edgepart.runtime.client import PlanVersion
@@ -364,6 +373,8 @@ def test_links_from_real_transfers(tiny):
         assert 14 <= mbps <= 26, (src, d, mbps)                   # 20 Mbit/s
     lat = [v / 1e3 * ts for st in stats.values() for k, v in st.items() if k.startswith("link_lat_us:")]
     assert lat and all(1.6 <= v <= 3.0 for v in lat), lat          # 2 ms one way
+    sent = {k for st in stats.values() for k in st if k.startswith("tx_acked:")}      # the senders' side too
+    assert sent and all(st["t_us"] > 0 for st in stats.values()), stats
     ctl = Controller(model, (x,), Cluster.heterogeneous([1.0, 0.7, 0.5]), ControllerConfig(time_scale=ts))
     for d, st in stats.items():
         ctl._links_seen(d, st, {}, time.monotonic())
@@ -467,3 +478,54 @@ def test_piece_arrival_is_timed_without_its_latency():
     assert rx2.rx_span is None or (rx2.rx_span[0] < len(wire) // 2 and rx2.rx_span[1] < 0.05), rx2.rx_span
     for s in (a1, a2, b1, b2):
         s.close()
+
+
+def _tx(t_s, acked, queued, conns="1"):
+    return {"t_us": int(t_s * 1e6), "tx_acked:d1": acked, "tx_queued:d1": queued, "tx_conns:d1": conns}
+
+
+def test_a_link_that_stops_delivering_is_measured_slow(tiny, tmp_path):
+    """The sender's side of a link (``tx_acked`` / ``tx_queued`` from the kernel): a link that was busy
+    between two snapshots (64 KB or more waiting at the first, not all of it acknowledged by the second)
+    is measured at the rate it delivered — one that delivered nothing as slower than a segment per
+    interval; a link that drained what waited says nothing of its rate, nor do readings of other
+    connections."""
+    from edgepart.online.controller import Controller
+    model, x = tiny
+    cl = Cluster.heterogeneous([1.0, 0.7, 0.5], bandwidth_mbps=1000.0)
+    ctl = Controller(model, (x,), cl, ControllerConfig(time_scale=0.5), workdir=tmp_path)
+    bw = lambda: ctl.state.link_values("d0", "d1")["bandwidth_mbps"]    # noqa: E731
+    ctl._links_seen("d0", _tx(1.0, 3_000_000, 500_000), _tx(0.5, 0, 2_000_000), 0.0)     # drained: nothing
+    assert bw() == 1000.0 and ctl.state.link_idle("d0", "d1", 3.0, now=0.0)
+    ctl._links_seen("d0", _tx(1.0, 1_000, 900_000, "2"), _tx(0.5, 0, 900_000, "1"), 0.0)  # other connection
+    assert bw() == 1000.0
+    ctl._links_seen("d0", _tx(1.5, 1_250_000, 2_000_000), _tx(1.0, 0, 3_000_000), 0.0)    # busy: 20 Mbit/s wall
+    assert bw() == pytest.approx(20.0 / 0.5)                                             # ÷ time_scale
+    assert not ctl.state.link_idle("d0", "d1", 3.0, now=0.0)
+    ctl._links_seen("d0", _tx(2.0, 1_250_000, 2_000_000), _tx(1.5, 1_250_000, 2_000_000), 0.0)   # stuck
+    assert bw() == pytest.approx(8 * 1448 / 0.5 / 1e6 / 0.5)
+
+
+class _StuckSession:
+    def __init__(self, plan, age, n):
+        self.plan, self.age, self.n = plan, age, n
+
+    def oldest_pending(self, plan):
+        return (self.age, self.n) if plan is self.plan else (0.0, 0)
+
+
+def test_a_plan_whose_answers_stop_counts_as_slow(tiny, tmp_path):
+    """The oldest attempt in flight bounds the plan's latency from below (age / attempts in flight), once
+    that is over twice the prediction; logged once per plan as ``stall``."""
+    from edgepart.online.controller import Controller
+    model, x = tiny
+    ctl = Controller(model, (x,), Cluster.heterogeneous([1.0, 0.5]), ControllerConfig(time_scale=0.5),
+                     workdir=tmp_path)
+    plan = type("PV", (), {"version": 3})()
+    ctl.session = _StuckSession(plan, age=0.9, n=1)
+    assert ctl._stalled(plan, 0.010) == 0.0                  # under 2 intervals old: not yet
+    ctl.session = _StuckSession(plan, age=4.0, n=4)
+    assert ctl._stalled(plan, 0.600) == 0.0                  # 4 in flight, 4 s: 0.5 s each, within 2 x 0.6
+    assert ctl._stalled(plan, 0.050) == pytest.approx(4.0 * 0.5 / 4)
+    assert ctl._stalled(plan, 0.050) == pytest.approx(0.5)
+    assert [e["event"] for e in ctl.events].count("stall") == 1

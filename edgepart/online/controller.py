@@ -31,7 +31,7 @@ defaults: docs/online.md):
 With ``replan=False`` (a static plan) it only monitors, and redeploys the same plan to a
 device that comes back.
 
-Every event (``replan``, ``swap``, ``failover``, ``device_down``, ``device_up``, ``rejoin``) is logged
+Every event (``replan``, ``swap``, ``stall``, ``failover``, ``device_down``, ``device_up``, ``rejoin``) is logged
 (logger ``edgepart.online``) with its reason and predicted gain and kept in :attr:`Controller.events`.
 """
 from __future__ import annotations
@@ -71,6 +71,8 @@ IDLE_S = 3.0                            # a link no timed piece crossed for this
 REPROBE_S = 2.0                         # an idle link is probed again at most this often ...
 SLOW_MBPS, SLOW_PROBE_S = 100.0, 10.0   # ... and one slower than this (cluster Mbit/s) at most this often
 SETTLE_S = 1.0                          # s after a swap before stage times count again (the old plan drains)
+TX_BUSY_BYTES = 64 << 10                # a link with this much unacknowledged at one snapshot and not all of
+                                        # it acknowledged by the next was busy throughout: its rate is measured
 # failover plans: strategies that plan in milliseconds (the baselines and the MILP take seconds)
 QUICK = ("single", "even", "proportional", "modnn")
 LIGHT_PROBE = {"pings": 3, "messages": 1, "small_bytes": 64, "piece_bytes": 64 << 10, "max_bytes": 1 << 20,
@@ -135,6 +137,7 @@ class Controller:
         self._moved_from: tuple | None = None   # the live state (signature) candidates were last requested for
         self._asked_at = -math.inf
         self._settle_until = -math.inf         # stage times are not read before (see _monitor)
+        self._stall_logged: int | None = None   # the plan version a ``stall`` event was logged for
         self._suspect: dict[str, float] = {}
         self.predicted: float | None = None      # the current plan's predicted latency (cluster s)
         self.history: list[tuple[float, float]] = []   # (t, predicted latency of the current plan) per round
@@ -311,10 +314,23 @@ class Controller:
 
     def _links_seen(self, d: str, st: dict, prev: dict, now: float) -> None:
         """The links as ``d``'s real transfers show them (runtime.execution ``Executor.link_stats``): the
-        rate the pieces from each peer arrived at, if any arrived since the last round, and the one-way
-        latency to each peer from the kernel's round-trip times; wall units × ``time_scale``."""
+        rate the pieces from each peer arrived at, if any arrived since the last round; the rate ``d``'s
+        own sends were acknowledged at, if the link was busy in between (:data:`TX_BUSY_BYTES`) — a link
+        that stopped delivering shows here as slower than one segment per interval, where no piece
+        arrives to be timed; and the one-way latency to each peer from the kernel's round-trip times;
+        wall units × ``time_scale``."""
         ts = self.cfg.time_scale
+        dt = (st.get("t_us", 0) - prev.get("t_us", 0)) / 1e6
         for key, v in st.items():
+            if key.startswith("tx_acked:") and dt > 0.1:
+                dst = key[len("tx_acked:"):]
+                queued_before = prev.get(f"tx_queued:{dst}", 0)
+                delivered = v - prev.get(key, v)
+                same = st.get(f"tx_conns:{dst}") == prev.get(f"tx_conns:{dst}")     # sums of the same connections
+                if dst in self.state.devices and dst != d and same and queued_before >= TX_BUSY_BYTES and \
+                        0 <= delivered < queued_before:
+                    self.state.link(d, dst, bandwidth_mbps=8 * max(delivered, 1448) / dt / 1e6 / ts, now=now)
+                continue
             if key.startswith("rx_mbps:"):
                 src = key[len("rx_mbps:"):]
                 if src in self.state.devices and src != d and \
@@ -384,6 +400,7 @@ class Controller:
         usable = self._usable()
         live = self.state.cluster(bake_load=True)
         cur_pred = self.predict(self._plan_of(cur), cluster=live, source=cur.source)
+        cur_pred = max(cur_pred, self._stalled(cur, cur_pred))
         self.predicted = cur_pred
         self.history.append((round(now - self.t0, 3), cur_pred))
         self._rounds.append((now, live, cur_pred))
@@ -438,6 +455,21 @@ class Controller:
                            cur_pred, cand_pred)
         else:
             self._better_since = None
+
+    def _stalled(self, cur: PlanVersion, predicted: float) -> float:
+        """A lower bound (cluster s) on the current plan's latency from its requests in flight: with ``n`` in
+        flight, served in order at least one at a time, the oldest (sent ``age`` ago) shows a request takes
+        at least ``age / n``. 0 unless that is over twice the prediction (logged once per plan as ``stall``):
+        a plan whose answers stopped counts as slow as it is, whatever the live state predicts for it."""
+        age, n = self.session.oldest_pending(cur)
+        bound = age * self.cfg.time_scale / n if n else 0.0
+        if not (bound > 2 * predicted and age > 2 * self.cfg.interval):
+            return 0.0
+        if self._stall_logged != cur.version:
+            self._stall_logged = cur.version
+            self._event("stall", plan=cur.version, oldest_s=round(age, 2), in_flight=n, bound_ms=_ms(bound),
+                        predicted_ms=_ms(predicted), state=self.state.snapshot())
+        return bound
 
     def _going_home(self, cur: PlanVersion, cand: "Candidate") -> bool:
         """``cur`` sends inputs to a substitute source (the nominal one was down) and ``cand`` to the nominal

@@ -143,7 +143,7 @@ class _Link:
 class _Request:
     """One request of the caller: answered once, whatever attempts (plans) it took."""
 
-    __slots__ = ("fut", "inputs", "t0", "deadline", "plan", "attempt", "aid", "base", "tries", "not_before")
+    __slots__ = ("fut", "inputs", "t0", "deadline", "plan", "attempt", "aid", "base", "tries", "not_before", "sent")
 
     def __init__(self, fut: cf.Future, inputs: list, base: str, deadline: float):
         self.fut = fut
@@ -156,6 +156,7 @@ class _Request:
         self.base = base
         self.tries: list[str] = []      # why earlier attempts ended
         self.not_before = 0.0           # parked: not sent again on the plan it failed on before this (backoff)
+        self.sent = self.t0             # when its current attempt was sent (perf_counter)
 
 
 # error codes after which a request may run again, on another plan (nothing of it was answered)
@@ -655,6 +656,7 @@ class Session:
                 self.parked.append(r)
                 return
             r.plan = plan
+            r.sent = time.perf_counter()
             r.attempt += 1
             r.aid = r.base if r.attempt == 1 else f"{r.base}.{r.attempt}"
             self.pending[r.aid] = r
@@ -692,6 +694,14 @@ class Session:
         while len(results) < len(futs):
             results.append(self._wait(futs[len(results)], timeout))
         return results
+
+    def oldest_pending(self, plan: "PlanVersion") -> tuple[float, int]:
+        """(age in s of the oldest attempt in flight on ``plan``, how many are in flight on it); (0, 0) if none.
+        A plan whose requests stop coming back shows here before anything else measures it."""
+        now = time.perf_counter()
+        with self.lock:
+            t0s = [r.sent for r in self.pending.values() if r.plan is plan]
+        return (now - min(t0s), len(t0s)) if t0s else (0.0, 0)
 
     def stats(self, timeout: float = 5.0) -> dict[str, dict]:
         """Per-device counters from the workers: compute_us, bytes_sent, bytes_received, requests, failed,

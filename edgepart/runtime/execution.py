@@ -201,9 +201,13 @@ class Executor:
         quartile of the pieces' own rates (a reader thread descheduled mid-piece only makes one piece
         look slower); ``rx_frames:P`` counts the pieces timed so far (a monitor sees whether any
         arrived since it last asked); ``link_lat_us:P`` — the one-way latency to P, from the kernel's
-        round-trip times of the connection the pieces go on (``PeerLink.latency``)."""
-        out: dict = {}
+        round-trip times of the connection the pieces go on (``PeerLink.latency``); ``tx_acked:P`` /
+        ``tx_queued:P`` — bytes P acknowledged so far and bytes waiting unacknowledged, summed over this
+        worker's connections to P (``PeerLink.tx_state``), ``tx_conns:P`` which connections those are, at
+        ``t_us`` (this worker's monotonic clock, µs): two snapshots give the rate a busy link delivered,
+        also when it delivered nothing."""
         now = time.monotonic()
+        out: dict = {"t_us": int(now * 1e6)}
         with self.lock:
             rx = {d: list(q) for d, q in self.rx.items()}
             links: dict[str, list] = {}
@@ -219,6 +223,11 @@ class Executor:
             lat = [x for x in (link.latency() for link in ls) if x is not None]
             if lat:
                 out[f"link_lat_us:{d}"] = round(min(lat) * 1e6, 1)
+            tx = [x for x in (link.tx_state() for link in ls) if x is not None]
+            if tx:
+                out[f"tx_acked:{d}"] = sum(a for _, a, _ in tx)
+                out[f"tx_queued:{d}"] = sum(q for _, _, q in tx)
+                out[f"tx_conns:{d}"] = ",".join(str(n) for n in sorted(n for n, _, _ in tx))
         return out
 
     def _timed_arrival(self, conn: Conn, h: dict, nbytes: int) -> None:

@@ -11,6 +11,8 @@ EOF and, when a frame cannot be written, fails the request it belongs to and rep
 from __future__ import annotations
 
 import collections
+import fcntl
+import itertools
 import socket
 import struct
 import threading
@@ -28,6 +30,7 @@ CONNECT_TIMEOUT = 2.0          # s for a peer's handshake
 _FLUSH = object()              # queue marker: finish writing a frame that send_nowait only partly wrote
 _CLOSE = object()              # queue marker: the writer's thread ends here
 _WRITE_ERRORS = (OSError, PeerClosed, ProtocolError)
+_CONN_NO = itertools.count(1)  # numbers the peer connections this process opens (PeerLink.tx_state)
 
 
 class LinkShaper(Protocol):
@@ -242,12 +245,25 @@ class PeerLink:
             return None
         return rtt / 2 + float(getattr(self.writer.shaper, "latency", 0.0) or 0.0)
 
+    def tx_state(self) -> tuple[int, int, int] | None:
+        """(the connection's number, bytes the peer acknowledged on it, bytes written but not acknowledged
+        yet) now (:func:`tcp_tx_state`), or None without a connection. A link that delivers nothing while
+        bytes wait on it is seen here, where the receiver, timing whole pieces, sees nothing at all. The
+        number (one per connection this process opened) tells a monitor whether two readings are of the
+        same connection."""
+        ch = self.writer.ch
+        if ch is None or ch.closed:
+            return None
+        state = tcp_tx_state(ch.sock)
+        return None if state is None else (getattr(ch, "conn_no", 0), *state)
+
     def close(self) -> None:
         self.closed = True
         self.writer.close()
 
     def _connect(self) -> Channel:
         ch = Channel.connect(self.address, self.key, self.hello, timeout=CONNECT_TIMEOUT)
+        ch.conn_no = next(_CONN_NO)
         threading.Thread(target=self._watch, args=(ch,), name=f"watch-{self.device}", daemon=True).start()
         return ch
 
@@ -271,6 +287,8 @@ class PeerLink:
 
 
 _TCPI_MIN_RTT = 148            # offset of tcpi_min_rtt (u32, µs) in Linux's struct tcp_info (since 4.6)
+_TCPI_BYTES_ACKED = 120        # offset of tcpi_bytes_acked (u64) (since 4.1)
+_SIOCOUTQ = 0x5411             # ioctl: bytes in the send queue not yet acknowledged (= TIOCOUTQ on Linux)
 
 
 def tcp_min_rtt(sock: socket.socket) -> float | None:
@@ -287,3 +305,20 @@ def tcp_min_rtt(sock: socket.socket) -> float | None:
         return None
     us = struct.unpack_from("I", b, _TCPI_MIN_RTT)[0]
     return us / 1e6 if 0 < us < 0xFFFFFFFF else None
+
+
+def tcp_tx_state(sock: socket.socket) -> tuple[int, int] | None:
+    """(bytes acknowledged by the peer so far, bytes in the send queue not yet acknowledged) of
+    ``sock``'s TCP connection (Linux: ``tcpi_bytes_acked``, ``SIOCOUTQ``), or None."""
+    tcp_info = getattr(socket, "TCP_INFO", None)
+    if tcp_info is None:
+        return None
+    try:
+        b = sock.getsockopt(socket.IPPROTO_TCP, tcp_info, 256)
+        if len(b) < _TCPI_BYTES_ACKED + 8:
+            return None
+        acked = struct.unpack_from("Q", b, _TCPI_BYTES_ACKED)[0]
+        queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0" * 4))[0]
+    except OSError:
+        return None
+    return int(acked), max(0, int(queued))
