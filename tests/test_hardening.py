@@ -207,6 +207,35 @@ def test_an_idle_authenticated_connection_is_closed(workers):
     ch.close()
 
 
+
+def test_an_idle_peer_link_is_closed_without_reporting_the_peer_down(workers):
+    """A worker closes a peer worker's idle link with a ``bye`` first: the sending side drops the link and
+    reconnects on its next frame, and neither side takes the close for the other device going down (a
+    false failover of a healthy device in a long online run)."""
+    from edgepart.runtime.transport import PeerLink
+    (w,) = workers(idle_timeout=1.0)
+    downs, failed = [], []
+    link = PeerLink("w", w.address, KEY, {"role": "peer", "name": "other"}, None,
+                    lambda req, f: failed.append(f), lambda d, why: downs.append((d, why)))
+    peer_downs = []
+    w.executor.peer_down = lambda name, why: peer_downs.append((name, why))
+    try:
+        link.put({"kind": "ping", "t": 0})
+        deadline = time.monotonic() + 6.0
+        while w.server.stats["idle_closed"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert w.server.stats["idle_closed"] == 1
+        time.sleep(0.5)
+        assert link.writer.ch is None                      # dropped: the next frame reconnects
+        assert not downs and not failed and not peer_downs, (downs, failed, peer_downs)
+        link.put({"kind": "ping", "t": 0})
+        deadline = time.monotonic() + 3.0
+        while not w.server.conns and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert w.server.conns and not downs
+    finally:
+        link.close()
+
 def test_refusals_say_busy_wrong_key_or_unreachable(workers):
     (w,) = workers(max_connections=1)
     first = P.Channel.connect(w.address, KEY, {"role": "client", "name": "a"})

@@ -51,6 +51,7 @@ ACCEPT_BATCH = 256             # connections accepted before any of them gets a 
 LISTEN_BACKLOG = 4096          # connections the kernel queues for accept (capped by net.core.somaxconn): a
                                # short queue drops a client's SYN under a flood and TCP retries after 1, 3, 7 s
 IDLE_TIMEOUT = 120.0           # s without a frame in either direction: an authenticated connection is closed
+BYE_GRACE_S = 0.5              # s between the idle bye to a peer worker and the close
 LOG_BURST, LOG_WINDOW = 20, 10.0  # refused handshakes logged one by one, then counted
 TRIM_INTERVAL = 2.0            # s: memory is handed back at most this often after failed handshakes
 # what makes a frame refused (and its connection closed) rather than a bug in the worker
@@ -88,7 +89,7 @@ class Conn:
         self.role = str(ch.peer.get("role", "?"))[:16]
         self.name = str(ch.peer.get("name", ""))[:64]
         self.clean = False                   # the other end said bye: its going away is not a failure
-        self.idle = False                    # closed by the worker for sending nothing for too long
+        self.idle = 0.0                      # when the worker began closing it for sending nothing for too long
 
     def label(self) -> str:
         return f"{self.role} {self.name or '?'} at {self.ch.peer_addr}"
@@ -382,6 +383,8 @@ class Server:
                 self.conns.discard(conn)
         if not conn.clean and reason is None:
             reason = "connection lost"
+        if conn.idle and conn.role == "peer":
+            conn.clean = True         # closed here for idleness: the peer worker is not down for that
         for callback in self.disconnect_callbacks:
             callback(conn, None if conn.clean else reason)
 
@@ -412,12 +415,23 @@ class Server:
         while not self.stop_event.wait(tick):
             now = time.monotonic()
             with self.lock:
-                idle = [c for c in self.conns if now - c.ch.last_activity > self.idle_timeout]
+                idle = [c for c in self.conns if c.idle or now - c.ch.last_activity > self.idle_timeout]
                 quiet = self.n_pending == 0
             for c in idle:
-                log.info("closing %s: no frame for %.0f s", c.label(), self.idle_timeout)
-                c.idle = True
-                self.stats["idle_closed"] += 1
+                if c.role == "peer" and not c.idle:
+                    # a peer worker's link reconnects on its next frame: told why, it does not take the
+                    # close for the device going down (a failover); closed for good after BYE_GRACE_S
+                    log.info("closing %s: no frame for %.0f s (bye)", c.label(), self.idle_timeout)
+                    c.idle = now
+                    self.stats["idle_closed"] += 1
+                    c.out.put({"kind": "bye", "reason": "idle"})
+                    continue
+                if c.idle and now - c.idle < BYE_GRACE_S:
+                    continue
+                if not c.idle:
+                    log.info("closing %s: no frame for %.0f s", c.label(), self.idle_timeout)
+                    c.idle = now
+                    self.stats["idle_closed"] += 1
                 try:
                     c.ch.sock.shutdown(socket.SHUT_RDWR)     # its reader sees the end and cleans up
                 except OSError:

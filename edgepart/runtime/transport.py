@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import fcntl
 import itertools
+import logging
 import socket
 import struct
 import threading
@@ -24,6 +25,7 @@ import torch
 from edgepart.errors import ErrorCode
 from edgepart.runtime.protocol import Channel, Failure, PeerClosed, ProtocolError
 
+log = logging.getLogger("edgepart.worker")
 INLINE_MAX = 64 << 10          # frames up to this size are written by the calling thread when nothing is queued
 FRAME_EXTRA = 200              # bytes a frame adds on the wire besides its payload, as a shaper counts them
 CONNECT_TIMEOUT = 2.0          # s for a peer's handshake
@@ -268,15 +270,22 @@ class PeerLink:
         return ch
 
     def _watch(self, ch: Channel) -> None:
+        reason: str | None = None
         try:
             while True:
-                ch.recv(lambda h: None)          # the peer sends nothing on this connection but a bye
+                frame = ch.recv(lambda h: None)   # the peer sends nothing on this connection but a bye
+                if frame.kind == "bye":           # it closes a link idle too long: the next frame reconnects
+                    log.info("peer %s closed the idle link (%s); reconnecting on the next frame", self.device,
+                             str(frame.get("reason"))[:40])
+                    break
         except PeerClosed:
             reason = "closed the connection"
         except (OSError, ProtocolError) as e:
             reason = f"connection lost ({e})"
         self.writer.drop(ch)
-        if not self.closed and not ch.closed:
+        if reason is None:
+            ch.close()
+        elif not self.closed and not ch.closed:
             self.on_down(self.device, reason)
 
     def _failed(self, ch: Channel | None, e: Exception, req: Cancellable | None) -> None:
