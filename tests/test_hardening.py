@@ -665,3 +665,30 @@ def test_a_worker_taking_only_signed_deploys_takes_no_measuring_requests_unless_
     assert not worker_main.measuring_allowed(p.parse_args(["--key-file", "k", "--deploy-pubkey", "d.pub"]))
     assert worker_main.measuring_allowed(p.parse_args(["--key-file", "k", "--deploy-pubkey", "d.pub",
                                                        "--allow-measuring"]))
+
+
+def test_a_slow_program_load_does_not_silence_the_worker(tiny, workers, monkeypatch, tmp_path):
+    """Loading a deployed program takes seconds on a slow device; meanwhile the worker answers pings on the
+    deploying connection, so a client with a short ``dead_after`` does not take it for dead (an online
+    run failed over from a healthy device that was loading a candidate plan)."""
+    from edgepart.runtime import deploy as deploy_module
+    model, x, d = tiny
+    other = tmp_path / "other"
+    edgepart.compile(model, (x,), edgepart.Cluster.homogeneous(2), strategy="single").save(other)
+    ws = workers(2)
+    downs = []
+    with Session(d, {"d0": ws[0].address, "d1": ws[1].address}, KEY, resubmit=True, heartbeat=0.2,
+                 dead_after=0.8, on_event=lambda kind, info: downs.append(info) if kind == "device_down" else None) as s:
+        assert_close(s.infer(x, timeout=30), model(x))
+        real = deploy_module.DeviceProgram.from_bundle
+
+        def slow(*a, **kw):
+            time.sleep(2.0)
+            return real(*a, **kw)
+        monkeypatch.setattr(deploy_module.DeviceProgram, "from_bundle", staticmethod(slow))
+        t0 = time.monotonic()
+        pv = s.deploy_plan(other)                               # while the heartbeats go on
+        assert time.monotonic() - t0 >= 2.0                     # the load was slow ...
+        s.switch(pv)
+        assert_close(s.infer(x, timeout=30), model(x))
+        assert not downs, downs                                 # ... and no device was taken for dead

@@ -304,7 +304,17 @@ class Deployer:
             return False
 
     def _on_commit(self, conn: Conn, frame: Frame) -> None:
+        """Load the uploaded bundle — in a thread of its own: loading a program (imports, weights, an
+        ONNX Runtime session) can take seconds on a slow device, and the connection's reader must go on
+        answering pings and taking inputs for the plans already running meanwhile (a client judges a
+        worker that does not answer its pings as down)."""
         up = self.uploads.pop(conn, None)
+        if up is None or up.need:
+            self._commit(conn, up)
+            return
+        threading.Thread(target=self._commit, args=(conn, up), name="deploy-commit", daemon=True).start()
+
+    def _commit(self, conn: Conn, up) -> None:
         try:
             if up is None:
                 raise EdgepartError("commit without a deploy in progress (an earlier step was refused)")
