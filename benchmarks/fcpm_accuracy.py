@@ -45,11 +45,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgepart import models  # noqa: E402
-from edgepart.fcpm.context import chain_rows, chain_stage, graph_stage  # noqa: E402
+from edgepart.fcpm.context import (chain_reuse, chain_rows, chain_stage, graph_stage,  # noqa: E402
+                                   reference_kind, with_reuse)
 from edgepart.fcpm.features import clean_info, features  # noqa: E402
-from edgepart.fcpm.harness import Harness, Isolated, agreement, pinned_thread  # noqa: E402
+from edgepart.fcpm.harness import (Estimate, Harness, Isolated, agreement, drift_corrected,  # noqa: E402
+                                   pinned_thread, reference_drift)
 from edgepart.fcpm.load import BackgroundLoad  # noqa: E402
-from edgepart.fcpm.model import CANDIDATES, DeviceProfile, metrics  # noqa: E402
+from edgepart.fcpm.model import CANDIDATES, CONTEXT_TERMS, DeviceProfile, metrics  # noqa: E402
 from edgepart.fcpm.ops import Runner, geometry  # noqa: E402
 from edgepart.fcpm.profiler import COUNTS, design_nets, design_sweep, device_meta  # noqa: E402
 from edgepart.passes import analyse  # noqa: E402
@@ -191,7 +193,7 @@ def measure_all(units, loads, minutes, target_rse, rounds=("A", "B"), progress=T
                     for phase, share in phases.items():
                         t0 = time.perf_counter()
                         h = Harness(target_rse=target_rse, min_samples=5, max_samples=40, budget_s=per * share,
-                                    sample_s=0.003)
+                                    sample_s=0.003, reference=True)
                         got = h.run(units[phase])
                         est.update({k: e.to_json() for k, e in got.items()})
                         if progress:
@@ -208,37 +210,65 @@ SETS_CONTEXT = ("zoo layers", "row slices", "regions (whole)", "regions (row sli
 SETS_ISOLATED = ("held-out sweep configs", "zoo layers (isolated)", "zoo row slices (isolated)")
 
 
-def combine(meas, loads):
-    """{load: {key: geometric mean of the rounds' estimates}}, and {load: {key: (A, B)}}."""
+def combine(meas, loads, kind_of=None):
+    """Per load, raw and drift-corrected: {key: geometric mean of the rounds' estimates} and {key: (A, B)}.
+
+    Drift-corrected (harness.drift_corrected): each estimate relative to the reference kernel its job
+    follows (``kind_of(key)``: compute or memory) timed around its samples, on the references' common
+    scale over both rounds at that load. Estimates without reference timings (older files) stay raw."""
     rounds = list(meas)
-    both, pairs = {}, {}
+    out = {"raw": ({}, {}), "corrected": ({}, {})}
     for L in loads:
-        both[L], pairs[L] = {}, {}
         keys = set.intersection(*(set(meas[r][L]) for r in rounds))
-        for k in keys:
-            ts = [meas[r][L][k]["t"] for r in rounds]
-            both[L][k] = float(np.exp(np.mean(np.log(ts))))
-            if len(ts) >= 2:
-                pairs[L][k] = (ts[0], ts[1])
-    return both, pairs
+        runs = [{k: Estimate.from_json(meas[r][L][k]) for k in keys} for r in rounds]
+        corr = drift_corrected(runs, kind_of or (lambda k: "compute"))
+        for label, per_round in (("raw", [{k: e.t for k, e in run.items()} for run in runs]), ("corrected", corr)):
+            both, pairs = out[label][0].setdefault(L, {}), out[label][1].setdefault(L, {})
+            for k in keys:
+                ts = [run[k] for run in per_round]
+                both[k] = float(np.exp(np.mean(np.log(ts))))
+                if len(ts) >= 2:
+                    pairs[k] = (ts[0], ts[1])
+    return out
 
 
-def evaluate(times, pairs, loads, configs, test_cids, layers, slices, regions, graphs, nets, stored, meta, seed):
-    """Fit on the training data in ``times`` and score every test set per load."""
+def drift_table(meas, loads, sets_of, pairs_by):
+    """Per load: the references' B ÷ A (the host-wide drift removed) and, per test set, the median job's B ÷ A
+    raw and drift-corrected."""
+    rows = {}
+    for L in loads:
+        rounds = list(meas)
+        runs = [{k: Estimate.from_json(e) for k, e in meas[r][L].items()} for r in rounds]
+        ref = reference_drift(runs) if len(runs) >= 2 else {}
+        per_set = {}
+        for name, keys in sets_of(L).items():
+            med = {}
+            for label in ("raw", "corrected"):
+                pairs = pairs_by[label][L]
+                r = [pairs[k][1] / pairs[k][0] for k in keys if k in pairs]
+                med[label] = float(np.median(r)) if r else float("nan")
+            per_set[name] = med
+        rows[L] = {"reference": {k: v[-1] for k, v in ref.items()}, "sets": per_set}
+    return rows
+
+
+def evaluate(times, pairs, loads, configs, test_cids, layers, slices, regions, graphs, nets, stored, meta, seed,
+             raw=None, terms=CONTEXT_TERMS):
+    """Fit on the training data in ``times`` (drift-corrected) and score every test set per load; ``raw``:
+    (times, pairs) as timed, for the raw re-timing agreement and the accuracy against raw times."""
     recs = [{"cid": k[1], "family": configs[k[1]]["family"], "rows": k[2], "load": L, "t": t}
             for L in loads for k, t in times[L].items() if k[0] == "sweep"]
     train = [r for r in recs if r["cid"] not in test_cids]
     prof = DeviceProfile.fit(stored, train, dict(meta, split="train (70% of sweep configs)"), seed=seed,
                              keep_measurements=False)
-    net_info = [{n.name: clean_info(node_info(n)) for n in analyse(trace(net, (x,))).graph.nodes
-                 if n.op in COMPUTE_OPS} for net, x in nets]
+    net_info = [with_reuse(analyse(trace(net, (x,)))) for net, x in nets]
     ctx = [{"info": net_info[int(k[0].split(":")[1])][k[1]], "rows": None, "load": L, "t": t}
            for L in loads for k, t in times[L].items()
            if isinstance(k[0], str) and k[0].startswith("net:") and k[1] != "total"]
-    ctx_fit = prof.fit_context(ctx)
-    model_info = {name: {n.name: clean_info(node_info(n)) for n in gm.graph.nodes if n.op in COMPUTE_OPS}
-                  for name, (_, _, gm) in graphs.items()}
+    ctx_fit = prof.fit_context(ctx, terms=terms)
+    model_info = {name: with_reuse(gm) for name, (_, _, gm) in graphs.items()}
     region_r = [chain_rows(reg["infos"], reg["rows"]) for reg in regions]
+    region_i = [chain_reuse(reg["infos"], r) for reg, r in zip(regions, region_r)]
 
     def pred(info, rows, L, ctx_=True):
         return (prof.predict(info, rows, L, context="sequence" if ctx_ else "isolated"),
@@ -273,7 +303,7 @@ def evaluate(times, pairs, loads, configs, test_cids, layers, slices, regions, g
                 if k[1] == "total":
                     continue
                 reg = regions[i]
-                p, b = pred(reg["infos"][k[1]], region_r[i][k[1]], L)
+                p, b = pred(region_i[i][k[1]], region_r[i][k[1]], L)
                 whole = reg["rows"] == reg["infos"][-1]["rows"]
                 if not whole:
                     sets["row slices"].append((k, p, b, t))
@@ -296,11 +326,47 @@ def evaluate(times, pairs, loads, configs, test_cids, layers, slices, regions, g
                 continue
             keys = [r[0] for r in rows]
             p, b, t = (np.array(v, float) for v in list(zip(*rows))[1:])
+            rt_pairs = raw[1] if raw else pairs
             results[L][name] = {"fcpm": metrics(p, t), "baseline": metrics(b, t),
                                 "retiming": agreement({k: pairs[L][k][0] for k in keys if k in pairs[L]},
                                                       {k: pairs[L][k][1] for k in keys if k in pairs[L]}),
+                                "retiming_raw": agreement({k: rt_pairs[L][k][0] for k in keys if k in rt_pairs[L]},
+                                                          {k: rt_pairs[L][k][1] for k in keys if k in rt_pairs[L]}),
+                                "fcpm_raw": metrics(p, [raw[0][L][k] for k in keys]) if raw else None,
+                                "keys": [list(k) for k in keys],
                                 "points": [[float(x), float(y), float(z)] for x, y, z in zip(p, b, t)]}
     return prof, results, ctx_fit, recs, ctx
+
+
+def job_kinds(configs, layers, slices, regions, graphs, nets):
+    """key -> the reference kernel ("compute" or "memory") whose drift the job follows (context.reference_kind
+    of its layer; a stage's total follows the compute reference)."""
+    model_info = {f"model:{name}": {n.name: clean_info(node_info(n)) for n in gm.graph.nodes if n.op in COMPUTE_OPS}
+                  for name, (_, _, gm) in graphs.items()}
+    for i, (net, x) in enumerate(nets):
+        model_info[f"net:{i}"] = {n.name: clean_info(node_info(n)) for n in analyse(trace(net, (x,))).graph.nodes
+                                  if n.op in COMPUTE_OPS}
+    region_r = [chain_rows(reg["infos"], reg["rows"]) for reg in regions]
+    memo = {}
+
+    def kind_of(k):
+        if k in memo:
+            return memo[k]
+        tag, info, rows = str(k[0]), None, None
+        if tag == "sweep":
+            info, rows = configs[k[1]]["info"], k[2]
+        elif tag == "layer":
+            info = layers[k[1]]
+        elif tag == "slice":
+            info, rows = slices[k[1]]
+        elif tag.startswith("region:") and k[1] != "total":
+            i = int(tag.split(":")[1])
+            info, rows = regions[i]["infos"][k[1]], region_r[i][k[1]]
+        elif tag in model_info:
+            info = model_info[tag].get(k[1])
+        memo[k] = "compute" if info is None else reference_kind(info, rows)
+        return memo[k]
+    return kind_of
 
 
 # --------------------------------------------------------------------------- main
@@ -339,7 +405,11 @@ def main(argv=None):
     ap.add_argument("--measure-only", action="store_true",
                     help="time and save the raw measurements, then stop (fit and report later with --refit, "
                          "outside the measurement lock)")
+    ap.add_argument("--context-terms", default=",".join(CONTEXT_TERMS),
+                    help="terms of the in-network part (edgepart.fcpm.model.context_terms); 'node,weights,inputs' "
+                         "is the 2026-12-04 form")
     a = ap.parse_args(argv)
+    terms = tuple(t for t in a.context_terms.split(",") if t)
     torch.set_num_threads(1)
     loads = [float(v) for v in a.loads.split(",")]
     rng = np.random.default_rng(a.seed)
@@ -396,23 +466,29 @@ def main(argv=None):
     loads = sorted({L for by_load in meas.values() for L in by_load})
     meta = device_meta("host")
     meta.update(loads=loads, timing_cpu=core, target_rse=a.target_rse, note="fitted by benchmarks/fcpm_accuracy.py")
-    times, pairs = combine(meas, loads)
+    kind_of = job_kinds(configs, layers, slices, regions, graphs, nets)
+    both = combine(meas, loads, kind_of)
+    times, pairs = both["corrected"]
     prof, results, ctx_fit, recs, ctx = evaluate(times, pairs, loads, configs, test_cids, layers, slices, regions,
-                                                 graphs, nets, stored, meta, a.seed)
+                                                 graphs, nets, stored, meta, a.seed, raw=both["raw"], terms=terms)
+    drift = drift_table(meas, loads, lambda L: {name: [tuple(k) for k in v["keys"]]
+                                                for name, v in results[L].items() if name != "models"},
+                        {label: both[label][1] for label in both})
     harness_stats = repeatability(meas, loads)
     if a.profile_out:
         prof_all = DeviceProfile.fit(stored, recs, dict(meta, split="all sweep configs"), seed=a.seed)
-        prof_all.fit_context(ctx)
+        prof_all.fit_context(ctx, terms=terms)
         prof_all.save(a.profile_out)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     md = report(results, loads, prof, meta, a, len(configs), len(test_cids), len(layers), len(slices), len(regions),
-                len(graphs), len(nets), t_meas, ctx_fit, harness_stats)
+                len(graphs), len(nets), t_meas, ctx_fit, harness_stats, drift)
     print(md)
     write_keeping_analysis(out / f"fcpm_accuracy{sfx}.md", md)
     (out / f"fcpm_accuracy{sfx}.json").write_text(json.dumps(
         {"meta": meta, "loads": loads, "chosen_models": prof.summary(), "context_fit": ctx_fit,
          "harness": {str(L): v for L, v in harness_stats.items()},
+         "drift": {str(L): v for L, v in drift.items()},
          "results": {str(L): v for L, v in results.items()}}, indent=1))
     plot(results, loads, out / f"fcpm_accuracy{sfx}.png")
     return 0
@@ -433,8 +509,9 @@ def repeatability(meas, loads):
 
 # --------------------------------------------------------------------------- report
 
-HEAD = ["| test set | load | n | re-timing agreement ±10% | FCPM acc±10% | FCPM ÷ agreement | baseline acc±10% | "
-        "FCPM RMSPE | baseline RMSPE | FCPM ρ |", "|---|---|---|---|---|---|---|---|---|---|"]
+HEAD = ["| test set | load | n | re-timing agreement ±10%: raw | drift-corrected | FCPM acc±10% | FCPM ÷ agreement | "
+        "FCPM acc±10% vs raw times | baseline acc±10% | FCPM RMSPE | baseline RMSPE | FCPM ρ |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
 
 def table_rows(results, loads, sets):
@@ -445,15 +522,20 @@ def table_rows(results, loads, sets):
             if not v:
                 continue
             fc, bl, rt = v["fcpm"], v["baseline"], v["retiming"]
+            rr = v.get("retiming_raw", rt)
+            fr = (v.get("fcpm_raw") or {}).get("acc10", float("nan"))
             share = fc["acc10"] / rt if rt and not math.isnan(rt) else float("nan")
-            rows.append(f"| {name} | {L:.0%} | {fc['n']} | {'–' if math.isnan(rt) else f'{rt:.0%}'} | "
-                        f"**{fc['acc10']:.0%}** | {'–' if math.isnan(share) else f'{share:.0%}'} | {bl['acc10']:.0%} | "
+
+            def pct(x):
+                return "–" if x is None or math.isnan(x) else f"{x:.0%}"
+            rows.append(f"| {name} | {L:.0%} | {fc['n']} | {pct(rr)} | {pct(rt)} | "
+                        f"**{fc['acc10']:.0%}** | {pct(share)} | {pct(fr)} | {bl['acc10']:.0%} | "
                         f"{fc['rmspe']:.1%} | {bl['rmspe']:.1%} | {fc['spearman']:.3f} |")
     return rows
 
 
 def report(results, loads, prof, meta, a, n_cfg, n_test, n_layers, n_slices, n_regions, n_models, n_nets, t_meas,
-           ctx_fit, hstats):
+           ctx_fit, hstats, drift):
     lines = ["# FCPM accuracy", "",
              f"Measured on this host ({os.cpu_count()} cores, {meta['processor'] or meta['machine']}, torch "
              f"{meta['torch']}) on {time.strftime('%Y-%m-%d')}, {t_meas / 60:.1f} min of timing in all "
@@ -469,6 +551,14 @@ def report(results, loads, prof, meta, a, n_cfg, n_test, n_layers, n_slices, n_r
              "**re-timing agreement** = share of a set's jobs whose A and B estimates agree within ±10 % — the "
              "harness's repeatability, and the ceiling of any model's ±10 % accuracy against them. Measured "
              "time = geometric mean of A and B.", "",
+             "**Drift correction** (the host's speed taken out): throughout every run the harness times two "
+             "reference kernels every 0.2 s — a 3×3 convolution whose data fit the core's L2 (*compute*) and a "
+             "4 MiB element-wise add (*memory*) — and keeps each sample relative to the reference timed around "
+             "it. *Drift-corrected* times are those ratios (a dense convolution's against the compute "
+             "reference, every other layer's against the memory one, a stage total's against compute) on the "
+             "references' common scale at that load; *raw* times are the samples as timed. The FCPM is "
+             "fitted and scored on drift-corrected times; the column *vs raw times* scores the same "
+             "predictions against the raw ones.", "",
              f"FCPM: isolated part fitted on 70 % of {n_cfg} sweep configurations, in-network part "
              f"(`DeviceProfile.fit_context`) on {n_nets} random synthetic CNNs timed layer by layer in context; "
              f"no zoo model in either. Tested on {n_models} zoo models run node by node (every non-view layer "
@@ -489,15 +579,34 @@ def report(results, loads, prof, meta, a, n_cfg, n_test, n_layers, n_slices, n_r
         h = hstats[L]
         lines.append(f"| {L:.0%} | {h['estimates']} | {h['converged']:.0%} | {h['median_rse']:.2%} | "
                      f"{h['p90_rse']:.2%} | {h['median_samples']:.0f} |")
+    lines += ["", "## The host's drift between the rounds", "",
+              "Round B ÷ round A: the reference kernels' median time (the drift the correction removes), and the "
+              "median job's estimate raw and drift-corrected.", "",
+              "| load | reference compute B÷A | reference memory B÷A | " + " | ".join(
+                  f"{n}: raw / corrected" for n in SETS_CONTEXT + SETS_ISOLATED) + " |",
+              "|---|---|---|" + "---|" * len(SETS_CONTEXT + SETS_ISOLATED)]
+    for L in loads:
+        d = drift.get(L, {})
+        ref = d.get("reference", {})
+        cells = []
+        for n in SETS_CONTEXT + SETS_ISOLATED:
+            v = d.get("sets", {}).get(n)
+            cells.append("–" if not v else f"{v['raw']:.3f} / {v['corrected']:.3f}")
+        lines.append(f"| {L:.0%} | {ref.get('compute', float('nan')):.3f} | {ref.get('memory', float('nan')):.3f} | "
+                     + " | ".join(cells) + " |")
+    terms = ctx_fit.get("terms", [])
     lines += ["", "## The in-network part (fitted on the synthetic networks' layers in context)", "",
-              f"Time in context = a·(isolated prediction) + b + c·(weight bytes) + d·(input bytes), per op type "
-              f"(≥ 12 samples, else the fit over all). On its own {ctx_fit.get('n', 0)} training samples: "
-              f"RMSPE {ctx_fit.get('rmspe_isolated', float('nan')):.1%} isolated → "
+              f"Time in context = a·(isolated prediction) + Σ coefficient × term, terms {', '.join(terms[1:])} "
+              f"(`edgepart/fcpm/model.py` context_terms; L2 = {ctx_fit.get('l2_bytes', 0) / 2**20:g} MiB), per group "
+              f"(the op type, 1×1 convolutions apart; ≥ 12 samples, else the fit over all with a = 1). On its own "
+              f"{ctx_fit.get('n', 0)} training samples: RMSPE {ctx_fit.get('rmspe_isolated', float('nan')):.1%} isolated → "
               f"{ctx_fit.get('rmspe_corrected', float('nan')):.1%} corrected; within ±10 % "
               f"{ctx_fit.get('acc10_isolated', float('nan')):.0%} → {ctx_fit.get('acc10_corrected', float('nan')):.0%}.",
-              "", "| op type | a | b µs | c ns/KB | d ns/KB |", "|---|---|---|---|---|"]
-    for fam, c in sorted((ctx_fit.get("families") or {}).items()) + [("(all)", ctx_fit.get("global", [0] * 4))]:
-        lines.append(f"| {fam} | {c[0]:.3f} | {c[1] * 1e6:.2f} | {c[2] * 1e9 * 1024:.3f} | {c[3] * 1e9 * 1024:.3f} |")
+              "", "| group | a | " + " | ".join(f"{t} ({'µs' if t == 'node' else 'ns/KB'})" for t in terms[1:]) + " |",
+              "|---|---|" + "---|" * (len(terms) - 1)]
+    for g, c in sorted((ctx_fit.get("groups") or {}).items()) + [("(all)", ctx_fit.get("global", [0] * len(terms)))]:
+        cells = [f"{v * 1e6:.2f}" if t == "node" else f"{v * 1e9 * 1024:.3f}" for t, v in zip(terms[1:], c[1:])]
+        lines.append(f"| {g} | {c[0]:.3f} | " + " | ".join(cells) + " |")
     lines += ["", "## Whole models (sum of their layers in context)", "",
               "| model | load | measured ms | FCPM ms | error | baseline ms | error |", "|---|---|---|---|---|---|---|"]
     for L in loads:

@@ -24,6 +24,13 @@ set on a busy host (issue #20). The harness removes the causes it can control:
 Units are built lazily and in memory-bounded chunks (``max_bytes``: a VGG-16 classifier layer
 holds 400 MB); the passes interleave within a chunk. :func:`agreement` compares two runs of the
 harness (the re-timing agreement the accuracy benchmark reports as the harness's repeatability).
+
+What the harness cannot control is the host: on a shared machine every job of a run can come out
+5–12 % slower than the same jobs a minute earlier (issue #20). With ``reference=True`` a
+:class:`Reference` — two fixed kernels, one bound by the core, one by the shared cache and memory —
+is timed every ``ref_every_s`` seconds throughout the run; each sample is also kept relative to the
+reference timed around it (``Estimate.rel``), so two runs can be compared with the host's drift
+taken out (:func:`drift_corrected`).
 """
 from __future__ import annotations
 
@@ -120,7 +127,11 @@ def rse_of_median(xs: Sequence[float]) -> float:
 @dataclass
 class Estimate:
     """One job's timing: ``t`` the median of its samples (seconds), ``rse`` that median's relative
-    standard error, ``n`` samples, ``pred`` what ran just before each timed call."""
+    standard error, ``n`` samples, ``pred`` what ran just before each timed call.
+
+    With a :class:`Reference` (else both None): ``ref`` {kind: the median of the reference times around
+    this job's samples (s)}, ``rel`` {kind: the median of sample ÷ reference time around it} — the job's
+    time in units of the host's speed at the moment each sample was taken."""
     t: float
     rse: float
     n: int
@@ -128,10 +139,65 @@ class Estimate:
     pred: str
     converged: bool
     samples: list[float] = field(default_factory=list, repr=False)
+    ref: dict[str, float] | None = None
+    rel: dict[str, float] | None = None
 
     def to_json(self) -> dict:
-        return {"t": self.t, "rse": self.rse if math.isfinite(self.rse) else None, "n": self.n,
-                "t_min": self.t_min, "pred": self.pred, "converged": self.converged}
+        d = {"t": self.t, "rse": self.rse if math.isfinite(self.rse) else None, "n": self.n,
+             "t_min": self.t_min, "pred": self.pred, "converged": self.converged}
+        if self.ref is not None:
+            d["ref"], d["rel"] = dict(self.ref), dict(self.rel or {})
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Estimate":
+        return cls(float(d["t"]), math.inf if d.get("rse") is None else float(d["rse"]), int(d["n"]),
+                   float(d.get("t_min", d["t"])), str(d.get("pred", "?")), bool(d.get("converged", False)),
+                   ref=d.get("ref"), rel=d.get("rel"))
+
+
+# --------------------------------------------------------------------------- the host's speed
+
+REFERENCE_KINDS = ("compute", "memory")
+
+
+class Reference:
+    """Two fixed kernels that measure the host's speed at a moment, timed throughout a harness run.
+
+    * ``compute``: a 3×3 convolution, 32 → 32 channels on 28×28 (weights and input fit the core's L2):
+      bound by the core's clock and whatever shares the core;
+    * ``memory``: the sum of two 1 Mi-float (4 MiB) tensors into a third, beyond any core's L2: bound by
+      the shared cache and memory bandwidth, which the other cores' work takes a share of.
+
+    A sample is the median of ``reps`` timed calls after one untimed call (so the job before it does
+    not decide whether the reference finds its data in cache). Deterministic inputs (fixed seed).
+    ``kernels``: {kind: zero-argument callable} instead of these two (tests)."""
+
+    def __init__(self, reps: int = 3, kernels: dict[str, Callable[[], Any]] | None = None):
+        self.reps = reps
+        self.kernels = kernels
+
+    def build(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 32, 28, 28, generator=g)
+        w = torch.randn(32, 32, 3, 3, generator=g)
+        a, b = torch.randn(1 << 20, generator=g), torch.randn(1 << 20, generator=g)
+        self.kernels = {"compute": lambda: torch.nn.functional.conv2d(x, w, padding=1),
+                        "memory": lambda: torch.add(a, b)}
+
+    def sample(self, clock: Callable[[], float]) -> dict[str, float]:
+        if self.kernels is None:
+            self.build()
+        out = {}
+        for kind, fn in self.kernels.items():
+            fn()
+            ts = []
+            for _ in range(self.reps):
+                t0 = clock()
+                fn()
+                ts.append(clock() - t0)
+            out[kind] = median(ts)
+        return out
 
 
 # --------------------------------------------------------------------------- units
@@ -268,6 +334,9 @@ class Harness:
     max_bytes: int = 1 << 30
     clock: Callable[[], float] = time.perf_counter
     on_pass: Callable[[int, int], None] | None = None    # (samples taken so far, units) after each visit
+    reference: bool | Reference = False    # time a Reference throughout (True: the default one)
+    ref_every_s: float = 0.2               # ... before a visit once this much wall time has passed since the last
+    reference_log: list = field(default_factory=list, init=False, repr=False)   # [(s since start, {kind: s})]
 
     def chunks(self, units: list[Unit]) -> list[list[Unit]]:
         out, cur, size = [], [], 0
@@ -286,10 +355,20 @@ class Harness:
         ``{job key: Estimate}``. A unit that fails to build or run is left out (its keys absent)."""
         keep_freed_memory()
         samples: dict[Any, list[float]] = {}
+        segs: dict[Any, list[int]] = {}      # per sample: the index of the last reference timed before it
         preds: dict[Any, str] = {}
         t_start = time.perf_counter()
         chunks = self.chunks(units)
         visits = 0
+        ref = Reference() if self.reference is True else (self.reference or None)
+        log = self.reference_log = []
+        last_ref = [-math.inf]
+
+        def time_reference(force: bool = False) -> None:
+            now = time.perf_counter()
+            if ref is not None and (force or now - last_ref[0] >= self.ref_every_s):
+                log.append((now - t_start, ref.sample(self.clock)))
+                last_ref[0] = time.perf_counter()
         with torch.inference_mode():
             for ci, chunk in enumerate(chunks):
                 left = max(0.0, self.budget_s - (time.perf_counter() - t_start))
@@ -315,6 +394,7 @@ class Harness:
                     if now > deadline + share or (now > deadline and not short):
                         break
                     for u in todo:
+                        time_reference()
                         try:
                             got = u.visit(self.clock, self.sample_s)
                         except Exception:  # noqa: BLE001 — failed mid-run: drop the unit
@@ -324,18 +404,25 @@ class Harness:
                             continue
                         for k, v in got.items():
                             samples[k].append(v)
+                            segs.setdefault(k, []).append(len(log) - 1)
                         visits += 1
                         if self.on_pass:
                             self.on_pass(visits, len(units))
                 for u in chunk:
                     u.release()
+                time_reference(force=True)      # closes the last samples' bracket
         out = {}
         for k, xs in samples.items():
             if not xs:
                 continue
             r = rse_of_median(xs)
-            out[k] = Estimate(median(xs), r, len(xs), min(xs), preds.get(k, "?"),
-                              len(xs) >= self.min_samples and r <= self.target_rse, list(xs))
+            e = Estimate(median(xs), r, len(xs), min(xs), preds.get(k, "?"),
+                         len(xs) >= self.min_samples and r <= self.target_rse, list(xs))
+            if ref is not None and log:
+                around = [_bracket(log, j) for j in segs.get(k, [])]
+                e.ref = {kind: median([a[kind] for a in around]) for kind in log[0][1]}
+                e.rel = {kind: median([x / a[kind] for x, a in zip(xs, around)]) for kind in log[0][1]}
+            out[k] = e
         return out
 
     def _done(self, u: Unit, samples: dict) -> bool:
@@ -346,6 +433,50 @@ class Harness:
             if len(xs) < self.min_samples or rse_of_median(xs) > self.target_rse:
                 return False
         return True
+
+
+def _bracket(log: list, j: int) -> dict[str, float]:
+    """The reference around a sample taken after reference ``j``: the geometric mean of reference ``j``
+    and the next one (the one before the first reference, if it came first)."""
+    j = max(0, j)
+    a = log[j][1]
+    if j + 1 >= len(log):
+        return a
+    b = log[j + 1][1]
+    return {kind: math.sqrt(a[kind] * b[kind]) for kind in a}
+
+
+def drift_corrected(runs: Sequence[dict], kind_of: Callable[[Any], str] = lambda key: "compute") -> list[dict]:
+    """The estimates of several runs of the same jobs ({key: Estimate}, with a Reference) with the
+    host's drift between (and within) them taken out: each job's ``rel`` for its reference
+    ``kind_of(key)``, times that reference's typical time over all the runs (the geometric mean of every
+    estimate's ``ref``) — seconds on one common scale. Jobs without reference timings keep their ``t``.
+    Returns one {key: seconds} per run."""
+    logs: dict[str, list[float]] = {}
+    for run in runs:
+        for e in run.values():
+            for kind, v in (e.ref or {}).items():
+                logs.setdefault(kind, []).append(math.log(v))
+    scale = {kind: math.exp(sum(v) / len(v)) for kind, v in logs.items()}
+    out = []
+    for run in runs:
+        cur = {}
+        for k, e in run.items():
+            kind = kind_of(k)
+            cur[k] = e.rel[kind] * scale[kind] if e.rel and kind in e.rel and kind in scale else e.t
+        out.append(cur)
+    return out
+
+
+def reference_drift(runs: Sequence[dict]) -> dict[str, list[float]]:
+    """{kind: each run's median reference time ÷ the first run's}: the host-wide drift between runs that
+    :func:`drift_corrected` removes (1.05: the host was 5 % slower in that run)."""
+    out: dict[str, list[float]] = {}
+    meds = [{kind: median([e.ref[kind] for e in run.values() if e.ref]) for kind in REFERENCE_KINDS
+             if any(e.ref and kind in e.ref for e in run.values())} for run in runs]
+    for kind in meds[0] if meds else {}:
+        out[kind] = [m.get(kind, float("nan")) / meds[0][kind] for m in meds]
+    return out
 
 
 def agreement(a: dict, b: dict, keys=None, tol: float = 0.10) -> float:
