@@ -371,6 +371,49 @@ def job_kinds(configs, layers, slices, regions, graphs, nets):
 
 # --------------------------------------------------------------------------- main
 
+def sizes(a) -> dict:
+    """What decides the jobs (saved with the measurements: a re-fit must rebuild the same ones)."""
+    return {"quick": bool(a.quick), "models": a.models, "scale": a.scale, "layers": a.layers,
+            "slices_per_layer": a.slices_per_layer, "regions": a.regions, "nets": a.nets, "seed": a.seed}
+
+
+def test_sets(a):
+    """(configs, held-out cids, zoo graphs, zoo layers, slices, regions, synthetic nets, stored configs) for the
+    sizes in ``a`` — deterministic in them."""
+    rng = np.random.default_rng(a.seed)
+    names = a.models.split(",")
+    if a.quick:
+        names = [n for n in names if n in ("tinynet", "resnet18", "mobilenet_v2")]
+    counts = {k: max(2, int(round(v * (a.scale / 6 if a.quick else a.scale)))) for k, v in COUNTS.items()}
+    configs = design_sweep(seed=a.seed, counts=counts)
+    by_fam = {}
+    for c in configs:
+        by_fam.setdefault(c["family"], []).append(c["cid"])
+    test_cids = set()
+    for fam, cids in by_fam.items():
+        k = int(round(0.3 * len(cids)))
+        test_cids |= set(rng.choice(cids, size=k, replace=False).tolist()) if k else set()
+    graphs = zoo_graphs(names)
+    layers, slices = zoo_layers(graphs, rng, 30 if a.quick else a.layers, a.slices_per_layer)
+    regions = zoo_regions(graphs, rng, 8 if a.quick else a.regions)
+    nets = design_nets(3 if a.quick else a.nets, a.seed)
+    stored = [{"cid": c["cid"], "family": c["family"], "info": clean_info(c["info"]), "rows": c["rows"]}
+              for c in configs]
+    return configs, test_cids, graphs, layers, slices, regions, nets, stored
+
+
+def load_measurements(raw_path: Path, a):
+    """The saved rounds ({round: {load: {key: estimate JSON}}}), timing seconds and core; refuses a file measured
+    with other sizes than ``a``'s (its jobs would not be the ones rebuilt here)."""
+    saved = json.loads(raw_path.read_text())
+    want, got = sizes(a), saved.get("sizes")
+    if got is not None and got != want:
+        diff = {k: (got.get(k), want[k]) for k in want if got.get(k) != want[k]}
+        raise SystemExit(f"{raw_path} was measured with other sizes {diff} (saved, asked): pass the saved ones")
+    meas = {rd: {float(L): {_key(k): e for k, e in rows} for L, rows in by_load.items()}
+            for rd, by_load in saved["measurements"].items()}
+    return meas, saved["seconds"], saved.get("timing_cpu"), saved
+
 def _key(k):
     return tuple(k)
 
@@ -412,35 +455,14 @@ def main(argv=None):
     terms = tuple(t for t in a.context_terms.split(",") if t)
     torch.set_num_threads(1)
     loads = [float(v) for v in a.loads.split(",")]
-    rng = np.random.default_rng(a.seed)
-    names = a.models.split(",")
-    if a.quick:
-        names = [n for n in names if n in ("tinynet", "resnet18", "mobilenet_v2")]
-    counts = {k: max(2, int(round(v * (a.scale / 6 if a.quick else a.scale)))) for k, v in COUNTS.items()}
-    configs = design_sweep(seed=a.seed, counts=counts)
-    by_fam = {}
-    for c in configs:
-        by_fam.setdefault(c["family"], []).append(c["cid"])
-    test_cids = set()
-    for fam, cids in by_fam.items():
-        k = int(round(0.3 * len(cids)))
-        test_cids |= set(rng.choice(cids, size=k, replace=False).tolist()) if k else set()
-    graphs = zoo_graphs(names)
-    layers, slices = zoo_layers(graphs, rng, 30 if a.quick else a.layers, a.slices_per_layer)
-    regions = zoo_regions(graphs, rng, 8 if a.quick else a.regions)
-    nets = design_nets(3 if a.quick else a.nets, a.seed)
-    stored = [{"cid": c["cid"], "family": c["family"], "info": clean_info(c["info"]), "rows": c["rows"]}
-              for c in configs]
+    configs, test_cids, graphs, layers, slices, regions, nets, stored = test_sets(a)
     sfx = "_quick" if a.quick else ""
     raw_path = Path(a.out) / f"fcpm_measurements{sfx}.json"
     print(f"{len(configs)} sweep configs ({len(test_cids)} held out), {len(layers)} zoo layers and {len(slices)} "
           f"slices isolated, {len(graphs)} models and {len(regions)} regions in context, {len(nets)} training "
           f"networks; loads {loads}, two rounds, {a.minutes:g} min", flush=True)
     if a.refit:
-        saved = json.loads(raw_path.read_text())
-        meas = {rd: {float(L): {_key(k): e for k, e in rows} for L, rows in by_load.items()}
-                for rd, by_load in saved["measurements"].items()}
-        t_meas, core = saved["seconds"], saved.get("timing_cpu")
+        meas, t_meas, core, _ = load_measurements(raw_path, a)
     else:
         units = build_units(configs, test_cids, layers, slices, regions, graphs, nets)
         t0 = time.time()
@@ -457,7 +479,7 @@ def main(argv=None):
                             mine[_key(k)] = e
             t_meas += saved["seconds"]
         raw_path.parent.mkdir(parents=True, exist_ok=True)
-        raw_path.write_text(json.dumps({"seconds": t_meas, "timing_cpu": core, "measurements": {
+        raw_path.write_text(json.dumps({"seconds": t_meas, "timing_cpu": core, "sizes": sizes(a), "measurements": {
             rd: {str(L): [[list(k), e] for k, e in est.items()] for L, est in by_load.items()}
             for rd, by_load in meas.items()}}))
         if a.measure_only:

@@ -424,7 +424,9 @@ def sequence_terms(info: dict, rows: int | None) -> np.ndarray:
 
 
 CONTEXT_TERM_NAMES = ("node", "weights", "inputs", "in_near", "in_written", "in_far", "output")
-CONTEXT_TERMS = ("node", "weights", "in_near", "in_written", "in_far", "output")   # what fit_context uses by default
+# fit_context's default: of the term sets benchmarks/fcpm_context_features.py compares, the split of the inputs by
+# where they are and the output bytes bought nothing on layers of models it was not fitted on
+CONTEXT_TERMS = ("node", "weights", "inputs")
 WRITERS = ("conv", "dwconv", "linear")      # op types whose output the next layer finds as if cold (see context_terms)
 
 
