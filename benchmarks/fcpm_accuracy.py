@@ -602,20 +602,20 @@ def report(results, loads, prof, meta, a, n_cfg, n_test, n_layers, n_slices, n_r
         lines.append(f"| {L:.0%} | {h['estimates']} | {h['converged']:.0%} | {h['median_rse']:.2%} | "
                      f"{h['p90_rse']:.2%} | {h['median_samples']:.0f} |")
     lines += ["", "## The host's drift between the rounds", "",
-              "Round B ÷ round A: the reference kernels' median time (the drift the correction removes), and the "
-              "median job's estimate raw and drift-corrected.", "",
-              "| load | reference compute B÷A | reference memory B÷A | " + " | ".join(
-                  f"{n}: raw / corrected" for n in SETS_CONTEXT + SETS_ISOLATED) + " |",
-              "|---|---|---|" + "---|" * len(SETS_CONTEXT + SETS_ISOLATED)]
+              "Round B ÷ round A: the reference kernels' median time (the drift the correction removes: 1.05 = the "
+              "host was 5 % slower in round B), and the median job's estimate, raw and drift-corrected.", "",
+              "| load | reference: compute | memory |", "|---|---|---|"]
     for L in loads:
-        d = drift.get(L, {})
-        ref = d.get("reference", {})
+        ref = drift.get(L, {}).get("reference", {})
+        lines.append(f"| {L:.0%} | {ref.get('compute', float('nan')):.3f} | {ref.get('memory', float('nan')):.3f} |")
+    lines += ["", "| test set | " + " | ".join(f"{L:.0%}: raw | corrected" for L in loads) + " |",
+              "|---|" + "---|---|" * len(loads)]
+    for n in SETS_CONTEXT + SETS_ISOLATED:
         cells = []
-        for n in SETS_CONTEXT + SETS_ISOLATED:
-            v = d.get("sets", {}).get(n)
-            cells.append("–" if not v else f"{v['raw']:.3f} / {v['corrected']:.3f}")
-        lines.append(f"| {L:.0%} | {ref.get('compute', float('nan')):.3f} | {ref.get('memory', float('nan')):.3f} | "
-                     + " | ".join(cells) + " |")
+        for L in loads:
+            v = drift.get(L, {}).get("sets", {}).get(n)
+            cells += ["–", "–"] if not v else [f"{v['raw']:.3f}", f"{v['corrected']:.3f}"]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
     terms = ctx_fit.get("terms", [])
     lines += ["", "## The in-network part (fitted on the synthetic networks' layers in context)", "",
               f"Time in context = a·(isolated prediction) + Σ coefficient × term, terms {', '.join(terms[1:])} "
