@@ -64,7 +64,7 @@ ROW_LOCAL = {"conv2d", "max_pool2d", "avg_pool2d", "batch_norm", "activation", "
 ZOO = ["resnet18", "mobilenet_v2", "alexnet", "inception", "yolov2_tiny", "se_resnet", "unet", "tinynet", "resnet50",
        "vgg16"]
 # share of each (load, round)'s time per phase
-PHASES = {"sweep": 0.38, "isolated zoo": 0.30, "models": 0.14, "regions": 0.10, "nets": 0.08}
+PHASES = {"sweep": 0.30, "isolated zoo": 0.22, "models": 0.28, "regions": 0.10, "nets": 0.10}
 
 
 # --------------------------------------------------------------------------- test sets from the zoo

@@ -335,3 +335,31 @@ def test_remote_measurements_with_bad_input_reuse_are_refused():
         m["nets"]["infos"][0][0]["reuse"] = bad
         with pytest.raises(EdgepartError, match="reuse"):
             check_measurements(m)
+
+
+def test_a_long_stage_also_counts_its_opening_run_after_the_first_layer():
+    """Fake layers taking 10 ms each: the opening run (30 ms ≥ long_s) is timed too, except its first layer."""
+    state, clock = _fake_clock()
+    calls = []
+
+    def make():
+        def step(i):
+            def prep(env):
+                def f():
+                    calls.append(i)
+                    state["now"] += 0.010 * (1 + 0.5 * (len(calls) <= 3))     # the opening run is 1.5× slower
+                    return i
+                return f, (), {}
+            return (f"l{i}", ("s", i), prep)
+        return [step(0), step(1), step(2)], None
+    st = Stage([("s", 0), ("s", 1), ("s", 2)], make, total_key=("s", "total"), long_s=0.02)
+    st.build()
+    got = st.visit(clock, target_s=0.001)                       # one timed run after the opening run
+    assert len(calls) == 6
+    assert got[("s", 0)] == pytest.approx(0.010)                # the first layer: the timed run only
+    assert got[("s", 1)] == pytest.approx(0.0125)               # median (mean) of the opening and the timed run
+    assert got[("s", "total")] == pytest.approx(0.030)          # the total: timed runs only
+    short = Stage([("s", 0), ("s", 1), ("s", 2)], make, long_s=1.0)
+    short.build()
+    calls.clear()
+    assert short.visit(clock, target_s=0.001)[("s", 1)] == pytest.approx(0.010)
