@@ -125,6 +125,7 @@ def test_harness_chunks_by_memory_and_skips_unbuildable_units():
     assert [len(c) for c in h.chunks(units)] == [1, 1, 1]
     est = h.run(units)
     assert set(est) == {"p", "q"}
+    assert h.failures == [("bad", "cannot build: RuntimeError: cannot build")]
 
 
 def test_graph_stage_runs_the_model_layer_by_layer():
@@ -230,11 +231,17 @@ def test_reference_takes_the_hosts_drift_out_of_a_re_timing():
     assert agreement(a, b) == 0.0                                  # raw: every job 12-13 % slower
     assert a["b"].rel["compute"] == pytest.approx(0.5) and a["b"].rel["memory"] == pytest.approx(0.25)
     assert a["b"].ref == {"compute": pytest.approx(1e-3), "memory": pytest.approx(2e-3)}
-    ca, cb = drift_corrected([a, b], kind_of=lambda k: "memory" if k == "c" else "compute")
+    ca, cb = drift_corrected([a, b], kind_of=lambda k: "memory" if k == "c" else "compute", level="sample")
     assert agreement(ca, cb) == 1.0
     assert ca["b"] == pytest.approx(cb["b"], rel=1e-3)
     scale = math.sqrt(1e-3 * b["a"].ref["compute"])                # one common scale: the references' typical time
     assert ca["a"] == pytest.approx(0.1 * scale, rel=1e-3)
+    ra, rb = drift_corrected([a, b])                                 # per run, the compute reference: the shift
+    assert agreement(ra, rb) == 1.0
+    m_a, m_b = (median([e.ref["compute"] for e in run.values()]) for run in (a, b))
+    assert ra["a"] == pytest.approx(a["a"].t * math.sqrt(m_b / m_a), rel=1e-9)   # × typical ÷ this run's reference
+    with pytest.raises(ValueError, match="level"):
+        drift_corrected([a, b], level="job")
     drift = reference_drift([a, b])
     assert drift["compute"][0] == 1.0 and 1.12 < drift["compute"][1] < 1.14
     assert len(ha.reference_log) >= 15                              # timed before every visit (ref_every_s=0)
@@ -244,15 +251,11 @@ def test_reference_takes_the_hosts_drift_out_of_a_re_timing():
     assert Estimate.from_json(js).rel == a["a"].rel
 
 
-def test_reference_kernels_and_reference_kind():
-    from edgepart.fcpm.context import reference_kind
+def test_reference_kernels():
     from edgepart.fcpm.harness import Reference
     r = Reference()
     s = r.sample(time.perf_counter)
     assert set(s) == {"compute", "memory"} and all(v > 0 for v in s.values())
-    assert reference_kind(conv_info(64, 64, 28, 28, 3)) == "compute"
-    assert reference_kind(eltwise_info("activation", 64, 28, 28, "ReLU()", 1, 1,
-                                       params={"template": "F.relu({x})"})) == "memory"
     est = Harness(min_samples=3, budget_s=5, reference=True, ref_every_s=0.0).run(
         [Isolated("x", lambda: (lambda: sum(range(100))))])
     assert est["x"].rel and est["x"].rel["compute"] > 0

@@ -237,16 +237,6 @@ def chain_stage(infos: list[dict], rows_out: int, prefix: Any, seed: int = 0) ->
     return Stage(keys, make, nbytes=nbytes, total_key=(prefix, "total"), names=names), rows
 
 
-def reference_kind(info: dict, rows: int | None = None, flops_per_byte: float = 4.0) -> str:
-    """Which :class:`~edgepart.fcpm.harness.Reference` kernel a layer's drift follows: ``"compute"`` when it
-    does at least ``flops_per_byte`` FLOPs per byte it reads and writes (dense convolutions), else
-    ``"memory"`` (activations, batch norm, pooling, element-wise ops, depthwise convolutions, and a linear
-    layer at batch 1, which streams its weights)."""
-    g = geometry(info, rows)
-    moved = 4.0 * (g.in_elems + g.out_elems + g.weight_elems)
-    return "compute" if moved > 0 and g.flops / moved >= flops_per_byte else "memory"
-
-
 def model_bytes_estimate(infos: list[dict]) -> int:
     """About how many bytes a network of these nodes holds (weights and outputs), for chunking."""
     return int(sum(4 * (geometry(i).weight_elems + geometry(i).out_elems) for i in infos)) or 1

@@ -28,9 +28,9 @@ harness (the re-timing agreement the accuracy benchmark reports as the harness's
 What the harness cannot control is the host: on a shared machine every job of a run can come out
 5–12 % slower than the same jobs a minute earlier (issue #20). With ``reference=True`` a
 :class:`Reference` — two fixed kernels, one bound by the core, one by the shared cache and memory —
-is timed every ``ref_every_s`` seconds throughout the run; each sample is also kept relative to the
-reference timed around it (``Estimate.rel``), so two runs can be compared with the host's drift
-taken out (:func:`drift_corrected`).
+is timed every ``ref_every_s`` seconds throughout the run; each estimate keeps the reference timed
+around its samples (``Estimate.ref``) and its samples relative to it (``Estimate.rel``), so two runs
+can be compared with the host's drift taken out (:func:`drift_corrected`).
 """
 from __future__ import annotations
 
@@ -343,6 +343,7 @@ class Harness:
     reference: bool | Reference = False    # time a Reference throughout (True: the default one)
     ref_every_s: float = 0.2               # ... before a visit once this much wall time has passed since the last
     reference_log: list = field(default_factory=list, init=False, repr=False)   # [(s since start, {kind: s})]
+    failures: list = field(default_factory=list, init=False, repr=False)   # [(unit's first key, error)] left out
 
     def chunks(self, units: list[Unit]) -> list[list[Unit]]:
         out, cur, size = [], [], 0
@@ -358,7 +359,8 @@ class Harness:
 
     def run(self, units: list[Unit]) -> dict[Any, Estimate]:
         """Time ``units`` (in the calling thread: pin it first, :func:`pinned_thread`); returns
-        ``{job key: Estimate}``. A unit that fails to build or run is left out (its keys absent)."""
+        ``{job key: Estimate}``. A unit that fails to build or run is left out (its keys absent) and named,
+        with the error, in ``self.failures``."""
         keep_freed_memory()
         samples: dict[Any, list[float]] = {}
         segs: dict[Any, list[int]] = {}      # per sample: the index of the last reference timed before it
@@ -368,6 +370,7 @@ class Harness:
         visits = 0
         ref = Reference() if self.reference is True else (self.reference or None)
         log = self.reference_log = []
+        self.failures = []
         last_ref = [-math.inf]
 
         def time_reference(force: bool = False) -> None:
@@ -385,7 +388,8 @@ class Harness:
                     try:
                         u.build()
                         live.append(u)
-                    except Exception:  # noqa: BLE001 — a job this backend cannot build: no estimate
+                    except Exception as e:  # noqa: BLE001 — a job this backend cannot build: no estimate
+                        self.failures.append((u.keys[0] if u.keys else None, f"cannot build: {type(e).__name__}: {e}"))
                         continue
                     for k in u.keys:
                         samples.setdefault(k, [])
@@ -403,7 +407,8 @@ class Harness:
                         time_reference()
                         try:
                             got = u.visit(self.clock, self.sample_s)
-                        except Exception:  # noqa: BLE001 — failed mid-run: drop the unit
+                        except Exception as e:  # noqa: BLE001 — failed mid-run: drop the unit
+                            self.failures.append((u.keys[0] if u.keys else None, f"failed: {type(e).__name__}: {e}"))
                             live.remove(u)
                             for k in u.keys:
                                 samples.pop(k, None)
@@ -452,24 +457,42 @@ def _bracket(log: list, j: int) -> dict[str, float]:
     return {kind: math.sqrt(a[kind] * b[kind]) for kind in a}
 
 
-def drift_corrected(runs: Sequence[dict], kind_of: Callable[[Any], str] = lambda key: "compute") -> list[dict]:
-    """The estimates of several runs of the same jobs ({key: Estimate}, with a Reference) with the
-    host's drift between (and within) them taken out: each job's ``rel`` for its reference
-    ``kind_of(key)``, times that reference's typical time over all the runs (the geometric mean of every
-    estimate's ``ref``) — seconds on one common scale. Jobs without reference timings keep their ``t``.
-    Returns one {key: seconds} per run."""
+def drift_corrected(runs: Sequence[dict], kind_of: Callable[[Any], str] = lambda key: "compute",
+                    level: str = "run") -> list[dict]:
+    """The estimates of several runs of the same jobs ({key: Estimate}, with a Reference) on one common scale,
+    with the host's drift between them taken out. Returns one {key: seconds} per run.
+
+    ``level="run"`` (default): each run's estimates × (typical reference ÷ that run's median reference), the
+    reference ``kind_of(key)``'s, typical = the geometric mean of the runs' medians — a shift of the whole
+    host between runs is removed, nothing else. ``level="sample"``: each job's ``rel`` (every sample against
+    the reference timed around it) × the typical reference — also removes drift within a run, but adds the
+    reference's own noise to every job. Jobs without reference timings keep their ``t``."""
+    if level not in ("run", "sample"):
+        raise ValueError(f"level must be 'run' or 'sample', not {level!r}")
+    run_med = [{kind: median([e.ref[kind] for e in run.values() if e.ref and kind in e.ref])
+                for kind in {kd for e in run.values() for kd in (e.ref or {})}} for run in runs]
     logs: dict[str, list[float]] = {}
-    for run in runs:
-        for e in run.values():
-            for kind, v in (e.ref or {}).items():
-                logs.setdefault(kind, []).append(math.log(v))
+    for m in run_med:
+        for kind, v in m.items():
+            logs.setdefault(kind, []).append(math.log(v))
+    if level == "sample":
+        logs = {}
+        for run in runs:
+            for e in run.values():
+                for kind, v in (e.ref or {}).items():
+                    logs.setdefault(kind, []).append(math.log(v))
     scale = {kind: math.exp(sum(v) / len(v)) for kind, v in logs.items()}
     out = []
-    for run in runs:
+    for run, med in zip(runs, run_med):
         cur = {}
         for k, e in run.items():
             kind = kind_of(k)
-            cur[k] = e.rel[kind] * scale[kind] if e.rel and kind in e.rel and kind in scale else e.t
+            if kind not in scale or not e.ref:
+                cur[k] = e.t
+            elif level == "sample":
+                cur[k] = e.rel[kind] * scale[kind]
+            else:
+                cur[k] = e.t * scale[kind] / med[kind]
         out.append(cur)
     return out
 
