@@ -9,7 +9,9 @@ pass, interleaved passes, repeated until the median's relative standard error is
 ``--target-rse`` or the phase's share of ``--minutes`` is spent. Everything is timed in two
 rounds (A, then B) at every load level; the share of jobs whose A and B estimates agree within
 ±10 % is the set's *re-timing agreement*, the harness's repeatability and the ceiling for any
-model. A job's measured time is the geometric mean of A and B.
+model. Every harness run also times a reference kernel every 0.2 s; agreement is reported raw and
+drift-corrected (each run scaled by the reference's typical time ÷ its median in that run), and a
+job's measured time is the geometric mean of its drift-corrected A and B.
 
 Test sets, **in context** (each layer inside its stage, a timer around it, after its real predecessor):
 
