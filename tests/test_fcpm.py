@@ -50,9 +50,12 @@ def test_in_network_correction_fitted_and_saved(quick):
     prof = DeviceProfile.load(quick)
     assert prof.sequence is not None and prof.sequence["kind"] == "context"     # fitted on layers in context
     assert all(c >= 0 for c in prof.sequence["global"])
-    assert all(c >= 0 for cs in prof.sequence["families"].values() for c in cs)
-    recs = json.loads(quick.read_text())["measurements"]["nets"]["records"]
+    assert all(c >= 0 for cs in prof.sequence["groups"].values() for c in cs)
+    assert prof.sequence["version"] == 2 and prof.sequence["l2_bytes"] > 0
+    nets = json.loads(quick.read_text())["measurements"]["nets"]
+    recs = nets["records"]
     assert recs and all(r["layers"] for r in recs)
+    assert any(i.get("reuse") for infos in nets["infos"] for i in infos)     # where each layer's inputs are
     info = conv_info(64, 64, 28, 28, 3)
     assert prof.predict(info, 10, 0.0) > 0
     assert prof.predict(info, 10, 0.0) != prof.predict(info, 10, 0.0, context="isolated")

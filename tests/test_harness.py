@@ -125,6 +125,7 @@ def test_harness_chunks_by_memory_and_skips_unbuildable_units():
     assert [len(c) for c in h.chunks(units)] == [1, 1, 1]
     est = h.run(units)
     assert set(est) == {"p", "q"}
+    assert h.failures == [("bad", "cannot build: RuntimeError: cannot build")]
 
 
 def test_graph_stage_runs_the_model_layer_by_layer():
@@ -180,9 +181,9 @@ def test_fit_context_recovers_a_relation_and_old_profiles_still_load():
                for c in (16, 32, 64, 128) for h in (14, 28, 56, 112)]
     samples = [{"info": i, "rows": None, "load": 0.0,
                 "t": 1.5 * prof.predict(i, None, 0.0, context="isolated") + 20e-6} for i in layers]
-    fit = prof.fit_context(samples)
+    fit = prof.fit_context(samples, min_family=6)      # 9 3×3 and 9 1×1 convolutions: two groups
     assert fit["acc10_corrected"] == 1.0 and fit["rmspe_corrected"] < 0.01
-    assert fit["families"]["conv"][0] == pytest.approx(1.5, rel=0.02)
+    assert fit["groups"]["conv"][0] == pytest.approx(1.5, rel=0.02)
     for s in samples:
         assert prof.predict(s["info"], None, 0.0) == pytest.approx(s["t"], rel=0.02)
     again = DeviceProfile.from_json(json.loads(json.dumps(prof.to_json())))
@@ -206,3 +207,162 @@ def test_worker_pin_cpu_option():
     if hasattr(os, "sched_getaffinity"):
         with pytest.raises(EdgepartError, match="pin-cpu 9999"):
             worker.Worker(key=b"k" * 32, pin_cpu=9999)
+
+
+def test_reference_takes_the_hosts_drift_out_of_a_re_timing():
+    """Round B runs on a host 12 % slower (and drifting within the round): raw timings disagree beyond
+    ±10 %, the timings relative to the reference timed around them agree exactly."""
+    from edgepart.fcpm.harness import Reference, drift_corrected, reference_drift
+    state, clock = _fake_clock()
+
+    def run_round(speed_of_time):
+        def job(t):
+            def run():
+                state["now"] += t * speed_of_time(state["now"])
+            return run
+        ref = Reference(reps=1, kernels={"compute": job(1e-3), "memory": job(2e-3)})
+        units = [Isolated(k, (lambda t=t: job(t))) for k, t in (("a", 1e-4), ("b", 5e-4), ("c", 3e-3))]
+        h = Harness(min_samples=5, budget_s=1e9, clock=clock, reference=ref, ref_every_s=0.0)
+        return h.run(units), h
+
+    a, ha = run_round(lambda now: 1.0)
+    t1 = state["now"]
+    b, hb = run_round(lambda now: 1.12 + 0.01 * (now - t1))     # slower, and slowing down during the round
+    assert agreement(a, b) == 0.0                                  # raw: every job 12-13 % slower
+    assert a["b"].rel["compute"] == pytest.approx(0.5) and a["b"].rel["memory"] == pytest.approx(0.25)
+    assert a["b"].ref == {"compute": pytest.approx(1e-3), "memory": pytest.approx(2e-3)}
+    ca, cb = drift_corrected([a, b], kind_of=lambda k: "memory" if k == "c" else "compute", level="sample")
+    assert agreement(ca, cb) == 1.0
+    assert ca["b"] == pytest.approx(cb["b"], rel=1e-3)
+    scale = math.sqrt(1e-3 * b["a"].ref["compute"])                # one common scale: the references' typical time
+    assert ca["a"] == pytest.approx(0.1 * scale, rel=1e-3)
+    ra, rb = drift_corrected([a, b])                                 # per run, the compute reference: the shift
+    assert agreement(ra, rb) == 1.0
+    m_a, m_b = (median([e.ref["compute"] for e in run.values()]) for run in (a, b))
+    assert ra["a"] == pytest.approx(a["a"].t * math.sqrt(m_b / m_a), rel=1e-9)   # × typical ÷ this run's reference
+    with pytest.raises(ValueError, match="level"):
+        drift_corrected([a, b], level="job")
+    drift = reference_drift([a, b])
+    assert drift["compute"][0] == 1.0 and 1.12 < drift["compute"][1] < 1.14
+    assert len(ha.reference_log) >= 15                              # timed before every visit (ref_every_s=0)
+    js = json.loads(json.dumps(a["a"].to_json()))
+    assert set(js["rel"]) == {"compute", "memory"}
+    from edgepart.fcpm.harness import Estimate
+    assert Estimate.from_json(js).rel == a["a"].rel
+
+
+def test_reference_kernels():
+    from edgepart.fcpm.harness import Reference
+    r = Reference()
+    s = r.sample(time.perf_counter)
+    assert set(s) == {"compute", "memory"} and all(v > 0 for v in s.values())
+    est = Harness(min_samples=3, budget_s=5, reference=True, ref_every_s=0.0).run(
+        [Isolated("x", lambda: (lambda: sum(range(100))))])
+    assert est["x"].rel and est["x"].rel["compute"] > 0
+
+
+def _residual_net():
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.r, self.c2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(4, 4, 1, bias=False)
+
+        def forward(self, x):
+            return self.c2(self.r(self.c1(x))) + x
+    return Block().eval(), torch.randn(1, 4, 8, 8)
+
+
+def test_stage_reuse_says_where_each_input_is():
+    """Exact bytes on a tiny residual block: 4×8×8 floats = 1 KiB per activation, weights 576 B and 64 B."""
+    from edgepart.fcpm.context import stage_bytes, stage_reuse, with_reuse
+    net, x = _residual_net()
+    gm = analyse(trace(net, (x,)))
+    reuse = stage_reuse(gm)
+    total = 4 * 1024 + 576 + 64                     # four outputs of 1 KiB + the two convolutions' weights
+    assert stage_bytes(gm) == total
+    names = [n.name for n in timed_nodes(gm)]
+    c1, relu, c2, add = names
+    assert reuse[c1] == [[1024.0, float(total), None]]                  # the stage's input: a whole run ago
+    assert reuse[relu] == [[1024.0, 0.0, "conv"]]                        # just written by the convolution
+    assert reuse[c2] == [[1024.0, 0.0, "act:relu"]]
+    assert sorted(reuse[add]) == sorted([[1024.0, 0.0, "conv"], [1024.0, float(total), None]])
+    infos = with_reuse(gm)
+    assert infos[add]["stage_bytes"] == total and json.loads(json.dumps(infos[add])) == infos[add]
+
+
+def test_context_terms_exact_and_a_stage_in_l2_is_predicted_as_timed_alone():
+    from edgepart.fcpm.context import chain_reuse
+    from edgepart.fcpm.model import context_group, context_terms, input_mix
+    relu = eltwise_info("activation", 4, 8, 8, "ReLU()", 1, 1, params={"template": "F.relu({x})"})
+    info = dict(relu, reuse=[[512.0, 0.0, "conv"], [256.0, 4096.0, "bn"], [256.0, 0.0, "bn"]])
+    assert input_mix(info, 2048).tolist() == [256.0, 512.0, 256.0]      # near, written by a conv, far (> L2 ago)
+    x = context_terms(info, None, ("node", "in_near", "in_written", "in_far", "output"), 2048.0)
+    assert x.tolist() == [1.0, 256.0, 512.0, 256.0, 1024.0]          # the input's 1 KiB split as its entries say
+    # without reuse (the cost model's nodes): the group's average split from fitting
+    y = context_terms(relu, None, ("in_near", "in_written", "in_far"), 2048.0, mix=[0.5, 0.5, 0.0])
+    assert y.tolist() == [512.0, 512.0, 0.0]
+    assert context_group(conv_info(8, 8, 8, 8, 1)) == "conv:1x1" and context_group(conv_info(8, 8, 8, 8, 3)) == "conv"
+
+    prof = DeviceProfile.load(ROOT / "profiles" / "host.json")
+    big = [conv_info(c, c, h, h, k) for c in (16, 32, 64) for h in (28, 56) for k in (1, 3)]
+    samples = [{"info": dict(i, reuse=[[4.0 * c * h * h, 0.0, "act:relu"]], stage_bytes=64e6), "rows": None,
+                "load": 0.0, "t": 2.0 * prof.predict(i, None, 0.0, context="isolated")}
+               for i, (c, h) in zip(big, [(c, h) for c in (16, 32, 64) for h in (28, 56) for _ in (1, 3)])]
+    prof.fit_context(samples, min_family=3, l2=2 << 20)
+    one = samples[0]["info"]
+    assert prof.predict(one, None, 0.0) == pytest.approx(samples[0]["t"], rel=0.05)   # a large stage: twice alone
+    # the same layers in a two-layer chain of a few rows: the whole stage stays in L2 from run to run
+    chain = chain_reuse([conv_info(16, 16, 28, 28, 3), relu], [4, 4])
+    assert chain[0]["stage_bytes"] < 2 << 20 and chain[1]["reuse"][0][1:] == [0.0, "conv"]
+    assert prof.predict(chain[0], 4, 0.0) == prof.predict(chain[0], 4, 0.0, context="isolated")
+    assert prof.predict(dict(chain[0], stage_bytes=64e6), 4, 0.0) > 1.5 * prof.predict(chain[0], 4, 0.0)
+
+
+def test_a_profile_with_the_2026_12_04_in_context_part_predicts_as_it_did():
+    prof = DeviceProfile.load(ROOT / "profiles" / "host.json")
+    info = conv_info(64, 64, 28, 28, 3)
+    iso = prof.predict(info, None, 0.0, context="isolated")
+    prof.sequence = {"kind": "context", "families": {"conv": [1.2, 1e-5, 0.0, 0.0]}, "global": [1.0, 0.0, 0.0, 0.0],
+                     "coef": [0.0, 0.0, 0.0]}
+    prof._cache.clear()
+    assert prof.predict(info, None, 0.0) == pytest.approx(1.2 * iso + 1e-5, rel=1e-9)
+
+
+def test_remote_measurements_with_bad_input_reuse_are_refused():
+    m = {"format": "edgepart-fcpm-measurements/1", "meta": {}, "configs": [], "records": [],
+         "nets": {"infos": [[{"reuse": [[1024.0, 0.0, "conv"]]}]], "records": []}}
+    check_measurements(m)
+    for bad in ([[1.0, -1.0, None]], [["x", 0.0, None]], [[1.0, 0.0, 7]], "x", [[1.0, 0.0]] ):
+        m["nets"]["infos"][0][0]["reuse"] = bad
+        with pytest.raises(EdgepartError, match="reuse"):
+            check_measurements(m)
+
+
+def test_a_long_stage_also_counts_its_opening_run_after_the_first_layer():
+    """Fake layers taking 10 ms each: the opening run (30 ms ≥ long_s) is timed too, except its first layer."""
+    state, clock = _fake_clock()
+    calls = []
+
+    def make():
+        def step(i):
+            def prep(env):
+                def f():
+                    calls.append(i)
+                    state["now"] += 0.010 * (1 + 0.5 * (len(calls) <= 3))     # the opening run is 1.5× slower
+                    return i
+                return f, (), {}
+            return (f"l{i}", ("s", i), prep)
+        return [step(0), step(1), step(2)], None
+    st = Stage([("s", 0), ("s", 1), ("s", 2)], make, total_key=("s", "total"), long_s=0.02)
+    st.build()
+    got = st.visit(clock, target_s=0.001)                       # one timed run after the opening run
+    assert len(calls) == 6
+    assert got[("s", 0)] == pytest.approx(0.010)                # the first layer: the timed run only
+    assert got[("s", 1)] == pytest.approx(0.0125)               # median (mean) of the opening and the timed run
+    assert got[("s", "total")] == pytest.approx(0.030)          # the total: timed runs only
+    short = Stage([("s", 0), ("s", 1), ("s", 2)], make, long_s=1.0)
+    short.build()
+    calls.clear()
+    assert short.visit(clock, target_s=0.001)[("s", 1)] == pytest.approx(0.010)

@@ -10,6 +10,7 @@ The planner costs stages, so the FCPM's in-network part is fitted on these timin
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -91,6 +92,96 @@ def graph_stage(gm, inputs: tuple, prefix: Any, total: bool = True) -> tuple[Sta
     stage = Stage(keys, make, nbytes=_nbytes(gm, inputs[0] if inputs else None),
                   total_key=(prefix, "total") if total else None, names=names)
     return stage, infos
+
+
+def _bytes_of(node) -> float:
+    shape = node.meta.get("shape")
+    return 4.0 * math.prod(shape) if shape else 0.0
+
+
+def stage_reuse(gm) -> dict[str, list[list]]:
+    """Where each timed node's inputs are when a stage runs the graph ``gm`` in order, request after request:
+    {node name: [[input bytes, bytes touched since that input was written, the writer's op type], ...]}, one
+    entry per tensor input (writer None: the stage's input).
+
+    *Bytes touched* counts what every compute node in between wrote (its output) and read of its own
+    (its weights); a view passes on its producer's data. The input a node's predecessor just wrote has
+    distance 0; a residual branch's input has the bytes of the branch in between; the stage's input
+    (and a weight-like ``get_attr``) was last touched one whole run ago (the bytes of the whole stage).
+    What the distance means for cache hits depends on the cache's size: :func:`~edgepart.fcpm.model
+    .sequence_terms` compares it with the profile's L2."""
+    nodes = list(gm.graph.nodes)
+    timed = {n.name for n in timed_nodes(gm)}
+    origin: dict[str, str | None] = {}     # value -> the compute node that wrote its data (None: stage input)
+    pos: dict[str | None, float] = {}      # compute node -> bytes touched when it finished
+    cum = 0.0
+    weights = {}
+    for n in nodes:
+        if n.op == "call_module":
+            mod = gm.get_submodule(str(n.target))
+            weights[n.name] = 4.0 * sum(p.numel() for p in mod.parameters()) + \
+                4.0 * sum(b.numel() for b in mod.buffers())
+    for n in nodes:
+        if n.op in ("placeholder", "get_attr"):
+            origin[n.name] = None
+        elif n.name in timed:
+            origin[n.name] = n.name
+            cum += _bytes_of(n) + weights.get(n.name, 0.0)
+            pos[n.name] = cum
+        elif n.op != "output":
+            ins = [a for a in n.all_input_nodes if a.name in origin]
+            origin[n.name] = origin[ins[0].name] if ins else None
+    total = cum
+    fam = {n.name: family(clean_info(node_info(n))) for n in nodes if n.name in timed}
+    out: dict[str, list[list]] = {}
+    cum = 0.0
+    for n in nodes:
+        if n.name not in timed:
+            continue
+        entries = []
+        for a in n.all_input_nodes:
+            if a.meta.get("shape") is None or a.op == "get_attr":
+                continue
+            src = origin.get(a.name)
+            dist = total if src is None or src not in pos else cum - pos[src]
+            entries.append([_bytes_of(a), max(0.0, dist), fam.get(src)])
+        out[n.name] = entries
+        cum = pos[n.name]
+    return out
+
+
+def with_reuse(gm) -> dict[str, dict]:
+    """{node name: its JSON-safe info with ``"reuse"`` (:func:`stage_reuse`)} for the timed nodes of ``gm``: the
+    infos the in-context model is fitted on and predicts for."""
+    reuse = stage_reuse(gm)
+    nodes = timed_nodes(gm)
+    total = stage_bytes(gm)
+    return {n.name: dict(clean_info(node_info(n)), reuse=reuse[n.name], stage_bytes=total) for n in nodes}
+
+
+def stage_bytes(gm) -> float:
+    """Bytes a run of the stage ``gm`` touches: its timed nodes' outputs and weights (what comes between two
+    uses of a layer's weights when the stage runs request after request)."""
+    total = 0.0
+    for n in timed_nodes(gm):
+        total += _bytes_of(n)
+        if n.op == "call_module":
+            mod = gm.get_submodule(str(n.target))
+            total += 4.0 * (sum(p.numel() for p in mod.parameters()) + sum(b.numel() for b in mod.buffers()))
+    return total
+
+
+def chain_reuse(infos: list[dict], rows: list[int]) -> list[dict]:
+    """The infos of a chain of row slices (:func:`chain_stage`, ``rows`` per layer) with ``"reuse"``: each layer
+    reads what the previous one just wrote (distance 0); the first reads the stage's input, last touched a
+    whole run ago."""
+    out, prev = [], None
+    total = sum(4.0 * (geometry(i, r).out_elems + geometry(i, r).weight_elems) for i, r in zip(infos, rows))
+    for info, r in zip(infos, rows):
+        b = 4.0 * geometry(info, r).in_elems
+        out.append(dict(info, reuse=[[b, total if prev is None else 0.0, prev]], stage_bytes=total))
+        prev = family(info)
+    return out
 
 
 def chain_rows(infos: list[dict], rows_out: int) -> list[int]:

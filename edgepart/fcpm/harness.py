@@ -24,6 +24,13 @@ set on a busy host (issue #20). The harness removes the causes it can control:
 Units are built lazily and in memory-bounded chunks (``max_bytes``: a VGG-16 classifier layer
 holds 400 MB); the passes interleave within a chunk. :func:`agreement` compares two runs of the
 harness (the re-timing agreement the accuracy benchmark reports as the harness's repeatability).
+
+What the harness cannot control is the host: on a shared machine every job of a run can come out
+5–12 % slower than the same jobs a minute earlier (issue #20). With ``reference=True`` a
+:class:`Reference` — two fixed kernels, one bound by the core, one by the shared cache and memory —
+is timed every ``ref_every_s`` seconds throughout the run; each estimate keeps the reference timed
+around its samples (``Estimate.ref``) and its samples relative to it (``Estimate.rel``), so two runs
+can be compared with the host's drift taken out (:func:`drift_corrected`).
 """
 from __future__ import annotations
 
@@ -120,7 +127,11 @@ def rse_of_median(xs: Sequence[float]) -> float:
 @dataclass
 class Estimate:
     """One job's timing: ``t`` the median of its samples (seconds), ``rse`` that median's relative
-    standard error, ``n`` samples, ``pred`` what ran just before each timed call."""
+    standard error, ``n`` samples, ``pred`` what ran just before each timed call.
+
+    With a :class:`Reference` (else both None): ``ref`` {kind: the median of the reference times around
+    this job's samples (s)}, ``rel`` {kind: the median of sample ÷ reference time around it} — the job's
+    time in units of the host's speed at the moment each sample was taken."""
     t: float
     rse: float
     n: int
@@ -128,10 +139,65 @@ class Estimate:
     pred: str
     converged: bool
     samples: list[float] = field(default_factory=list, repr=False)
+    ref: dict[str, float] | None = None
+    rel: dict[str, float] | None = None
 
     def to_json(self) -> dict:
-        return {"t": self.t, "rse": self.rse if math.isfinite(self.rse) else None, "n": self.n,
-                "t_min": self.t_min, "pred": self.pred, "converged": self.converged}
+        d = {"t": self.t, "rse": self.rse if math.isfinite(self.rse) else None, "n": self.n,
+             "t_min": self.t_min, "pred": self.pred, "converged": self.converged}
+        if self.ref is not None:
+            d["ref"], d["rel"] = dict(self.ref), dict(self.rel or {})
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Estimate":
+        return cls(float(d["t"]), math.inf if d.get("rse") is None else float(d["rse"]), int(d["n"]),
+                   float(d.get("t_min", d["t"])), str(d.get("pred", "?")), bool(d.get("converged", False)),
+                   ref=d.get("ref"), rel=d.get("rel"))
+
+
+# --------------------------------------------------------------------------- the host's speed
+
+REFERENCE_KINDS = ("compute", "memory")
+
+
+class Reference:
+    """Two fixed kernels that measure the host's speed at a moment, timed throughout a harness run.
+
+    * ``compute``: a 3×3 convolution, 32 → 32 channels on 28×28 (weights and input fit the core's L2):
+      bound by the core's clock and whatever shares the core;
+    * ``memory``: the sum of two 1 Mi-float (4 MiB) tensors into a third, beyond any core's L2: bound by
+      the shared cache and memory bandwidth, which the other cores' work takes a share of.
+
+    A sample is the median of ``reps`` timed calls after one untimed call (so the job before it does
+    not decide whether the reference finds its data in cache). Deterministic inputs (fixed seed).
+    ``kernels``: {kind: zero-argument callable} instead of these two (tests)."""
+
+    def __init__(self, reps: int = 3, kernels: dict[str, Callable[[], Any]] | None = None):
+        self.reps = reps
+        self.kernels = kernels
+
+    def build(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 32, 28, 28, generator=g)
+        w = torch.randn(32, 32, 3, 3, generator=g)
+        a, b = torch.randn(1 << 20, generator=g), torch.randn(1 << 20, generator=g)
+        self.kernels = {"compute": lambda: torch.nn.functional.conv2d(x, w, padding=1),
+                        "memory": lambda: torch.add(a, b)}
+
+    def sample(self, clock: Callable[[], float]) -> dict[str, float]:
+        if self.kernels is None:
+            self.build()
+        out = {}
+        for kind, fn in self.kernels.items():
+            fn()
+            ts = []
+            for _ in range(self.reps):
+                t0 = clock()
+                fn()
+                ts.append(clock() - t0)
+            out[kind] = median(ts)
+        return out
 
 
 # --------------------------------------------------------------------------- units
@@ -198,11 +264,14 @@ class Stage(Unit):
     run untimed). ``keys``: the timed steps' keys, in order. A visit runs the stage once untimed
     (so the first layer's predecessor is always the stage's last layer, as in a worker running it
     request after request), then ``runs`` timed runs (about ``target_s`` in all, at most
-    ``max_runs``); each layer's sample is its median over those runs. ``total_key``: also a sample
-    of the whole stage (the sum of its timed layers), if not None."""
+    ``max_runs``); each layer's sample is its median over those runs. A stage whose opening run takes
+    ``long_s`` or more (a whole model: one timed run per visit) also counts the opening run's layers
+    after the first: each follows the same layer as in every run, and what ran before the stage is
+    long out of cache by then — twice the samples for the same time. ``total_key``: also a sample
+    of the whole stage (the sum of its timed layers, timed runs only), if not None."""
 
     def __init__(self, keys: list, make: Callable[[], tuple[list, Any]], nbytes: int = 0, total_key=None,
-                 max_runs: int = 10, names: list[str] | None = None):
+                 max_runs: int = 10, names: list[str] | None = None, long_s: float = 0.02):
         self.layer_keys = list(keys)
         self.total_key = total_key
         self.keys = self.layer_keys + ([total_key] if total_key is not None else [])
@@ -211,7 +280,7 @@ class Stage(Unit):
                       for i, k in enumerate(self.layer_keys)}
         if total_key is not None:
             self.preds[total_key] = "the stage itself (previous run)"
-        self.make, self.bytes, self.max_runs = make, int(nbytes), max_runs
+        self.make, self.bytes, self.max_runs, self.long_s = make, int(nbytes), max_runs, long_s
         self.steps = None
         self.x0 = None
         self.last = None      # the last step's value of the latest run (tests check the stage computes the model)
@@ -242,11 +311,14 @@ class Stage(Unit):
         return out
 
     def visit(self, clock, target_s):
-        first = sum(self._run(clock))
+        opening = self._run(clock)
+        first = sum(opening)
         est = self._est = first if self._est is None else min(self._est, first)
         runs = max(1, min(self.max_runs, int(target_s / max(est, 1e-7))))
         per = [self._run(clock) for _ in range(runs)]
-        sample = {k: median([p[i] for p in per]) for i, k in enumerate(self.layer_keys)}
+        use_opening = first >= self.long_s
+        sample = {k: median([p[i] for p in per] + ([opening[i]] if use_opening and i else []))
+                  for i, k in enumerate(self.layer_keys)}
         if self.total_key is not None:
             sample[self.total_key] = median([sum(p) for p in per])
         return sample
@@ -268,6 +340,10 @@ class Harness:
     max_bytes: int = 1 << 30
     clock: Callable[[], float] = time.perf_counter
     on_pass: Callable[[int, int], None] | None = None    # (samples taken so far, units) after each visit
+    reference: bool | Reference = False    # time a Reference throughout (True: the default one)
+    ref_every_s: float = 0.2               # ... before a visit once this much wall time has passed since the last
+    reference_log: list = field(default_factory=list, init=False, repr=False)   # [(s since start, {kind: s})]
+    failures: list = field(default_factory=list, init=False, repr=False)   # [(unit's first key, error)] left out
 
     def chunks(self, units: list[Unit]) -> list[list[Unit]]:
         out, cur, size = [], [], 0
@@ -283,13 +359,25 @@ class Harness:
 
     def run(self, units: list[Unit]) -> dict[Any, Estimate]:
         """Time ``units`` (in the calling thread: pin it first, :func:`pinned_thread`); returns
-        ``{job key: Estimate}``. A unit that fails to build or run is left out (its keys absent)."""
+        ``{job key: Estimate}``. A unit that fails to build or run is left out (its keys absent) and named,
+        with the error, in ``self.failures``."""
         keep_freed_memory()
         samples: dict[Any, list[float]] = {}
+        segs: dict[Any, list[int]] = {}      # per sample: the index of the last reference timed before it
         preds: dict[Any, str] = {}
         t_start = time.perf_counter()
         chunks = self.chunks(units)
         visits = 0
+        ref = Reference() if self.reference is True else (self.reference or None)
+        log = self.reference_log = []
+        self.failures = []
+        last_ref = [-math.inf]
+
+        def time_reference(force: bool = False) -> None:
+            now = time.perf_counter()
+            if ref is not None and (force or now - last_ref[0] >= self.ref_every_s):
+                log.append((now - t_start, ref.sample(self.clock)))
+                last_ref[0] = time.perf_counter()
         with torch.inference_mode():
             for ci, chunk in enumerate(chunks):
                 left = max(0.0, self.budget_s - (time.perf_counter() - t_start))
@@ -300,7 +388,8 @@ class Harness:
                     try:
                         u.build()
                         live.append(u)
-                    except Exception:  # noqa: BLE001 — a job this backend cannot build: no estimate
+                    except Exception as e:  # noqa: BLE001 — a job this backend cannot build: no estimate
+                        self.failures.append((u.keys[0] if u.keys else None, f"cannot build: {type(e).__name__}: {e}"))
                         continue
                     for k in u.keys:
                         samples.setdefault(k, [])
@@ -315,27 +404,36 @@ class Harness:
                     if now > deadline + share or (now > deadline and not short):
                         break
                     for u in todo:
+                        time_reference()
                         try:
                             got = u.visit(self.clock, self.sample_s)
-                        except Exception:  # noqa: BLE001 — failed mid-run: drop the unit
+                        except Exception as e:  # noqa: BLE001 — failed mid-run: drop the unit
+                            self.failures.append((u.keys[0] if u.keys else None, f"failed: {type(e).__name__}: {e}"))
                             live.remove(u)
                             for k in u.keys:
                                 samples.pop(k, None)
                             continue
                         for k, v in got.items():
                             samples[k].append(v)
+                            segs.setdefault(k, []).append(len(log) - 1)
                         visits += 1
                         if self.on_pass:
                             self.on_pass(visits, len(units))
                 for u in chunk:
                     u.release()
+                time_reference(force=True)      # closes the last samples' bracket
         out = {}
         for k, xs in samples.items():
             if not xs:
                 continue
             r = rse_of_median(xs)
-            out[k] = Estimate(median(xs), r, len(xs), min(xs), preds.get(k, "?"),
-                              len(xs) >= self.min_samples and r <= self.target_rse, list(xs))
+            e = Estimate(median(xs), r, len(xs), min(xs), preds.get(k, "?"),
+                         len(xs) >= self.min_samples and r <= self.target_rse, list(xs))
+            if ref is not None and log:
+                around = [_bracket(log, j) for j in segs.get(k, [])]
+                e.ref = {kind: median([a[kind] for a in around]) for kind in log[0][1]}
+                e.rel = {kind: median([x / a[kind] for x, a in zip(xs, around)]) for kind in log[0][1]}
+            out[k] = e
         return out
 
     def _done(self, u: Unit, samples: dict) -> bool:
@@ -346,6 +444,68 @@ class Harness:
             if len(xs) < self.min_samples or rse_of_median(xs) > self.target_rse:
                 return False
         return True
+
+
+def _bracket(log: list, j: int) -> dict[str, float]:
+    """The reference around a sample taken after reference ``j``: the geometric mean of reference ``j``
+    and the next one (the one before the first reference, if it came first)."""
+    j = max(0, j)
+    a = log[j][1]
+    if j + 1 >= len(log):
+        return a
+    b = log[j + 1][1]
+    return {kind: math.sqrt(a[kind] * b[kind]) for kind in a}
+
+
+def drift_corrected(runs: Sequence[dict], kind_of: Callable[[Any], str] = lambda key: "compute",
+                    level: str = "run") -> list[dict]:
+    """The estimates of several runs of the same jobs ({key: Estimate}, with a Reference) on one common scale,
+    with the host's drift between them taken out. Returns one {key: seconds} per run.
+
+    ``level="run"`` (default): each run's estimates × (typical reference ÷ that run's median reference), the
+    reference ``kind_of(key)``'s, typical = the geometric mean of the runs' medians — a shift of the whole
+    host between runs is removed, nothing else. ``level="sample"``: each job's ``rel`` (every sample against
+    the reference timed around it) × the typical reference — also removes drift within a run, but adds the
+    reference's own noise to every job. Jobs without reference timings keep their ``t``."""
+    if level not in ("run", "sample"):
+        raise ValueError(f"level must be 'run' or 'sample', not {level!r}")
+    run_med = [{kind: median([e.ref[kind] for e in run.values() if e.ref and kind in e.ref])
+                for kind in {kd for e in run.values() for kd in (e.ref or {})}} for run in runs]
+    logs: dict[str, list[float]] = {}
+    for m in run_med:
+        for kind, v in m.items():
+            logs.setdefault(kind, []).append(math.log(v))
+    if level == "sample":
+        logs = {}
+        for run in runs:
+            for e in run.values():
+                for kind, v in (e.ref or {}).items():
+                    logs.setdefault(kind, []).append(math.log(v))
+    scale = {kind: math.exp(sum(v) / len(v)) for kind, v in logs.items()}
+    out = []
+    for run, med in zip(runs, run_med):
+        cur = {}
+        for k, e in run.items():
+            kind = kind_of(k)
+            if kind not in scale or not e.ref:
+                cur[k] = e.t
+            elif level == "sample":
+                cur[k] = e.rel[kind] * scale[kind]
+            else:
+                cur[k] = e.t * scale[kind] / med[kind]
+        out.append(cur)
+    return out
+
+
+def reference_drift(runs: Sequence[dict]) -> dict[str, list[float]]:
+    """{kind: each run's median reference time ÷ the first run's}: the host-wide drift between runs that
+    :func:`drift_corrected` removes (1.05: the host was 5 % slower in that run)."""
+    out: dict[str, list[float]] = {}
+    meds = [{kind: median([e.ref[kind] for e in run.values() if e.ref]) for kind in REFERENCE_KINDS
+             if any(e.ref and kind in e.ref for e in run.values())} for run in runs]
+    for kind in meds[0] if meds else {}:
+        out[kind] = [m.get(kind, float("nan")) / meds[0][kind] for m in meds]
+    return out
 
 
 def agreement(a: dict, b: dict, keys=None, tol: float = 0.10) -> float:

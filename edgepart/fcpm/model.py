@@ -423,6 +423,104 @@ def sequence_terms(info: dict, rows: int | None) -> np.ndarray:
     return np.asarray([1.0, w if w <= llc else 0.0, x if x <= llc else 0.0])
 
 
+CONTEXT_TERM_NAMES = ("node", "weights", "inputs", "in_near", "in_written", "in_far", "output")
+# fit_context's default: of the term sets benchmarks/fcpm_context_features.py compares, the split of the inputs by
+# where they are and the output bytes bought nothing on layers of models it was not fitted on
+CONTEXT_TERMS = ("node", "weights", "inputs")
+WRITERS = ("conv", "dwconv", "linear")      # op types whose output the next layer finds as if cold (see context_terms)
+
+
+def l2_bytes(default: float = 1 << 20) -> float:
+    """The L2 cache of the CPU this process runs on, in bytes (``/sys/devices/system/cpu``), else ``default``."""
+    import os
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+    base = Path(f"/sys/devices/system/cpu/cpu{cpus[-1] if cpus else 0}/cache")
+    try:
+        for idx in sorted(base.glob("index*")):
+            if (idx / "level").read_text().strip() == "2" and (idx / "type").read_text().strip() in ("Unified", "Data"):
+                v = (idx / "size").read_text().strip().upper()
+                mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(v[-1:], 1)
+                return float(int(v.rstrip("KMG")) * mult)
+    except (OSError, ValueError):
+        pass
+    return float(default)
+
+
+def in_l2(info: dict, l2: float) -> bool:
+    """True when the node's stage touches no more than the L2 per run (``info["stage_bytes"]``, as
+    :mod:`edgepart.fcpm.context` records it): run after run, its weights and inputs stay in the core's
+    L2 as in the isolated timing, and the node is predicted as timed alone (row-sliced regions of 2–6
+    layers: RMSPE 87 % → 35 % against adding what a large stage adds). Unknown (the cost model's
+    nodes): False."""
+    sb = info.get("stage_bytes")
+    return sb is not None and float(sb) <= l2
+
+
+def context_group(info: dict) -> str:
+    """What the in-context model fits one set of coefficients for: the op type, with 1×1 convolutions (run as
+    a plain GEMM, 1.3–1.9× their isolated time in context where 3×3 ones take about 1×) apart."""
+    fam = family_of(info)
+    if fam == "conv":
+        g = geometry(info)
+        if g.kh * g.kw == 1:
+            return "conv:1x1"
+    return fam
+
+
+def input_mix(info: dict, l2: float) -> np.ndarray:
+    """Shares of a node's input bytes [near, written, far] from its ``reuse`` entries ([bytes, bytes touched
+    since written, writer op type]): *near* — written by a layer that is not a convolution or linear layer
+    and at most an L2 of traffic ago; *written* — as near, but written by a convolution / linear layer;
+    *far* — more than an L2 of traffic ago (or the stage's input). Zeros without entries."""
+    v = np.zeros(3)
+    for b, dist, writer in info.get("reuse") or ():
+        b, dist = float(b), float(dist)
+        if dist + b > l2:
+            v[2] += b
+        elif writer in WRITERS:
+            v[1] += b
+        else:
+            v[0] += b
+    return v
+
+
+def context_terms(info: dict, rows: int | None, terms: tuple[str, ...], l2: float,
+                  mix: list[float] | None = None) -> np.ndarray:
+    """The in-context terms of ``rows`` rows of a node (all bytes of those rows):
+
+    * ``node``: 1 (a cost per layer); ``weights``: weight bytes if they fit the last-level cache (timed alone,
+      they sit in cache; in a stage, every other layer has run since) — as in the 2026-12-04 form;
+      ``inputs``: all input bytes if they fit the LLC (the 2026-12-04 form); ``output``: output bytes;
+    * ``in_near`` / ``in_written`` / ``in_far``: the input bytes split by where they are (:func:`input_mix`
+      of the info's ``reuse``; a node without it — the cost model's — takes its group's average ``mix``
+      from fitting, and without that, all *near*).
+    """
+    g = geometry(info, rows)
+    w, x, o = g.weight_elems * 4.0, g.in_elems * 4.0, g.out_elems * 4.0
+    llc = KNOTS[-1]
+    split = None
+    out = []
+    for name in terms:
+        if name == "node":
+            out.append(1.0)
+        elif name == "weights":
+            out.append(w if w <= llc else 0.0)
+        elif name == "inputs":
+            out.append(x if x <= llc else 0.0)
+        elif name == "output":
+            out.append(o)
+        elif name in ("in_near", "in_written", "in_far"):
+            if split is None:
+                m = input_mix(info, l2)
+                if m.sum() <= 0:
+                    m = np.asarray(mix if mix is not None else [1.0, 0.0, 0.0], float)
+                split = x * m / max(m.sum(), 1e-12)
+            out.append(float(split[("in_near", "in_written", "in_far").index(name)]))
+        else:
+            raise ValueError(f"unknown in-context term {name!r}")
+    return np.asarray(out, float)
+
+
 class DeviceProfile:
     """A device's fitted FCPM: ``predict(info, rows, load)`` → seconds for those rows of the node."""
 
@@ -491,9 +589,17 @@ class DeviceProfile:
         t = self._predict_isolated(info, rows, load, which)
         if context == "sequence" and which == "fcpm" and self.sequence:
             fams = self.sequence.get("families")
+            if self.sequence.get("version") == 2:     # fit_context: groups, terms, the L2 it was fitted with
+                sq = self.sequence
+                if t == TRIVIAL_TIME or in_l2(info, sq["l2_bytes"]):
+                    return t
+                g = context_group(info)
+                c = sq["groups"].get(g, sq["global"])
+                x = context_terms(info, rows, tuple(sq["terms"][1:]), sq["l2_bytes"], sq["input_mix"].get(g))
+                return c[0] * t + float(np.dot(c[1:], x))
             if fams is not None and t == TRIVIAL_TIME:
                 return t
-            if fams is not None:      # fitted on layers timed in their stages (fit_context)
+            if fams is not None:      # profiles of 2026-12-04: per op type, [a, b, weight bytes, input bytes]
                 c = fams.get(family_of(info), self.sequence["global"])
                 t = c[0] * t + float(np.dot(c[1:], sequence_terms(info, rows)))
             else:                     # older profiles: fitted on whole networks (fit_sequences)
@@ -596,28 +702,45 @@ class DeviceProfile:
         self._cache.clear()
         return self.sequence
 
-    def fit_context(self, samples: list[dict], min_family: int = 12) -> dict:
+    def fit_context(self, samples: list[dict], min_family: int = 12, terms: tuple[str, ...] = CONTEXT_TERMS,
+                    l2: float | None = None) -> dict:
         """Fit the in-network part on layers timed in context (each inside its stage, after its real
         predecessor: :mod:`edgepart.fcpm.context`).
 
-        ``samples``: [{"info", "rows" (None: whole), "load", "t": seconds in context}]. Per op family
-        (a family with fewer than ``min_family`` samples uses the fit over all of them) the time in
-        context is a·(isolated prediction) + b + c·(weight bytes) + d·(input bytes) — the bytes counted
-        only where they fit the last-level cache (:func:`sequence_terms`) — non-negative, least
-        squares on relative error; a family without enough samples keeps a = 1 and takes b, c, d fitted
-        over all samples. Returns (and keeps in ``self.sequence``) the coefficients and the fit's
-        check on the samples themselves: RMSPE and share within ±10 %, isolated vs corrected.
+        ``samples``: [{"info", "rows" (None: whole), "load", "t": seconds in context}]; an info may carry
+        ``"reuse"`` (:func:`edgepart.fcpm.context.stage_reuse`: where its inputs are). Per group
+        (:func:`context_group`: the op type, 1×1 convolutions apart from the others; a group with fewer
+        than ``min_family`` samples uses the fit over all of them, with a = 1) the time in context is
+        a·(isolated prediction) + the ``terms`` (:func:`context_terms`) — non-negative, least squares on
+        relative error, deterministic. ``l2``: the core's L2 in bytes (default: this machine's,
+        :func:`l2_bytes`), kept in the profile. Returns (and keeps in ``self.sequence``) the coefficients
+        and the fit's check on the samples themselves: RMSPE and share within ±10 %, isolated vs corrected.
         """
         if not samples:
             return {}
         from scipy.optimize import nnls
+        unknown = set(terms) - set(CONTEXT_TERM_NAMES)
+        if unknown:
+            raise ValueError(f"unknown in-context terms {sorted(unknown)}; known: {', '.join(CONTEXT_TERM_NAMES)}")
+        l2 = float(l2 or l2_bytes())
         self.sequence = None
         self._cache.clear()
-        rows_by_fam: dict[str, list] = {}
+        by_group: dict[str, list] = {}
+        mix_sum: dict[str, np.ndarray] = {}
         for s in samples:
-            iso = self.predict(s["info"], s.get("rows"), s["load"], context="isolated")
-            rows_by_fam.setdefault(family_of(s["info"]), []).append(
-                (np.concatenate([[iso], sequence_terms(s["info"], s.get("rows"))]), float(s["t"])))
+            info, rows = s["info"], s.get("rows")
+            g = context_group(info)
+            if info.get("reuse"):
+                mix_sum[g] = mix_sum.get(g, np.zeros(3)) + input_mix(info, l2)
+        mix = {g: (v / max(v.sum(), 1e-12)).tolist() for g, v in mix_sum.items()}
+        for s in samples:
+            info, rows = s["info"], s.get("rows")
+            if in_l2(info, l2):          # predicted as isolated (see in_l2): nothing to fit
+                continue
+            g = context_group(info)
+            iso = self.predict(info, rows, s["load"], context="isolated")
+            x = context_terms(info, rows, terms, l2, mix.get(g))
+            by_group.setdefault(g, []).append((np.concatenate([[iso], x]), float(s["t"])))
 
         def fit(rows, a_fixed=None):
             A = np.asarray([r[0] / r[1] for r in rows])
@@ -630,21 +753,21 @@ class DeviceProfile:
             coef, _ = nnls(A / scale, b)
             coef = (coef / scale).tolist()
             return coef if a_fixed is None else [float(a_fixed), *coef]
-        everything = [r for rows in rows_by_fam.values() for r in rows]
-        # an op type without enough samples of its own keeps its isolated prediction plus what context adds
-        # on average (a per-node cost and cold weights and inputs): never a scale fitted on other op types
+        everything = [r for rows in by_group.values() for r in rows]
+        # a group without enough samples of its own keeps its isolated prediction plus what context adds
+        # on average (a per-node cost, cold weights and inputs): never a scale fitted on other op types
         glob = fit(everything, a_fixed=1.0)
-        fams = {f: fit(rows) for f, rows in sorted(rows_by_fam.items()) if len(rows) >= min_family}
+        groups = {g: fit(rows) for g, rows in sorted(by_group.items()) if len(rows) >= min_family}
 
         rel_iso, rel = [], []
-        for f, rows in rows_by_fam.items():
-            c = np.asarray(fams.get(f, glob))
+        for g, rows in by_group.items():
+            c = np.asarray(groups.get(g, glob))
             for x, t in rows:
                 rel.append(float(np.dot(c, x)) / t - 1)
                 rel_iso.append(x[0] / t - 1)
-        self.sequence = {"kind": "context", "terms": ["isolated prediction", "per node", "weight bytes",
-                                                      "input bytes"],
-                         "families": fams, "global": glob, "coef": [0.0, 0.0, 0.0], "n": len(samples),
+        self.sequence = {"kind": "context", "version": 2, "terms": ["isolated prediction", *terms],
+                         "groups": groups, "global": glob, "l2_bytes": l2, "input_mix": mix,
+                         "n": len(samples),
                          "rmspe_isolated": float(np.sqrt(np.mean(np.square(rel_iso)))),
                          "rmspe_corrected": float(np.sqrt(np.mean(np.square(rel)))),
                          "acc10_isolated": float(np.mean(np.abs(rel_iso) <= 0.10)),

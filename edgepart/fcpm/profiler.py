@@ -39,7 +39,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from edgepart.fcpm.context import graph_stage
+from edgepart.fcpm.context import graph_stage, with_reuse
 from edgepart.fcpm.features import clean_info
 from edgepart.fcpm.harness import Harness, Isolated, pinned_thread
 from edgepart.fcpm.load import BackgroundLoad, cpu_count, cpu_quota_cores, sustained_share
@@ -381,8 +381,11 @@ def design_nets(n: int, seed: int = 0, max_flops: float = 4e9) -> list[tuple[tor
 
 
 def net_infos(net, x) -> list[dict]:
+    """The compute nodes' infos of a synthetic network; those a stage times carry ``"reuse"`` (where their
+    inputs are: :func:`edgepart.fcpm.context.stage_reuse`)."""
     gm = analyse(trace(net, (x,)))
-    return [clean_info(node_info(n)) for n in gm.graph.nodes if n.op in COMPUTE_OPS]
+    timed = with_reuse(gm)
+    return [timed.get(n.name) or clean_info(node_info(n)) for n in gm.graph.nodes if n.op in COMPUTE_OPS]
 
 
 def measure_nets(nets, loads, target_s: float = 0.3, passes: int = 2, progress: bool = False,

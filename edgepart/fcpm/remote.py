@@ -269,6 +269,13 @@ def check_measurements(m: Any) -> None:
     nets = m.get("nets") or {"infos": [], "records": []}
     if not (isinstance(nets, dict) and isinstance(nets.get("infos"), list) and isinstance(nets.get("records"), list)):
         bad("nets needs infos and records")
+    for infos in nets["infos"]:
+        for info in infos if isinstance(infos, list) else ():
+            reuse = info.get("reuse") if isinstance(info, dict) else None
+            if reuse is not None and not (isinstance(reuse, list) and len(reuse) <= 64 and all(
+                    isinstance(v, list) and len(v) == 3 and _num(v[0]) and v[0] >= 0 and _num(v[1]) and v[1] >= 0
+                    and (v[2] is None or (isinstance(v[2], str) and len(v[2]) <= 40)) for v in reuse)):
+                bad(f"bad input reuse in a network's node info {str(reuse)[:120]}")
     for r in nets["records"]:
         if not (isinstance(r, dict) and type(r.get("net")) is int and 0 <= r["net"] < len(nets["infos"])
                 and _num(r.get("load")) and _num(r.get("t")) and r["t"] > 0):
