@@ -8,6 +8,7 @@ every answer equals its version's single-device output.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -18,6 +19,7 @@ from edgepart.mcia import Tiers, plan
 from edgepart.mcia.online import MciaController, MciaControllerConfig
 from edgepart.mcia.scenario import Task
 from edgepart.mcia.table import TaskTable, VersionCosts, evaluate, rescale
+from edgepart.testbed.emulator import netns_available
 
 LEVELS = 4
 CLUSTER = {
@@ -173,3 +175,82 @@ def test_the_controller_thread_starts_and_stops_within_its_timeouts():
     assert time.monotonic() - t0 < 5
     assert not any(th.name.startswith("mcia-") for th in threading.enumerate())
     assert ctl.events[0]["event"] == "start" and any(e["event"] == "solved" for e in ctl.events)
+
+
+@pytest.fixture(scope="module")
+def tiny_versions(tmp_path_factory):
+    """vgg_small at scales 1 and 0.5 on 16-pixel digits, one epoch on 96 images (as tests/test_mcia_run.py)."""
+    import dataclasses
+    from edgepart import datasets
+    from edgepart.versions import TrainConfig, VersionSet, build_version_set
+    d = datasets.load("digits", 16)
+    small = dataclasses.replace(d, train=datasets.Split(d.train.x[:96], d.train.y[:96]))
+    root = tmp_path_factory.mktemp("mcia-online") / "vgg"
+    tiny = TrainConfig(epochs=1, batch_size=32)
+    build_version_set("vgg_small", root, (1.0, 0.5), data=small, config=tiny, finetune=tiny, int8=False,
+                      repeats=0, log=lambda m: None)
+    return VersionSet.load(root), d.test
+
+
+ROOT_CLUSTER = {
+    "devices": [{"name": "p0", "tier": "end", "speed": 0.02, "memory_mb": 512},
+                {"name": "p1", "tier": "end", "speed": 0.2, "memory_mb": 512},
+                {"name": "edge", "tier": "edge", "speed": 1.0, "memory_mb": 2048},
+                {"name": "cloud", "tier": "cloud", "speed": 1.0}],
+    "links": {"default": {"bandwidth_mbps": 20, "latency_ms": 2},
+              "overrides": [{"a": "p0", "b": "edge", "bandwidth_mbps": 4, "latency_ms": 2},
+                            {"a": "edge", "b": "cloud", "bandwidth_mbps": 50, "latency_ms": 10}]}}
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(not netns_available()[0], reason=f"netns emulation unavailable: {netns_available()[1]}")
+def test_a_scripted_uplink_drop_on_the_tiered_testbed_is_replanned_and_every_answer_stays_exact(tiny_versions):
+    from edgepart.mcia.run import EXACT_TOL, MciaRun
+    vset, test = tiny_versions
+    cluster = Cluster.from_dict(ROOT_CLUSTER)
+    tasks = [Task("a", "p0", w_acc=1.0, w_lat=1.0, versions=vset.dir),
+             Task("b", "p1", w_acc=1.0, w_lat=1.0, versions=vset.dir)]
+    stop, errors, answers = threading.Event(), [], []
+
+    def client(i, name):
+        k = i
+        while not stop.is_set():
+            x = test.x[k % len(test.x):k % len(test.x) + 1]
+            k += 7
+            try:
+                y, answered = run.request(name, x, timeout=60)
+                ref = answered.model(x)
+                answers.append((name, time.monotonic(), float((y - ref).abs().max() / ref.abs().max())))
+            except Exception as e:  # noqa: BLE001 — reported by the assertion below
+                errors.append(f"{name}: {type(e).__name__}: {e}")
+                return
+
+    with MciaRun(cluster, tasks, levels=4, cpuset=[1] if (os.cpu_count() or 1) > 1 else None) as run:
+        first = list(run.solution.choices)
+        v = run.tables["a"].versions[first[0].version]
+        assert first[0].k1 < v.last, "the instance: task a offloads over p0's uplink at first"
+        ctl = MciaController.for_run(run, MciaControllerConfig(hold_s=2.0, interval=0.5))
+        threads = [threading.Thread(target=client, args=(i, t.name), daemon=True) for i, t in enumerate(tasks)]
+        for th in threads:
+            th.start()
+        with ctl:
+            time.sleep(8)                            # steady: learn the ratios and each task's overheads
+            assert not ctl.applied, ctl.events
+            drop = time.monotonic()
+            run.bed.set_link("p0", 0.2)              # p0's uplink to a twentieth
+            while not ctl.applied and time.monotonic() - drop < 60 and not errors:
+                time.sleep(0.5)
+            applied_at = time.monotonic()
+            time.sleep(3)                            # serve on the new plan
+        stop.set()
+        for th in threads:
+            th.join(90)
+        assert not errors, errors
+        assert ctl.applied, [e for e in ctl.events if e["event"] != "start"]
+        assert "a" in ctl.applied[0]["changes"]
+        assert run.solution.choices[0] != first[0]
+        assert all(d <= EXACT_TOL for _, _, d in answers), max(d for _, _, d in answers)
+        assert sum(1 for n, t, _ in answers if n == "a" and t > applied_at) >= 1, "task a is answered after the re-plan"
+        assert sum(1 for n, t, _ in answers if n == "b" and t > drop) >= 3, "task b is served throughout"
