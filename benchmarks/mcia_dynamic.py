@@ -1,6 +1,6 @@
 """MCIA while an uplink drops: a static plan against the MCIA controller's re-planned one, on the tiered testbed.
 
-    python benchmarks/mcia_dynamic.py [--steady 15] [--after 30] [--drop phone0:0.1] [--cpuset 1]
+    python benchmarks/mcia_dynamic.py [--steady 15] [--after 30] [--drop board1:0.1] [--cpuset 1]
         -> benchmarks/results/mcia_dynamic.md (+ .json, .png)      (root: network namespaces, tc, cgroups)
 
 Scenario: benchmarks/mcia_testbed.py's (10 tasks from 4 end devices, an edge server, a cloud; vgg_small
@@ -160,7 +160,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steady", type=float, default=15.0)
     p.add_argument("--after", type=float, default=30.0)
-    p.add_argument("--drop", default="phone0:0.1", help="END:FACTOR — that end device's uplink × FACTOR")
+    p.add_argument("--drop", default="board1:0.1", help="END:FACTOR — that end device's uplink × FACTOR")
     p.add_argument("--cpuset", default="1")
     p.add_argument("--time-scale", type=float, default=0.25)
     p.add_argument("--versions", default=str(Path.home() / ".cache" / "edgepart" / "mcia-vgg_small"))
@@ -206,7 +206,7 @@ def main() -> int:
         f"(from the re-plan on).",
         f"- Re-plan applied **{applied[0]:.1f} s after the drop** (hold {MciaControllerConfig().hold_s:g} s, "
         f"applying it {adaptive['apply_s'][0]:.1f} s: {apply_ev.get('redeployed')} redeployed make-before-break, "
-        f"{apply_ev.get('reshared')} reshared in place); predicted objective gain {apply_ev['gain']:.3f} of Σ weights "
+        f"{apply_ev.get('reshared')} reshared in place); predicted objective gain {apply_ev['gain']:.3f} of the changed tasks' Σ weights "
         f"({apply_ev['objective_before']:.3f} → {apply_ev['objective_after']:.3f} under the live state)."
         if applied else "- **No re-plan was applied** in the adaptive phase.",
         f"- Answers checked against their version's single-device output: static {static['answers']}, adaptive "

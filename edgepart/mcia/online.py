@@ -26,8 +26,8 @@ Every ``interval`` seconds the controller's thread (never on a request's path):
    relative, from the state of the last solve) or every ``recheck_s``, a second thread solves the
    MCIA problem for the live state (``strategy``: milp by default);
 4. **hysteresis** — the candidate's objective under the live state of *every* round must beat the
-   current plan's by ``min_gain`` × Σ(w_acc + w_lat) of the tasks (the objective's scale: each task's
-   term is at most w_acc and its latency term is in units of w_lat) for ``hold_s`` seconds; the
+   current plan's by ``min_gain`` × Σ(w_acc + w_lat) of the tasks it changes (the objective's scale:
+   each task's term is at most w_acc and its latency term is in units of w_lat) for ``hold_s`` s; the
    rounds during the solve count (their live states are kept), so the hold runs while it solves;
 5. **apply** — ``apply(solution, cluster)`` (for a run: ``MciaRun.update(tasks, cluster=...,
    solution=...)``: tasks whose version or cuts changed get new workers, make before break; shares
@@ -75,7 +75,7 @@ class MciaControllerConfig:
 
     replan: bool = True            # False: only monitor and log (a static plan)
     strategy: str = "milp"         # edgepart.mcia.plan strategy for re-solves
-    min_gain: float = 0.02         # apply when the objective gains ≥ this × Σ(w_acc + w_lat) ...
+    min_gain: float = 0.02         # apply when the objective gains ≥ this × Σ(w_acc + w_lat) of the changed tasks ...
     hold_s: float = 3.0            # ... under the live state of every round for this long
     interval: float = 0.5          # s between monitor rounds
     recheck_s: float = 30.0        # re-solve at least this often, even if nothing moved
@@ -365,13 +365,13 @@ class MciaController:
                 return True
         return False
 
-    def _scale(self, tables: list[TaskTable]) -> float:
-        return sum(tb.task.w_acc + tb.task.w_lat for tb in tables) or 1.0
-
     def gain(self, sol: Solution, choices: list[Choice], view: LiveView) -> float:
-        """How much better ``sol`` is than ``choices`` under ``view``, in units of Σ(w_acc + w_lat)."""
+        """How much better ``sol`` is than ``choices`` under ``view``, in units of Σ(w_acc + w_lat) of the tasks
+        whose choice it changes (a re-plan that moves one task of fifty is judged by that task's scale,
+        not drowned in the others')."""
         obj = sum(evaluate(tb, view.tiers, c, self.levels).objective for tb, c in zip(view.tables, sol.choices))
-        return (obj - view.objective) / self._scale(view.tables)
+        scale = sum(tb.task.w_acc + tb.task.w_lat for tb, a, b in zip(view.tables, choices, sol.choices) if a != b)
+        return (obj - view.objective) / (scale or 1.0)
 
     def decide(self, tables: list[TaskTable], choices: list[Choice], now: float) -> LiveView:
         view = self.live(tables, choices, now)
@@ -483,7 +483,7 @@ class MciaController:
             if hasattr(report, k):
                 info[k] = getattr(report, k)
         e = self._event("apply", reason=f"predicted objective {new_obj:.4f} vs {view.objective:.4f} under the live "
-                        f"state (gain {g:.3f} of Σ weights ≥ {self.cfg.min_gain}) for "
+                        f"state (gain {g:.3f} of the changed tasks' Σ weights ≥ {self.cfg.min_gain}) for "
                         f"{now - self._better_since:.1f} s", gain=round(g, 4), objective_before=round(view.objective, 4),
                         objective_after=round(new_obj, 4), violations_before=view.violations, changes=changes,
                         apply_s=round(time.perf_counter() - t0, 2), state=self.state.snapshot(), **info)
