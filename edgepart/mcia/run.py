@@ -4,6 +4,8 @@
     report = run.measure(requests=10, inputs=images, labels=labels)       # all tasks at once
     print(report.table())
     run.update(new_tasks)           # re-solve; only tasks whose choice changed are redeployed
+    run.update(run.tasks, cluster=live)     # the cluster changed (an uplink, the edge's load): re-solve
+    y = run.infer("cam0", x)        # one request; waits while the task is being switched to new workers
     run.close()
 
 For each task the plan's choice (version v, cuts k1 <= k2, edge share a/L, uplink share b/L) becomes a
@@ -19,6 +21,13 @@ the predicted latency (the plan's ``Outcome.latency_s``), the measured median (w
 testbed's time scale), the largest difference of any output from the version's own single-device
 output (relative to that output's largest magnitude), the version's test-split accuracy (its version
 set record) and the top-1 accuracy of the answers it got.
+
+:meth:`MciaRun.update` re-solves for new tasks and/or a changed cluster (the planner's view: an
+uplink's bandwidth, the edge server's speed × (1 − load), the WAN — not the testbed's links, which
+:meth:`TieredTestbed.set_link` changes) and redeploys only what changed, make before break: a task
+whose version or cuts change gets new workers beside its old ones and is switched between two of its
+requests (:meth:`MciaRun.request` holds the task's lock), so serving goes on while it applies.
+:class:`edgepart.mcia.online.MciaController` calls it while tasks are served.
 """
 from __future__ import annotations
 
@@ -42,7 +51,7 @@ from edgepart.mcia.build import build_table, legal_cuts
 from edgepart.mcia.scenario import Task, Tiers
 from edgepart.mcia.solve import Solution
 from edgepart.compiler.cost.model import CostModel
-from edgepart.mcia.table import Choice, TaskTable, reference_latency, uses
+from edgepart.mcia.table import Choice, TaskTable, reference_latency, rescale, uses
 from edgepart.passes import analyse
 from edgepart.passes.trace import trace
 from edgepart.runtime.client import Session
@@ -236,6 +245,21 @@ class UpdateReport:
     solution: Solution
 
 
+class _Switch:
+    """The moment a redeployed task changes workers: with its request lock held, ``then`` runs."""
+
+    def __init__(self, lock: threading.Lock, then):
+        self.lock, self.then = lock, then
+
+    def __enter__(self):
+        if not self.lock.acquire(timeout=300):
+            raise EdgepartError("a task's request did not finish within 300 s; not switched")
+        self.then()
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
 class MciaRun:
     """An MCIA plan deployed on the tiered testbed (module docstring). ``strategy``: milp or a baseline
     (edgepart.mcia.plan); ``time_scale``: None fits every task's processes into ``headroom`` of the
@@ -246,7 +270,8 @@ class MciaRun:
     def __init__(self, cluster: Cluster, tasks: list[Task], levels: int = 8, strategy: str = "milp",
                  time_scale: float | None = None, cpuset: list[int] | None = None, host_speed: float = 1.0,
                  headroom: float = 0.9, time_limit: float = 60.0, calibrate: bool = False, workdir=None, log=None):
-        self.cluster = cluster
+        self.cluster = cluster              # what the plan is made for (update(cluster=...) changes it)
+        self.nominal = cluster              # what the cost tables are built for; others are rescaled
         self.tiers = Tiers.from_cluster(cluster)
         self.levels = levels
         self.strategy = strategy
@@ -257,7 +282,11 @@ class MciaRun:
         self.log = log or (lambda msg: None)
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="edgepart-mcia-run-")
         self.workdir = Path(workdir or self._tmp.name)
-        self.tables: dict[str, TaskTable] = {}
+        self.tables: dict[str, TaskTable] = {}          # per task, for self.cluster
+        self._base: dict[str, TaskTable] = {}           # per task, for self.nominal
+        self._locks: dict[str, threading.Lock] = {}     # per task: held by a request, and by its switch
+        self._req: dict[str, tuple[int, float]] = {}    # per task: requests answered, their wall seconds
+        self._req_lock = threading.Lock()
         self.sets: dict[Path, VersionSet] = {}
         self.runs: dict[str, TaskRun] = {}
         self.tasks = list(tasks)
@@ -285,13 +314,30 @@ class MciaRun:
         return self.sets[path]
 
     def _table(self, task: Task) -> TaskTable:
-        t = self.tables.get(task.name)
+        """The task's cost table for ``self.cluster``: built (and calibrated) once for ``self.nominal``, then
+        rescaled by the devices' speeds (table.rescale: exact, times are ÷ speed)."""
+        t = self._base.get(task.name)
         if t is None or t.task != task:
-            t = build_table(task, self.cluster, self.tiers, self._set(task))
+            t = build_table(task, self.nominal, Tiers.from_cluster(self.nominal), self._set(task))
             if self.calibrate:
-                t = calibrate_table(t, self._set(task), self.cluster, self.cpuset, self.factors)
-            self.tables[task.name] = t
+                t = calibrate_table(t, self._set(task), self.nominal, self.cpuset, self.factors)
+            self._base[task.name] = t
+        f = {d: self.nominal.device(d).speed / self.cluster.device(d).speed
+             for d in (task.source, self.tiers.edge.name) + ((self.tiers.cloud.name,) if self.tiers.cloud else ())}
+        t = rescale(t, f[task.source], f[self.tiers.edge.name], f[self.tiers.cloud.name] if self.tiers.cloud else 1.0)
+        self.tables[task.name] = t
         return t
+
+    def _set_cluster(self, cluster: Cluster) -> None:
+        """Plan for ``cluster`` from now on: the same devices (names, tiers); speeds, links, memory may differ."""
+        if sorted(cluster.names) != sorted(self.cluster.names) or \
+                any(cluster.device(d).tier != self.cluster.device(d).tier for d in cluster.names):
+            raise EdgepartError(f"update(cluster=...): the cluster must have the same devices and tiers as the "
+                                f"running one ({sorted(self.cluster.names)}), got {sorted(cluster.names)}")
+        if any(dataclasses.replace(cluster.device(d), speed=1.0) != dataclasses.replace(self.nominal.device(d), speed=1.0)
+               for d in cluster.names):
+            self.nominal, self._base = cluster, {}          # a profile or memory changed: tables rebuilt
+        self.cluster, self.tiers = cluster, Tiers.from_cluster(cluster)
 
     def _solve(self, tasks: list[Task]) -> Solution:
         from edgepart.mcia import plan   # why: mcia/__init__ imports this module's siblings; plan lives there
@@ -318,36 +364,56 @@ class MciaRun:
         return out
 
     # --- deployment ------------------------------------------------------------------------------
-    def _start(self, task: Task, c: Choice) -> None:
+    def _start(self, task: Task, c: Choice, replace: bool = False) -> None:
         table = self.tables[task.name]
         vs = self._set(task)
         vname = table.versions[c.version].name
         model, x = vs.model(vname)
-        sub = task_cluster(self.cluster, self.tiers, task.source)
+        sub = task_cluster(self.nominal, Tiers.from_cluster(self.nominal), task.source)
         plan = choice_plan(model, x, c, sub, self.tiers, task.source)
         bundle = vs.compile(vname, sub, strategy=plan)
         out = self.workdir / f"{task.name}-{vname}-{c.k1}-{c.k2}"
         bundle.save(out)
         v = table.versions[c.version]
-        self.bed.add_task(task.name, task.source, out,
-                          edge_share=c.edge_share / self.levels if c.k2 > c.k1 else None,
-                          up_share=c.up_share / self.levels if c.k1 < v.last else None)
+        shares = dict(edge_share=c.edge_share / self.levels if c.k2 > c.k1 else None,
+                      up_share=c.up_share / self.levels if c.k1 < v.last else None)
         tiers = (task.source, self.tiers.edge.name, self.tiers.cloud.name if self.tiers.cloud else None)
         nodes = tuple(sum(len(s.nodes) for s in plan.stages if s.device == d) for d in tiers)
-        self.runs[task.name] = TaskRun(table, c, out, model, vs.records[vname].accuracy, nodes)
+        run = TaskRun(table, c, out, model, vs.records[vname].accuracy, nodes)
+        lock = self._locks.setdefault(task.name, threading.Lock())
+        if replace:
+            self.bed.replace_task(task.name, out, swap=_Switch(lock, lambda: self.runs.__setitem__(task.name, run)),
+                                  **shares)
+        else:
+            self.bed.add_task(task.name, task.source, out, **shares)
+            self.runs[task.name] = run
         self.log(f"deployed {task.name}: {vname}, cuts {c.k1}/{c.k2}, shares {c.edge_share}/{c.up_share}")
 
-    def update(self, tasks: list[Task]) -> UpdateReport:
-        """Tasks arrived or left (or changed): re-solve for ``tasks`` and change only what differs — a task
-        whose version and cuts stay keeps its workers (its shares change in place), others are redeployed."""
+    def update(self, tasks: list[Task], cluster: Cluster | None = None, solution: Solution | None = None) -> UpdateReport:
+        """Tasks arrived or left (or changed), or the cluster did (``cluster``: the same devices and tiers with
+        other speeds — e.g. the edge server's speed × (1 − load) —, links or memory; its cost tables are
+        rescaled, or rebuilt if a profile changed): re-solve for ``tasks`` and change only what differs — a
+        task whose version and cuts stay keeps its workers (its shares change in place), others are
+        redeployed, make before break (module docstring). ``solution``: a plan already solved for exactly
+        these tasks and cluster (MciaController solves off the request path), applied without solving again."""
+        if cluster is not None:
+            self._set_cluster(cluster)
         old = {t.name: r for t, r in zip(self.tasks, [self.runs[t.name] for t in self.tasks])}
-        sol = self._solve(tasks)
+        if solution is None:
+            sol = self._solve(tasks)
+        else:
+            for t in tasks:
+                self._table(t)
+            if len(solution.choices) != len(tasks):
+                raise EdgepartError(f"update: the solution has {len(solution.choices)} choices for {len(tasks)} tasks")
+            sol = solution
         new = {t.name: (t, c) for t, c in zip(tasks, sol.choices)}
         rep = UpdateReport([], [], [], [], [], sol)
         for name in old:
             if name not in new:
-                self.bed.remove_task(name)
-                del self.runs[name]
+                with _Switch(self._locks.pop(name), lambda: None):      # not while one of its requests runs
+                    self.bed.remove_task(name)
+                    del self.runs[name]
                 rep.removed.append(name)
         for name, (t, c) in new.items():
             r = old.get(name)
@@ -356,8 +422,7 @@ class MciaRun:
                 rep.added.append(name)
             elif ((r.choice.version, r.choice.k1, r.choice.k2, r.table.task.source, r.table.task.versions)
                   != (c.version, c.k1, c.k2, t.source, t.versions)):
-                self.bed.remove_task(name)
-                self._start(t, c)
+                self._start(t, c, replace=True)
                 rep.redeployed.append(name)
             else:
                 r.table = self.tables[name]           # its property (weights, deadline) may have changed
@@ -371,9 +436,50 @@ class MciaRun:
         self.tasks, self.solution = list(tasks), sol
         return rep
 
+    def base_tables(self) -> list[TaskTable]:
+        """The running tasks' cost tables for ``self.nominal`` (those of ``self.cluster`` are rescaled from them)."""
+        return [self._base[t.name] for t in self.tasks]
+
+    def stats(self, timeout: float = 2.0) -> dict[str, dict[str, dict]]:
+        """Every running task's workers' counters: {task: {device: stats}} (a worker that does not answer
+        within ``timeout`` is left out; a task being switched may be too)."""
+        out = {}
+        for name, slot in list(self.bed.slots.items()):
+            if name not in self.runs or slot.session is None:
+                continue                # the temporary slot of a task being redeployed
+            try:
+                out[name] = slot.session.stats(timeout=timeout)
+            except (EdgepartError, OSError):
+                continue
+        return out
+
     # --- requests ----------------------------------------------------------------------------------
     def infer(self, task: str, x: torch.Tensor, timeout: float = 120.0) -> torch.Tensor:
-        return self.bed.slots[task].session.infer(x, timeout=timeout)
+        return self.request(task, x, timeout)[0]
+
+    def request(self, task: str, x: torch.Tensor, timeout: float = 120.0) -> tuple[torch.Tensor, TaskRun]:
+        """One request of ``task``: its output and the deployment that answered it (its version's model: the
+        reference to check it against). Holds the task's lock: a redeploy switches between two requests."""
+        lock = self._locks.get(task)
+        if lock is None:
+            raise EdgepartError(f"task {task!r} is not running (running: {sorted(self.runs)})")
+        if not lock.acquire(timeout=timeout):
+            raise EdgepartError(f"task {task!r}: its deployment did not become free within {timeout:g} s")
+        try:
+            t0 = time.perf_counter()
+            y = self.bed.slots[task].session.infer(x, timeout=timeout)
+            dt = time.perf_counter() - t0
+            with self._req_lock:
+                n, s = self._req.get(task, (0, 0.0))
+                self._req[task] = (n + 1, s + dt)
+            return y, self.runs[task]
+        finally:
+            lock.release()
+
+    def request_stats(self) -> dict[str, tuple[int, float]]:
+        """Per task: requests answered so far and their total wall seconds (what MciaController reads)."""
+        with self._req_lock:
+            return dict(self._req)
 
     def test_split(self, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
         """The test split (images, labels) of the data set the task's version set was trained on."""
@@ -398,17 +504,16 @@ class MciaRun:
             try:
                 run = self.runs[task.name]
                 xs, ys = (inputs, labels) if inputs is not None else self.test_split(task)
-                session = self.bed.slots[task.name].session
                 idx = [(i * requests + j) % len(xs) for j in range(warmup + requests)]
                 start.wait(timeout)
                 lat, diffs, correct = [], [], 0
                 for n, k in enumerate(idx):
                     x = xs[k:k + 1]
                     t0 = time.perf_counter()
-                    y = session.infer(x, timeout=timeout)
+                    y, answered = self.request(task.name, x, timeout=timeout)
                     dt = time.perf_counter() - t0
                     with torch.no_grad():
-                        ref = run.model(x)
+                        ref = answered.model(x)
                     diffs.append(float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12)))
                     if n < warmup:
                         continue

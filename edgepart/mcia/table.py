@@ -24,6 +24,7 @@ service time < 1 on the task's edge share and uplink share, and Σ rate × end t
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from edgepart.mcia.scenario import Task, Tiers
@@ -174,3 +175,13 @@ def violations(tables: list[TaskTable], tiers: Tiers, choices: list[Choice], lev
 
 def objective(tables: list[TaskTable], tiers: Tiers, choices: list[Choice], levels: int) -> float:
     return sum(evaluate(tb, tiers, c, levels).objective for tb, c in zip(tables, choices))
+
+
+def rescale(table: TaskTable, end: float = 1.0, edge: float = 1.0, cloud: float = 1.0) -> TaskTable:
+    """The table with compute seconds × ``end`` on the task's end device, × ``edge`` on the edge server, ×
+    ``cloud`` in the cloud: a device whose speed went from ``s`` to ``s'`` takes ``s / s'``, exactly as a
+    rebuilt table would (the cost model divides every node's time by the device's speed). The
+    normaliser ``reference_s`` stays: the objective's unit does not move with the live state."""
+    vs = tuple(dataclasses.replace(v, end_s=tuple(t * end for t in v.end_s), edge_s=tuple(t * edge for t in v.edge_s),
+                                   cloud_s=tuple(t * cloud for t in v.cloud_s)) for v in table.versions)
+    return TaskTable(table.task, vs, table.reference_s)

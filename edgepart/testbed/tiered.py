@@ -4,6 +4,8 @@
     slot = bed.add_task("cam0", "phone0", bundle_dir, edge_share=3/8, up_share=2/8)
     y = slot.session.infer(x)
     bed.set_shares("cam0", edge_share=4/8, up_share=2/8)            # no redeploy
+    bed.set_link("phone0", 2.0)                                     # the uplink drops to 2 Mbit/s (cluster units)
+    bed.replace_task("cam0", other_bundle_dir, edge_share=1/8, up_share=2/8)    # make before break
     bed.remove_task("cam0"); bed.close()
 
 Needs root, cgroup v1 and network namespaces (:func:`edgepart.testbed.emulator.netns_available`).
@@ -126,6 +128,7 @@ class TieredTestbed:
         self.ip: dict[tuple[str, str], str] = {}       # (device, link peer) -> its address on that link
         self.shaped: list[tuple[str, str, str]] = []   # (namespace, interface, link: end name or "wan")
         self.slots: dict[str, TaskSlot] = {}
+        self.rates: dict[str, float] = {}              # link -> cluster Mbit/s now, where set_link changed it
         self.next_index = 0
         self.cgroup: str | None = None
         self.closed = False
@@ -138,8 +141,34 @@ class TieredTestbed:
     # --- the network ---------------------------------------------------------------------------
     def link_rate(self, link: str) -> float:
         """Mbit/s of an uplink (its end device's name) or of the WAN ("wan"), at the time scale."""
+        if link in self.rates:
+            return self.rates[link] * self.time_scale
         a, b = (self.edge, self.cloud) if link == "wan" else (link, self.edge)
         return float(self.cluster.link(a, b)["bandwidth_mbps"]) * self.time_scale
+
+    def set_link(self, link: str, bandwidth_mbps: float) -> None:
+        """Re-shape a running link — an uplink (its end device's name) or the WAN ("wan") — to ``bandwidth_mbps``
+        (cluster units), in both directions: its parent htb class and every task's class on it (a share of
+        the new rate) change in place. What the physical link does, not what a planner believes: the
+        cluster the plan was made for is unchanged. htb classes can be changed under traffic (GSO is one
+        segment here, so no queued packet is larger than a new bucket; a tbf would have to be replaced)."""
+        if link != "wan" and link not in self.ends or link == "wan" and not self.cloud:
+            raise EdgepartError(f"no link {link!r} on this testbed: an end device's uplink "
+                                f"({', '.join(self.ends)}) or 'wan'")
+        if not bandwidth_mbps > 0:
+            raise ValueError(f"link {link!r}: bandwidth_mbps must be > 0, got {bandwidth_mbps}")
+        self.rates[link] = float(bandwidth_mbps)
+        total = self.link_rate(link) * (1 if link != "wan" else 256)
+        for ns, dev, lk in self.shaped:
+            if lk != link:
+                continue
+            _run("ip", "netns", "exec", ns, "tc", "class", "change", "dev", dev, "parent", "1:", "classid", "1:1",
+                 "htb", *_rate(total, total))
+            _run("ip", "netns", "exec", ns, "tc", "class", "change", "dev", dev, "parent", "1:1", "classid",
+                 f"1:{CONTROL_CLASS}", "htb", *_rate(max(total * 0.01, 0.01), total))
+        for slot in self.slots.values():
+            if link == "wan" and self.cloud in slot.devices or link == slot.end and slot.up_share:
+                self._task_classes(slot, add=False, only=link)
 
     def _build(self) -> None:
         t = self.tag
@@ -204,9 +233,12 @@ class TieredTestbed:
             _run("ip", "netns", "exec", self.ns[d], "sh", "-c",
                  f"for q in /sys/class/net/*/queues/rx-*; do echo {mask} > $q/rps_cpus; done")
 
-    def _task_classes(self, slot: TaskSlot, add: bool) -> None:
-        """The task's htb class on every shaped link it crosses (its uplink, the WAN), with its port filters."""
+    def _task_classes(self, slot: TaskSlot, add: bool, only: str | None = None) -> None:
+        """The task's htb class on every shaped link it crosses (its uplink, the WAN; ``only``: that one),
+        with its port filters."""
         for ns, dev, link in self.shaped:
+            if only is not None and link != only:
+                continue
             if link == "wan":
                 if self.cloud not in slot.devices:
                     continue
@@ -328,6 +360,27 @@ class TieredTestbed:
                 f.write(str(proc.pid))
         start_worker(cmd, logf, worker_env(1), self.startup_timeout, f"task {slot.name!r}: worker on {device!r}",
                      on_spawn=confine)
+
+    def replace_task(self, name: str, bundle_dir, edge_share: float | None = None, up_share: float | None = None,
+                     swap=None, **session_kw) -> TaskSlot:
+        """Redeploy a running task with another bundle, make before break: the new workers start and deploy
+        beside the old ones (new ports, new htb classes), then the slot is switched — inside ``swap`` (a
+        context manager, e.g. the lock its requests hold, so none is in flight on the old workers) when
+        given — and only then the old workers stop. Its requests wait at most for the switch, not the start."""
+        if name not in self.slots:
+            raise EdgepartError(f"task {name!r} is not on the testbed")
+        temp = f"{name}~{self.next_index}"
+        self.add_task(temp, self.slots[name].end, bundle_dir, edge_share, up_share, **session_kw)
+        new = self.slots.pop(temp)
+        new.name = name
+        if swap is None:
+            old, self.slots[name] = self.slots[name], new
+        else:
+            with swap:
+                old, self.slots[name] = self.slots[name], new
+        self.slots[temp] = old              # stopped by remove_task like any slot
+        self.remove_task(temp)
+        return new
 
     def set_shares(self, name: str, edge_share: float | None = None, up_share: float | None = None) -> None:
         """Change a running task's edge compute share (its edge process's dilation) and uplink share (its htb
