@@ -175,7 +175,7 @@ def main(argv=None):
         if args.workers:
             wk = time_in_workers(b, x, args.requests, args.cpu, hs)
             in_workers = [(wk[k] - statistics.median(times["warm"][k])) * hs for k in times["warm"] if k in wk]
-        r = {"model": name, "input": size, "stages": len(b.schedule.plan.stages), "runs": len(extra),
+        r = {"model": name, "input": size, "stages": len(b.plan.stages), "runs": len(extra),
              "warm_median_s": statistics.median(warm), "extra_median_s": statistics.median(extra),
              "extra_p25_s": statistics.quantiles(extra, n=4)[0], "extra_p75_s": statistics.quantiles(extra, n=4)[2],
              "host_speed": hs,
