@@ -36,7 +36,7 @@ RUNTIME_PAD_BYTE_S = 0.21e-9
 RUNTIME_STAGE_S = 170e-6
 # The same on ONNX Runtime, on top of the session call its profile measured warm (``stage_start_s``):
 # benchmarks/stage_start.py --backend onnxruntime (results/stage_start_ort.md).
-ORT_STAGE_S = 170e-6
+ORT_STAGE_S = 37e-6
 _WINDOW_KINDS = ("conv2d", "max_pool2d", "avg_pool2d")
 
 # The convolution epilogues (passes.epilogue) a device on ONNX Runtime computes inside the convolution:
