@@ -407,3 +407,22 @@ def test_program_timer_runs_what_happens_between_requests_untimed():
     with ProgramTimer(model, (x,), between=busy) as timer:
         t = timer.time(budget_s=0.0, min_repeats=3, max_repeats=3)
     assert len(calls) == 3 and t < 0.02
+
+
+def test_linear_layers_are_calibrated_from_the_model_on_onnxruntime_only(tiny, monkeypatch):
+    """On ONNX Runtime the model's linear layers are timed like its other layers, against their
+    prediction with the memory speed applied (the ORT profile's linear model put a 411 MB layer at
+    78 GB/s); on torch they are left to memory_speed."""
+    from edgepart.compiler.cost.calibration import op_types
+    ort_profile = DeviceProfile.load(Path(__file__).resolve().parents[1] / "profiles" / "host_ort.json")
+    infos = [node_info(n) for n in compute_nodes(tiny)]
+    lin = next(i for i in infos if family(i) == "linear")
+    monkeypatch.setattr(op_types, "time_callable", lambda fn, **kw: {"t": 0.01})
+    make_runner = lambda info, rows=None: ((lambda: None), 0.0)  # noqa: E731
+    assert "linear" not in op_types._retime_nodes(ort_profile, infos, 1.0, make_runner)
+    sums = op_types._retime_nodes(ort_profile, infos, 1.0, make_runner, linear_memory_speed=0.5)
+    p = ort_profile.predict(lin, None, context="isolated")
+    share = ort_profile.memory_bound_fraction(lin, None, p)
+    n_linear = sum(1 for i in infos if family(i) == "linear")
+    assert n_linear == 1 and sums["linear"] == pytest.approx((p * ((1 - share) + share / 0.5), 0.01))
+    assert op_types.linear_layers_timed("onnxruntime") and not op_types.linear_layers_timed("torch")
