@@ -1,6 +1,8 @@
 """Stage start: what a device pays to start a stage after waiting for its input pieces.
 
     flock /tmp/edgepart-bench.lock .venv/bin/python benchmarks/stage_start.py
+    .venv/bin/python benchmarks/stage_start.py --backend onnxruntime --cache /tmp/ss --prepare   # compile only
+    flock /tmp/edgepart-bench.lock .venv/bin/python benchmarks/stage_start.py --backend onnxruntime --cache /tmp/ss
 
 The FCPM profile times layers back to back, caches warm. A device of a partitioned plan runs a
 stage, then waits for the next stage's pieces (network, other devices); meanwhile its core sleeps
@@ -20,7 +22,14 @@ there (the workers' ``stage_cpu_us:S``) is compared with the warm in-process run
 plus what the emulation adds (the other workers run on the same core between two stages of one),
 reported, not charged beyond the cold start (a real device has its core to itself).
 
-Writes benchmarks/results/stage_start.{json,md}.
+``--backend onnxruntime``: every device runs its stages as ONNX Runtime sessions (each stage one
+exported graph, one thread), and the figure is what the cost model charges an ORT stage on top of
+the profile's session call (``cost.ORT_STAGE_S``); the emulated-worker figure is what
+``testbed.py --backend onnxruntime`` charges. Exporting a ``modnn`` plan's hundreds of stages takes
+minutes: ``--cache DIR --prepare`` compiles the bundles into DIR without timing anything (outside the
+measurement lock), ``--cache DIR`` then times the bundles found there.
+
+Writes benchmarks/results/stage_start.{json,md} (``--backend onnxruntime``: stage_start_ort.{json,md}).
 """
 from __future__ import annotations
 
@@ -41,8 +50,8 @@ sys.path.insert(0, str(ROOT))
 from edgepart import models  # noqa: E402
 from edgepart.cluster import Cluster  # noqa: E402
 from edgepart.compiler.planning import baselines  # noqa: E402,F401 — registers modnn
-from edgepart.compiler.bundle import compile_plan  # noqa: E402
-from edgepart.compiler.cost.model import RUNTIME_STAGE_S  # noqa: E402
+from edgepart.compiler.bundle import compile_plan, load_bundle  # noqa: E402
+from edgepart.compiler.cost.model import ORT_STAGE_S, RUNTIME_STAGE_S  # noqa: E402
 from edgepart.compiler.planning.registry import STRATEGIES  # noqa: E402
 from edgepart.passes.trace import trace  # noqa: E402
 from edgepart.passes import analyse  # noqa: E402
@@ -101,6 +110,21 @@ def time_in_workers(bundle, x, requests: int, cpu: int, host_speed: float) -> di
     return out
 
 
+def bundle_for(name: str, model, x, backend: str, cache: str | None):
+    """The ``modnn`` bundle of ``model`` for four devices on ``backend``: loaded from ``cache`` if it was
+    compiled there, else compiled (and saved there)."""
+    where = Path(cache) / f"{name}-{backend}" if cache else None
+    if where is not None and (where / "manifest.json").exists():
+        return load_bundle(where)
+    cl = Cluster.from_dict({"source": "a", "devices": [{"name": n, "backend": backend} for n in "abcd"],
+                            "links": {"default": {"bandwidth_mbps": 1000, "latency_ms": 0.5}}})
+    gm = analyse(trace(model, (x,)), cl)
+    b = compile_plan(gm, STRATEGIES["modnn"](gm, cl), cl, name)
+    if where is not None:
+        b.save(where)
+    return b
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
@@ -109,7 +133,25 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=None,
                     help="1: also time the stages in emulated workers (default: when netns is available), 0: not")
     ap.add_argument("--requests", type=int, default=10, help="requests timed in the workers")
+    ap.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
+                    help="what the devices run their stages on (onnxruntime: results/stage_start_ort.*)")
+    ap.add_argument("--cache", default=None, help="directory of the compiled bundles (reused if there)")
+    ap.add_argument("--prepare", action="store_true", help="with --cache: only compile the bundles into it")
+    ap.add_argument("--models", nargs="*", default=None, help=f"default: {' '.join(m for m, _ in MODELS)}")
     args = ap.parse_args(argv)
+    out_name = "stage_start" if args.backend == "torch" else "stage_start_ort"
+    charged = RUNTIME_STAGE_S if args.backend == "torch" else ORT_STAGE_S
+    const_name = "RUNTIME_STAGE_S" if args.backend == "torch" else "ORT_STAGE_S"
+    todo = [(m, s) for m, s in MODELS if not args.models or m in args.models]
+    if args.prepare:
+        if not args.cache:
+            ap.error("--prepare needs --cache")
+        for name, size in todo:
+            model, (x,) = models.get(name, input_size=size)
+            t = time.perf_counter()
+            bundle_for(name, model, x, args.backend, args.cache)
+            print(f"{name}: compiled in {time.perf_counter() - t:.0f} s", flush=True)
+        return
     if args.workers is None:
         from edgepart.testbed.emulator import netns_available
         args.workers = int(netns_available()[0])
@@ -117,14 +159,11 @@ def main(argv=None):
     os.sched_setaffinity(0, {args.cpu})
     torch.set_num_threads(1)
     probe = HostSpeedProbe(PROFILE, [args.cpu])
-    cl = Cluster.from_dict({"source": "a", "devices": [{"name": n} for n in "abcd"],
-                            "links": {"default": {"bandwidth_mbps": 1000, "latency_ms": 0.5}}})
     rows, all_extra = [], []
     t_start = time.perf_counter()
-    for name, size in MODELS:
+    for name, size in todo:
         model, (x,) = models.get(name, input_size=size)
-        gm = analyse(trace(model, (x,)), cl)
-        b = compile_plan(gm, STRATEGIES["modnn"](gm, cl), cl, name)
+        b = bundle_for(name, model, x, args.backend, args.cache)
         hs = probe.measure(1.0)["host_speed"]
         times = time_stages(b, x, args.rounds, args.wait * 1e-3)
         hs = (hs + probe.measure(1.0)["host_speed"]) / 2
@@ -136,7 +175,7 @@ def main(argv=None):
         if args.workers:
             wk = time_in_workers(b, x, args.requests, args.cpu, hs)
             in_workers = [(wk[k] - statistics.median(times["warm"][k])) * hs for k in times["warm"] if k in wk]
-        r = {"model": name, "input": size, "stages": len(b.schedule.plan.stages), "runs": len(extra),
+        r = {"model": name, "input": size, "stages": len(b.plan.stages), "runs": len(extra),
              "warm_median_s": statistics.median(warm), "extra_median_s": statistics.median(extra),
              "extra_p25_s": statistics.quantiles(extra, n=4)[0], "extra_p75_s": statistics.quantiles(extra, n=4)[2],
              "host_speed": hs,
@@ -149,16 +188,20 @@ def main(argv=None):
               + (f"  in workers +{r['workers_extra_median_s'] * 1e3:.3f} ms ({r['workers_extra_rel_median'] * 100:+.0f}%)"
                  if in_workers else ""), flush=True)
     per_stage = statistics.median(all_extra)
-    out = {"per_stage_s": per_stage, "wait_ms": args.wait, "models": rows, "seconds": time.perf_counter() - t_start}
+    out = {"per_stage_s": per_stage, "wait_ms": args.wait, "models": rows, "seconds": time.perf_counter() - t_start,
+           "backend": args.backend}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "stage_start.json").write_text(json.dumps(out, indent=1))
-    lines = ["# Stage start: cost of starting a stage after a wait", "",
+    (RESULTS / f"{out_name}.json").write_text(json.dumps(out, indent=1))
+    on = "" if args.backend == "torch" else " — every stage an ONNX Runtime session"
+    lines = [f"# Stage start: cost of starting a stage after a wait{on}", "",
              f"Generated by `benchmarks/stage_start.py` on {time.strftime('%Y-%m-%d %H:%M')}: `modnn` plans (one "
-             f"stage per layer, 4 devices) run in one process (one torch thread, pinned to CPU {args.cpu}); each "
+             f"stage per layer, 4 devices) run in one process (one thread, pinned to CPU {args.cpu}; stages on "
+             f"{args.backend}); each "
              f"(device, stage) run timed by thread CPU, back to back (warm) and after {args.wait:g} ms idle (cold), "
              f"{args.rounds} interleaved rounds, medians; converted to the profiled machine with the host speed.", "",
              f"Median over all {len(all_extra)} (device, stage) runs: **{per_stage * 1e6:.0f} µs per stage start** "
-             f"(the cost model charges {RUNTIME_STAGE_S * 1e6:.0f} µs, `cost.RUNTIME_STAGE_S`).", "",
+             f"(the cost model charges {charged * 1e6:.0f} µs, `cost.{const_name}`"
+             + (", on top of the profile's session call `stage_start_s`" if args.backend != "torch" else "") + ").", "",
              ("Emulated workers (four of speed 1.0 on one pinned CPU, dilated, as `testbed.py` runs them; "
               f"{args.requests} requests after 3 warm-up): thread CPU of each (device, stage) minus its warm "
               "in-process time — the cold start plus what sharing one core with the other workers adds; "
@@ -171,8 +214,8 @@ def main(argv=None):
               if r["workers_extra_median_s"] is not None else "– | –")
         lines.append(f"| {r['model']}@{r['input']} | {r['stages']} | {r['runs']} | {r['warm_median_s'] * 1e3:.3f} | "
                      f"{r['extra_median_s'] * 1e3:.3f} | {r['extra_p25_s'] * 1e3:.3f}–{r['extra_p75_s'] * 1e3:.3f} | {wx} |")
-    (RESULTS / "stage_start.md").write_text("\n".join(lines) + "\n")
-    print(f"per stage start {per_stage * 1e6:.0f} us; wrote {RESULTS}/stage_start.*")
+    (RESULTS / f"{out_name}.md").write_text("\n".join(lines) + "\n")
+    print(f"per stage start {per_stage * 1e6:.0f} us; wrote {RESULTS}/{out_name}.*")
 
 
 if __name__ == "__main__":

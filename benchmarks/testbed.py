@@ -54,7 +54,8 @@ from edgepart.compiler.planning import baselines  # noqa: E402,F401
 from edgepart.compiler.bundle import compile_plan  # noqa: E402
 from edgepart.compiler.cost.calibration import Calibration, calibrate  # noqa: E402
 from edgepart.compiler.cost.calibration.host_speed import HostSpeedProbe  # noqa: E402
-from edgepart.compiler.cost.model import CostModel  # noqa: E402
+from edgepart.compiler.cost.model import CostModel, ort_stage_start  # noqa: E402
+from edgepart.fcpm.model import DeviceProfile as FittedProfile  # noqa: E402
 from edgepart.compiler.planning.ofpm import solve_ofpm  # noqa: E402
 from edgepart.compiler.planning.registry import STRATEGIES  # noqa: E402
 from edgepart.compiler.cost.simulator import simulate  # noqa: E402
@@ -93,15 +94,21 @@ def make_cluster(mbps: float, profile: Path = PROFILE, calibration: Calibration 
     return Cluster.from_dict(description if calibration is None else calibration.apply(description))
 
 
-def workers_stage_start() -> float | None:
-    """What a stage start costs inside the emulated workers (profiled-machine seconds): the median
-    over models of benchmarks/stage_start.py's in-worker excess over warm (None if not measured)."""
+def workers_stage_start(backend: str = "torch") -> float | None:
+    """What a stage start costs inside the emulated workers on ``backend`` (profiled-machine seconds): the
+    median over models of benchmarks/stage_start.py's in-worker excess over warm (``stage_start.json``;
+    ``stage_start_ort.json`` on ONNX Runtime, where the profile's session call is added, as
+    ``cost.ort_stage_start`` adds it); None if not measured."""
+    name = "stage_start.json" if backend == "torch" else "stage_start_ort.json"
     try:
-        rows = json.loads((RESULTS / "stage_start.json").read_text())["models"]
+        rows = json.loads((RESULTS / name).read_text())["models"]
         vals = [r["workers_extra_median_s"] for r in rows if r.get("workers_extra_median_s") is not None]
     except (OSError, ValueError, KeyError):
         return None
-    return statistics.median(vals) if vals else None
+    if not vals:
+        return None
+    extra = statistics.median(vals)
+    return extra if backend == "torch" else ort_stage_start(FittedProfile.load(PROFILES[backend]), extra)
 
 
 def max_rel_error(y, ref) -> float:
@@ -437,7 +444,9 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
                 f"model's layers (each exported alone, whole and sliced) and its device program in ONNX Runtime "
                 f"sessions, against the ONNX Runtime profile, the program timed whole after a host-speed probe before "
                 f"each request as the testbed runs it (`--model-timing {emu.get('model_timing', 'cold')}`); the "
-                f"host speed is the CPU's, measured with torch networks against `profiles/host.json` as for torch. *{TORCH_SINGLE}*: the single-device plan "
+                f"host speed is the CPU's, measured with torch networks against `profiles/host.json` as for torch. "
+                "A batch norm or activation that ONNX Runtime computes inside the convolution before it (`cost.fused_into`) "
+                f"costs nothing and is not timed alone. *{TORCH_SINGLE}*: the single-device plan "
                 "with the edge running torch, measured in the same rounds; its prediction is the torch profile "
                 "uncalibrated, so it is left out of the error figures. " if on_ort else "")
              + 
@@ -461,7 +470,9 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
                          + " / ".join(f"{c.get('calibration', {}).get(f, 1.0):.2f}" for f in ("conv", "dwconv", "bn", "act:relu"))
                          for c in cells) + ". "
              + (f"Stage start: {emu['stage_start_s'] * 1e6:.0f} µs of the profiled machine ÷ speed per (device, stage) "
-                "(each device's `stage_start_ms`), as `stage_start.py` measured it inside the emulated workers. "
+                "(each device's `stage_start_ms`), as `stage_start.py` measured it inside the emulated workers"
+                + (" on ONNX Runtime (`stage_start_ort.md`; with the profile's session call). "
+                   if emu.get("backend", "torch") != "torch" else ". ")
                 if emu.get("stage_start_s") is not None else "Stage start: the cost model's constant. ")
              + ("Per layer (each device's `node_calibration`, `layers.measure_node_calibration`, measured per cell "
                 "right after the op types): every layer of the model but linear ones timed whole and at up to 10 slice "
@@ -617,7 +628,8 @@ def main(argv=None):
                     help="plan and predict with the profile as it is (no online memory speed / op-type calibration)")
     ap.add_argument("--stage-start", default="workers", choices=["workers", "constant"],
                     help="cost of a stage start: as measured inside the emulated workers by stage_start.py "
-                         "(results/stage_start.json; four workers share one core), or the cost model's constant")
+                         "(results/stage_start.json, on onnxruntime stage_start_ort.json; four workers share one "
+                         "core), or the cost model's constant")
     ap.add_argument("--out", default=None, help="results/<out>.{json,md,png} (default testbed, or testbed_ort)")
     ap.add_argument("--from-json", action="store_true",
                     help="re-render results/<out>.md and .png from results/<out>.json without running anything")
@@ -639,7 +651,7 @@ def main(argv=None):
            "period_us": args.period_us, "cpu": args.cpu, "time_scale": args.time_scale, "no_memory": args.no_memory,
            "no_model_speed": args.no_model_speed, "no_node_calibration": args.no_node_calibration,
            "host_speed": args.host_speed if args.host_speed == "auto" else float(args.host_speed),
-           "stage_start_s": workers_stage_start() if args.stage_start == "workers" else None,
+           "stage_start_s": workers_stage_start(args.backend) if args.stage_start == "workers" else None,
            "model_speed_of": "program in a worker", "backend": args.backend, "pools_before": args.pools_before,
            "model_timing": args.model_timing or ("warm" if args.backend == "torch" else "cold")}
     if emu["host_speed"] == "auto":

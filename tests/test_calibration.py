@@ -13,7 +13,7 @@ from edgepart.compiler.cost.calibration.layers import measure_node_calibration, 
 from edgepart.compiler.cost.calibration.op_types import calibrate_op_types, measure_family_speeds
 from edgepart.compiler.cost.calibration.program import ProgramTimer, program_forward
 from edgepart.compiler.cost.calibration.whole_model import model_speed
-from edgepart.compiler.cost.model import CostModel, calibrated_prediction, program_overhead
+from edgepart.compiler.cost.model import CostModel, calibrated_prediction, fused_into, program_overhead
 from edgepart.passes.info import node_info
 from edgepart.compiler.planning.plan import compute_nodes
 from edgepart.passes.trace import trace
@@ -345,10 +345,12 @@ def test_layer_runner_on_onnxruntime_computes_what_the_torch_layer_does(tiny):
 
 def test_model_speed_on_onnxruntime_takes_no_program_charge_off(host, monkeypatch):
     """An ONNX Runtime device's cost has no per-node program overhead (its profile timed the layers in
-    sessions): model_speed of its program compares the layers with all of the measured time."""
+    sessions): model_speed of its program compares the layers with all of the measured time — the layers
+    ONNX Runtime runs: the batch norms and ReLU6s it fuses into their convolutions cost nothing."""
     model, (x,) = models.get("mobilenet_v2", input_size=64)
     infos = [node_info(n) for n in compute_nodes(analyse(trace(model, (x,))))]
-    layers = sum(calibrated_prediction(host, i, None) for i in infos if family(i) != "trivial")
+    layers = sum(calibrated_prediction(host, i, None) for i in infos
+                 if family(i) != "trivial" and fused_into(i, "onnxruntime") is None)
     free = (1e-6, 1e6)
     monkeypatch.setattr(whole_model, "time_callable", lambda fn, **kw: {"t": 2 * layers})
     k = model_speed(host, infos, {}, 1.0, lambda: None, bounds=free, program=True, backend="onnxruntime")
@@ -373,13 +375,14 @@ def test_node_calibration_on_onnxruntime(tiny):
 def test_op_type_calibration_on_onnxruntime_against_its_profile(host, tiny):
     """calibrate_op_types(backend="onnxruntime", profile=...): the host speed is still the probe's (the
     CPU's), the op types and the memory speed are timed on ONNX Runtime against the ONNX Runtime
-    profile — not the probe's torch reading of memory (2× its host speed here)."""
+    profile — not the probe's torch reading of memory (2× its host speed here); the linear layers are
+    timed too (linear_layers_timed)."""
     ort = DeviceProfile.load(HOST_ORT)
     infos = [node_info(n) for n in compute_nodes(tiny)]
     got = calibrate_op_types(_FixedProbe(host, [0.5, 0.5]), rounds=2, family_budget_s=0.2, nodes=infos,
                              backend="onnxruntime", profile=ort)
     assert got.host_speed == 0.5
-    assert set(got.calibration) == {family(i) for i in infos} - {"linear", "trivial"}
+    assert set(got.calibration) == {family(i) for i in infos} - {"trivial"}
     if ort.streaming_reference() is not None:
         assert got.memory_speed != 4.0 and got.memory_speed > 0
 
@@ -405,3 +408,22 @@ def test_program_timer_runs_what_happens_between_requests_untimed():
     with ProgramTimer(model, (x,), between=busy) as timer:
         t = timer.time(budget_s=0.0, min_repeats=3, max_repeats=3)
     assert len(calls) == 3 and t < 0.02
+
+
+def test_linear_layers_are_calibrated_from_the_model_on_onnxruntime_only(tiny, monkeypatch):
+    """On ONNX Runtime the model's linear layers are timed like its other layers, against their
+    prediction with the memory speed applied (the ORT profile's linear model put a 411 MB layer at
+    78 GB/s); on torch they are left to memory_speed."""
+    from edgepart.compiler.cost.calibration import op_types
+    ort_profile = DeviceProfile.load(Path(__file__).resolve().parents[1] / "profiles" / "host_ort.json")
+    infos = [node_info(n) for n in compute_nodes(tiny)]
+    lin = next(i for i in infos if family(i) == "linear")
+    monkeypatch.setattr(op_types, "time_callable", lambda fn, **kw: {"t": 0.01})
+    make_runner = lambda info, rows=None: ((lambda: None), 0.0)  # noqa: E731
+    assert "linear" not in op_types._retime_nodes(ort_profile, infos, 1.0, make_runner)
+    sums = op_types._retime_nodes(ort_profile, infos, 1.0, make_runner, linear_memory_speed=0.5)
+    p = ort_profile.predict(lin, None, context="isolated")
+    share = ort_profile.memory_bound_fraction(lin, None, p)
+    n_linear = sum(1 for i in infos if family(i) == "linear")
+    assert n_linear == 1 and sums["linear"] == pytest.approx((p * ((1 - share) + share / 0.5), 0.01))
+    assert op_types.linear_layers_timed("onnxruntime") and not op_types.linear_layers_timed("torch")

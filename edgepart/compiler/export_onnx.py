@@ -72,14 +72,47 @@ def _constant_pad(g, x, pad, mode, value):
                 g.op("Constant", value_t=torch.tensor(fill, dtype=torch.float32)), mode_s="constant")
 
 
+def _pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in): row i averages the inputs of adaptive pooling's window i, [⌊i·n/m⌋, ⌈(i+1)·n/m⌉)."""
+    m = torch.zeros(n_out, n_in)
+    for i in range(n_out):
+        lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m
+
+
+def _adaptive_avg_pool2d(g, x, output_size):
+    """``aten::adaptive_avg_pool2d`` of a static-shape input to any output size.
+
+    torch's own symbolic exports only an output that divides the input (one AveragePool); VGG-16's
+    head pools 5×5 to 7×7 at 160 px, and its stage then stayed on torch. Windows of unequal or
+    overlapping size are a row and a column averaging matrix: ``A_h · x · A_wᵀ`` (two MatMuls with
+    constant matrices), the same sums as torch's to float rounding."""
+    sizes = symbolic_helper._get_tensor_sizes(x)
+    out = symbolic_helper._parse_arg(output_size, "is")
+    if not sizes or len(sizes) != 4 or any(not isinstance(v, int) for v in sizes[2:]):
+        raise ValueError("adaptive_avg_pool2d is exported for inputs of static height and width only")
+    (h, w), (oh, ow) = sizes[2:], [sizes[2 + i] if v is None else v for i, v in enumerate(out)]
+    if h % oh == 0 and w % ow == 0:
+        return g.op("AveragePool", x, kernel_shape_i=[h // oh, w // ow], strides_i=[h // oh, w // ow])
+    rows = g.op("MatMul", g.op("Constant", value_t=_pool_matrix(h, oh)), x)
+    return g.op("MatMul", rows, g.op("Constant", value_t=_pool_matrix(w, ow).t().contiguous()))
+
+
+_SYMBOLICS = {"aten::pad": _constant_pad, "aten::adaptive_avg_pool2d": _adaptive_avg_pool2d}
+
+
 @contextlib.contextmanager
 def _static_pads():
-    """:func:`_constant_pad` as the exporter's ``aten::pad`` for the duration of one export only."""
-    torch.onnx.register_custom_op_symbolic("aten::pad", _constant_pad, OPSET)
+    """:data:`_SYMBOLICS` (constant pads, adaptive pooling of static shapes) as the exporter's for the
+    duration of one export only."""
+    for name, fn in _SYMBOLICS.items():
+        torch.onnx.register_custom_op_symbolic(name, fn, OPSET)
     try:
         yield
     finally:
-        torch.onnx.unregister_custom_op_symbolic("aten::pad", OPSET)
+        for name in _SYMBOLICS:
+            torch.onnx.unregister_custom_op_symbolic(name, OPSET)
 
 
 def export_stage(program: DeviceProgram, stage: int, windows: list[torch.Tensor]) -> bytes:

@@ -20,4 +20,6 @@ def node_info(node) -> dict[str, Any]:
             "in_shape": spec.input.meta.get("shape") if spec.input is not None else None,
             # for the FCPM (edgepart.fcpm): which function, and how much it reads
             "label": spec.label, "n_inputs": len(tensor_inputs),
-            "in_shapes": [tuple(a.meta["shape"]) for a in tensor_inputs]}
+            "in_shapes": [tuple(a.meta["shape"]) for a in tensor_inputs],
+            # the convolution whose output alone this BN / activation reads (passes.epilogue), or None
+            "epilogue_of": node.meta.get("epilogue_of")}

@@ -34,7 +34,31 @@ RUNTIME_PAD_BYTE_S = 0.21e-9
 # seconds of the profiled machine (÷ speed); measured by benchmarks/stage_start.py (results/stage_start.md;
 # 170 µs and 155 µs in two runs, 120–260 µs per model).
 RUNTIME_STAGE_S = 170e-6
+# The same on ONNX Runtime, on top of the session call its profile measured warm (``stage_start_s``):
+# benchmarks/stage_start.py --backend onnxruntime (results/stage_start_ort.md).
+ORT_STAGE_S = 37e-6
 _WINDOW_KINDS = ("conv2d", "max_pool2d", "avg_pool2d")
+
+# The convolution epilogues (passes.epilogue) a device on ONNX Runtime computes inside the convolution:
+# the exporter folds an eval-mode batch norm into the convolution's weights, and ONNX Runtime's graph
+# optimisation (ORT_ENABLE_ALL, runtime.ort.session_options) fuses these activations into it (FusedConv,
+# or its NCHWc Conv). Checked on the exporter's stage graphs against the model ORT optimises
+# (tests/test_ort_fusion.py). SiLU stays an op of its own; Hardswish is fused into a convolution whose
+# output feeds another one and not into the last of a stage graph, so it is charged.
+ORT_FUSED_FAMILIES = frozenset({"bn", "act:relu", "act:relu6", "act:leaky_relu", "act:sigmoid", "act:tanh"})
+
+
+def fused_into(info: dict, backend: str) -> str | None:
+    """The convolution whose kernel computes this node on ``backend`` — its cost is then in the
+    convolution's, and the node's own is 0 — or None if the node runs as an op of its own.
+
+    The one rule the planner, the simulator and the online calibration cost fusion with. It holds
+    when the node runs in the same stage on the same device as that convolution (the exported stage
+    graph holds both); :meth:`CostModel.compute_time` with ``stage`` checks that."""
+    if backend != "onnxruntime":
+        return None
+    conv = info.get("epilogue_of")
+    return conv if conv and op_family(info) in ORT_FUSED_FAMILIES else None
 
 
 def padded_input_bytes(info: dict, rows: int | None) -> float:
@@ -52,6 +76,14 @@ def padded_input_bytes(info: dict, rows: int | None) -> float:
     for d in info["in_shape"]:
         n *= d
     return float(n) * (total if rows is None else rows) / total
+
+
+def ort_stage_start(profile, cold_s: float = ORT_STAGE_S) -> float:
+    """Seconds (profiled machine) an ONNX Runtime stage costs beyond its layers: one session run's own
+    cost, which the ORT profile measured warm and took off every layer (its ``stage_start_s``; 0 in a
+    profile without it), + ``cold_s``, what starting it cold after a wait adds (:data:`ORT_STAGE_S`)."""
+    meta = getattr(profile, "meta", {}) or {}
+    return float(meta.get("stage_start_s", 0.0)) + cold_s
 
 
 class DeviceProfile(Protocol):
@@ -94,7 +126,7 @@ class CostModel:
     def __init__(self, cluster: Cluster, profiles: dict[str, DeviceProfile] | None = None,
                  loads: dict[str, float] | None = None, reference_flops: float = REFERENCE_FLOPS,
                  runtime_node_s: float = RUNTIME_NODE_S, runtime_pad_byte_s: float = RUNTIME_PAD_BYTE_S,
-                 runtime_stage_s: float = RUNTIME_STAGE_S, memory_speed: float | dict[str, float] | None = None):
+                 runtime_stage_s: float = RUNTIME_STAGE_S, ort_stage_s: float = ORT_STAGE_S, memory_speed: float | dict[str, float] | None = None):
         self.cluster = cluster
         self.profiles = dict(profiles or {})
         # how each device runs its stages: the profile of that backend costs it (device keys "profile"
@@ -113,6 +145,7 @@ class CostModel:
         self.runtime_node_s = runtime_node_s
         self.runtime_pad_byte_s = runtime_pad_byte_s
         self.runtime_stage_s = runtime_stage_s
+        self.ort_stage_s = ort_stage_s
         self.stage_start_ms = {d.name: d.stage_start_ms for d in cluster.devices}
         # How fast a profiled device streams weights from memory now, relative to when it was
         # profiled (memory bandwidth is shared with other programs and drifts on its own; see
@@ -137,8 +170,13 @@ class CostModel:
                           "estimated as FLOPs ÷ declared speed", stacklevel=2)
             self._warned = True
 
-    def compute_time(self, node, device: str, rows: int | None = None) -> float:
+    def compute_time(self, node, device: str, rows: int | None = None, stage=None) -> float:
         """Seconds for ``device`` to compute ``rows`` output rows of ``node`` (all rows if None).
+
+        0 for a node its backend computes inside the convolution before it (:func:`fused_into`) —
+        if ``stage`` (the names of the nodes the device runs in the same stage) is given, only when
+        that convolution is among them; without it (the planners, which keep a convolution and its
+        epilogue in one block) always.
 
         With a profile (its backend's): (the profile's prediction ÷ the device's ``calibration`` of the node's op
         type, × the node's own ``node_calibration`` at these rows, its memory-bound share ÷
@@ -149,6 +187,9 @@ class CostModel:
         total_rows = max(1, info.get("rows", 1))
         rows = total_rows if rows is None else rows
         if rows <= 0:
+            return 0.0
+        conv = fused_into(info, self.backend.get(device, "torch"))
+        if conv is not None and (stage is None or conv in stage):
             return 0.0
         prof = self.profiles.get(device)
         if prof is not None:
@@ -171,18 +212,16 @@ class CostModel:
     def stage_start_time(self, device: str) -> float:
         """Seconds ``device`` adds to each stage it runs (cold start after waiting for its pieces);
         charged once per (device, stage) by the simulator and the OFPM model. The device's
-        ``stage_start_ms`` if the cluster gives one, else ``runtime_stage_s`` ÷ speed on profiled
-        devices only, like :meth:`runtime_overhead`."""
+        ``stage_start_ms`` if the cluster gives one, else, on profiled devices only (like
+        :meth:`runtime_overhead`), ``runtime_stage_s`` ÷ speed on torch and :func:`ort_stage_start` ÷ speed
+        on ONNX Runtime."""
         ms = self.stage_start_ms.get(device)
         if ms is not None:
             return ms / 1e3
         if device not in self.profiles:
             return 0.0
         if self.backend.get(device, "torch") != "torch":
-            # an ONNX Runtime stage's own cost (one session run: feeds, outputs, cold start), which
-            # its profile measured (edgepart.fcpm.ort_profiler); its per-node time is in the profile
-            meta = getattr(self.profiles[device], "meta", {}) or {}
-            return float(meta.get("stage_start_s", self.runtime_stage_s)) / self._speed(device)
+            return ort_stage_start(self.profiles[device], self.ort_stage_s) / self._speed(device)
         return self.runtime_stage_s / self._speed(device)
 
     def _speed(self, device: str) -> float:

@@ -88,7 +88,7 @@ def stage_compute_time(cost: CostModel, nodes: dict[str, fx.Node], device: str, 
     for name, entry in table.items():
         a, b = entry.out
         if b > a:
-            total += cost.compute_time(nodes[name], device, b - a)
+            total += cost.compute_time(nodes[name], device, b - a, stage=table)
     return (total + cost.stage_start_time(device)) if total > 0 else 0.0
 
 

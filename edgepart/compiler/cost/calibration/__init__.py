@@ -24,6 +24,7 @@ from edgepart.compiler.cost.calibration.host_speed import HostSpeedProbe
 from edgepart.compiler.cost.calibration.layers import measure_node_calibration
 from edgepart.compiler.cost.calibration.op_types import OpTypeRound, calibrate_op_types
 from edgepart.compiler.cost.calibration.program import ProgramTimer
+from edgepart.compiler.cost.model import fused_into
 from edgepart.fcpm import DeviceProfile
 from edgepart.passes.info import node_info
 from edgepart.compiler.planning.plan import compute_nodes
@@ -83,9 +84,12 @@ def calibrate(model, example_inputs: tuple, probe: HostSpeedProbe, *, budget_s: 
     then timed as that backend runs it (:func:`~.op_types.calibrate_op_types`). ``split_pools``: the
     layers as the compiler sees them with (default) or without ``passes.pools``. ``between``: called
     before each request of the model timed whole (:class:`~.program.ProgramTimer`), what the devices
-    do between requests (e.g. the testbed's host-speed probe)."""
+    do between requests (e.g. the testbed's host-speed probe). The batch norms and activations
+    ``backend`` fuses into their convolutions (``cost.fused_into``) are neither timed nor predicted."""
     prof = probe.profile if profile is None else (profile if hasattr(profile, "predict") else DeviceProfile.load(profile))
     nodes = [node_info(n) for n in compute_nodes(analyse(trace(model, example_inputs), split_pools=split_pools))]
+    # an epilogue the backend computes inside its convolution costs nothing there: not timed alone
+    nodes = [info for info in nodes if fused_into(info, backend) is None]
     t = time.perf_counter()
     if time_model:
         with ProgramTimer(model, example_inputs, cpuset=probe.cpuset, backend=backend, between=between) as timer:

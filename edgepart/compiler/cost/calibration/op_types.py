@@ -18,7 +18,8 @@ from edgepart.fcpm.ops import family, time_callable
 
 def measure_family_speeds(profile, per_family: int = 3, budget_s: float = 3.0, cpuset: list[int] | None = None,
                           relative_to: float = 1.0, nodes: list[dict] | None = None,
-                          backend: str = "torch", make_runner=None) -> dict[str, float]:
+                          backend: str = "torch", make_runner=None,
+                          linear_memory_speed: float | None = None) -> dict[str, float]:
     """How fast each op type of an FCPM profile runs now, relative to when it was profiled.
 
     Without ``nodes``: for every family (op type) of the profile, ``per_family`` of its recorded
@@ -32,7 +33,10 @@ def measure_family_speeds(profile, per_family: int = 3, budget_s: float = 3.0, c
     ``cpuset``; the result is divided by ``relative_to``. Pass the host speed an emulator normalises by
     as ``relative_to``: what is left is how much more one op type drifted than the CPU as a whole.
     The result is a device's ``calibration`` in a cluster description (``CostModel`` divides that
-    family's predictions by it). ``linear`` is left out: weight streaming is ``memory_speed``'s job.
+    family's predictions by it). ``linear`` is left out — weight streaming is ``memory_speed``'s job —
+    unless ``linear_memory_speed`` is given (with ``nodes``): the model's linear layers are then timed
+    too, against their prediction with that memory speed applied (as ``CostModel`` applies it), for a
+    profile whose linear model does not hold at the model's sizes (``linear_layers_timed``).
     ``backend`` (with ``nodes``): the layers run as a device on that backend runs them
     (:func:`~.timing.layer_runner`; or ``make_runner``, one such factory kept between calls), against
     ``profile``, that backend's profile.
@@ -40,7 +44,7 @@ def measure_family_speeds(profile, per_family: int = 3, budget_s: float = 3.0, c
     prof = profile if hasattr(profile, "measurements") else DeviceProfile.load(profile)
     if nodes is not None:
         with pinned_one_thread(cpuset):
-            sums = _retime_nodes(prof, nodes, budget_s, make_runner or layer_runner(backend))
+            sums = _retime_nodes(prof, nodes, budget_s, make_runner or layer_runner(backend), linear_memory_speed)
         ratios = {fam: [p / m] for fam, (p, m) in sums.items() if m > 0}
     else:
         meas = prof.measurements or {}
@@ -64,10 +68,23 @@ def measure_family_speeds(profile, per_family: int = 3, budget_s: float = 3.0, c
             for fam, v in sorted(ratios.items())}
 
 
-def _retime_nodes(prof, nodes: list[dict], budget_s: float, make_runner) -> dict[str, tuple[float, float]]:
+def linear_layers_timed(backend: str) -> bool:
+    """Whether the calibration times a model's linear layers on ``backend`` (and calibrates the
+    ``linear`` op type from them) rather than leaving them to ``memory_speed``. On ONNX Runtime: its
+    profile's linear model, fitted on layers up to 151 MB, predicted VGG-16's 411 MB classifier layer
+    at 5.3 ms (78 GB/s where this machine streams 17), which the profile's own streaming layer re-timed
+    cannot see, and the testbed's classifier stage ran 2–3× its prediction. On torch the fitted model
+    holds (22.4 ms, 18 GB/s), and ``memory_speed`` alone scales it."""
+    return backend != "torch"
+
+
+def _retime_nodes(prof, nodes: list[dict], budget_s: float, make_runner,
+                  linear_memory_speed: float | None = None) -> dict[str, tuple[float, float]]:
     """{family: (Σ isolated prediction, Σ measured thread CPU)} over ``nodes`` timed whole
-    (``make_runner``: :func:`~.timing.layer_runner`)."""
-    todo = [n for n in nodes if family(n) not in ("linear", "trivial")]
+    (``make_runner``: :func:`~.timing.layer_runner`); linear layers only with ``linear_memory_speed``,
+    their prediction's memory-bound share ÷ it."""
+    skip = ("trivial",) if linear_memory_speed else ("linear", "trivial")
+    todo = [n for n in nodes if family(n) not in skip]
     sums: dict[str, tuple[float, float]] = {}
     for info in todo:
         try:
@@ -79,6 +96,9 @@ def _retime_nodes(prof, nodes: list[dict], budget_s: float, make_runner) -> dict
         m = max(m - call_s, 0.05 * m)
         p = prof.predict(info, None, context="isolated")
         fam = family(info)
+        if fam == "linear" and hasattr(prof, "memory_bound_fraction"):
+            share = prof.memory_bound_fraction(info, None, p)
+            p *= (1.0 - share) + share / linear_memory_speed
         a, b = sums.get(fam, (0.0, 0.0))
         sums[fam] = (a + p, b + m)
     return sums
@@ -159,7 +179,8 @@ def calibrate_op_types(probe: HostSpeedProbe, budget_s: float = 2.0, rounds: int
     ``backend`` and are costed with ``profile`` (that backend's). The host speed stays the probe's — it
     is the CPU's speed, which the emulator scales every worker by, whatever runs on it — and the rest is
     timed on that backend relative to it: the layers as :func:`~.timing.layer_runner` runs them, the
-    memory speed on ``profile``'s largest linear layer, the model whole as ``forward`` runs it."""
+    memory speed on ``profile``'s largest linear layer, the model whole as ``forward`` runs it; on
+    a backend whose linear layers are timed (:func:`linear_layers_timed`) the model's linear layers too."""
     n = max(1, rounds)
     prof = probe.profile if profile is None else profile
     make_runner = layer_runner(backend)
@@ -172,7 +193,8 @@ def calibrate_op_types(probe: HostSpeedProbe, budget_s: float = 2.0, rounds: int
         if stream is not None:
             ms = _streaming_speed(stream, probe.cpuset) / hs if stream else 1.0
         cal = measure_family_speeds(prof, cpuset=probe.cpuset, relative_to=hs,
-                                    budget_s=family_budget_s / n, nodes=nodes, make_runner=make_runner)
+                                    budget_s=family_budget_s / n, nodes=nodes, make_runner=make_runner,
+                                    linear_memory_speed=ms if linear_layers_timed(backend) else None)
         k = None
         if forward is not None and nodes:
             k = model_speed(prof, nodes, cal, ms, forward, hs, cpuset=probe.cpuset,
