@@ -53,8 +53,12 @@ def start_worker(cmd: list[str], log_path: Path, env: dict[str, str], timeout_s:
     proc.stdout.close()
     text = line.decode(errors="replace").strip()
     if not text.startswith(READY):
+        try:                  # its stdout closing comes a moment before the exit can be reaped
+            state = f"exit code {proc.wait(timeout=1.0)}"
+        except subprocess.TimeoutExpired:
+            state = f"still running after {timeout_s:.0f} s without saying it listens"
         tail = log_path.read_text(errors="replace")[-2000:]
-        raise EdgepartError(f"{what} did not start (exit code {proc.poll()}); its log:\n{tail}")
+        raise EdgepartError(f"{what} did not start ({state}); its log:\n{tail}")
     return proc, text.rsplit(" ", 1)[1]
 
 
