@@ -12,6 +12,10 @@ model charges per stage run (:meth:`edgepart.compiler.cost.model.CostModel.stage
 from __future__ import annotations
 
 import io
+import logging
+import os
+import sys
+import tempfile
 import warnings
 from typing import Callable
 
@@ -20,6 +24,8 @@ import torch
 
 from edgepart.fcpm.ops import Runner, time_callable
 from edgepart.runtime.ort import new_session
+
+log = logging.getLogger("edgepart.fcpm")
 
 OPSET = 17
 
@@ -34,11 +40,43 @@ class _Call(torch.nn.Module):
 
 
 def _export(fn: Callable, x: torch.Tensor) -> bytes:
+    """``fn`` at input ``x`` as an ONNX model; an op the exporter cannot write raises (the caller reports it
+    in a line of its own). The exporter's dump of the graph on such a failure, which its C++ side writes to
+    standard output whatever its log setting, goes to the debug log instead of the user's terminal."""
     buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
+    with _CapturedStdout() as failed, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")     # the TorchScript exporter's deprecation and tracer warnings
-        torch.onnx.export(_Call(fn).eval(), (x,), buf, dynamo=False, opset_version=OPSET, input_names=["x"])
+        try:
+            torch.onnx.export(_Call(fn).eval(), (x,), buf, dynamo=False, opset_version=OPSET, input_names=["x"])
+        except Exception:
+            failed.append(True)
+            raise
     return buf.getvalue()
+
+
+class _CapturedStdout:
+    """File descriptor 1 goes to a temporary file for the block; afterwards what it caught is written back
+    to standard output, or, if the block appended to the list it was given, to the debug log."""
+
+    def __enter__(self) -> list:
+        self.failed: list = []
+        sys.stdout.flush()
+        self.tmp = tempfile.TemporaryFile()
+        self.saved = os.dup(1)
+        os.dup2(self.tmp.fileno(), 1)
+        return self.failed
+
+    def __exit__(self, *exc) -> None:
+        sys.stdout.flush()
+        os.dup2(self.saved, 1)
+        os.close(self.saved)
+        self.tmp.seek(0)
+        text = self.tmp.read().decode(errors="replace")
+        self.tmp.close()
+        if text and self.failed:
+            log.debug("ONNX exporter output: %s", text[-4000:])
+        elif text:
+            sys.stdout.write(text)
 
 
 class OrtRunner:
