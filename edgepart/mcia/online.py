@@ -56,8 +56,7 @@ from edgepart.mcia import plan as solve_plan
 from edgepart.mcia.scenario import Tiers
 from edgepart.mcia.solve import Solution
 from edgepart.mcia.table import Choice, TaskTable, evaluate, rescale, uses, violations
-from edgepart.online.controller import TX_BUSY_BYTES
-from edgepart.online.state import LiveState
+from edgepart.online.state import LiveState, link_readings
 
 log = logging.getLogger("edgepart.mcia.online")
 
@@ -307,20 +306,7 @@ class MciaController:
         """The links one task's worker on ``d`` saw since the last round (cluster Mbit/s); ``uplinks``: the
         uplinks too (else they come from the requests' latency)."""
         ts = self.cfg.time_scale
-        dt = (st.get("t_us", 0) - prev.get("t_us", 0)) / 1e6
-        seen: list[tuple[str, float]] = []
-        for key, v in st.items():
-            if key.startswith("rx_mbps:"):
-                peer = key[len("rx_mbps:"):]
-                if st.get(f"rx_frames:{peer}", 0) > prev.get(f"rx_frames:{peer}", 0):
-                    seen.append((peer, float(v) / ts))
-            elif key.startswith("tx_acked:") and dt > 0.1:
-                peer = key[len("tx_acked:"):]
-                queued = prev.get(f"tx_queued:{peer}", 0)
-                delivered = v - prev.get(key, v)
-                if st.get(f"tx_conns:{peer}") == prev.get(f"tx_conns:{peer}") and queued >= TX_BUSY_BYTES \
-                        and 0 <= delivered < queued:
-                    seen.append((peer, 8 * max(delivered, 1448) / dt / 1e6 / ts))
+        seen = [(r.peer, r.value / ts) for r in link_readings(st, prev) if r.kind in ("rx", "tx")]
         edge = self.tiers.edge.name
         cloud = self.tiers.cloud.name if self.tiers.cloud else None
         for peer, mbps in seen:

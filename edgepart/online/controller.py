@@ -61,7 +61,7 @@ from edgepart.compiler.schedule import build_schedule
 from edgepart.passes.trace import trace
 from edgepart.errors import EdgepartError
 from edgepart.fcpm.probe import probe
-from edgepart.online.state import LiveState
+from edgepart.online.state import LiveState, link_readings
 from edgepart.passes import analyse
 from edgepart.runtime.client import PlanVersion, Session
 
@@ -71,8 +71,6 @@ IDLE_S = 3.0                            # a link no timed piece crossed for this
 REPROBE_S = 2.0                         # an idle link is probed again at most this often ...
 SLOW_MBPS, SLOW_PROBE_S = 100.0, 10.0   # ... and one slower than this (cluster Mbit/s) at most this often
 SETTLE_S = 1.0                          # s after a swap before stage times count again (the old plan drains)
-TX_BUSY_BYTES = 64 << 10                # a link with this much unacknowledged at one snapshot and not all of
-                                        # it acknowledged by the next was busy throughout: its rate is measured
 # failover plans: strategies that plan in milliseconds (the baselines and the MILP take seconds)
 QUICK = ("single", "even", "proportional", "modnn")
 LIGHT_PROBE = {"pings": 3, "messages": 1, "small_bytes": 64, "piece_bytes": 64 << 10, "max_bytes": 1 << 20,
@@ -313,33 +311,19 @@ class Controller:
                 self.state.stage_ratio(d, meas / pred, now)
 
     def _links_seen(self, d: str, st: dict, prev: dict, now: float) -> None:
-        """The links as ``d``'s real transfers show them (runtime.execution ``Executor.link_stats``): the
-        rate the pieces from each peer arrived at, if any arrived since the last round; the rate ``d``'s
-        own sends were acknowledged at, if the link was busy in between (:data:`TX_BUSY_BYTES`) — a link
-        that stopped delivering shows here as slower than one segment per interval, where no piece
-        arrives to be timed; and the one-way latency to each peer from the kernel's round-trip times;
-        wall units × ``time_scale``."""
+        """The links as ``d``'s real transfers show them (:func:`~edgepart.online.state.link_readings`:
+        its peers' pieces arriving, its own sends acknowledged while a link stayed busy, the kernel's
+        round-trip times); wall units × ``time_scale``."""
         ts = self.cfg.time_scale
-        dt = (st.get("t_us", 0) - prev.get("t_us", 0)) / 1e6
-        for key, v in st.items():
-            if key.startswith("tx_acked:") and dt > 0.1:
-                dst = key[len("tx_acked:"):]
-                queued_before = prev.get(f"tx_queued:{dst}", 0)
-                delivered = v - prev.get(key, v)
-                same = st.get(f"tx_conns:{dst}") == prev.get(f"tx_conns:{dst}")     # sums of the same connections
-                if dst in self.state.devices and dst != d and same and queued_before >= TX_BUSY_BYTES and \
-                        0 <= delivered < queued_before:
-                    self.state.link(d, dst, bandwidth_mbps=8 * max(delivered, 1448) / dt / 1e6 / ts, now=now)
+        for r in link_readings(st, prev):
+            if r.peer not in self.state.devices or r.peer == d:
                 continue
-            if key.startswith("rx_mbps:"):
-                src = key[len("rx_mbps:"):]
-                if src in self.state.devices and src != d and \
-                        st.get(f"rx_frames:{src}", 0) > prev.get(f"rx_frames:{src}", 0):
-                    self.state.link(src, d, bandwidth_mbps=float(v) / ts, now=now)
-            elif key.startswith("link_lat_us:"):
-                dst = key[len("link_lat_us:"):]
-                if dst in self.state.devices and dst != d:
-                    self.state.link(d, dst, latency_ms=float(v) / 1e3 * ts, now=now)
+            if r.kind == "rx":
+                self.state.link(r.peer, d, bandwidth_mbps=r.value / ts, now=now)
+            elif r.kind == "tx":
+                self.state.link(d, r.peer, bandwidth_mbps=r.value / ts, now=now)
+            else:
+                self.state.link(d, r.peer, latency_ms=r.value * ts, now=now)
 
     def _probe_one(self) -> None:
         """Probe one idle link lightly (no piece crossed it for ``IDLE_S``: a link a re-plan might use is known

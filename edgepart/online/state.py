@@ -29,6 +29,45 @@ RATIO_JUMP = 1.6       # a stage-time ratio 1.6x off replaces the EWMA (a load t
                        # a one-interval spike only starts a candidate compile: the swap needs hold_s)
 
 
+TX_BUSY_BYTES = 64 << 10     # a link with this much unacknowledged at one snapshot and not all of it
+                             # acknowledged by the next was busy throughout: its rate is measured
+MIN_SEGMENT = 1448           # bytes: a busy link that delivered nothing is taken as slower than this per interval
+
+
+@dataclass(frozen=True)
+class LinkReading:
+    """One link as a worker's counters show it between two snapshots (wall units): ``kind`` ``rx`` (the
+    rate pieces from ``peer`` arrived at), ``tx`` (the rate the worker's sends to ``peer`` were
+    acknowledged at while the link stayed busy) — both Mbit/s — or ``lat`` (one-way latency to ``peer``, ms)."""
+
+    kind: str
+    peer: str
+    value: float
+
+
+def link_readings(st: dict, prev: dict) -> list[LinkReading]:
+    """What a worker's stats (runtime.execution ``Executor.link_stats``) say of its links since ``prev``:
+    the arrival rate of each peer's pieces if any arrived since; the acknowledged rate of its sends to a
+    peer if that link was busy throughout (:data:`TX_BUSY_BYTES` waiting at ``prev``, not all of it
+    acknowledged now, on the same connections) — a link that delivered nothing as one segment per
+    interval, where no piece arrives to be timed; and the latency from the kernel's round-trip times."""
+    dt = (st.get("t_us", 0) - prev.get("t_us", 0)) / 1e6
+    out: list[LinkReading] = []
+    for key, v in st.items():
+        kind, _, peer = key.partition(":")
+        if kind == "tx_acked" and dt > 0.1:
+            queued_before = prev.get(f"tx_queued:{peer}", 0)
+            delivered = v - prev.get(key, v)
+            same = st.get(f"tx_conns:{peer}") == prev.get(f"tx_conns:{peer}")     # sums of the same connections
+            if same and queued_before >= TX_BUSY_BYTES and 0 <= delivered < queued_before:
+                out.append(LinkReading("tx", peer, 8 * max(delivered, MIN_SEGMENT) / dt / 1e6))
+        elif kind == "rx_mbps" and st.get(f"rx_frames:{peer}", 0) > prev.get(f"rx_frames:{peer}", 0):
+            out.append(LinkReading("rx", peer, float(v)))
+        elif kind == "link_lat_us":
+            out.append(LinkReading("lat", peer, float(v) / 1e3))
+    return out
+
+
 @dataclass
 class Smoothed:
     """An EWMA with a confidence: 0 with no sample, towards 1 as samples agree, decaying with age."""
