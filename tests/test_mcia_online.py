@@ -21,15 +21,9 @@ from edgepart.mcia.online import MciaController, MciaControllerConfig
 from edgepart.mcia.scenario import Task
 from edgepart.mcia.table import TaskTable, VersionCosts, evaluate, rescale
 from edgepart.testbed.emulator import netns_available
+from tests.test_mcia_run import CLUSTER, tiny_version_set
 
 LEVELS = 4
-CLUSTER = {
-    "devices": [{"name": "p0", "tier": "end", "speed": 0.2, "memory_mb": 512},
-                {"name": "p1", "tier": "end", "speed": 0.2, "memory_mb": 512},
-                {"name": "edge", "tier": "edge", "speed": 1.0, "memory_mb": 2048},
-                {"name": "cloud", "tier": "cloud", "speed": 1.0}],
-    "links": {"default": {"bandwidth_mbps": 20, "latency_ms": 2},
-              "overrides": [{"a": "edge", "b": "cloud", "bandwidth_mbps": 50, "latency_ms": 10}]}}
 
 
 def _table(name: str, source: str) -> TaskTable:
@@ -180,17 +174,7 @@ def test_the_controller_thread_starts_and_stops_within_its_timeouts():
 
 @pytest.fixture(scope="module")
 def tiny_versions(tmp_path_factory):
-    """vgg_small at scales 1 and 0.5 on 16-pixel digits, one epoch on 96 images (as tests/test_mcia_run.py)."""
-    import dataclasses
-    from edgepart import datasets
-    from edgepart.versions import TrainConfig, VersionSet, build_version_set
-    d = datasets.load("digits", 16)
-    small = dataclasses.replace(d, train=datasets.Split(d.train.x[:96], d.train.y[:96]))
-    root = tmp_path_factory.mktemp("mcia-online") / "vgg"
-    tiny = TrainConfig(epochs=1, batch_size=32)
-    build_version_set("vgg_small", root, (1.0, 0.5), data=small, config=tiny, finetune=tiny, int8=False,
-                      repeats=0, log=lambda m: None)
-    return VersionSet.load(root), d.test
+    return tiny_version_set(tmp_path_factory, "mcia-online")
 
 
 ROOT_CLUSTER = {

@@ -32,15 +32,20 @@ CLUSTER = {
               "overrides": [{"a": "edge", "b": "cloud", "bandwidth_mbps": 50, "latency_ms": 10}]}}
 
 
-@pytest.fixture(scope="module")
-def vs(tmp_path_factory):
+def tiny_version_set(tmp_path_factory, name: str):
+    """vgg_small at scales 1 and 0.5 on 16-pixel digits, one epoch on 96 images: (VersionSet, test split)."""
     d = datasets.load("digits", 16)
     small = dataclasses.replace(d, train=datasets.Split(d.train.x[:96], d.train.y[:96]))
-    root = tmp_path_factory.mktemp("mcia-run") / "vgg"
+    root = tmp_path_factory.mktemp(name) / "vgg"
     tiny = TrainConfig(epochs=1, batch_size=32)
     build_version_set("vgg_small", root, (1.0, 0.5), data=small, config=tiny, finetune=tiny, int8=False,
                       repeats=0, log=lambda m: None)
     return VersionSet.load(root), d.test
+
+
+@pytest.fixture(scope="module")
+def vs(tmp_path_factory):
+    return tiny_version_set(tmp_path_factory, "mcia-run")
 
 
 def test_every_choice_compiles_to_an_exact_three_tier_bundle(vs):
