@@ -78,14 +78,21 @@ TOLERANCE = 0.15
 
 
 def make_cluster(mbps: float, profile: Path = PROFILE, calibration: Calibration | None = None,
-                 stage_start_s: float | None = None, backend: str | None = None) -> Cluster:
+                 stage_start_s: float | None = None, backend: str | None = None,
+                 stage_io_s_per_byte: float | None = None) -> Cluster:
     """The testbed's cluster; ``calibration``: the online calibration of the model on this host
     (``edgepart.compiler.cost.calibration.calibrate``; every device is this host), None: the profile as
     it is; ``stage_start_s``: seconds of the profiled machine a stage start costs (each device's
     ``stage_start_ms`` is it ÷ speed; None: the cost model's constant). ``backend``: every device runs
     on it (with the ONNX Runtime profile for ``onnxruntime``); None: no ``backend:`` key (torch, as
-    the compiler chooses without an ONNX Runtime profile)."""
-    extra = lambda s: {} if stage_start_s is None else {"stage_start_ms": stage_start_s * 1e3 / s}  # noqa: E731
+    the compiler chooses without an ONNX Runtime profile). ``stage_io_s_per_byte``: seconds of the profiled
+    machine per byte a stage reads from outside it and leaves for after it (each device's
+    ``stage_io_us_per_mb`` is it ÷ speed; None: the cost model's constant)."""
+    def extra(s):
+        out = {} if stage_start_s is None else {"stage_start_ms": stage_start_s * 1e3 / s}
+        if stage_io_s_per_byte is not None:
+            out["stage_io_us_per_mb"] = stage_io_s_per_byte * 1e12 / s
+        return out
     on = {} if backend is None else {"backend": backend, "profiles": {"onnxruntime": str(PROFILES["onnxruntime"])}}
     description = {
         "source": "phone",
@@ -109,6 +116,17 @@ def workers_stage_start(backend: str = "torch") -> float | None:
         return None
     extra = statistics.median(vals)
     return extra if backend == "torch" else ort_stage_start(FittedProfile.load(PROFILES[backend]), extra)
+
+
+def workers_stage_overhead() -> tuple[float, float] | None:
+    """(seconds per stage, seconds per byte in and out of a stage), profiled machine, of a stage on ONNX
+    Runtime inside the emulated workers, as benchmarks/stage_overhead.py fitted them on the testbed's own
+    plans (``stage_overhead.json``: the layers' calibrated prediction + a + b × bytes); None if not measured."""
+    try:
+        f = json.loads((RESULTS / "stage_overhead.json").read_text())["fits"]["workers_s"]
+        return float(f["a_s"]), float(f["b_s_per_byte"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def max_rel_error(y, ref) -> float:
@@ -246,13 +264,20 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
                 # (it evicts the caches: +25 % on MobileNetV2 on ONNX Runtime, +5 % on torch)
                 cold = emu.get("model_timing", "cold" if backend != "torch" else "warm") == "cold"
                 between = (lambda: emu["probe"].measure(0.1)) if cold else None
+                # what the cost model will charge the model's one stage beyond its layers (stage overhead fitted
+                # on ONNX Runtime: start + the input and output bytes) is taken off the model timed whole
+                charge = 0.0
+                if emu.get("stage_io_s_per_byte") is not None:
+                    io = 4 * (x0.numel() + sum(t.numel() for t in torch.utils._pytree.tree_leaves(refs[0])))
+                    charge = emu["stage_start_s"] + emu["stage_io_s_per_byte"] * io
                 cal = calibrate(model, (x0,), emu["probe"], time_model=not emu.get("no_model_speed"),
                                 time_layers=not emu.get("no_node_calibration"), backend=backend,
-                                profile=PROFILES[backend], between=between)
+                                profile=PROFILES[backend], between=between, stage_charge_s=charge)
                 if "layers" in cal.measured:
                     log(f"{name} {mbps:g} Mb/s: {len(cal.node_calibration)} layers calibrated on {backend} in "
                         f"{cal.layer_seconds:.1f} s", flush=True)
             cl = make_cluster(mbps, calibration=cal, stage_start_s=emu.get("stage_start_s"),
+                              stage_io_s_per_byte=emu.get("stage_io_s_per_byte"),
                               backend=None if backend == "torch" else backend)
             gm = trace(model, (x0,))
             analyse(gm, cl)
@@ -469,7 +494,13 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
                          f"{c['model_speed'] if c.get('model_speed') is not None else '–'} / "
                          + " / ".join(f"{c.get('calibration', {}).get(f, 1.0):.2f}" for f in ("conv", "dwconv", "bn", "act:relu"))
                          for c in cells) + ". "
-             + (f"Stage start: {emu['stage_start_s'] * 1e6:.0f} µs of the profiled machine ÷ speed per (device, stage) "
+             + (f"Stage overhead: {emu['stage_start_s'] * 1e6:.0f} µs per (device, stage) + "
+                f"{emu['stage_io_s_per_byte'] * 1e12:.0f} µs per MB it reads from outside and leaves for after it, of "
+                "the profiled machine ÷ speed (each device's `stage_start_ms`, `stage_io_us_per_mb`), as "
+                "`stage_overhead.py` fitted them inside the emulated workers on the testbed's own plans "
+                "(`stage_overhead.md`). "
+                if emu.get("stage_io_s_per_byte") is not None else
+                f"Stage start: {emu['stage_start_s'] * 1e6:.0f} µs of the profiled machine ÷ speed per (device, stage) "
                 "(each device's `stage_start_ms`), as `stage_start.py` measured it inside the emulated workers"
                 + (" on ONNX Runtime (`stage_start_ort.md`; with the profile's session call). "
                    if emu.get("backend", "torch") != "torch" else ". ")
@@ -627,9 +658,11 @@ def main(argv=None):
     ap.add_argument("--no-memory", action="store_true",
                     help="plan and predict with the profile as it is (no online memory speed / op-type calibration)")
     ap.add_argument("--stage-start", default="workers", choices=["workers", "constant"],
-                    help="cost of a stage start: as measured inside the emulated workers by stage_start.py "
-                         "(results/stage_start.json, on onnxruntime stage_start_ort.json; four workers share one "
-                         "core), or the cost model's constant")
+                    help="cost of a stage start: as measured inside the emulated workers — on torch by "
+                         "stage_start.py (results/stage_start.json; four workers share one core), on onnxruntime "
+                         "by stage_overhead.py (results/stage_overhead.json: per stage and per byte in and out of "
+                         "it, fitted on the testbed's own plans; stage_start_ort.json's constant if absent) — or "
+                         "the cost model's constants")
     ap.add_argument("--out", default=None, help="results/<out>.{json,md,png} (default testbed, or testbed_ort)")
     ap.add_argument("--from-json", action="store_true",
                     help="re-render results/<out>.md and .png from results/<out>.json without running anything")
@@ -652,8 +685,12 @@ def main(argv=None):
            "no_model_speed": args.no_model_speed, "no_node_calibration": args.no_node_calibration,
            "host_speed": args.host_speed if args.host_speed == "auto" else float(args.host_speed),
            "stage_start_s": workers_stage_start(args.backend) if args.stage_start == "workers" else None,
+           "stage_io_s_per_byte": None,
            "model_speed_of": "program in a worker", "backend": args.backend, "pools_before": args.pools_before,
            "model_timing": args.model_timing or ("warm" if args.backend == "torch" else "cold")}
+    overhead = workers_stage_overhead() if args.backend != "torch" and args.stage_start == "workers" else None
+    if overhead is not None:
+        emu["stage_start_s"], emu["stage_io_s_per_byte"] = overhead
     if emu["host_speed"] == "auto":
         emu["probe"] = HostSpeedProbe(PROFILE, emu["cpuset"], kind=args.probe)
     t = time.perf_counter()

@@ -222,3 +222,22 @@ def test_compile_warns_of_node_calibration_for_another_model():
     cl = Cluster.from_dict({"devices": [{"name": "a", "node_calibration": {"features_28": [[1, 2.0]]}}]})
     with pytest.warns(UserWarning, match="device 'a': node_calibration names 1 node.*features_28"):
         edgepart.compile(model, (x,), cl, strategy="single")
+
+
+def test_stage_io_time_per_device_key_else_the_ort_constant_on_profiled_ort_devices(monkeypatch):
+    from pathlib import Path
+
+    from edgepart.cluster import Cluster, Device
+    from edgepart.compiler.cost import model as cost_model
+    profiles = Path(__file__).resolve().parents[1] / "profiles"
+    ort = dict(profile=str(profiles / "host.json"), profiles=(("onnxruntime", str(profiles / "host_ort.json")),),
+               backend="onnxruntime")
+    cl = Cluster([Device("given", speed=0.5, stage_io_us_per_mb=200.0, **ort), Device("ort", speed=0.5, **ort),
+                  Device("torch", profile=str(profiles / "host.json")), Device("plain", backend="onnxruntime")])
+    monkeypatch.setattr(cost_model, "ORT_STAGE_IO_S_PER_BYTE", 1e-10)
+    cost = cost_model.CostModel(cl)
+    assert cost.stage_io_time("given", 1e6) == pytest.approx(200e-6)      # its own time: not ÷ speed
+    assert cost.stage_io_time("ort", 1e6) == pytest.approx(1e-10 * 1e6 / 0.5)
+    assert cost.stage_io_time("torch", 1e6) == 0.0 and cost.stage_io_time("plain", 1e6) == 0.0
+    assert cost.charges_stage_io()
+    assert Cluster.from_dict(cl.to_dict()).device("given").stage_io_us_per_mb == 200.0

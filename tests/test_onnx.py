@@ -350,3 +350,33 @@ def test_a_layer_the_exporter_refuses_raises_without_dumping_its_graph_on_stdout
     out, err = capfd.readouterr()
     assert "before" in out
     assert "Torch IR graph" not in out + err
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_stage_io_bytes_are_the_exported_stage_graphs_inputs_and_outputs(name):
+    """What the cost model charges a stage's boundary for (simulator.stage_io_bytes, from the schedule)
+    is what each exported ONNX Runtime stage graph takes in and gives back."""
+    from edgepart.compiler.cost.simulator import stage_io_bytes
+    from edgepart.runtime.ort import stage_io
+    model, (x,) = models.get(name, input_size=64)
+    cl = Cluster([Device(d, backend="onnxruntime") for d in "abc"])
+    gm = analyse(trace(model, (x,)), cl)
+    nodes = compute_nodes(gm)
+    cut = len(nodes) // 2
+    rows = nodes[cut - 1].meta["rows"]
+    plan = Plan([Stage("split", [n.name for n in nodes[:cut]], slices=[("a", 0, rows // 3), ("b", rows // 3, rows)]),
+                 Stage("whole", [n.name for n in nodes[cut:]], device="c")], "t")
+    bundle = compile_plan(gm, plan, cl, name)
+    got = stage_io_bytes(bundle.schedule)
+    manifest = bundle.manifest
+    expected = {}
+    for dev, spec in manifest.devices.items():
+        for stage in spec.rows:
+            io_ = stage_io(spec, stage, manifest.output)
+            n = 0
+            for tensor, lo, hi in (*io_.inputs, *io_.outputs):
+                t = manifest.tensors[tensor]
+                n += (hi - lo) * 4 * int(torch.tensor(t.shape).prod()) // t.rows
+            expected[(dev, stage)] = n
+    assert expected and all(v > 0 for v in expected.values())
+    assert got == pytest.approx(expected)

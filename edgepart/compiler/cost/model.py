@@ -37,6 +37,12 @@ RUNTIME_STAGE_S = 170e-6
 # The same on ONNX Runtime, on top of the session call its profile measured warm (``stage_start_s``):
 # benchmarks/stage_start.py --backend onnxruntime (results/stage_start_ort.md).
 ORT_STAGE_S = 37e-6
+# What the bytes crossing a stage's boundary cost on ONNX Runtime, per byte of the profiled machine
+# (÷ speed): the session reorders every input into its blocked (NCHWc) layout and every output back,
+# and the program copies the feeds; the profile's layers, and a model run whole, pay it once at the
+# model's input and output, a stage of a split plan at each of its inputs and outputs. Measured by
+# benchmarks/stage_overhead.py (results/stage_overhead.md).
+ORT_STAGE_IO_S_PER_BYTE = 0.0
 _WINDOW_KINDS = ("conv2d", "max_pool2d", "avg_pool2d")
 
 # The convolution epilogues (passes.epilogue) a device on ONNX Runtime computes inside the convolution:
@@ -147,6 +153,8 @@ class CostModel:
         self.runtime_stage_s = runtime_stage_s
         self.ort_stage_s = ort_stage_s
         self.stage_start_ms = {d.name: d.stage_start_ms for d in cluster.devices}
+        self.stage_io_us_per_mb = {d.name: d.stage_io_us_per_mb for d in cluster.devices}
+        self.ort_stage_io_s_per_byte = ORT_STAGE_IO_S_PER_BYTE
         # How fast a profiled device streams weights from memory now, relative to when it was
         # profiled (memory bandwidth is shared with other programs and drifts on its own; see
         # calibration.host_speed.HostSpeedProbe): the memory-bound share of a prediction is divided by it.
@@ -223,6 +231,26 @@ class CostModel:
         if self.backend.get(device, "torch") != "torch":
             return ort_stage_start(self.profiles[device], self.ort_stage_s) / self._speed(device)
         return self.runtime_stage_s / self._speed(device)
+
+    def stage_io_time(self, device: str, nbytes: float) -> float:
+        """Seconds ``device`` spends on the ``nbytes`` a stage reads from outside it and leaves for after
+        it (:func:`edgepart.compiler.cost.simulator.stage_io_bytes`): the device's ``stage_io_us_per_mb``
+        if the cluster gives one, else :data:`ORT_STAGE_IO_S_PER_BYTE` ÷ speed on a profiled device on
+        ONNX Runtime, else 0 (on torch the per-node :meth:`runtime_overhead` covers the copies)."""
+        if nbytes <= 0:
+            return 0.0
+        rate = self.stage_io_us_per_mb.get(device)
+        if rate is not None:
+            return rate * 1e-12 * nbytes
+        if device not in self.profiles or self.backend.get(device, "torch") == "torch":
+            return 0.0
+        return self.ort_stage_io_s_per_byte * nbytes / self._speed(device)
+
+    def charges_stage_io(self) -> bool:
+        """Whether :meth:`stage_io_time` is other than 0 on any device (the simulator skips counting bytes)."""
+        return any(v for v in self.stage_io_us_per_mb.values()) or (
+            self.ort_stage_io_s_per_byte > 0 and any(self.backend.get(d) == "onnxruntime" and d in self.profiles
+                                                     for d in self.speed))
 
     def _speed(self, device: str) -> float:
         s = self.speed.get(device)

@@ -29,11 +29,13 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 
 from edgepart.cluster import Cluster
 from edgepart.compiler.cost.model import CostModel
 from edgepart.compiler.schedule import Schedule, build_schedule
+from edgepart.ir.dtypes import DTYPES
 from edgepart.ir.manifest import EmitOutput, NodeRows, Recv, Run, Send
 
 
@@ -81,15 +83,67 @@ class SimResult:
                 "bytes_moved": sum(t.nbytes for t in self.transfers), "transfers": len(self.transfers)}
 
 
-def stage_compute_time(cost: CostModel, nodes: dict[str, fx.Node], device: str, table: dict[str, NodeRows]) -> float:
+def stage_compute_time(cost: CostModel, nodes: dict[str, fx.Node], device: str, table: dict[str, NodeRows],
+                       io_bytes: float = 0.0) -> float:
     """Compute time of one device's part of one stage (its rows of each node, halo included),
-    with the cost of starting the stage."""
+    with the cost of starting the stage and of its ``io_bytes`` (:func:`stage_io_bytes`) crossing its
+    boundary (:meth:`CostModel.stage_io_time`)."""
     total = 0.0
     for name, entry in table.items():
         a, b = entry.out
         if b > a:
             total += cost.compute_time(nodes[name], device, b - a, stage=table)
-    return (total + cost.stage_start_time(device)) if total > 0 else 0.0
+    if total <= 0:
+        return 0.0
+    return total + cost.stage_start_time(device) + cost.stage_io_time(device, io_bytes)
+
+
+def _bytes_per_row(spec) -> float:
+    if spec is None or spec.shape is None:
+        return 0.0
+    n = torch.empty((), dtype=DTYPES.get(spec.dtype, torch.float32)).element_size()
+    for d in spec.shape:
+        n *= d
+    return n / max(1, spec.rows)
+
+
+def stage_io_bytes(schedule: Schedule) -> dict[tuple[str, int], float]:
+    """(device, stage) -> bytes the stage reads from outside it plus bytes it leaves for after it.
+
+    Read: the union of the windows of every producer its nodes read that it does not compute (a
+    constant excepted). Left: the rows of each node it computes that the device reads in another stage,
+    sends, or that nothing reads (the model's output). The same sets as an exported stage graph's
+    inputs and outputs (runtime.ort.stage_io), without the manifest the schedule becomes."""
+    bpr = {name: _bytes_per_row(spec) for name, spec in schedule.tensors.items()}
+    read_anywhere: set[str] = set()
+    for stages in schedule.rows.values():
+        for table in stages.values():
+            for entry in table.values():
+                read_anywhere.update(entry.inputs)
+    out: dict[tuple[str, int], float] = {}
+    for dev, stages in schedule.rows.items():
+        constants = schedule.constants.get(dev, set())
+        sent = {a.tensor for a in schedule.actions.get(dev, []) if isinstance(a, Send)}
+        for si, table in stages.items():
+            later = set(sent)
+            for sj, other in stages.items():
+                if sj != si:
+                    for entry in other.values():
+                        later.update(entry.inputs)
+            windows: dict[str, tuple[int, int]] = {}
+            for entry in table.values():
+                for p, w in entry.inputs.items():
+                    if p in table or p in constants or w.hi <= w.lo:
+                        continue
+                    lo, hi = windows.get(p, (w.lo, w.hi))
+                    windows[p] = (min(lo, w.lo), max(hi, w.hi))
+            nbytes = sum((hi - lo) * bpr.get(p, 0.0) for p, (lo, hi) in windows.items())
+            for name, entry in table.items():
+                a, b = entry.out
+                if b > a and (name in later or name not in read_anywhere):
+                    nbytes += (b - a) * bpr.get(name, 0.0)
+            out[(dev, si)] = nbytes
+    return out
 
 
 def simulate(schedule: Schedule, cluster: Cluster, cost: CostModel | None = None,
@@ -125,6 +179,7 @@ def simulate(schedule: Schedule, cluster: Cluster, cost: CostModel | None = None
     order = {d: i for i, d in enumerate(devs)}
     blocked: set[str] = set()
     nbytes_of = {(tr.tensor, tr.a, tr.b): tr.nbytes for tr in schedule.transfers}
+    io_bytes = stage_io_bytes(schedule) if cost.charges_stage_io() else {}
 
     while heap:
         t, _, dev = heapq.heappop(heap)
@@ -149,7 +204,7 @@ def simulate(schedule: Schedule, cluster: Cluster, cost: CostModel | None = None
             elif isinstance(act, Run):
                 si = act.stage
                 table = schedule.rows[dev][si]
-                dur = stage_compute_time(cost, nodes, dev, table)
+                dur = stage_compute_time(cost, nodes, dev, table, io_bytes.get((dev, si), 0.0))
                 start = clock[dev]
                 runs.append(RunTiming(dev, si, start, start + dur, {n: e.out for n, e in table.items()}))
                 rcause.append(cause[dev])

@@ -419,19 +419,28 @@ class OFPMModel:
         mode only halo rows move): pieces sent (sender NIC / medium FIFO), then compute.
         Returns (makespan, per-device times)."""
         return self._stage_cost([(dev,) + self.segment_device_cost(i, j, dev, a, b) for dev, a, b in slices],
-                                from_mode)
+                                from_mode, self.stage_out_bytes(j, slices))
 
-    def _stage_cost(self, per_device, from_mode):
+    def stage_out_bytes(self, j: int, slices: list[tuple[str, int, int]]) -> dict[str, float]:
+        """Per device, the bytes of its rows of the split stage ending at unit ``j`` (its output)."""
+        last = self.units[j - 1].nodes[-1].meta
+        per_row = last["bytes"] / max(1, last["rows"])
+        return {dev: (b - a) * per_row for dev, a, b in slices}
+
+    def _stage_cost(self, per_device, from_mode, out_bytes: dict[str, float] | None = None):
         pieces = []
+        io = dict(out_bytes or {})
         for dev, comp, need in per_device:
             for p, (lo, hi) in need.items():
                 meta = self.nodes[p].meta
                 rows = max(1, meta["rows"])
                 owners = self.layout_owners(from_mode, rows)
                 pieces += _overlap_pieces(owners, [(dev, lo, hi)], meta["bytes"] / rows)
+                io[dev] = io.get(dev, 0.0) + (hi - lo) * meta["bytes"] / rows
         pieces.sort(key=lambda p: (p[0], p[1]))
         arrive = pieces_time(pieces, self.ttime, self.shared)
-        times = {dev: arrive.get(dev, 0.0) + comp + (self.cost.stage_start_time(dev) if comp > 0 else 0.0)
+        times = {dev: arrive.get(dev, 0.0) + comp + (self.cost.stage_start_time(dev)
+                                                     + self.cost.stage_io_time(dev, io.get(dev, 0.0)) if comp > 0 else 0.0)
                  for dev, comp, _ in per_device}
         return max(times.values()), times
 
@@ -467,11 +476,12 @@ class OFPMModel:
                     m = self.mode_index[("P", k)]
                     mem = {d: params for d, _, _ in slices}
                     per_device = [(dev,) + self.segment_device_cost(i, j, dev, a, b) for dev, a, b in slices]
+                    out_bytes = self.stage_out_bytes(j, slices)
                     for m0, mode in enumerate(self.modes):
                         if mode[0] == "P" and mode[1] != k and (j - i > self.max_resplit or
                                                                 abs(self.ks.index(mode[1]) - self.ks.index(k)) > 1):
                             continue
-                        span, _ = self._stage_cost(per_device, mode)
+                        span, _ = self._stage_cost(per_device, mode, out_bytes)
                         self.arcs.append(Arc("split", i, m0, j, m, span, slices=slices, mem=mem))
 
     def layout_owners(self, mode: tuple, rows: int) -> list[tuple[str, int, int]]:

@@ -67,7 +67,7 @@ class Calibration:
 def calibrate(model, example_inputs: tuple, probe: HostSpeedProbe, *, budget_s: float = 2.0, rounds: int = 3,
               family_budget_s: float = 3.0, layer_budget_s: float = 4.0, time_model: bool = True,
               time_layers: bool = True, backend: str = "torch", profile=None,
-              split_pools: bool = True, between=None) -> Calibration:
+              split_pools: bool = True, between=None, stage_charge_s: float = 0.0) -> Calibration:
     """Calibrate the cost model of devices emulated from ``probe.profile`` for ``model`` now, pinned to ``probe.cpuset``.
 
     1. :func:`~.op_types.calibrate_op_types` on the model's own layers: host speed, memory speed and
@@ -84,7 +84,8 @@ def calibrate(model, example_inputs: tuple, probe: HostSpeedProbe, *, budget_s: 
     then timed as that backend runs it (:func:`~.op_types.calibrate_op_types`). ``split_pools``: the
     layers as the compiler sees them with (default) or without ``passes.pools``. ``between``: called
     before each request of the model timed whole (:class:`~.program.ProgramTimer`), what the devices
-    do between requests (e.g. the testbed's host-speed probe). The batch norms and activations
+    do between requests (e.g. the testbed's host-speed probe). ``stage_charge_s``: what the cost model
+    will charge the model's one stage beyond its layers (``whole_model.model_speed``). The batch norms and activations
     ``backend`` fuses into their convolutions (``cost.fused_into``) are neither timed nor predicted."""
     prof = probe.profile if profile is None else (profile if hasattr(profile, "predict") else DeviceProfile.load(profile))
     nodes = [node_info(n) for n in compute_nodes(analyse(trace(model, example_inputs), split_pools=split_pools))]
@@ -94,7 +95,7 @@ def calibrate(model, example_inputs: tuple, probe: HostSpeedProbe, *, budget_s: 
     if time_model:
         with ProgramTimer(model, example_inputs, cpuset=probe.cpuset, backend=backend, between=between) as timer:
             ops = calibrate_op_types(probe, budget_s, rounds, family_budget_s, nodes=nodes, forward=timer,
-                                     backend=backend, profile=prof)
+                                     backend=backend, profile=prof, stage_charge_s=stage_charge_s)
     else:
         ops = calibrate_op_types(probe, budget_s, rounds, family_budget_s, nodes=nodes, backend=backend, profile=prof)
     op_type_seconds = time.perf_counter() - t

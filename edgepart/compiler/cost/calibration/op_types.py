@@ -149,7 +149,8 @@ class OpTypeCalibration:
 
 def calibrate_op_types(probe: HostSpeedProbe, budget_s: float = 2.0, rounds: int = 3, family_budget_s: float = 3.0,
                        nodes: list[dict] | None = None, forward: Callable[[], object] | ProgramTimer | None = None,
-                       program: bool = False, backend: str = "torch", profile=None) -> OpTypeCalibration:
+                       program: bool = False, backend: str = "torch", profile=None,
+                       stage_charge_s: float = 0.0) -> OpTypeCalibration:
     """The online calibration of an emulated device's cost model per op type, measured now with
     ``probe``'s profile, pinned to its cpuset: ``host_speed``, and ``memory_speed`` and
     ``calibration`` (per op type) both relative to host_speed — the emulator already scales CPU time
@@ -198,7 +199,8 @@ def calibrate_op_types(probe: HostSpeedProbe, budget_s: float = 2.0, rounds: int
         k = None
         if forward is not None and nodes:
             k = model_speed(prof, nodes, cal, ms, forward, hs, cpuset=probe.cpuset,
-                            budget_s=family_budget_s / n, program=program, backend=backend)
+                            budget_s=family_budget_s / n, program=program, backend=backend,
+                            stage_charge_s=stage_charge_s)
         per_round.append(OpTypeRound(hs, ms, cal, k))
     families = sorted({f for r in per_round for f in r.calibration})
     calibration = {f: statistics.median(r.calibration[f] for r in per_round if f in r.calibration) for f in families}

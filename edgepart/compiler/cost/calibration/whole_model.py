@@ -23,7 +23,7 @@ def predicted_model_time(profile, nodes: list[dict], calibration: dict[str, floa
 def model_speed(profile, nodes: list[dict], calibration: dict[str, float], memory_speed: float,
                 forward: Callable[[], object] | ProgramTimer, relative_to: float = 1.0, cpuset: list[int] | None = None,
                 budget_s: float = 1.0, bounds: tuple[float, float] = (0.5, 2.0), program: bool = False,
-                backend: str = "torch") -> float:
+                backend: str = "torch", stage_charge_s: float = 0.0) -> float:
     """How fast a whole model runs now relative to its calibrated prediction: Σ over ``nodes`` of the
     profile's in-network prediction as calibrated (``cost.calibrated_prediction``, what
     ``CostModel.compute_time`` charges before the runtime's own overhead) ÷ (``forward()``'s thread CPU time ×
@@ -42,7 +42,10 @@ def model_speed(profile, nodes: list[dict], calibration: dict[str, float], memor
     nothing is taken off, and the batch norms and activations it fuses into their convolutions are
     predicted free (:func:`predicted_model_time`): charged at their time alone, the model speed spread
     their time over every layer, and YOLOv2-tiny's first stage — the large activations, where batch
-    norms and activations are a large share — ran 0.68× its prediction, its later stages 1.05–1.2×."""
+    norms and activations are a large share — ran 0.68× its prediction, its later stages 1.05–1.2×.
+    ``stage_charge_s``: what the cost model charges the program's one stage beyond its layers (profiled
+    machine; ``CostModel.stage_start_time`` + ``stage_io_time`` of the model's input and output), taken
+    off its time like the torch program's per-node charge."""
     predicted = predicted_model_time(profile, nodes, calibration, memory_speed, backend)
     program = program or isinstance(forward, ProgramTimer)
     overhead = sum(program_overhead(info, max(1, int(info.get("rows", 1) or 1))) for info in nodes) \
@@ -54,5 +57,5 @@ def model_speed(profile, nodes: list[dict], calibration: dict[str, float], memor
             measured = time_callable(forward, target_s=budget_s, min_repeats=3, max_repeats=20,
                                      clock=time.thread_time)["t"]
     # at least half of the measured time is the layers': a charge that large is the fit's error, not the program's
-    layers = max(measured * relative_to - overhead, 0.5 * measured * relative_to)
+    layers = max(measured * relative_to - overhead - stage_charge_s, 0.5 * measured * relative_to)
     return min(bounds[1], max(bounds[0], predicted / max(layers, 1e-9)))
