@@ -40,9 +40,10 @@ ORT_STAGE_S = 37e-6
 # What the bytes crossing a stage's boundary cost on ONNX Runtime, per byte of the profiled machine
 # (÷ speed): the session reorders every input into its blocked (NCHWc) layout and every output back,
 # and the program copies the feeds; the profile's layers, and a model run whole, pay it once at the
-# model's input and output, a stage of a split plan at each of its inputs and outputs. Measured by
-# benchmarks/stage_overhead.py (results/stage_overhead.md).
-ORT_STAGE_IO_S_PER_BYTE = 0.0
+# model's input and output, a stage of a split plan at each of its inputs and outputs. Fitted by
+# benchmarks/stage_overhead.py on the testbed's plans run in one process, with the stage start above
+# (results/stage_overhead.md: 271 µs per MB; ONNX Runtime's profiler puts its reorders at 150–350).
+ORT_STAGE_IO_S_PER_BYTE = 0.271e-9
 _WINDOW_KINDS = ("conv2d", "max_pool2d", "avg_pool2d")
 
 # The convolution epilogues (passes.epilogue) a device on ONNX Runtime computes inside the convolution:
