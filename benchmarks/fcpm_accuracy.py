@@ -181,8 +181,10 @@ def build_units(configs, test_cids, layers, slices, regions, graphs, nets):
     return u
 
 
-def measure_all(units, loads, minutes, target_rse, rounds=("A", "B"), progress=True, phases=None):
-    """{round: {load: {key: Estimate as JSON}}}, every phase (of ``phases``) timed in every round at every load."""
+def measure_all(units, loads, minutes, target_rse, rounds=("A", "B"), progress=True, phases=None, share="time"):
+    """{round: {load: {key: Estimate as JSON}}}, every phase (of ``phases``) timed in every round at every load.
+    ``share="time"``: each phase's time shared out equally among its units, no sample cap (short jobs take more
+    samples); ``"samples"``: one sample of every unit per pass, at most 40 (the runs of 2026-12-04/05)."""
     out = {r: {} for r in rounds}
     phases = {p: PHASES[p] / sum(PHASES[q] for q in phases or PHASES) for p in (phases or PHASES)}
     per = minutes * 60.0 / (len(loads) * len(rounds))
@@ -191,10 +193,11 @@ def measure_all(units, loads, minutes, target_rse, rounds=("A", "B"), progress=T
             with BackgroundLoad(L, avoid_cpu=core):
                 for rd in rounds:
                     est = {}
-                    for phase, share in phases.items():
+                    for phase, part in phases.items():
                         t0 = time.perf_counter()
-                        h = Harness(target_rse=target_rse, min_samples=5, max_samples=40, budget_s=per * share,
-                                    sample_s=0.003, reference=True)
+                        h = Harness(target_rse=target_rse, min_samples=5, budget_s=per * part, sample_s=0.003,
+                                    reference=True, max_samples=None if share == "time" else 40,
+                                    time_share=share == "time")
                         got = h.run(units[phase])
                         est.update({k: e.to_json() for k, e in got.items()})
                         for what, err in h.failures:
@@ -415,6 +418,9 @@ def main(argv=None):
     ap.add_argument("--regions", type=int, default=60, help="zoo regions (each also row-sliced)")
     ap.add_argument("--nets", type=int, default=12, help="synthetic networks the in-network part is fitted on")
     ap.add_argument("--target-rse", type=float, default=0.01)
+    ap.add_argument("--share", choices=("time", "samples"), default="time",
+                    help="how a phase's time is divided among its jobs: equal time, no sample cap (default), or one "
+                         "sample per job per pass up to 40 (the runs of 2026-12-04/05)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--profile-out", default=None, help="also write the FCPM fitted on the whole sweep here")
     ap.add_argument("--seed", type=int, default=0)
@@ -445,7 +451,8 @@ def main(argv=None):
         units = build_units(configs, test_cids, layers, slices, regions, graphs, nets)
         t0 = time.time()
         phases = a.phases.split(",") if a.phases else None
-        meas, core = measure_all(units, loads, a.minutes, a.target_rse, progress=not a.no_progress, phases=phases)
+        meas, core = measure_all(units, loads, a.minutes, a.target_rse, progress=not a.no_progress, phases=phases,
+                                 share=a.share)
         t_meas = time.time() - t0
         if phases:                  # the other phases' jobs as saved before
             saved = json.loads(raw_path.read_text())
@@ -457,7 +464,7 @@ def main(argv=None):
                             mine[_key(k)] = e
             t_meas += saved["seconds"]
         raw_path.parent.mkdir(parents=True, exist_ok=True)
-        raw_path.write_text(json.dumps({"seconds": t_meas, "timing_cpu": core, "sizes": sizes(a), "measurements": {
+        raw_path.write_text(json.dumps({"seconds": t_meas, "timing_cpu": core, "sizes": sizes(a), "share": a.share, "measurements": {
             rd: {str(L): [[list(k), e] for k, e in est.items()] for L, est in by_load.items()}
             for rd, by_load in meas.items()}}))
         if a.measure_only:
