@@ -770,6 +770,8 @@ class DeviceProfile:
             if a_fixed is not None:      # the isolated prediction kept as it is: only what context adds is fitted
                 b = b - a_fixed * A[:, 0]
                 A = A[:, 1:]
+                if A.shape[1] == 0:      # no terms besides the scale (nnls aborts on an empty matrix)
+                    return [float(a_fixed)]
             scale = np.abs(A).max(0)
             scale[scale <= 0] = 1.0
             coef, _ = nnls(A / scale, b)
