@@ -226,7 +226,7 @@ def combine(meas, loads, kind_of=None, level="run"):
     rounds = list(meas)
     out = {"raw": ({}, {}), "corrected": ({}, {})}
     for L in loads:
-        keys = set.intersection(*(set(meas[r][L]) for r in rounds))
+        keys = sorted(set.intersection(*(set(meas[r][L]) for r in rounds)), key=repr)   # a fixed order: refits repeat
         runs = [{k: Estimate.from_json(meas[r][L][k]) for k in keys} for r in rounds]
         corr = [{} for _ in rounds]
         for phase in sorted({_phase(k) for k in keys}):
@@ -274,7 +274,8 @@ def evaluate(times, pairs, loads, configs, test_cids, layers, slices, regions, g
     prof = DeviceProfile.fit(stored, train, dict(meta, split="train (70% of sweep configs)"), seed=seed,
                              keep_measurements=False)
     net_info = [with_reuse(analyse(trace(net, (x,)))) for net, x in nets]
-    ctx = [{"info": net_info[int(k[0].split(":")[1])][k[1]], "rows": None, "load": L, "t": t}
+    ctx = [{"info": net_info[int(k[0].split(":")[1])][k[1]], "rows": None, "load": L, "t": t,
+            "net": int(k[0].split(":")[1]), "name": k[1]}
            for L in loads for k, t in times[L].items()
            if isinstance(k[0], str) and k[0].startswith("net:") and k[1] != "total"]
     ctx_fit = prof.fit_context(ctx, terms=terms)
@@ -361,7 +362,60 @@ def evaluate(times, pairs, loads, configs, test_cids, layers, slices, regions, g
                                                      if all(k in layer_only for k in keys) else None),
                                 "keys": [list(k) for k in keys],
                                 "points": [[float(x), float(y), float(z)] for x, y, z in zip(p, b, t)]}
-    return prof, results, dict(ctx_fit, stage_load=stage_fit), recs, ctx, stages
+    variants = fit_variants(prof, ctx, terms, stages, times, loads, model_info, regions, region_i, region_r, nets,
+                            net_info)
+    return prof, results, dict(ctx_fit, stage_load=stage_fit, variants=variants), recs, ctx, stages
+
+
+VARIANTS = ("layers", "layers + stage share", "layers, windows, totals + stage share")
+
+
+def fit_variants(prof, ctx, terms, stages, times, loads, model_info, regions, region_i, region_r, nets, net_info):
+    """The in-context part fitted three ways on the same training networks, scored on the stage test sets
+    ({variant: {load: {set: acc±10%}}}): on layers alone without a stage's share at load (the 2026-12-05 form);
+    with it (the default); and jointly on layers, windows of 2, 3, 4 and 6 consecutive layers and the networks'
+    totals (fit_context(sums=...), weight 1), with it. The per-layer sets do not depend on the share."""
+    import copy
+    pos = {}                       # (load, net, node name) -> index into ctx
+    for j, c in enumerate(ctx):
+        pos[(c["load"], c["net"], c["name"])] = j
+    sums = []
+    for L in loads:
+        for i in range(len(nets)):
+            members = [pos[(L, i, name)] for name in net_info[i] if (L, i, name) in pos]
+            for w in (2, 3, 4, 6):
+                for s0 in range(len(members) - w + 1):
+                    win = members[s0:s0 + w]
+                    sums.append({"members": win, "t": sum(ctx[j]["t"] for j in win)})
+            k = (f"net:{i}", "total")
+            if k in times[L] and members:
+                sums.append({"members": members, "t": times[L][k]})
+    out = {}
+    for name in VARIANTS:
+        p = copy.deepcopy(prof)
+        p.fit_context(ctx, terms=terms, sums=sums if "windows" in name else None)
+        if "stage share" in name:
+            p.fit_stage_load(stages)
+        per = {}
+        for L in loads:
+            got = {"regions (whole)": [], "regions (row slices)": [], "whole models": [], "zoo layers": []}
+            for mname, infos in model_info.items():
+                k = (f"model:{mname}", "total")
+                if k in times[L]:
+                    got["whole models"].append((sum(p.predict(i, None, L) for n, i in infos.items()
+                                                    if (f"model:{mname}", n) in times[L]), times[L][k]))
+                    got["zoo layers"] += [(p.predict(i, None, L, context="layer"), times[L][(f"model:{mname}", n)])
+                                          for n, i in infos.items() if (f"model:{mname}", n) in times[L]]
+            for i, reg in enumerate(regions):
+                k = (f"region:{i}", "total")
+                if k in times[L]:
+                    whole = reg["rows"] == reg["infos"][-1]["rows"]
+                    got["regions (whole)" if whole else "regions (row slices)"].append(
+                        (sum(p.predict(region_i[i][j], region_r[i][j], L) for j in range(len(reg["infos"]))),
+                         times[L][k]))
+            per[L] = {s: metrics(*(np.array(v, float) for v in zip(*rows)))["acc10"] for s, rows in got.items() if rows}
+        out[name] = per
+    return out
 
 
 def training_stages(times, loads, nets, net_info):
@@ -705,6 +759,16 @@ def report(results, loads, prof, meta, a, n_cfg, n_test, n_layers, n_slices, n_r
                   "| load | s | d (µs per layer) |", "|---|---|---|"]
         for L, sc, nd in zip(sl["loads"], sl["scale"], sl["node"]):
             lines.append(f"| {L:.0%} | {sc:+.3f} | {nd * 1e6:.2f} |")
+    var = ctx_fit.get("variants") or {}
+    if var:
+        sets = ("zoo layers", "regions (whole)", "regions (row slices)", "whole models")
+        lines += ["", "**The in-network part fitted three ways** (same training networks; acc±10% on the test sets in "
+                  "context; the default is the second):", "",
+                  "| fitted on | " + " | ".join(f"{s_} {L:.0%}" for L in loads for s_ in sets) + " |",
+                  "|---|" + "---|" * (len(sets) * len(loads))]
+        for name, per in var.items():
+            cells = [f"{per[L][s_]:.0%}" if s_ in per.get(L, {}) else "–" for L in loads for s_ in sets]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Whole models (sum of their layers in context)", "",
               "| model | load | measured ms | FCPM ms | error | layers' typical times summed | error | baseline ms | "
               "error |", "|---|---|---|---|---|---|---|---|---|"]
