@@ -52,7 +52,7 @@ from edgepart.fcpm.features import clean_info, features  # noqa: E402
 from edgepart.fcpm.harness import (Estimate, Harness, Isolated, agreement, drift_corrected,  # noqa: E402
                                    pinned_thread, reference_drift)
 from edgepart.fcpm.load import BackgroundLoad  # noqa: E402
-from edgepart.fcpm.model import CANDIDATES, CONTEXT_TERMS, DeviceProfile, metrics  # noqa: E402
+from edgepart.fcpm.model import CANDIDATES, CONTEXT_TERMS, MIN_CONTEXT_SCALE, DeviceProfile, metrics  # noqa: E402
 from edgepart.fcpm.ops import Runner, geometry  # noqa: E402
 from edgepart.fcpm.profiler import COUNTS, design_nets, design_sweep, device_meta  # noqa: E402
 from edgepart.passes import analyse  # noqa: E402
@@ -265,7 +265,7 @@ def drift_table(meas, loads, sets_of, pairs_by):
 
 
 def evaluate(times, pairs, loads, configs, test_cids, layers, slices, regions, graphs, nets, stored, meta, seed,
-             raw=None, terms=CONTEXT_TERMS):
+             raw=None, terms=CONTEXT_TERMS, min_scale=MIN_CONTEXT_SCALE):
     """Fit on the training data in ``times`` (drift-corrected) and score every test set per load; ``raw``:
     (times, pairs) as timed, for the raw re-timing agreement and the accuracy against raw times."""
     recs = [{"cid": k[1], "family": configs[k[1]]["family"], "rows": k[2], "load": L, "t": t}
@@ -278,7 +278,7 @@ def evaluate(times, pairs, loads, configs, test_cids, layers, slices, regions, g
             "net": int(k[0].split(":")[1]), "name": k[1]}
            for L in loads for k, t in times[L].items()
            if isinstance(k[0], str) and k[0].startswith("net:") and k[1] != "total"]
-    ctx_fit = prof.fit_context(ctx, terms=terms)
+    ctx_fit = prof.fit_context(ctx, terms=terms, min_scale=min_scale)
     stages = training_stages(times, loads, nets, net_info)
     stage_fit = prof.fit_stage_load(stages)
     model_info = {name: with_reuse(gm) for name, (_, _, gm) in graphs.items()}
@@ -363,14 +363,15 @@ def evaluate(times, pairs, loads, configs, test_cids, layers, slices, regions, g
                                 "keys": [list(k) for k in keys],
                                 "points": [[float(x), float(y), float(z)] for x, y, z in zip(p, b, t)]}
     variants = fit_variants(prof, ctx, terms, stages, times, loads, model_info, regions, region_i, region_r, nets,
-                            net_info)
+                            net_info, min_scale)
     return prof, results, dict(ctx_fit, stage_load=stage_fit, variants=variants), recs, ctx, stages
 
 
 VARIANTS = ("layers", "layers + stage share", "layers, windows, totals + stage share")
 
 
-def fit_variants(prof, ctx, terms, stages, times, loads, model_info, regions, region_i, region_r, nets, net_info):
+def fit_variants(prof, ctx, terms, stages, times, loads, model_info, regions, region_i, region_r, nets, net_info,
+                 min_scale=MIN_CONTEXT_SCALE):
     """The in-context part fitted three ways on the same training networks, scored on the stage test sets
     ({variant: {load: {set: acc±10%}}}): on layers alone without a stage's share at load (the 2026-12-05 form);
     with it (the default); and jointly on layers, windows of 2, 3, 4 and 6 consecutive layers and the networks'
@@ -393,7 +394,7 @@ def fit_variants(prof, ctx, terms, stages, times, loads, model_info, regions, re
     out = {}
     for name in VARIANTS:
         p = copy.deepcopy(prof)
-        p.fit_context(ctx, terms=terms, sums=sums if "windows" in name else None)
+        p.fit_context(ctx, terms=terms, sums=sums if "windows" in name else None, min_scale=min_scale)
         if "stage share" in name:
             p.fit_stage_load(stages)
         per = {}
@@ -498,6 +499,8 @@ def main(argv=None):
     ap.add_argument("--regions", type=int, default=60, help="zoo regions (each also row-sliced)")
     ap.add_argument("--nets", type=int, default=12, help="synthetic networks the in-network part is fitted on")
     ap.add_argument("--target-rse", type=float, default=0.01)
+    ap.add_argument("--min-scale", type=float, default=MIN_CONTEXT_SCALE,
+                    help="floor on each group's scale a in the in-network part (0: none, the 2026-12-05 00:43 form)")
     ap.add_argument("--share", choices=("time", "samples"), default="time",
                     help="how a phase's time is divided among its jobs: equal time, no sample cap (default), or one "
                          "sample per job per pass up to 40 (the runs of 2026-12-04/05)")
@@ -556,7 +559,8 @@ def main(argv=None):
     both = combine(meas, loads)
     times, pairs = both["corrected"]
     prof, results, ctx_fit, recs, ctx, stages = evaluate(times, pairs, loads, configs, test_cids, layers, slices, regions,
-                                                 graphs, nets, stored, meta, a.seed, raw=both["raw"], terms=terms)
+                                                 graphs, nets, stored, meta, a.seed, raw=both["raw"], terms=terms,
+                                                 min_scale=a.min_scale)
     drift = drift_table(meas, loads, lambda L: {name: [tuple(k) for k in v["keys"]]
                                                 for name, v in results[L].items() if name != "models"},
                         {label: both[label][1] for label in both})
@@ -564,7 +568,7 @@ def main(argv=None):
     short = short_layers(meas, loads, {label: both[label][1] for label in both})
     if a.profile_out:
         prof_all = DeviceProfile.fit(stored, recs, dict(meta, split="all sweep configs"), seed=a.seed)
-        prof_all.fit_context(ctx, terms=terms)
+        prof_all.fit_context(ctx, terms=terms, min_scale=a.min_scale)
         prof_all.fit_stage_load(stages)
         prof_all.save(a.profile_out)
     out = Path(a.out)
@@ -739,7 +743,8 @@ def report(results, loads, prof, meta, a, n_cfg, n_test, n_layers, n_slices, n_r
     lines += ["", "## The in-network part (fitted on the synthetic networks' layers in context)", "",
               f"Time in context = a·(isolated prediction) + Σ coefficient × term, terms {', '.join(terms[1:])} "
               f"(`edgepart/fcpm/model.py` context_terms; L2 = {ctx_fit.get('l2_bytes', 0) / 2**20:g} MiB), per group "
-              f"(the op type, 1×1 convolutions apart; ≥ 12 samples, else the fit over all with a = 1). On its own "
+              f"(the op type, 1×1 convolutions apart; ≥ 12 samples, else the fit over all with a = 1; a ≥ "
+              f"{ctx_fit.get('min_scale', 0):g}, `--min-scale`). On its own "
               f"{ctx_fit.get('n', 0)} training samples: RMSPE {ctx_fit.get('rmspe_isolated', float('nan')):.1%} isolated → "
               f"{ctx_fit.get('rmspe_corrected', float('nan')):.1%} corrected; within ±10 % "
               f"{ctx_fit.get('acc10_isolated', float('nan')):.0%} → {ctx_fit.get('acc10_corrected', float('nan')):.0%}.",

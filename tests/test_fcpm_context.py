@@ -90,3 +90,22 @@ def test_fit_context_on_sums_weighs_a_stage_by_its_time():
     assert joint["rmspe_sums"] == pytest.approx(float(np.sqrt(np.mean(np.square(sums_joint)))), rel=1e-9)
     zero = prof.fit_context(samples, min_family=6, terms=(), sums=stages, sum_weight=0.0)
     assert zero["groups"]["conv"] == pytest.approx(per_layer["groups"]["conv"], rel=1e-6, abs=1e-12)
+
+
+def test_a_layer_far_larger_than_any_fitted_keeps_at_least_its_isolated_time():
+    """Small layers whose time in context is a constant (the scale a would fit 0 and the constant take it all):
+    with the floor (the default) a stays 1, so a layer 100× larger than any fitted is predicted at no less than
+    its isolated time; without it (min_scale=0, the 2026-12-05 00:43 fit) it would be predicted at the constant."""
+    prof = _profile_with_layers_as_isolated()
+    prof.sequence = None
+    small = [conv_info(c, c, h, h, 3) for c in (4, 6, 8) for h in (4, 6, 8, 10)]
+    samples = [{"info": dict(i, stage_bytes=64e6), "rows": None, "load": 0.0, "t": 30e-6} for i in small]
+    big = dict(conv_info(256, 256, 56, 56, 3), stage_bytes=64e6)
+    iso = prof.predict(big, None, 0.0, context="isolated")
+    assert iso > 1e-3
+    fit = prof.fit_context(samples, min_family=6, terms=("node",))
+    assert fit["groups"]["conv"][0] == 1.0 and fit["min_scale"] == 1.0
+    assert prof.predict(big, None, 0.0) >= iso
+    free = prof.fit_context(samples, min_family=6, terms=("node",), min_scale=0.0)
+    assert free["groups"]["conv"][0] < 0.5
+    assert prof.predict(big, None, 0.0) < 0.5 * iso

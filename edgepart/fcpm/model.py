@@ -428,6 +428,13 @@ CONTEXT_TERM_NAMES = ("node", "weights", "inputs", "in_near", "in_written", "in_
 # fit_context's default: of the term sets benchmarks/fcpm_context_features.py compares, the split of the inputs by
 # where they are and the output bytes bought nothing on layers of models it was not fitted on
 CONTEXT_TERMS = ("node", "weights", "inputs")
+# the least share of its isolated time a layer takes in its stage (fit_context's floor on a group's scale a).
+# Without one, a group's fit on the synthetic networks' small layers can trade its scale for a constant
+# (linear: a = 0, 40 µs per layer, its weights term counting only weights that fit the LLC), and a layer far
+# larger than any it was fitted on is predicted at that constant: AlexNet's 151 MB classifier layer at 0.2 ms
+# against 10 ms measured (2026-12-05). Beyond the LLC a layer streams its data alone as well, so its isolated
+# time is the floor.
+MIN_CONTEXT_SCALE = 1.0
 WRITERS = ("conv", "dwconv", "linear")      # op types whose output the next layer finds as if cold (see context_terms)
 
 
@@ -714,7 +721,8 @@ class DeviceProfile:
         return self.sequence
 
     def fit_context(self, samples: list[dict], min_family: int = 12, terms: tuple[str, ...] = CONTEXT_TERMS,
-                    l2: float | None = None, sums: list[dict] | None = None, sum_weight: float = 1.0) -> dict:
+                    l2: float | None = None, sums: list[dict] | None = None, sum_weight: float = 1.0,
+                    min_scale: float = MIN_CONTEXT_SCALE) -> dict:
         """Fit the in-network part on layers timed in context (each inside its stage, after its real
         predecessor: :mod:`edgepart.fcpm.context`).
 
@@ -733,6 +741,9 @@ class DeviceProfile:
         planner costs a stage as the sum of its layers, so a short layer's relative error should not weigh as
         much as a long one's; with sums the groups' coefficients are fitted jointly (without, each group's
         fit is its own, as before). The check then also reports ``rmspe_sums`` / ``acc10_sums``.
+
+        ``min_scale``: the least a group's ``a`` may be — a layer in its stage takes at least that share of its
+        isolated time (see :data:`MIN_CONTEXT_SCALE`).
         """
         if not samples:
             return {}
@@ -772,10 +783,14 @@ class DeviceProfile:
                 A = A[:, 1:]
                 if A.shape[1] == 0:      # no terms besides the scale (nnls aborts on an empty matrix)
                     return [float(a_fixed)]
+            else:                        # a = min_scale + a non-negative rest
+                b = b - min_scale * A[:, 0]
             scale = np.abs(A).max(0)
             scale[scale <= 0] = 1.0
             coef, _ = nnls(A / scale, b)
             coef = (coef / scale).tolist()
+            if a_fixed is None:
+                coef[0] += min_scale
             return coef if a_fixed is None else [float(a_fixed), *coef]
         everything = [r for rows in by_group.values() for r in rows]
         # a group without enough samples of its own keeps its isolated prediction plus what context adds
@@ -783,7 +798,7 @@ class DeviceProfile:
         glob = fit(everything, a_fixed=1.0)
         groups = {g: fit(rows) for g, rows in sorted(by_group.items()) if len(rows) >= min_family}
         if sums and groups:
-            groups = self._fit_joint(by_group, groups, glob, where, fixed, sums, sum_weight)
+            groups = self._fit_joint(by_group, groups, glob, where, fixed, sums, sum_weight, min_scale)
 
         def predicted(j):
             if j in fixed:
@@ -799,7 +814,7 @@ class DeviceProfile:
                 rel.append(float(np.dot(c, x)) / t - 1)
                 rel_iso.append(x[0] / t - 1)
         self.sequence = {"kind": "context", "version": 2, "terms": ["isolated prediction", *terms],
-                         "groups": groups, "global": glob, "l2_bytes": l2, "input_mix": mix,
+                         "groups": groups, "global": glob, "l2_bytes": l2, "input_mix": mix, "min_scale": min_scale,
                          "n": len(samples),
                          "rmspe_isolated": float(np.sqrt(np.mean(np.square(rel_iso)))),
                          "rmspe_corrected": float(np.sqrt(np.mean(np.square(rel)))),
@@ -860,7 +875,7 @@ class DeviceProfile:
         return out
 
     @staticmethod
-    def _fit_joint(by_group, groups, glob, where, fixed, sums, weight) -> dict:
+    def _fit_joint(by_group, groups, glob, where, fixed, sums, weight, min_scale=0.0) -> dict:
         """The groups' coefficients fitted together on their layers and on ``sums`` (see fit_context):
         non-negative least squares on relative errors, a sum's row weighted √weight. Groups fitted with the
         global coefficients (too few samples) and stages within the L2 enter the sums as fixed predictions."""
@@ -892,10 +907,13 @@ class DeviceProfile:
             A.append(w * row / t)
             b.append(w * (1.0 - rest / t))
         A, b = np.asarray(A), np.asarray(b)
+        a_cols = [col[g] for g in names]
+        b = b - min_scale * A[:, a_cols].sum(1)          # each group's a = min_scale + a non-negative rest
         scale = np.abs(A).max(0)
         scale[scale <= 0] = 1.0
         coef, _ = nnls(A / scale, b)
         coef = coef / scale
+        coef[a_cols] += min_scale
         return {g: coef[col[g]:col[g] + width].tolist() for g in names}
 
     # -- persistence ------------------------------------------------------
