@@ -54,6 +54,8 @@ def test_stage_load_exact_on_a_tiny_case():
     assert sum(prof.predict(i, None, 0.5) for i in stages[2]) == pytest.approx(recs[5]["t"], rel=1e-9)
     again = DeviceProfile.from_json(json.loads(json.dumps(prof.to_json())))
     assert again.predict(info, 7, 0.5) == pytest.approx(prof.predict(info, 7, 0.5), rel=1e-12)
+    assert prof.fit_stage_load([]) == {} and "stage_load" not in prof.sequence      # nothing to fit: no share
+    assert prof.predict(info, None, 0.5) == lay
     with pytest.raises(ValueError, match="context must be"):
         prof.predict(info, None, 0.0, context="stage")
 

@@ -611,7 +611,7 @@ class DeviceProfile:
                     x = context_terms(info, rows, tuple(sq["terms"][1:]), sq["l2_bytes"], sq["input_mix"].get(g))
                     t = c[0] * t + float(np.dot(c[1:], x))
                 sl = sq.get("stage_load")
-                if context == "sequence" and sl:      # fit_stage_load: what a whole stage adds at this load
+                if context == "sequence" and sl and sl.get("loads"):   # fit_stage_load: a stage's share at load
                     t = t * (1.0 + float(np.interp(load, sl["loads"], sl["scale"]))) + \
                         float(np.interp(load, sl["loads"], sl["node"]))
                 return t
@@ -847,6 +847,8 @@ class DeviceProfile:
         from scipy.optimize import nnls
         self.sequence.pop("stage_load", None)
         self._cache.clear()
+        if not stages:
+            return {}
         by_load: dict[float, list] = {}
         for st in stages:
             rows = st.get("rows") or [None] * len(st["infos"])
