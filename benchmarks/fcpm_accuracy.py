@@ -155,8 +155,10 @@ def nbytes_of(info, rows=None):
     return int(4 * (g.weight_elems + g.in_elems + g.out_elems))
 
 
-def build_units(configs, test_cids, layers, slices, regions, graphs, nets):
-    """{phase: [harness units]}; every key a tuple of plain values (JSON-able)."""
+def build_units(configs, test_cids, layers, slices, regions, graphs, nets, region_runs=10):
+    """{phase: [harness units]}; every key a tuple of plain values (JSON-able). ``region_runs``: timed runs of a
+    region per visit at most (a sample is their median; 1: every sample one run, so a total's mean is the
+    mean run's)."""
     u = {p: [] for p in PHASES}
     for c in configs:
         for r in c["rows"]:
@@ -171,7 +173,9 @@ def build_units(configs, test_cids, layers, slices, regions, graphs, nets):
     for name, (_, x, gm) in graphs.items():
         u["models"].append(graph_stage(gm, (x,), f"model:{name}")[0])
     for i, reg in enumerate(regions):
-        u["regions"].append(chain_stage(reg["infos"], reg["rows"], f"region:{i}", seed=5000 + 10 * i)[0])
+        st = chain_stage(reg["infos"], reg["rows"], f"region:{i}", seed=5000 + 10 * i)[0]
+        st.max_runs = region_runs
+        u["regions"].append(st)
     for i, (net, x) in enumerate(nets):
         u["nets"].append(graph_stage(analyse(trace(net, (x,))), (x,), f"net:{i}")[0])
     rng = np.random.default_rng(7)             # one fixed order, the same in every pass and round
@@ -501,6 +505,8 @@ def main(argv=None):
     ap.add_argument("--target-rse", type=float, default=0.01)
     ap.add_argument("--min-scale", type=float, default=MIN_CONTEXT_SCALE,
                     help="floor on each group's scale a in the in-network part (0: none, the 2026-12-05 00:43 form)")
+    ap.add_argument("--region-runs", type=int, default=10,
+                    help="timed runs of a region per visit at most (1: one run per sample; see build_units)")
     ap.add_argument("--share", choices=("time", "samples"), default="time",
                     help="how a phase's time is divided among its jobs: equal time, no sample cap (default), or one "
                          "sample per job per pass up to 40 (the runs of 2026-12-04/05)")
@@ -531,7 +537,7 @@ def main(argv=None):
     if a.refit:
         meas, t_meas, core, _ = load_measurements(raw_path, a)
     else:
-        units = build_units(configs, test_cids, layers, slices, regions, graphs, nets)
+        units = build_units(configs, test_cids, layers, slices, regions, graphs, nets, a.region_runs)
         t0 = time.time()
         phases = a.phases.split(",") if a.phases else None
         meas, core = measure_all(units, loads, a.minutes, a.target_rse, progress=not a.no_progress, phases=phases,
