@@ -52,7 +52,7 @@ from edgepart.fcpm.features import clean_info, features  # noqa: E402
 from edgepart.fcpm.harness import (Estimate, Harness, Isolated, agreement, drift_corrected,  # noqa: E402
                                    pinned_thread, reference_drift)
 from edgepart.fcpm.load import BackgroundLoad  # noqa: E402
-from edgepart.fcpm.model import CANDIDATES, CONTEXT_TERMS, DeviceProfile, metrics  # noqa: E402
+from edgepart.fcpm.model import CANDIDATES, CONTEXT_TERMS, MIN_CONTEXT_SCALE, DeviceProfile, metrics  # noqa: E402
 from edgepart.fcpm.ops import Runner, geometry  # noqa: E402
 from edgepart.fcpm.profiler import COUNTS, design_nets, design_sweep, device_meta  # noqa: E402
 from edgepart.passes import analyse  # noqa: E402
@@ -155,8 +155,10 @@ def nbytes_of(info, rows=None):
     return int(4 * (g.weight_elems + g.in_elems + g.out_elems))
 
 
-def build_units(configs, test_cids, layers, slices, regions, graphs, nets):
-    """{phase: [harness units]}; every key a tuple of plain values (JSON-able)."""
+def build_units(configs, test_cids, layers, slices, regions, graphs, nets, region_runs=10):
+    """{phase: [harness units]}; every key a tuple of plain values (JSON-able). ``region_runs``: timed runs of a
+    region per visit at most (a sample is their median; 1: every sample one run, so a total's mean is the
+    mean run's)."""
     u = {p: [] for p in PHASES}
     for c in configs:
         for r in c["rows"]:
@@ -171,7 +173,9 @@ def build_units(configs, test_cids, layers, slices, regions, graphs, nets):
     for name, (_, x, gm) in graphs.items():
         u["models"].append(graph_stage(gm, (x,), f"model:{name}")[0])
     for i, reg in enumerate(regions):
-        u["regions"].append(chain_stage(reg["infos"], reg["rows"], f"region:{i}", seed=5000 + 10 * i)[0])
+        st = chain_stage(reg["infos"], reg["rows"], f"region:{i}", seed=5000 + 10 * i)[0]
+        st.max_runs = region_runs
+        u["regions"].append(st)
     for i, (net, x) in enumerate(nets):
         u["nets"].append(graph_stage(analyse(trace(net, (x,))), (x,), f"net:{i}")[0])
     rng = np.random.default_rng(7)             # one fixed order, the same in every pass and round
@@ -181,8 +185,10 @@ def build_units(configs, test_cids, layers, slices, regions, graphs, nets):
     return u
 
 
-def measure_all(units, loads, minutes, target_rse, rounds=("A", "B"), progress=True, phases=None):
-    """{round: {load: {key: Estimate as JSON}}}, every phase (of ``phases``) timed in every round at every load."""
+def measure_all(units, loads, minutes, target_rse, rounds=("A", "B"), progress=True, phases=None, share="time"):
+    """{round: {load: {key: Estimate as JSON}}}, every phase (of ``phases``) timed in every round at every load.
+    ``share="time"``: each phase's time shared out equally among its units, no sample cap (short jobs take more
+    samples); ``"samples"``: one sample of every unit per pass, at most 40 (the runs of 2026-12-04/05)."""
     out = {r: {} for r in rounds}
     phases = {p: PHASES[p] / sum(PHASES[q] for q in phases or PHASES) for p in (phases or PHASES)}
     per = minutes * 60.0 / (len(loads) * len(rounds))
@@ -191,10 +197,11 @@ def measure_all(units, loads, minutes, target_rse, rounds=("A", "B"), progress=T
             with BackgroundLoad(L, avoid_cpu=core):
                 for rd in rounds:
                     est = {}
-                    for phase, share in phases.items():
+                    for phase, part in phases.items():
                         t0 = time.perf_counter()
-                        h = Harness(target_rse=target_rse, min_samples=5, max_samples=40, budget_s=per * share,
-                                    sample_s=0.003, reference=True)
+                        h = Harness(target_rse=target_rse, min_samples=5, budget_s=per * part, sample_s=0.003,
+                                    reference=True, max_samples=None if share == "time" else 40,
+                                    time_share=share == "time")
                         got = h.run(units[phase])
                         est.update({k: e.to_json() for k, e in got.items()})
                         for what, err in h.failures:
@@ -223,7 +230,7 @@ def combine(meas, loads, kind_of=None, level="run"):
     rounds = list(meas)
     out = {"raw": ({}, {}), "corrected": ({}, {})}
     for L in loads:
-        keys = set.intersection(*(set(meas[r][L]) for r in rounds))
+        keys = sorted(set.intersection(*(set(meas[r][L]) for r in rounds)), key=repr)   # a fixed order: refits repeat
         runs = [{k: Estimate.from_json(meas[r][L][k]) for k in keys} for r in rounds]
         corr = [{} for _ in rounds]
         for phase in sorted({_phase(k) for k in keys}):
@@ -262,7 +269,7 @@ def drift_table(meas, loads, sets_of, pairs_by):
 
 
 def evaluate(times, pairs, loads, configs, test_cids, layers, slices, regions, graphs, nets, stored, meta, seed,
-             raw=None, terms=CONTEXT_TERMS):
+             raw=None, terms=CONTEXT_TERMS, min_scale=MIN_CONTEXT_SCALE):
     """Fit on the training data in ``times`` (drift-corrected) and score every test set per load; ``raw``:
     (times, pairs) as timed, for the raw re-timing agreement and the accuracy against raw times."""
     recs = [{"cid": k[1], "family": configs[k[1]]["family"], "rows": k[2], "load": L, "t": t}
@@ -271,17 +278,22 @@ def evaluate(times, pairs, loads, configs, test_cids, layers, slices, regions, g
     prof = DeviceProfile.fit(stored, train, dict(meta, split="train (70% of sweep configs)"), seed=seed,
                              keep_measurements=False)
     net_info = [with_reuse(analyse(trace(net, (x,)))) for net, x in nets]
-    ctx = [{"info": net_info[int(k[0].split(":")[1])][k[1]], "rows": None, "load": L, "t": t}
+    ctx = [{"info": net_info[int(k[0].split(":")[1])][k[1]], "rows": None, "load": L, "t": t,
+            "net": int(k[0].split(":")[1]), "name": k[1]}
            for L in loads for k, t in times[L].items()
            if isinstance(k[0], str) and k[0].startswith("net:") and k[1] != "total"]
-    ctx_fit = prof.fit_context(ctx, terms=terms)
+    ctx_fit = prof.fit_context(ctx, terms=terms, min_scale=min_scale)
+    stages = training_stages(times, loads, nets, net_info)
+    stage_fit = prof.fit_stage_load(stages)
     model_info = {name: with_reuse(gm) for name, (_, _, gm) in graphs.items()}
     region_r = [chain_rows(reg["infos"], reg["rows"]) for reg in regions]
     region_i = [chain_reuse(reg["infos"], r) for reg, r in zip(regions, region_r)]
 
-    def pred(info, rows, L, ctx_=True):
-        return (prof.predict(info, rows, L, context="sequence" if ctx_ else "isolated"),
-                prof.predict(info, rows, L, which="baseline"))
+    def pred(info, rows, L, ctx_="sequence"):
+        return (prof.predict(info, rows, L, context=ctx_), prof.predict(info, rows, L, which="baseline"))
+
+    def layer_sum(info, rows, L):       # without the stage's share at load (fit_stage_load)
+        return prof.predict(info, rows, L, context="layer")
 
     results = {}
     for L in loads:
@@ -292,43 +304,51 @@ def evaluate(times, pairs, loads, configs, test_cids, layers, slices, regions, g
         for k, t in times[L].items():
             tag = k[0]
             if tag == "sweep" and k[1] in test_cids:
-                sets["held-out sweep configs"].append((k, *pred(configs[k[1]]["info"], k[2], L, False), t))
+                sets["held-out sweep configs"].append((k, *pred(configs[k[1]]["info"], k[2], L, "isolated"), t))
             elif tag == "layer":
-                sets["zoo layers (isolated)"].append((k, *pred(layers[k[1]], None, L, False), t))
+                sets["zoo layers (isolated)"].append((k, *pred(layers[k[1]], None, L, "isolated"), t))
             elif tag == "slice":
                 info, r = slices[k[1]]
-                sets["zoo row slices (isolated)"].append((k, *pred(info, r, L, False), t))
+                sets["zoo row slices (isolated)"].append((k, *pred(info, r, L, "isolated"), t))
             elif isinstance(tag, str) and tag.startswith("model:"):
                 name = tag.split(":", 1)[1]
                 if k[1] == "total":
                     continue
                 p, b = pred(model_info[name][k[1]], None, L)
-                sets["zoo layers"].append((k, p, b, t))
-                s = model_sum.setdefault(name, [0.0, 0.0])
+                q = layer_sum(model_info[name][k[1]], None, L)
+                sets["zoo layers"].append((k, q, b, t))          # a layer: its typical time in context
+                s = model_sum.setdefault(name, [0.0, 0.0, 0.0])
                 s[0] += p
                 s[1] += b
+                s[2] += q
             elif isinstance(tag, str) and tag.startswith("region:"):
                 i = int(tag.split(":")[1])
                 if k[1] == "total":
                     continue
                 reg = regions[i]
                 p, b = pred(region_i[i][k[1]], region_r[i][k[1]], L)
+                q = layer_sum(region_i[i][k[1]], region_r[i][k[1]], L)
                 whole = reg["rows"] == reg["infos"][-1]["rows"]
                 if not whole:
-                    sets["row slices"].append((k, p, b, t))
-                s = region_sum.setdefault(i, [0.0, 0.0])
+                    sets["row slices"].append((k, q, b, t))
+                s = region_sum.setdefault(i, [0.0, 0.0, 0.0])
                 s[0] += p
                 s[1] += b
-        for name, (p, b) in model_sum.items():
+                s[2] += q
+        layer_only = {}                  # stage sets: {key: the sum of the layers' typical times}
+        for name, (p, b, q) in model_sum.items():
             k = (f"model:{name}", "total")
             if k in times[L]:
                 sets["whole models"].append((k, p, b, times[L][k]))
-                models_tab[name] = {"measured_ms": times[L][k] * 1e3, "fcpm_ms": p * 1e3, "baseline_ms": b * 1e3}
-        for i, (p, b) in region_sum.items():
+                layer_only[k] = q
+                models_tab[name] = {"measured_ms": times[L][k] * 1e3, "fcpm_ms": p * 1e3, "baseline_ms": b * 1e3,
+                                    "layers_ms": q * 1e3}
+        for i, (p, b, q) in region_sum.items():
             k = (f"region:{i}", "total")
             if k in times[L]:
                 whole = regions[i]["rows"] == regions[i]["infos"][-1]["rows"]
                 sets["regions (whole)" if whole else "regions (row slices)"].append((k, p, b, times[L][k]))
+                layer_only[k] = q
         results[L] = {"models": models_tab}
         for name, rows in sets.items():
             if not rows:
@@ -342,9 +362,77 @@ def evaluate(times, pairs, loads, configs, test_cids, layers, slices, regions, g
                                 "retiming_raw": agreement({k: rt_pairs[L][k][0] for k in keys if k in rt_pairs[L]},
                                                           {k: rt_pairs[L][k][1] for k in keys if k in rt_pairs[L]}),
                                 "fcpm_raw": metrics(p, [raw[0][L][k] for k in keys]) if raw else None,
+                                "fcpm_layers_only": (metrics([layer_only[k] for k in keys], t)
+                                                     if all(k in layer_only for k in keys) else None),
                                 "keys": [list(k) for k in keys],
                                 "points": [[float(x), float(y), float(z)] for x, y, z in zip(p, b, t)]}
-    return prof, results, ctx_fit, recs, ctx
+    variants = fit_variants(prof, ctx, terms, stages, times, loads, model_info, regions, region_i, region_r, nets,
+                            net_info, min_scale)
+    return prof, results, dict(ctx_fit, stage_load=stage_fit, variants=variants), recs, ctx, stages
+
+
+VARIANTS = ("layers", "layers + stage share", "layers, windows, totals + stage share")
+
+
+def fit_variants(prof, ctx, terms, stages, times, loads, model_info, regions, region_i, region_r, nets, net_info,
+                 min_scale=MIN_CONTEXT_SCALE):
+    """The in-context part fitted three ways on the same training networks, scored on the stage test sets
+    ({variant: {load: {set: acc±10%}}}): on layers alone without a stage's share at load (the 2026-12-05 form);
+    with it (the default); and jointly on layers, windows of 2, 3, 4 and 6 consecutive layers and the networks'
+    totals (fit_context(sums=...), weight 1), with it. The per-layer sets do not depend on the share."""
+    import copy
+    pos = {}                       # (load, net, node name) -> index into ctx
+    for j, c in enumerate(ctx):
+        pos[(c["load"], c["net"], c["name"])] = j
+    sums = []
+    for L in loads:
+        for i in range(len(nets)):
+            members = [pos[(L, i, name)] for name in net_info[i] if (L, i, name) in pos]
+            for w in (2, 3, 4, 6):
+                for s0 in range(len(members) - w + 1):
+                    win = members[s0:s0 + w]
+                    sums.append({"members": win, "t": sum(ctx[j]["t"] for j in win)})
+            k = (f"net:{i}", "total")
+            if k in times[L] and members:
+                sums.append({"members": members, "t": times[L][k]})
+    out = {}
+    for name in VARIANTS:
+        p = copy.deepcopy(prof)
+        p.fit_context(ctx, terms=terms, sums=sums if "windows" in name else None, min_scale=min_scale)
+        if "stage share" in name:
+            p.fit_stage_load(stages)
+        per = {}
+        for L in loads:
+            got = {"regions (whole)": [], "regions (row slices)": [], "whole models": [], "zoo layers": []}
+            for mname, infos in model_info.items():
+                k = (f"model:{mname}", "total")
+                if k in times[L]:
+                    got["whole models"].append((sum(p.predict(i, None, L) for n, i in infos.items()
+                                                    if (f"model:{mname}", n) in times[L]), times[L][k]))
+                    got["zoo layers"] += [(p.predict(i, None, L, context="layer"), times[L][(f"model:{mname}", n)])
+                                          for n, i in infos.items() if (f"model:{mname}", n) in times[L]]
+            for i, reg in enumerate(regions):
+                k = (f"region:{i}", "total")
+                if k in times[L]:
+                    whole = reg["rows"] == reg["infos"][-1]["rows"]
+                    got["regions (whole)" if whole else "regions (row slices)"].append(
+                        (sum(p.predict(region_i[i][j], region_r[i][j], L) for j in range(len(reg["infos"]))),
+                         times[L][k]))
+            per[L] = {s: metrics(*(np.array(v, float) for v in zip(*rows)))["acc10"] for s, rows in got.items() if rows}
+        out[name] = per
+    return out
+
+
+def training_stages(times, loads, nets, net_info):
+    """The synthetic networks' totals as stages ({infos, load, t}) for DeviceProfile.fit_stage_load."""
+    out = []
+    for L in loads:
+        for i in range(len(nets)):
+            k = (f"net:{i}", "total")
+            if k in times[L]:
+                out.append({"infos": [info for name, info in net_info[i].items() if (f"net:{i}", name) in times[L]],
+                            "load": L, "t": times[L][k]})
+    return out
 
 
 # --------------------------------------------------------------------------- main
@@ -415,6 +503,13 @@ def main(argv=None):
     ap.add_argument("--regions", type=int, default=60, help="zoo regions (each also row-sliced)")
     ap.add_argument("--nets", type=int, default=12, help="synthetic networks the in-network part is fitted on")
     ap.add_argument("--target-rse", type=float, default=0.01)
+    ap.add_argument("--min-scale", type=float, default=MIN_CONTEXT_SCALE,
+                    help="floor on each group's scale a in the in-network part (0: none, the 2026-12-05 00:43 form)")
+    ap.add_argument("--region-runs", type=int, default=10,
+                    help="timed runs of a region per visit at most (1: one run per sample; see build_units)")
+    ap.add_argument("--share", choices=("time", "samples"), default="time",
+                    help="how a phase's time is divided among its jobs: equal time, no sample cap (default), or one "
+                         "sample per job per pass up to 40 (the runs of 2026-12-04/05)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--profile-out", default=None, help="also write the FCPM fitted on the whole sweep here")
     ap.add_argument("--seed", type=int, default=0)
@@ -442,10 +537,11 @@ def main(argv=None):
     if a.refit:
         meas, t_meas, core, _ = load_measurements(raw_path, a)
     else:
-        units = build_units(configs, test_cids, layers, slices, regions, graphs, nets)
+        units = build_units(configs, test_cids, layers, slices, regions, graphs, nets, a.region_runs)
         t0 = time.time()
         phases = a.phases.split(",") if a.phases else None
-        meas, core = measure_all(units, loads, a.minutes, a.target_rse, progress=not a.no_progress, phases=phases)
+        meas, core = measure_all(units, loads, a.minutes, a.target_rse, progress=not a.no_progress, phases=phases,
+                                 share=a.share)
         t_meas = time.time() - t0
         if phases:                  # the other phases' jobs as saved before
             saved = json.loads(raw_path.read_text())
@@ -457,7 +553,7 @@ def main(argv=None):
                             mine[_key(k)] = e
             t_meas += saved["seconds"]
         raw_path.parent.mkdir(parents=True, exist_ok=True)
-        raw_path.write_text(json.dumps({"seconds": t_meas, "timing_cpu": core, "sizes": sizes(a), "measurements": {
+        raw_path.write_text(json.dumps({"seconds": t_meas, "timing_cpu": core, "sizes": sizes(a), "share": a.share, "measurements": {
             rd: {str(L): [[list(k), e] for k, e in est.items()] for L, est in by_load.items()}
             for rd, by_load in meas.items()}}))
         if a.measure_only:
@@ -468,29 +564,61 @@ def main(argv=None):
     meta.update(loads=loads, timing_cpu=core, target_rse=a.target_rse, note="fitted by benchmarks/fcpm_accuracy.py")
     both = combine(meas, loads)
     times, pairs = both["corrected"]
-    prof, results, ctx_fit, recs, ctx = evaluate(times, pairs, loads, configs, test_cids, layers, slices, regions,
-                                                 graphs, nets, stored, meta, a.seed, raw=both["raw"], terms=terms)
+    prof, results, ctx_fit, recs, ctx, stages = evaluate(times, pairs, loads, configs, test_cids, layers, slices, regions,
+                                                 graphs, nets, stored, meta, a.seed, raw=both["raw"], terms=terms,
+                                                 min_scale=a.min_scale)
     drift = drift_table(meas, loads, lambda L: {name: [tuple(k) for k in v["keys"]]
                                                 for name, v in results[L].items() if name != "models"},
                         {label: both[label][1] for label in both})
     harness_stats = repeatability(meas, loads)
+    short = short_layers(meas, loads, {label: both[label][1] for label in both})
     if a.profile_out:
         prof_all = DeviceProfile.fit(stored, recs, dict(meta, split="all sweep configs"), seed=a.seed)
-        prof_all.fit_context(ctx, terms=terms)
+        prof_all.fit_context(ctx, terms=terms, min_scale=a.min_scale)
+        prof_all.fit_stage_load(stages)
         prof_all.save(a.profile_out)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     md = report(results, loads, prof, meta, a, len(configs), len(test_cids), len(layers), len(slices), len(regions),
-                len(graphs), len(nets), t_meas, ctx_fit, harness_stats, drift)
+                len(graphs), len(nets), t_meas, ctx_fit, harness_stats, drift, short, saved_share(raw_path))
     print(md)
     write_keeping_analysis(out / f"fcpm_accuracy{sfx}.md", md)
     (out / f"fcpm_accuracy{sfx}.json").write_text(json.dumps(
         {"meta": meta, "loads": loads, "chosen_models": prof.summary(), "context_fit": ctx_fit,
          "harness": {str(L): v for L, v in harness_stats.items()},
+         "short_layers": {str(L): v for L, v in short.items()},
          "drift": {str(L): v for L, v in drift.items()},
          "results": {str(L): v for L, v in results.items()}}, indent=1))
     plot(results, loads, out / f"fcpm_accuracy{sfx}.png")
     return 0
+
+
+SHORT_BINS = ((0.0, 50e-6, "< 50 µs"), (50e-6, 200e-6, "50–200 µs"), (200e-6, 1e-3, "0.2–1 ms"),
+              (1e-3, math.inf, "≥ 1 ms"))
+
+
+def short_layers(meas, loads, pairs_by):
+    """Zoo layers timed in context, by their time: per load and bin, jobs, median samples and RSE (both rounds),
+    share at the target RSE, re-timing agreement raw and drift-corrected — do short layers repeat?"""
+    out = {}
+    rounds = list(meas)
+    for L in loads:
+        keys = [k for k in set.intersection(*(set(meas[r][L]) for r in rounds))
+                if str(k[0]).startswith("model:") and k[1] != "total"]
+        rows = []
+        for lo, hi, label in SHORT_BINS:
+            ks = [k for k in keys if lo <= pairs_by["raw"][L][k][0] < hi]
+            es = [meas[r][L][k] for r in rounds for k in ks]
+            if not ks:
+                continue
+            rse = [e["rse"] for e in es if e.get("rse") is not None]
+            rows.append({"bin": label, "n": len(ks), "median_samples": float(np.median([e["n"] for e in es])),
+                         "median_rse": float(np.median(rse)) if rse else float("nan"),
+                         "converged": float(np.mean([bool(e["converged"]) for e in es])),
+                         "agreement_raw": agreement(*({k: pairs_by["raw"][L][k][j] for k in ks} for j in (0, 1))),
+                         "agreement": agreement(*({k: pairs_by["corrected"][L][k][j] for k in ks} for j in (0, 1)))})
+        out[L] = rows
+    return out
 
 
 def repeatability(meas, loads):
@@ -509,8 +637,9 @@ def repeatability(meas, loads):
 # --------------------------------------------------------------------------- report
 
 HEAD = ["| test set | load | n | re-timing agreement ±10%: raw | drift-corrected | FCPM acc±10% | FCPM ÷ agreement | "
-        "FCPM acc±10% vs raw times | baseline acc±10% | FCPM RMSPE | baseline RMSPE | FCPM ρ |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "FCPM acc±10% vs raw times | without the stage share | baseline acc±10% | FCPM RMSPE | baseline RMSPE | "
+        "FCPM ρ |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
 
 def table_rows(results, loads, sets):
@@ -527,14 +656,23 @@ def table_rows(results, loads, sets):
 
             def pct(x):
                 return "–" if x is None or math.isnan(x) else f"{x:.0%}"
+            lo = (v.get("fcpm_layers_only") or {}).get("acc10")
             rows.append(f"| {name} | {L:.0%} | {fc['n']} | {pct(rr)} | {pct(rt)} | "
-                        f"**{fc['acc10']:.0%}** | {pct(share)} | {pct(fr)} | {bl['acc10']:.0%} | "
+                        f"**{fc['acc10']:.0%}** | {pct(share)} | {pct(fr)} | {pct(lo)} | {bl['acc10']:.0%} | "
                         f"{fc['rmspe']:.1%} | {bl['rmspe']:.1%} | {fc['spearman']:.3f} |")
     return rows
 
 
+def saved_share(raw_path) -> str:
+    """How the saved measurements divided each phase's time ("samples": the 40-sample cap, files before --share)."""
+    try:
+        return json.loads(Path(raw_path).read_text()).get("share", "samples")
+    except (OSError, ValueError):
+        return "?"
+
+
 def report(results, loads, prof, meta, a, n_cfg, n_test, n_layers, n_slices, n_regions, n_models, n_nets, t_meas,
-           ctx_fit, hstats, drift):
+           ctx_fit, hstats, drift, short=None, share="time"):
     lines = ["# FCPM accuracy", "",
              f"Measured on this host ({os.cpu_count()} cores, {meta['processor'] or meta['machine']}, torch "
              f"{meta['torch']}) on {time.strftime('%Y-%m-%d')}, {t_meas / 60:.1f} min of timing in all "
@@ -546,7 +684,11 @@ def report(results, loads, prof, meta, a, n_cfg, n_test, n_layers, n_slices, n_r
              "in the same order in every pass (an isolated job after untimed warm calls of itself, a layer in "
              "context after its stage's previous layer), passes interleaved, each job repeated until its "
              f"median's relative standard error is ≤ {a.target_rse:.0%} (at least 5 samples) or its phase's "
-             "time share is spent. Everything was timed in two rounds (A then B) at each load; "
+             "time share is spent — "
+             + ("the phase's time shared out equally among its units (a unit that has taken more than its share "
+                "sits out passes; no sample cap: short jobs take more samples; `--share time`). "
+                if share == "time" else "one sample of every unit per pass, at most 40 (`--share samples`). ")
+             + "Everything was timed in two rounds (A then B) at each load; "
              "**re-timing agreement** = share of a set's jobs whose A and B estimates agree within ±10 % — the "
              "harness's repeatability, and the ceiling of any model's ±10 % accuracy against them. Measured "
              "time = geometric mean of A and B.", "",
@@ -580,6 +722,14 @@ def report(results, loads, prof, meta, a, n_cfg, n_test, n_layers, n_slices, n_r
         h = hstats[L]
         lines.append(f"| {L:.0%} | {h['estimates']} | {h['converged']:.0%} | {h['median_rse']:.2%} | "
                      f"{h['p90_rse']:.2%} | {h['median_samples']:.0f} |")
+    if short:
+        lines += ["", "Zoo layers timed in context, by their time (samples and RSE over both rounds' estimates):", "",
+                  "| load | layer time | n | median samples | median RSE | at the target RSE | "
+                  "re-timing agreement: raw | drift-corrected |", "|---|---|---|---|---|---|---|---|"]
+        for L in loads:
+            for r in short.get(L, []):
+                lines.append(f"| {L:.0%} | {r['bin']} | {r['n']} | {r['median_samples']:.0f} | {r['median_rse']:.2%} | "
+                             f"{r['converged']:.0%} | {r['agreement_raw']:.0%} | {r['agreement']:.0%} |")
     lines += ["", "## The host's drift between the rounds", "",
               "Round B ÷ round A: the reference kernels' median time (the drift the correction removes: 1.05 = the "
               "host was 5 % slower in round B), and the median job's estimate, raw and drift-corrected.", "",
@@ -599,7 +749,8 @@ def report(results, loads, prof, meta, a, n_cfg, n_test, n_layers, n_slices, n_r
     lines += ["", "## The in-network part (fitted on the synthetic networks' layers in context)", "",
               f"Time in context = a·(isolated prediction) + Σ coefficient × term, terms {', '.join(terms[1:])} "
               f"(`edgepart/fcpm/model.py` context_terms; L2 = {ctx_fit.get('l2_bytes', 0) / 2**20:g} MiB), per group "
-              f"(the op type, 1×1 convolutions apart; ≥ 12 samples, else the fit over all with a = 1). On its own "
+              f"(the op type, 1×1 convolutions apart; ≥ 12 samples, else the fit over all with a = 1; a ≥ "
+              f"{ctx_fit.get('min_scale', 0):g}, `--min-scale`). On its own "
               f"{ctx_fit.get('n', 0)} training samples: RMSPE {ctx_fit.get('rmspe_isolated', float('nan')):.1%} isolated → "
               f"{ctx_fit.get('rmspe_corrected', float('nan')):.1%} corrected; within ±10 % "
               f"{ctx_fit.get('acc10_isolated', float('nan')):.0%} → {ctx_fit.get('acc10_corrected', float('nan')):.0%}.",
@@ -608,14 +759,37 @@ def report(results, loads, prof, meta, a, n_cfg, n_test, n_layers, n_slices, n_r
     for g, c in sorted((ctx_fit.get("groups") or {}).items()) + [("(all)", ctx_fit.get("global", [0] * len(terms)))]:
         cells = [f"{v * 1e6:.2f}" if t == "node" else f"{v * 1e9 * 1024:.3f}" for t, v in zip(terms[1:], c[1:])]
         lines.append(f"| {g} | {c[0]:.3f} | " + " | ".join(cells) + " |")
+    sl = ctx_fit.get("stage_load") or {}
+    if sl:
+        lines += ["", "**A stage's share at load** (`DeviceProfile.fit_stage_load`, fitted on the synthetic networks' "
+                  f"{sl['n']} totals after the in-network part): stage time = (1 + s) × Σ its layers' typical times in "
+                  "context + d × its layers, per load; `predict(context=\"sequence\")` (what the cost model sums) "
+                  "includes each node's share, `context=\"layer\"` (what the per-layer rows above are scored with) "
+                  "does not; the column *without the stage share* scores the stage sets on the layers' typical times "
+                  f"summed. On the networks: RMSPE {sl['rmspe_before']:.1%} → {sl['rmspe_after']:.1%}.", "",
+                  "| load | s | d (µs per layer) |", "|---|---|---|"]
+        for L, sc, nd in zip(sl["loads"], sl["scale"], sl["node"]):
+            lines.append(f"| {L:.0%} | {sc:+.3f} | {nd * 1e6:.2f} |")
+    var = ctx_fit.get("variants") or {}
+    if var:
+        sets = ("zoo layers", "regions (whole)", "regions (row slices)", "whole models")
+        lines += ["", "**The in-network part fitted three ways** (same training networks; acc±10% on the test sets in "
+                  "context; the default is the second):", "",
+                  "| fitted on | " + " | ".join(f"{s_} {L:.0%}" for L in loads for s_ in sets) + " |",
+                  "|---|" + "---|" * (len(sets) * len(loads))]
+        for name, per in var.items():
+            cells = [f"{per[L][s_]:.0%}" if s_ in per.get(L, {}) else "–" for L in loads for s_ in sets]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Whole models (sum of their layers in context)", "",
-              "| model | load | measured ms | FCPM ms | error | baseline ms | error |", "|---|---|---|---|---|---|---|"]
+              "| model | load | measured ms | FCPM ms | error | layers' typical times summed | error | baseline ms | "
+              "error |", "|---|---|---|---|---|---|---|---|---|"]
     for L in loads:
         for name, v in sorted(results[L].get("models", {}).items()):
             e1 = v["fcpm_ms"] / v["measured_ms"] - 1
             e2 = v["baseline_ms"] / v["measured_ms"] - 1
+            lm = v.get("layers_ms", v["fcpm_ms"])
             lines.append(f"| {name} | {L:.0%} | {v['measured_ms']:.2f} | {v['fcpm_ms']:.2f} | {e1:+.1%} | "
-                         f"{v['baseline_ms']:.2f} | {e2:+.1%} |")
+                         f"{lm:.2f} | {lm / v['measured_ms'] - 1:+.1%} | {v['baseline_ms']:.2f} | {e2:+.1%} |")
     lines += ["", "## Model chosen per op type (on a validation split of the training configurations)", "",
               "| op type | chosen | validation acc±10% (" + " / ".join(CANDIDATES) + ") |", "|---|---|---|"]
     for fam, m in sorted(prof.families.items()):

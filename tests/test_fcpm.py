@@ -59,6 +59,9 @@ def test_in_network_correction_fitted_and_saved(quick):
     info = conv_info(64, 64, 28, 28, 3)
     assert prof.predict(info, 10, 0.0) > 0
     assert prof.predict(info, 10, 0.0) != prof.predict(info, 10, 0.0, context="isolated")
+    sl = prof.sequence["stage_load"]           # a stage's share beyond its layers' medians, per load (#20)
+    assert sl["loads"] == [0.0, 0.5] and sl["n"] == len(recs)
+    assert all(v >= 0 for v in sl["scale"] + sl["node"])
 
 
 @pytest.mark.slow

@@ -98,6 +98,56 @@ def test_harness_stops_at_its_time_budget():
     assert est["x"].n >= 3 and not est["x"].converged
 
 
+def _short_and_long(state, noise_seed=0):
+    """Two jobs that never reach a 1e-6 RSE: ``short`` takes 1 ms a call, ``long`` 10 ms (fake clock)."""
+    import random
+    rnd = random.Random(noise_seed)
+
+    def job(t):
+        def run():
+            state["now"] += t * rnd.uniform(0.8, 1.2)
+        return run
+    return [Isolated("short", lambda: job(1e-3), max_burst=1), Isolated("long", lambda: job(1e-2), max_burst=1)]
+
+
+def test_time_share_gives_short_jobs_more_samples_in_the_same_time():
+    """Sharing out time instead of samples: the 1 ms job takes about 10× the samples of the 10 ms one, and
+    each job's unit is charged about the same time. Visiting each once per pass (the default), both get the
+    same number of samples."""
+    state, clock = _fake_clock()
+    est = Harness(target_rse=1e-6, min_samples=3, max_samples=None, budget_s=0.3, time_share=True,
+                  clock=clock, sample_s=0.0).run(_short_and_long(state))
+    s, lg = est["short"], est["long"]
+    assert not s.converged and not lg.converged
+    assert 8 <= s.n / lg.n <= 12
+    assert s.spent == pytest.approx(lg.spent, rel=0.15)
+    assert s.mean == pytest.approx(sum(s.samples) / s.n)
+    state, clock = _fake_clock()
+    est = Harness(target_rse=1e-6, min_samples=3, max_samples=None, budget_s=0.3, clock=clock,
+                  sample_s=0.0).run(_short_and_long(state))
+    assert abs(est["short"].n - est["long"].n) <= 1
+
+
+def test_time_share_gives_a_finished_jobs_time_to_the_others():
+    """A job at its target stops; the time it did not use goes to the jobs still short of theirs, and the
+    minimum samples are taken from every job first."""
+    state, clock = _fake_clock()
+    units = _short_and_long(state) + [Isolated("steady", lambda: (lambda: state.__setitem__("now", state["now"] + 1e-3)),
+                                               max_burst=1)]
+    est = Harness(target_rse=0.001, min_samples=5, max_samples=None, budget_s=0.3, time_share=True,
+                  clock=clock, sample_s=0.0).run(units)
+    assert est["steady"].converged and est["steady"].n == 5
+    assert est["long"].n >= 5 and 8 <= est["short"].n / est["long"].n <= 12
+
+
+def test_estimates_keep_mean_and_spent_through_json():
+    from edgepart.fcpm.harness import Estimate
+    e = Estimate(1.0, 0.01, 5, 0.9, "x", True, mean=1.1, spent=0.5)
+    assert Estimate.from_json(e.to_json()).mean == 1.1 and Estimate.from_json(e.to_json()).spent == 0.5
+    old = {"t": 1.0, "rse": 0.01, "n": 5, "t_min": 0.9, "pred": "x", "converged": True}   # written before
+    assert Estimate.from_json(old).mean is None
+
+
 def test_harness_interleaves_passes_in_a_fixed_order():
     order = []
 

@@ -19,7 +19,13 @@ set on a busy host (issue #20). The harness removes the causes it can control:
 * **repeat to a target.** A job's estimate is the median of its samples, its uncertainty the
   relative standard error of that median (from the median absolute deviation). Passes go on
   until every job is at ``target_rse`` with at least ``min_samples`` samples, or the time budget
-  is spent (then the estimate says ``converged=False``): bounded time, always.
+  is spent (then the estimate says ``converged=False``): bounded time, always;
+* **time, not samples, shared out** (``time_share=True``). By default every unit still short of its
+  target takes one sample per pass, so a 40 µs layer gets no more samples than a 4 ms one and stays
+  noisy when the budget ends. With ``time_share`` a unit is visited in a pass only while the timed
+  seconds it has taken are within an equal share of the chunk's time so far (the time of units
+  already at their target given back to the others): each unit gets the same time, so a short one
+  takes many more samples, and ``max_samples=None`` drops the count cap altogether.
 
 Units are built lazily and in memory-bounded chunks (``max_bytes``: a VGG-16 classifier layer
 holds 400 MB); the passes interleave within a chunk. :func:`agreement` compares two runs of the
@@ -141,19 +147,25 @@ class Estimate:
     samples: list[float] = field(default_factory=list, repr=False)
     ref: dict[str, float] | None = None
     rel: dict[str, float] | None = None
+    mean: float | None = None      # the samples' mean (what a sum of jobs run one after another adds up to)
+    spent: float | None = None     # timed seconds the harness spent on this job's unit (all its visits)
 
     def to_json(self) -> dict:
         d = {"t": self.t, "rse": self.rse if math.isfinite(self.rse) else None, "n": self.n,
              "t_min": self.t_min, "pred": self.pred, "converged": self.converged}
         if self.ref is not None:
             d["ref"], d["rel"] = dict(self.ref), dict(self.rel or {})
+        if self.mean is not None:
+            d["mean"] = self.mean
+        if self.spent is not None:
+            d["spent"] = self.spent
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> "Estimate":
         return cls(float(d["t"]), math.inf if d.get("rse") is None else float(d["rse"]), int(d["n"]),
                    float(d.get("t_min", d["t"])), str(d.get("pred", "?")), bool(d.get("converged", False)),
-                   ref=d.get("ref"), rel=d.get("rel"))
+                   ref=d.get("ref"), rel=d.get("rel"), mean=d.get("mean"), spent=d.get("spent"))
 
 
 # --------------------------------------------------------------------------- the host's speed
@@ -331,10 +343,16 @@ class Harness:
     """Interleaved passes over units until every job's median is at ``target_rse`` (with at least
     ``min_samples`` samples) or ``budget_s`` is spent. ``sample_s``: timed seconds per sample of a
     unit; ``max_bytes``: the units of one chunk (timed together, interleaved) hold at most this much;
-    ``clock``: wall time by default, ``time.thread_time`` on a rate-limited device."""
+    ``clock``: wall time by default, ``time.thread_time`` on a rate-limited device.
+
+    ``max_samples``: a job with this many samples counts as done (None: no count cap). ``time_share``:
+    share the chunk's time equally among its units instead of visiting each once per pass (see the
+    module's docstring): a unit that has taken more than its share so far (measured with ``clock``)
+    sits out passes until the others catch up; a unit short of ``min_samples`` never does."""
     target_rse: float = 0.01
     min_samples: int = 5
-    max_samples: int = 60
+    max_samples: int | None = 60
+    time_share: bool = False
     budget_s: float = 60.0
     sample_s: float = 0.002
     max_bytes: int = 1 << 30
@@ -372,6 +390,7 @@ class Harness:
         log = self.reference_log = []
         self.failures = []
         last_ref = [-math.inf]
+        spent_of: dict[Any, float | None] = {}
 
         def time_reference(force: bool = False) -> None:
             now = time.perf_counter()
@@ -383,6 +402,8 @@ class Harness:
                 left = max(0.0, self.budget_s - (time.perf_counter() - t_start))
                 share = left * len(chunk) / max(1, sum(len(c) for c in chunks[ci:]))
                 deadline = time.perf_counter() + share
+                c_start = self.clock()
+                spent: dict[int, float] = {}      # id(unit) -> seconds (self.clock) its visits took
                 live = []
                 for u in chunk:
                     try:
@@ -394,8 +415,9 @@ class Harness:
                     for k in u.keys:
                         samples.setdefault(k, [])
                         preds[k] = u.preds.get(k, "?")
+                done: dict[int, bool] = {}        # id(unit) -> at its target (re-checked after each visit)
                 while live:
-                    todo = [u for u in live if not self._done(u, samples)]
+                    todo = [u for u in live if not done.setdefault(id(u), self._done(u, samples))]
                     if not todo:
                         break
                     # the minimum samples are taken even past the deadline, up to twice the chunk's share
@@ -403,10 +425,19 @@ class Harness:
                     now = time.perf_counter()
                     if now > deadline + share or (now > deadline and not short):
                         break
+                    finished = sum(spent.get(id(u), 0.0) for u in live if u not in todo)
+                    least = min(todo, key=lambda u: spent.get(id(u), 0.0))     # visited in every pass: progress
                     for u in todo:
+                        if self.time_share and u is not least and not self._short(u, samples):
+                            # the equal share of the chunk's time so far, what finished units took given back
+                            fair = (self.clock() - c_start - finished) / len(todo)
+                            if spent.get(id(u), 0.0) > fair:
+                                continue
                         time_reference()
                         try:
+                            c0 = self.clock()
                             got = u.visit(self.clock, self.sample_s)
+                            spent[id(u)] = spent.get(id(u), 0.0) + self.clock() - c0
                         except Exception as e:  # noqa: BLE001 — failed mid-run: drop the unit
                             self.failures.append((u.keys[0] if u.keys else None, f"failed: {type(e).__name__}: {e}"))
                             live.remove(u)
@@ -416,10 +447,13 @@ class Harness:
                         for k, v in got.items():
                             samples[k].append(v)
                             segs.setdefault(k, []).append(len(log) - 1)
+                        done[id(u)] = self._done(u, samples)
                         visits += 1
                         if self.on_pass:
                             self.on_pass(visits, len(units))
                 for u in chunk:
+                    for k in u.keys:
+                        spent_of[k] = spent.get(id(u))
                     u.release()
                 time_reference(force=True)      # closes the last samples' bracket
         out = {}
@@ -428,7 +462,8 @@ class Harness:
                 continue
             r = rse_of_median(xs)
             e = Estimate(median(xs), r, len(xs), min(xs), preds.get(k, "?"),
-                         len(xs) >= self.min_samples and r <= self.target_rse, list(xs))
+                         len(xs) >= self.min_samples and r <= self.target_rse, list(xs),
+                         mean=sum(xs) / len(xs), spent=spent_of.get(k))
             if ref is not None and log:
                 around = [_bracket(log, j) for j in segs.get(k, [])]
                 e.ref = {kind: median([a[kind] for a in around]) for kind in log[0][1]}
@@ -436,10 +471,13 @@ class Harness:
             out[k] = e
         return out
 
+    def _short(self, u: Unit, samples: dict) -> bool:
+        return any(len(samples.get(k, ())) < self.min_samples for k in u.keys)
+
     def _done(self, u: Unit, samples: dict) -> bool:
         for k in u.keys:
             xs = samples.get(k, [])
-            if len(xs) >= self.max_samples:
+            if self.max_samples is not None and len(xs) >= self.max_samples:
                 continue
             if len(xs) < self.min_samples or rse_of_median(xs) > self.target_rse:
                 return False

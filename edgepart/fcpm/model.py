@@ -19,6 +19,7 @@ those levels; beyond the highest level the time grows like 1 / (1 - load).
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
@@ -427,6 +428,13 @@ CONTEXT_TERM_NAMES = ("node", "weights", "inputs", "in_near", "in_written", "in_
 # fit_context's default: of the term sets benchmarks/fcpm_context_features.py compares, the split of the inputs by
 # where they are and the output bytes bought nothing on layers of models it was not fitted on
 CONTEXT_TERMS = ("node", "weights", "inputs")
+# the least share of its isolated time a layer takes in its stage (fit_context's floor on a group's scale a).
+# Without one, a group's fit on the synthetic networks' small layers can trade its scale for a constant
+# (linear: a = 0, 40 µs per layer, its weights term counting only weights that fit the LLC), and a layer far
+# larger than any it was fitted on is predicted at that constant: AlexNet's 151 MB classifier layer at 0.2 ms
+# against 10 ms measured (2026-12-05). Beyond the LLC a layer streams its data alone as well, so its isolated
+# time is the floor.
+MIN_CONTEXT_SCALE = 1.0
 WRITERS = ("conv", "dwconv", "linear")      # op types whose output the next layer finds as if cold (see context_terms)
 
 
@@ -578,25 +586,35 @@ class DeviceProfile:
                 context: str = "sequence") -> float:
         """Seconds to compute ``rows`` output rows of the node ``info`` under background ``load`` (0..1).
 
-        ``context="sequence"`` (the default, what a device program does) adds the per-node cost
-        of running inside a network — weights and inputs no longer hot in cache, the call
-        overhead — fitted from whole synthetic networks; ``"isolated"`` is the layer alone,
-        timed repeatedly. ``which="baseline"`` gives the FLOPs-only model's prediction instead
+        ``context="sequence"`` (the default, what a device program does, and what the cost model sums
+        over a stage) adds the per-node cost of running inside a network — weights and inputs no
+        longer hot in cache, the call overhead — fitted from whole synthetic networks
+        (:meth:`fit_context`), and, with :meth:`fit_stage_load`, the node's share of what a whole stage
+        takes beyond its layers' typical times at this load; ``"layer"`` is the layer's typical (median)
+        time in its stage, without that share; ``"isolated"`` is the layer alone, timed repeatedly. ``which="baseline"`` gives the FLOPs-only model's prediction instead
         (never corrected). For a node with several rows the predictions for 1..H rows are
         computed once (cached) and made non-decreasing in rows, so a planner never sees a
         slice that gets cheaper as it grows.
         """
+        if context not in ("sequence", "layer", "isolated"):
+            raise ValueError(f"context must be 'sequence', 'layer' or 'isolated', not {context!r}")
         t = self._predict_isolated(info, rows, load, which)
-        if context == "sequence" and which == "fcpm" and self.sequence:
+        if context != "isolated" and which == "fcpm" and self.sequence:
             fams = self.sequence.get("families")
             if self.sequence.get("version") == 2:     # fit_context: groups, terms, the L2 it was fitted with
                 sq = self.sequence
-                if t == TRIVIAL_TIME or in_l2(info, sq["l2_bytes"]):
+                if t == TRIVIAL_TIME:
                     return t
-                g = context_group(info)
-                c = sq["groups"].get(g, sq["global"])
-                x = context_terms(info, rows, tuple(sq["terms"][1:]), sq["l2_bytes"], sq["input_mix"].get(g))
-                return c[0] * t + float(np.dot(c[1:], x))
+                if not in_l2(info, sq["l2_bytes"]):
+                    g = context_group(info)
+                    c = sq["groups"].get(g, sq["global"])
+                    x = context_terms(info, rows, tuple(sq["terms"][1:]), sq["l2_bytes"], sq["input_mix"].get(g))
+                    t = c[0] * t + float(np.dot(c[1:], x))
+                sl = sq.get("stage_load")
+                if context == "sequence" and sl and sl.get("loads"):   # fit_stage_load: a stage's share at load
+                    t = t * (1.0 + float(np.interp(load, sl["loads"], sl["scale"]))) + \
+                        float(np.interp(load, sl["loads"], sl["node"]))
+                return t
             if fams is not None and t == TRIVIAL_TIME:
                 return t
             if fams is not None:      # profiles of 2026-12-04: per op type, [a, b, weight bytes, input bytes]
@@ -703,7 +721,8 @@ class DeviceProfile:
         return self.sequence
 
     def fit_context(self, samples: list[dict], min_family: int = 12, terms: tuple[str, ...] = CONTEXT_TERMS,
-                    l2: float | None = None) -> dict:
+                    l2: float | None = None, sums: list[dict] | None = None, sum_weight: float = 1.0,
+                    min_scale: float = MIN_CONTEXT_SCALE) -> dict:
         """Fit the in-network part on layers timed in context (each inside its stage, after its real
         predecessor: :mod:`edgepart.fcpm.context`).
 
@@ -715,6 +734,16 @@ class DeviceProfile:
         relative error, deterministic. ``l2``: the core's L2 in bytes (default: this machine's,
         :func:`l2_bytes`), kept in the profile. Returns (and keeps in ``self.sequence``) the coefficients
         and the fit's check on the samples themselves: RMSPE and share within ±10 %, isolated vs corrected.
+
+        ``sums``: [{"members": [indices into ``samples``], "t": seconds}] — times of runs of consecutive layers
+        (a stage's total, a window of its layers; :func:`windows`) the fit should match as well: each adds the
+        relative error of its members' summed prediction, weighted ``sum_weight`` against one layer's. The
+        planner costs a stage as the sum of its layers, so a short layer's relative error should not weigh as
+        much as a long one's; with sums the groups' coefficients are fitted jointly (without, each group's
+        fit is its own, as before). The check then also reports ``rmspe_sums`` / ``acc10_sums``.
+
+        ``min_scale``: the least a group's ``a`` may be — a layer in its stage takes at least that share of its
+        isolated time (see :data:`MIN_CONTEXT_SCALE`).
         """
         if not samples:
             return {}
@@ -733,13 +762,17 @@ class DeviceProfile:
             if info.get("reuse"):
                 mix_sum[g] = mix_sum.get(g, np.zeros(3)) + input_mix(info, l2)
         mix = {g: (v / max(v.sum(), 1e-12)).tolist() for g, v in mix_sum.items()}
-        for s in samples:
+        fixed: dict[int, float] = {}     # sample index -> prediction not fitted (a stage within the L2)
+        where: dict[int, tuple] = {}     # sample index -> (group, index in the group)
+        for j, s in enumerate(samples):
             info, rows = s["info"], s.get("rows")
+            iso = self.predict(info, rows, s["load"], context="isolated")
             if in_l2(info, l2):          # predicted as isolated (see in_l2): nothing to fit
+                fixed[j] = iso
                 continue
             g = context_group(info)
-            iso = self.predict(info, rows, s["load"], context="isolated")
             x = context_terms(info, rows, terms, l2, mix.get(g))
+            where[j] = (g, len(by_group.get(g, ())))
             by_group.setdefault(g, []).append((np.concatenate([[iso], x]), float(s["t"])))
 
         def fit(rows, a_fixed=None):
@@ -748,16 +781,31 @@ class DeviceProfile:
             if a_fixed is not None:      # the isolated prediction kept as it is: only what context adds is fitted
                 b = b - a_fixed * A[:, 0]
                 A = A[:, 1:]
+                if A.shape[1] == 0:      # no terms besides the scale (nnls aborts on an empty matrix)
+                    return [float(a_fixed)]
+            else:                        # a = min_scale + a non-negative rest
+                b = b - min_scale * A[:, 0]
             scale = np.abs(A).max(0)
             scale[scale <= 0] = 1.0
             coef, _ = nnls(A / scale, b)
             coef = (coef / scale).tolist()
+            if a_fixed is None:
+                coef[0] += min_scale
             return coef if a_fixed is None else [float(a_fixed), *coef]
         everything = [r for rows in by_group.values() for r in rows]
         # a group without enough samples of its own keeps its isolated prediction plus what context adds
         # on average (a per-node cost, cold weights and inputs): never a scale fitted on other op types
         glob = fit(everything, a_fixed=1.0)
         groups = {g: fit(rows) for g, rows in sorted(by_group.items()) if len(rows) >= min_family}
+        if sums and groups:
+            groups = self._fit_joint(by_group, groups, glob, where, fixed, sums, sum_weight, min_scale)
+
+        def predicted(j):
+            if j in fixed:
+                return fixed[j]
+            g, i = where[j]
+            return float(np.dot(groups.get(g, glob), by_group[g][i][0]))
+        sum_rel = [sum(predicted(j) for j in sm["members"]) / float(sm["t"]) - 1 for sm in sums or ()]
 
         rel_iso, rel = [], []
         for g, rows in by_group.items():
@@ -766,14 +814,109 @@ class DeviceProfile:
                 rel.append(float(np.dot(c, x)) / t - 1)
                 rel_iso.append(x[0] / t - 1)
         self.sequence = {"kind": "context", "version": 2, "terms": ["isolated prediction", *terms],
-                         "groups": groups, "global": glob, "l2_bytes": l2, "input_mix": mix,
+                         "groups": groups, "global": glob, "l2_bytes": l2, "input_mix": mix, "min_scale": min_scale,
                          "n": len(samples),
                          "rmspe_isolated": float(np.sqrt(np.mean(np.square(rel_iso)))),
                          "rmspe_corrected": float(np.sqrt(np.mean(np.square(rel)))),
                          "acc10_isolated": float(np.mean(np.abs(rel_iso) <= 0.10)),
                          "acc10_corrected": float(np.mean(np.abs(rel) <= 0.10))}
+        if sums:
+            self.sequence.update(n_sums=len(sums), sum_weight=float(sum_weight),
+                                 rmspe_sums=float(np.sqrt(np.mean(np.square(sum_rel)))),
+                                 acc10_sums=float(np.mean(np.abs(sum_rel) <= 0.10)))
         self._cache.clear()
         return self.sequence
+
+    def fit_stage_load(self, stages: list[dict]) -> dict:
+        """What a stage takes beyond the sum of its layers' typical times in context, per load level — fitted
+        on stages timed whole (the profiler's synthetic networks) after :meth:`fit_context`.
+
+        A layer's time in context is the median of its samples; a stage's time is the median of its runs'
+        totals. Under background load the two part: the other work's interference lands on a few layers of
+        each run, missing from every layer's median but in every run's total (2026-12-05, 50 % load: the
+        zoo models' totals 1.0–1.6× the sum of their layers' medians). Per load level L, a stage's time =
+        (1 + s_L) × Σ its layers' ``context="layer"`` predictions + d_L × its layers (s, d ≥ 0; non-negative
+        least squares on relative error); between and beyond the levels fitted, s and d are interpolated
+        linearly and held at the ends. ``predict(context="sequence")`` then gives each node its share.
+
+        ``stages``: [{"infos": [node info], "rows": [rows per node] (optional, default whole), "load": L,
+        "t": seconds}]. Needs a fitted in-context part (version 2). Returns (and keeps in
+        ``self.sequence["stage_load"]``) the coefficients and their check on the stages: RMSPE before/after."""
+        if not self.sequence or self.sequence.get("version") != 2:
+            raise ValueError("fit_stage_load needs the in-context part: call fit_context first")
+        from scipy.optimize import nnls
+        self.sequence.pop("stage_load", None)
+        self._cache.clear()
+        if not stages:
+            return {}
+        by_load: dict[float, list] = {}
+        for st in stages:
+            rows = st.get("rows") or [None] * len(st["infos"])
+            L = float(st["load"])
+            p = sum(self.predict(i, r, L, context="layer") for i, r in zip(st["infos"], rows))
+            by_load.setdefault(L, []).append((p, float(len(st["infos"])), float(st["t"])))
+        loads, scale, node, before, after = [], [], [], [], []
+        for L in sorted(by_load):
+            P, n, t = (np.asarray(v) for v in zip(*by_load[L]))
+            A = np.stack([P / t, n / t], axis=1)
+            b = (t - P) / t
+            sc = np.abs(A).max(0)
+            sc[sc <= 0] = 1.0
+            c, _ = nnls(A / sc, b)
+            c = c / sc
+            loads.append(L)
+            scale.append(float(c[0]))
+            node.append(float(c[1]))
+            before += (P / t - 1).tolist()
+            after += ((P * (1 + c[0]) + n * c[1]) / t - 1).tolist()
+        out = {"loads": loads, "scale": scale, "node": node, "n": len(stages),
+               "rmspe_before": float(np.sqrt(np.mean(np.square(before)))),
+               "rmspe_after": float(np.sqrt(np.mean(np.square(after))))}
+        self.sequence["stage_load"] = out
+        self._cache.clear()
+        return out
+
+    @staticmethod
+    def _fit_joint(by_group, groups, glob, where, fixed, sums, weight, min_scale=0.0) -> dict:
+        """The groups' coefficients fitted together on their layers and on ``sums`` (see fit_context):
+        non-negative least squares on relative errors, a sum's row weighted √weight. Groups fitted with the
+        global coefficients (too few samples) and stages within the L2 enter the sums as fixed predictions."""
+        from scipy.optimize import nnls
+        names = sorted(groups)
+        width = len(glob)
+        col = {g: i * width for i, g in enumerate(names)}
+        A, b = [], []
+        for g in names:
+            for x, t in by_group[g]:
+                row = np.zeros(width * len(names))
+                row[col[g]:col[g] + width] = x / t
+                A.append(row)
+                b.append(1.0)
+        w = math.sqrt(max(float(weight), 0.0))
+        for sm in sums:
+            t = float(sm["t"])
+            row, rest = np.zeros(width * len(names)), 0.0
+            for j in sm["members"]:
+                if j in fixed:
+                    rest += fixed[j]
+                    continue
+                g, i = where[j]
+                x = by_group[g][i][0]
+                if g in col:
+                    row[col[g]:col[g] + width] += x
+                else:
+                    rest += float(np.dot(glob, x))
+            A.append(w * row / t)
+            b.append(w * (1.0 - rest / t))
+        A, b = np.asarray(A), np.asarray(b)
+        a_cols = [col[g] for g in names]
+        b = b - min_scale * A[:, a_cols].sum(1)          # each group's a = min_scale + a non-negative rest
+        scale = np.abs(A).max(0)
+        scale[scale <= 0] = 1.0
+        coef, _ = nnls(A / scale, b)
+        coef = coef / scale
+        coef[a_cols] += min_scale
+        return {g: coef[col[g]:col[g] + width].tolist() for g in names}
 
     # -- persistence ------------------------------------------------------
     def to_json(self) -> dict:

@@ -554,6 +554,8 @@ def fit_profile(m: dict, name: str | None = None) -> DeviceProfile:
                   for r in nets["records"] for j, t in r.get("layers") or []]
     if in_context:           # layers timed in their stages: the in-network part fitted on those
         prof.fit_context(in_context)
+        prof.fit_stage_load([{"infos": [nets["infos"][r["net"]][j] for j, _ in r["layers"]], "load": r["load"],
+                              "t": r["t"]} for r in nets["records"] if r.get("layers")])
     elif nets["records"]:    # older measurements: whole networks timed end to end
         prof.fit_sequences([{"infos": nets["infos"][r["net"]], "load": r["load"], "t": r["t"]}
                             for r in nets["records"]])
