@@ -91,6 +91,7 @@ def calibrate(model, example_inputs: tuple, probe: HostSpeedProbe, *, budget_s: 
     nodes = [node_info(n) for n in compute_nodes(analyse(trace(model, example_inputs), split_pools=split_pools))]
     # an epilogue the backend computes inside its convolution costs nothing there: not timed alone
     nodes = [info for info in nodes if fused_into(info, backend) is None]
+    release_memory()     # what the process freed before (kept by the timing's malloc settings): not counted here
     t = time.perf_counter()
     if time_model:
         with ProgramTimer(model, example_inputs, cpuset=probe.cpuset, backend=backend, between=between) as timer:
