@@ -33,6 +33,7 @@ Writes benchmarks/results/testbed.{json,md,png} (``--out`` to name them otherwis
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -51,7 +52,9 @@ sys.path.insert(0, str(ROOT))
 from edgepart import models  # noqa: E402
 from edgepart.cluster import Cluster  # noqa: E402
 from edgepart.compiler.planning import baselines  # noqa: E402,F401
+from edgepart.compiler.backends import choose_backends  # noqa: E402
 from edgepart.compiler.bundle import compile_plan  # noqa: E402
+from edgepart.compiler.schedule import build_schedule  # noqa: E402
 from edgepart.compiler.cost.calibration import Calibration, calibrate  # noqa: E402
 from edgepart.compiler.cost.calibration.host_speed import HostSpeedProbe  # noqa: E402
 from edgepart.compiler.cost.model import CostModel, ort_stage_start  # noqa: E402
@@ -61,6 +64,7 @@ from edgepart.compiler.planning.registry import STRATEGIES  # noqa: E402
 from edgepart.compiler.cost.simulator import simulate  # noqa: E402
 from edgepart.passes.trace import trace  # noqa: E402
 from edgepart.passes import analyse  # noqa: E402
+from edgepart.runtime.allocator import release_memory  # noqa: E402
 
 from results_notes import write_keeping_analysis  # noqa: E402
 
@@ -133,6 +137,12 @@ def max_rel_error(y, ref) -> float:
     if isinstance(ref, (tuple, list)):
         return max(max_rel_error(a, b) for a, b in zip(y, ref))
     return float((y - ref).abs().max()) / max(float(ref.abs().max()), 1e-12)
+
+
+def plan_schedule(gm, plan, cl: Cluster):
+    """The schedule ``compile_plan(gm, plan, cl, ...)`` builds, without compiling the bundle (its
+    weights, ONNX graphs and sessions): what the simulator predicts a plan from."""
+    return build_schedule(gm, plan, choose_backends(gm, cl)[0])
 
 
 def host_speed_now(emu: dict, budget_s: float) -> float:
@@ -289,12 +299,13 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
             res = solve_ofpm(gm, cl, cost, time_limit=time_limit, warm_start={k: v for k, v in plans.items()})
             solve_s = time.perf_counter() - t
             plans["ofpm"] = res.plan
-            bundles = {}
+            # every plan predicted from its schedule; only the strategies run are compiled, one at a time, when
+            # saved for the run (a compiled bundle holds its weights, on ONNX Runtime also its graphs and loaded
+            # sessions: VGG-16's nine bundles of a cell held over 15 GB at once, results/calibration_memory.md)
+            compilers = {}
             for s, plan in plans.items():
-                b = compile_plan(gm, plan, cl, name)
-                sim = simulate(b.schedule, cl, cost, gm=gm)
-                pred[s] = sim
-                bundles[s] = b
+                pred[s] = simulate(plan_schedule(gm, plan, cl), cl, cost, gm=gm)
+                compilers[s] = functools.partial(compile_plan, gm, plan, cl, name)
             ranked = sorted(BASELINES, key=lambda s: pred[s].latency)
             distinct = [s for s in ranked if all(plans[s].to_dict()["stages"] != plans[o].to_dict()["stages"]
                                                  for o in ("ofpm", "single"))]
@@ -306,8 +317,9 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
                 cl_t = make_cluster(mbps, stage_start_s=emu.get("stage_start_s"), backend="torch")
                 gm_t = analyse(trace(model, (x0,)), cl_t)
                 plans[TORCH_SINGLE] = STRATEGIES["single"](gm_t, cl_t)
-                bundles[TORCH_SINGLE] = compile_plan(gm_t, plans[TORCH_SINGLE], cl_t, name)
-                pred[TORCH_SINGLE] = simulate(bundles[TORCH_SINGLE].schedule, cl_t, CostModel(cl_t), gm=gm_t)
+                compilers[TORCH_SINGLE] = functools.partial(compile_plan, gm_t, plans[TORCH_SINGLE], cl_t, name)
+                pred[TORCH_SINGLE] = simulate(plan_schedule(gm_t, plans[TORCH_SINGLE], cl_t), cl_t, CostModel(cl_t),
+                                              gm=gm_t)
                 chosen.append(TORCH_SINGLE)
             if emu.get("pools_before"):
                 # the compiler without passes.pools (#21): global pools whole, end of the split stage
@@ -315,8 +327,8 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
                 warm_b = {"single": STRATEGIES["single"](gm_b, cl)}
                 res_b = solve_ofpm(gm_b, cl, CostModel(cl), time_limit=time_limit, warm_start=warm_b)
                 plans[BEFORE_POOLS] = res_b.plan
-                bundles[BEFORE_POOLS] = compile_plan(gm_b, res_b.plan, cl, name)
-                pred[BEFORE_POOLS] = simulate(bundles[BEFORE_POOLS].schedule, cl, cost, gm=gm_b)
+                compilers[BEFORE_POOLS] = functools.partial(compile_plan, gm_b, res_b.plan, cl, name)
+                pred[BEFORE_POOLS] = simulate(plan_schedule(gm_b, res_b.plan, cl), cl, cost, gm=gm_b)
                 extra_source[BEFORE_POOLS] = res_b.source
                 chosen.append(BEFORE_POOLS)
             cell = {"model": name, "input": size, "mbps": mbps, "backend": backend, "ofpm_source": res.source,
@@ -328,7 +340,8 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
             cell["same_plan_as_single"] = plans["ofpm"].to_dict()["stages"] == plans["single"].to_dict()["stages"]
             with tempfile.TemporaryDirectory(prefix="edgepart-testbed-") as tmp:
                 for s in chosen:
-                    bundles[s].save(Path(tmp) / s)
+                    compilers[s]().save(Path(tmp) / s)
+                release_memory()     # the compiles' buffers, before the workers start
                 # Rounds: every strategy runs once per round, in an order rotated each round, so a
                 # drift of this shared machine's speed lands on all of them alike (side by side)
                 # instead of on whichever ran during it.

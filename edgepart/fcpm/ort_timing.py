@@ -92,6 +92,19 @@ class OrtRunner:
         return self.session.run(None, self.feed)
 
 
+def ort_layer(info: dict, rows: int | None = None, seed: int = 0) -> tuple[OrtRunner, torch.Tensor]:
+    """``(runner, its input)``: the :class:`Runner` of ``info`` at ``rows`` exported and loaded in a
+    session, the same graph as ``OrtRunner(Runner(info, rows).fn, ...)``, with the torch layer (its
+    weights) dropped before the session is made. The session copies the graph's weights and
+    prepacks them, so a layer made the other way held its weights five or six times at once:
+    VGG-16's 411 MB classifier layer took 2.4 GB to set up (``results/calibration_memory.md``)."""
+    runner = Runner(info, rows, seed=seed)
+    x = runner._x
+    model = _export(runner.fn, x)
+    del runner
+    return OrtRunner(None, x, model), x
+
+
 # The exported graphs the sweep keeps for its second pass, at most this many bytes: a full sweep's
 # sessions held every layer's weights several times over (prepacked) and took 22 GB of this 24 GB
 # host before the sweep ended; a graph beyond the cap is exported again when its job comes round.

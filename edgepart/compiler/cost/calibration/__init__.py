@@ -30,6 +30,7 @@ from edgepart.passes.info import node_info
 from edgepart.compiler.planning.plan import compute_nodes
 from edgepart.passes.trace import trace
 from edgepart.passes import analyse
+from edgepart.runtime.allocator import release_memory
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ def calibrate(model, example_inputs: tuple, probe: HostSpeedProbe, *, budget_s: 
     nodes = [node_info(n) for n in compute_nodes(analyse(trace(model, example_inputs), split_pools=split_pools))]
     # an epilogue the backend computes inside its convolution costs nothing there: not timed alone
     nodes = [info for info in nodes if fused_into(info, backend) is None]
+    release_memory()     # what the process freed before (kept by the timing's malloc settings): not counted here
     t = time.perf_counter()
     if time_model:
         with ProgramTimer(model, example_inputs, cpuset=probe.cpuset, backend=backend, between=between) as timer:
@@ -99,12 +101,14 @@ def calibrate(model, example_inputs: tuple, probe: HostSpeedProbe, *, budget_s: 
     else:
         ops = calibrate_op_types(probe, budget_s, rounds, family_budget_s, nodes=nodes, backend=backend, profile=prof)
     op_type_seconds = time.perf_counter() - t
+    release_memory()     # the one-device program's compile, the layers' graphs and sessions: freed, handed back
     node_calibration, layer_seconds = {}, 0.0
     if time_layers:
         t = time.perf_counter()
         node_calibration = measure_node_calibration(prof, nodes, budget_s=layer_budget_s, cpuset=probe.cpuset,
                                                     backend=backend)
         layer_seconds = time.perf_counter() - t
+        release_memory()
     measured = ("op_types",) + (("model",) if ops.model_speed is not None else ()) + (("layers",) if time_layers else ())
     return Calibration(host_speed=ops.host_speed, memory_speed=ops.memory_speed, calibration=ops.calibration,
                        model_speed=ops.model_speed, node_calibration=node_calibration, rounds=ops.rounds,
