@@ -58,6 +58,7 @@ from edgepart.passes import analyse  # noqa: E402
 from edgepart.passes.trace import trace  # noqa: E402
 from edgepart.runtime.program import DeviceProgram  # noqa: E402
 
+from results_notes import write_keeping_analysis  # noqa: E402
 from testbed import DEVICES, MODELS, PROFILE, PROFILES, make_cluster  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -317,7 +318,7 @@ def render(out: dict, args) -> None:
                      f"{r['layers_s'] * 1e6:.0f} | {r['in_process_s'] * 1e6:.0f} | {w} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "stage_overhead.json").write_text(json.dumps(out, indent=1))
-    (RESULTS / "stage_overhead.md").write_text("\n".join(lines) + "\n")
+    write_keeping_analysis(RESULTS / "stage_overhead.md", "\n".join(lines) + "\n")
     print("\n".join(lines[:12]))
 
 
