@@ -83,7 +83,7 @@ TOLERANCE = 0.15
 
 def make_cluster(mbps: float, profile: Path = PROFILE, calibration: Calibration | None = None,
                  stage_start_s: float | None = None, backend: str | None = None,
-                 stage_io_s_per_byte: float | None = None) -> Cluster:
+                 stage_io_s_per_byte: float | None = None, stage_weights_s_per_byte: float | None = None) -> Cluster:
     """The testbed's cluster; ``calibration``: the online calibration of the model on this host
     (``edgepart.compiler.cost.calibration.calibrate``; every device is this host), None: the profile as
     it is; ``stage_start_s``: seconds of the profiled machine a stage start costs (each device's
@@ -91,11 +91,14 @@ def make_cluster(mbps: float, profile: Path = PROFILE, calibration: Calibration 
     on it (with the ONNX Runtime profile for ``onnxruntime``); None: no ``backend:`` key (torch, as
     the compiler chooses without an ONNX Runtime profile). ``stage_io_s_per_byte``: seconds of the profiled
     machine per byte a stage reads from outside it and leaves for after it (each device's
-    ``stage_io_us_per_mb`` is it ÷ speed; None: the cost model's constant)."""
+    ``stage_io_us_per_mb`` is it ÷ speed; None: the cost model's constant); ``stage_weights_s_per_byte``:
+    the same per byte of weights a stage's layers read (``stage_weights_us_per_mb``; None: not charged)."""
     def extra(s):
         out = {} if stage_start_s is None else {"stage_start_ms": stage_start_s * 1e3 / s}
         if stage_io_s_per_byte is not None:
             out["stage_io_us_per_mb"] = stage_io_s_per_byte * 1e12 / s
+        if stage_weights_s_per_byte is not None:
+            out["stage_weights_us_per_mb"] = stage_weights_s_per_byte * 1e12 / s
         return out
     on = {} if backend is None else {"backend": backend, "profiles": {"onnxruntime": str(PROFILES["onnxruntime"])}}
     description = {
@@ -122,13 +125,15 @@ def workers_stage_start(backend: str = "torch") -> float | None:
     return extra if backend == "torch" else ort_stage_start(FittedProfile.load(PROFILES[backend]), extra)
 
 
-def workers_stage_overhead() -> tuple[float, float] | None:
-    """(seconds per stage, seconds per byte in and out of a stage), profiled machine, of a stage on ONNX
-    Runtime inside the emulated workers, as benchmarks/stage_overhead.py fitted them on the testbed's own
-    plans (``stage_overhead.json``: the layers' calibrated prediction + a + b × bytes); None if not measured."""
+def workers_stage_overhead() -> tuple[float, float, float] | None:
+    """(seconds per stage, per byte in and out of a stage, per byte of weights its layers read), profiled
+    machine, of a stage on ONNX Runtime inside the emulated workers, as benchmarks/stage_overhead.py fitted
+    them on the testbed's own plans (``stage_overhead.json``: the layers' calibrated prediction + a + b ×
+    bytes + c × weight bytes, its non-negative three-term fit); None if not measured."""
     try:
         f = json.loads((RESULTS / "stage_overhead.json").read_text())["fits"]["workers_s"]
-        return float(f["a_s"]), float(f["b_s_per_byte"])
+        a, b, c = (float(v) for v in f["fit3"])
+        return a, b, c
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -279,7 +284,9 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
                 charge = 0.0
                 if emu.get("stage_io_s_per_byte") is not None:
                     io = 4 * (x0.numel() + sum(t.numel() for t in torch.utils._pytree.tree_leaves(refs[0])))
-                    charge = emu["stage_start_s"] + emu["stage_io_s_per_byte"] * io
+                    weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+                    charge = (emu["stage_start_s"] + emu["stage_io_s_per_byte"] * io
+                              + (emu.get("stage_weights_s_per_byte") or 0.0) * weights)
                 cal = calibrate(model, (x0,), emu["probe"], time_model=not emu.get("no_model_speed"),
                                 time_layers=not emu.get("no_node_calibration"), backend=backend,
                                 profile=PROFILES[backend], between=between, stage_charge_s=charge)
@@ -288,6 +295,7 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
                         f"{cal.layer_seconds:.1f} s", flush=True)
             cl = make_cluster(mbps, calibration=cal, stage_start_s=emu.get("stage_start_s"),
                               stage_io_s_per_byte=emu.get("stage_io_s_per_byte"),
+                              stage_weights_s_per_byte=emu.get("stage_weights_s_per_byte"),
                               backend=None if backend == "torch" else backend)
             gm = trace(model, (x0,))
             analyse(gm, cl)
@@ -508,8 +516,11 @@ def write_markdown(cells, path: Path, argv: str, emu: dict, n_requests: int, war
                          + " / ".join(f"{c.get('calibration', {}).get(f, 1.0):.2f}" for f in ("conv", "dwconv", "bn", "act:relu"))
                          for c in cells) + ". "
              + (f"Stage overhead: {emu['stage_start_s'] * 1e6:.0f} µs per (device, stage) + "
-                f"{emu['stage_io_s_per_byte'] * 1e12:.0f} µs per MB it reads from outside and leaves for after it, of "
-                "the profiled machine ÷ speed (each device's `stage_start_ms`, `stage_io_us_per_mb`), as "
+                f"{emu['stage_io_s_per_byte'] * 1e12:.0f} µs per MB it reads from outside and leaves for after it"
+                + (f" + {emu['stage_weights_s_per_byte'] * 1e12:.0f} µs per MB of weights its layers read"
+                   if emu.get("stage_weights_s_per_byte") is not None else "")
+                + ", of the profiled machine ÷ speed (each device's `stage_start_ms`, `stage_io_us_per_mb`, "
+                "`stage_weights_us_per_mb`), as "
                 "`stage_overhead.py` fitted them inside the emulated workers on the testbed's own plans "
                 "(`stage_overhead.md`). "
                 if emu.get("stage_io_s_per_byte") is not None else
@@ -698,12 +709,12 @@ def main(argv=None):
            "no_model_speed": args.no_model_speed, "no_node_calibration": args.no_node_calibration,
            "host_speed": args.host_speed if args.host_speed == "auto" else float(args.host_speed),
            "stage_start_s": workers_stage_start(args.backend) if args.stage_start == "workers" else None,
-           "stage_io_s_per_byte": None,
+           "stage_io_s_per_byte": None, "stage_weights_s_per_byte": None,
            "model_speed_of": "program in a worker", "backend": args.backend, "pools_before": args.pools_before,
            "model_timing": args.model_timing or ("warm" if args.backend == "torch" else "cold")}
     overhead = workers_stage_overhead() if args.backend != "torch" and args.stage_start == "workers" else None
     if overhead is not None:
-        emu["stage_start_s"], emu["stage_io_s_per_byte"] = overhead
+        emu["stage_start_s"], emu["stage_io_s_per_byte"], emu["stage_weights_s_per_byte"] = overhead
     if emu["host_speed"] == "auto":
         emu["probe"] = HostSpeedProbe(PROFILE, emu["cpuset"], kind=args.probe)
     t = time.perf_counter()

@@ -26,13 +26,14 @@ TIERS = ("end", "edge", "cloud")       # where a device sits for MCIA (edgepart.
 # What a cluster description may hold (Cluster.from_dict checks every key against these)
 TOP_KEYS = {"devices", "links", "source", "shared_medium", "probe"}
 DEVICE_KEYS = {"name", "speed", "memory_mb", "address", "profile", "memory_speed", "calibration", "stage_start_ms",
-               "stage_io_us_per_mb", "node_calibration", "backend", "profiles", "tier"}
+               "stage_io_us_per_mb", "stage_weights_us_per_mb", "node_calibration", "backend", "profiles", "tier"}
 LINKS_KEYS = {"default", "overrides"}
 LINK_KEYS = {"bandwidth_mbps", "latency_ms"}
 OVERRIDE_KEYS = LINK_KEYS | {"a", "b"}
 # key -> lowest value allowed and whether it is allowed itself (> 0 or >= 0)
 RANGES = {"speed": (0.0, False), "memory_mb": (0.0, False), "memory_speed": (0.0, False),
-          "stage_start_ms": (0.0, True), "stage_io_us_per_mb": (0.0, True), "bandwidth_mbps": (0.0, False), "latency_ms": (0.0, True)}
+          "stage_start_ms": (0.0, True), "stage_io_us_per_mb": (0.0, True),
+          "stage_weights_us_per_mb": (0.0, True), "bandwidth_mbps": (0.0, False), "latency_ms": (0.0, True)}
 
 
 def _where(path: str, name=None) -> str:
@@ -109,7 +110,8 @@ def validate_description(d: Any) -> None:
         if not isinstance(name, (str, int)) or isinstance(name, bool) or not str(name):
             raise _fail(("devices", i, "name"), f"devices[{i}]: name must be a non-empty string, got {name!r}")
         _check_keys(dev, DEVICE_KEYS, where, ("devices", i))
-        for key in ("speed", "memory_mb", "memory_speed", "stage_start_ms", "stage_io_us_per_mb"):
+        for key in ("speed", "memory_mb", "memory_speed", "stage_start_ms", "stage_io_us_per_mb",
+                    "stage_weights_us_per_mb"):
             if key in dev:
                 _check_number(dev, key, where, ("devices", i))
         for key in ("address", "profile"):
@@ -175,6 +177,9 @@ class Device:
     # layout reorders at a session's inputs and outputs, the feeds' copies); None: the runtime's
     # measured constant (cost.ORT_STAGE_IO_S_PER_BYTE) ÷ speed on a profiled ONNX Runtime device, 0 otherwise
     stage_io_us_per_mb: float | None = None
+    # µs (its own time) per MB of weights the layers of a stage read (a stage after a wait streams them
+    # from memory; every device of a split stage reads each layer's whole); None: 0
+    stage_weights_us_per_mb: float | None = None
     # per node of the model being planned: how it runs at r output rows now ÷ the profile's prediction,
     # relative to its op type's ``calibration`` ((rows, factor), ...), measured at a few row counts and
     # the whole node (calibration.layers.measure_node_calibration); a node without one keeps its op type's
@@ -267,9 +272,10 @@ class Cluster:
             if d.stage_start_ms is not None and not d.stage_start_ms >= 0:
                 raise ClusterError(f"device {d.name!r}: stage_start_ms must be a number >= 0, "
                                    f"got {d.stage_start_ms}")
-            if d.stage_io_us_per_mb is not None and not d.stage_io_us_per_mb >= 0:
-                raise ClusterError(f"device {d.name!r}: stage_io_us_per_mb must be a number >= 0, "
-                                   f"got {d.stage_io_us_per_mb}")
+            for key in ("stage_io_us_per_mb", "stage_weights_us_per_mb"):
+                v = getattr(d, key)
+                if v is not None and not v >= 0:
+                    raise ClusterError(f"device {d.name!r}: {key} must be a number >= 0, got {v}")
             if d.tier is not None and d.tier not in TIERS:
                 raise ClusterError(f"device {d.name!r}: tier must be one of {list(TIERS)}, got {d.tier!r}")
         self.devices = list(devices)
@@ -309,8 +315,8 @@ class Cluster:
             if not isinstance(dev, dict) or "name" not in dev:
                 raise ClusterError(f"devices[{i}] needs a 'name'")
             unknown = set(dev) - {"name", "speed", "memory_mb", "address", "profile", "memory_speed", "calibration",
-                                  "stage_start_ms", "stage_io_us_per_mb", "node_calibration", "backend", "profiles",
-                                  "tier"}
+                                  "stage_start_ms", "stage_io_us_per_mb", "stage_weights_us_per_mb", "node_calibration",
+                                  "backend", "profiles", "tier"}
             if unknown:
                 raise ClusterError(f"device {dev['name']!r}: unknown keys {sorted(unknown)}")
             devices.append(Device(name=str(dev["name"]), speed=float(dev.get("speed", 1.0)),
@@ -320,6 +326,7 @@ class Cluster:
                                   calibration=_calibration(dev),
                                   stage_start_ms=_number_or_none(dev, "stage_start_ms"),
                                   stage_io_us_per_mb=_number_or_none(dev, "stage_io_us_per_mb"),
+                                  stage_weights_us_per_mb=_number_or_none(dev, "stage_weights_us_per_mb"),
                                   node_calibration=_node_calibration(dev), backend=_backend(dev),
                                   profiles=_profiles(dev),
                                   tier=str(dev["tier"]) if dev.get("tier") is not None else None))
@@ -376,6 +383,8 @@ class Cluster:
                 e["stage_start_ms"] = d.stage_start_ms
             if d.stage_io_us_per_mb is not None:
                 e["stage_io_us_per_mb"] = d.stage_io_us_per_mb
+            if d.stage_weights_us_per_mb is not None:
+                e["stage_weights_us_per_mb"] = d.stage_weights_us_per_mb
             if d.node_calibration:
                 e["node_calibration"] = {node: [list(p) for p in pts] for node, pts in d.node_calibration}
             if d.backend:

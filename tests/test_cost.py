@@ -241,3 +241,42 @@ def test_stage_io_time_per_device_key_else_the_ort_constant_on_profiled_ort_devi
     assert cost.stage_io_time("torch", 1e6) == 0.0 and cost.stage_io_time("plain", 1e6) == 0.0
     assert cost.charges_stage_io()
     assert Cluster.from_dict(cl.to_dict()).device("given").stage_io_us_per_mb == 200.0
+
+
+def test_the_weights_a_stage_reads_are_charged_per_device_and_stage_when_the_cluster_says_so():
+    """``stage_weights_us_per_mb``: every (device, stage) pays for the weights its nodes read, a split
+    stage on each of its devices; the simulator and the OFPM model's arcs both charge it."""
+    from edgepart import models
+    from edgepart.cluster import Cluster
+    from edgepart.compiler.cost.model import CostModel
+    from edgepart.compiler.cost.simulator import param_bytes, simulate, stage_weight_bytes
+    from edgepart.compiler.planning.plan import Plan, Stage, compute_nodes
+    from edgepart.compiler.planning.ofpm import OFPMModel
+    from edgepart.compiler.schedule import build_schedule
+    from edgepart.passes import analyse
+    from edgepart.passes.trace import trace
+    model, (x,) = models.get("tinynet")
+
+    def cluster(rate):
+        extra = {} if rate is None else {"stage_weights_us_per_mb": rate}
+        return Cluster.from_dict({"source": "a", "devices": [{"name": "a", **extra}, {"name": "b", **extra}]})
+    gm = analyse(trace(model, (x,)), cluster(None))
+    nodes = compute_nodes(gm)
+    total = sum(param_bytes(gm, n) for n in nodes)
+    cut = next(i for i, n in enumerate(nodes) if not n.meta.get("splittable"))
+    rows = nodes[cut - 1].meta["rows"]
+    plan = Plan([Stage("split", [n.name for n in nodes[:cut]], slices=[("a", 0, rows // 2), ("b", rows // 2, rows)]),
+                 Stage("whole", [n.name for n in nodes[cut:]], device="a")], "t")
+    schedule = build_schedule(gm, plan, cluster(None))
+    weights = stage_weight_bytes(gm, schedule)
+    split_w = sum(param_bytes(gm, n) for n in nodes[:cut])
+    assert weights[("a", 0)] == weights[("b", 0)] == split_w and weights[("a", 1)] == total - split_w
+    base = simulate(schedule, cluster(None), CostModel(cluster(None)), gm=gm)
+    charged = simulate(schedule, cluster(1000.0), CostModel(cluster(1000.0)), gm=gm)
+    per_run = {(r.device, r.stage): r.end - r.start for r in base.runs}
+    for r in charged.runs:
+        assert r.end - r.start == pytest.approx(per_run[(r.device, r.stage)] + 1000e-12 * weights[(r.device, r.stage)])
+    free, paid = OFPMModel(gm, cluster(None), CostModel(cluster(None))), OFPMModel(gm, cluster(1000.0), CostModel(cluster(1000.0)))
+    whole = [(a.c0, a.device, a.cost) for a in free.arcs if a.kind == "whole"]
+    whole_paid = [a.cost for a in paid.arcs if a.kind == "whole"]
+    assert [c + 1000e-12 * free.unit_params[u] for u, _, c in whole] == pytest.approx(whole_paid)

@@ -155,6 +155,7 @@ class CostModel:
         self.ort_stage_s = ort_stage_s
         self.stage_start_ms = {d.name: d.stage_start_ms for d in cluster.devices}
         self.stage_io_us_per_mb = {d.name: d.stage_io_us_per_mb for d in cluster.devices}
+        self.stage_weights_us_per_mb = {d.name: d.stage_weights_us_per_mb for d in cluster.devices}
         self.ort_stage_io_s_per_byte = ORT_STAGE_IO_S_PER_BYTE
         # How fast a profiled device streams weights from memory now, relative to when it was
         # profiled (memory bandwidth is shared with other programs and drifts on its own; see
@@ -246,6 +247,17 @@ class CostModel:
         if device not in self.profiles or self.backend.get(device, "torch") == "torch":
             return 0.0
         return self.ort_stage_io_s_per_byte * nbytes / self._speed(device)
+
+    def stage_weights_time(self, device: str, nbytes: float) -> float:
+        """Seconds ``device`` spends streaming the ``nbytes`` of weights a stage's layers read: the device's
+        ``stage_weights_us_per_mb`` (its own time) if the cluster gives one, else 0 (the profile's layers
+        and the calibrated model carry it)."""
+        rate = self.stage_weights_us_per_mb.get(device)
+        return rate * 1e-12 * nbytes if rate and nbytes > 0 else 0.0
+
+    def charges_stage_weights(self) -> bool:
+        """Whether :meth:`stage_weights_time` is other than 0 on any device."""
+        return any(v for v in self.stage_weights_us_per_mb.values())
 
     def charges_stage_io(self) -> bool:
         """Whether :meth:`stage_io_time` is other than 0 on any device (the simulator skips counting bytes)."""

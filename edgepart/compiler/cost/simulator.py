@@ -84,10 +84,11 @@ class SimResult:
 
 
 def stage_compute_time(cost: CostModel, nodes: dict[str, fx.Node], device: str, table: dict[str, NodeRows],
-                       io_bytes: float = 0.0) -> float:
+                       io_bytes: float = 0.0, weight_bytes: float = 0.0) -> float:
     """Compute time of one device's part of one stage (its rows of each node, halo included),
-    with the cost of starting the stage and of its ``io_bytes`` (:func:`stage_io_bytes`) crossing its
-    boundary (:meth:`CostModel.stage_io_time`)."""
+    with the cost of starting the stage, of its ``io_bytes`` (:func:`stage_io_bytes`) crossing its
+    boundary (:meth:`CostModel.stage_io_time`) and of the ``weight_bytes`` its layers read
+    (:meth:`CostModel.stage_weights_time`)."""
     total = 0.0
     for name, entry in table.items():
         a, b = entry.out
@@ -95,7 +96,28 @@ def stage_compute_time(cost: CostModel, nodes: dict[str, fx.Node], device: str, 
             total += cost.compute_time(nodes[name], device, b - a, stage=table)
     if total <= 0:
         return 0.0
-    return total + cost.stage_start_time(device) + cost.stage_io_time(device, io_bytes)
+    return (total + cost.stage_start_time(device) + cost.stage_io_time(device, io_bytes)
+            + cost.stage_weights_time(device, weight_bytes))
+
+
+def param_bytes(gm: fx.GraphModule, node: fx.Node) -> int:
+    """Bytes of the weights ``node`` reads: its module's parameters and buffers, and get_attr inputs."""
+    total = 0
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        for t in list(mod.parameters()) + list(mod.buffers()):
+            total += t.numel() * t.element_size()
+    for p in node.all_input_nodes:
+        if p.op == "get_attr":
+            total += p.meta["bytes"]
+    return total
+
+
+def stage_weight_bytes(gm: fx.GraphModule, schedule: Schedule) -> dict[tuple[str, int], float]:
+    """(device, stage) -> bytes of the weights its nodes read (each slice of a node reads all of them)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    return {(dev, si): float(sum(param_bytes(gm, nodes[n]) for n in table if n in nodes))
+            for dev, stages in schedule.rows.items() for si, table in stages.items()}
 
 
 def _bytes_per_row(spec) -> float:
@@ -180,6 +202,8 @@ def simulate(schedule: Schedule, cluster: Cluster, cost: CostModel | None = None
     blocked: set[str] = set()
     nbytes_of = {(tr.tensor, tr.a, tr.b): tr.nbytes for tr in schedule.transfers}
     io_bytes = stage_io_bytes(schedule) if cost.charges_stage_io() else {}
+    # the weights are known from the graph only (a manifest's node entries do not carry them)
+    weight_bytes = stage_weight_bytes(gm, schedule) if gm is not None and cost.charges_stage_weights() else {}
 
     while heap:
         t, _, dev = heapq.heappop(heap)
@@ -204,7 +228,8 @@ def simulate(schedule: Schedule, cluster: Cluster, cost: CostModel | None = None
             elif isinstance(act, Run):
                 si = act.stage
                 table = schedule.rows[dev][si]
-                dur = stage_compute_time(cost, nodes, dev, table, io_bytes.get((dev, si), 0.0))
+                dur = stage_compute_time(cost, nodes, dev, table, io_bytes.get((dev, si), 0.0),
+                                         weight_bytes.get((dev, si), 0.0))
                 start = clock[dev]
                 runs.append(RunTiming(dev, si, start, start + dur, {n: e.out for n, e in table.items()}))
                 rcause.append(cause[dev])

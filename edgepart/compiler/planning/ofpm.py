@@ -75,7 +75,7 @@ import torch.fx as fx
 
 from edgepart.cluster import Cluster
 from edgepart.compiler.cost.model import CostModel
-from edgepart.compiler.cost.simulator import simulate
+from edgepart.compiler.cost.simulator import param_bytes, simulate
 from edgepart.compiler.planning.plan import Candidate, Plan, Planner, Stage
 from edgepart.compiler.planning.primitives import blocks, runs, slices_for
 from edgepart.compiler.schedule import build_schedule
@@ -107,19 +107,6 @@ def make_units(gm: fx.GraphModule) -> list[Unit]:
         else:
             units.append(Unit(list(run), False, r))
     return units
-
-
-def param_bytes(gm: fx.GraphModule, node: fx.Node) -> int:
-    """Bytes of the weights ``node`` reads: its module's parameters and buffers, and get_attr inputs."""
-    total = 0
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        for t in list(mod.parameters()) + list(mod.buffers()):
-            total += t.numel() * t.element_size()
-    for p in node.all_input_nodes:
-        if p.op == "get_attr":
-            total += p.meta["bytes"]
-    return total
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -419,7 +406,7 @@ class OFPMModel:
         mode only halo rows move): pieces sent (sender NIC / medium FIFO), then compute.
         Returns (makespan, per-device times)."""
         return self._stage_cost([(dev,) + self.segment_device_cost(i, j, dev, a, b) for dev, a, b in slices],
-                                from_mode, self.stage_out_bytes(j, slices))
+                                from_mode, self.stage_out_bytes(j, slices), sum(self.unit_params[i:j]))
 
     def stage_out_bytes(self, j: int, slices: list[tuple[str, int, int]]) -> dict[str, float]:
         """Per device, the bytes of its rows of the split stage ending at unit ``j`` (its output)."""
@@ -427,7 +414,7 @@ class OFPMModel:
         per_row = last["bytes"] / max(1, last["rows"])
         return {dev: (b - a) * per_row for dev, a, b in slices}
 
-    def _stage_cost(self, per_device, from_mode, out_bytes: dict[str, float] | None = None):
+    def _stage_cost(self, per_device, from_mode, out_bytes: dict[str, float] | None = None, weights: float = 0.0):
         pieces = []
         io = dict(out_bytes or {})
         for dev, comp, need in per_device:
@@ -440,7 +427,8 @@ class OFPMModel:
         pieces.sort(key=lambda p: (p[0], p[1]))
         arrive = pieces_time(pieces, self.ttime, self.shared)
         times = {dev: arrive.get(dev, 0.0) + comp + (self.cost.stage_start_time(dev)
-                                                     + self.cost.stage_io_time(dev, io.get(dev, 0.0)) if comp > 0 else 0.0)
+                                                     + self.cost.stage_io_time(dev, io.get(dev, 0.0))
+                                                     + self.cost.stage_weights_time(dev, weights) if comp > 0 else 0.0)
                  for dev, comp, _ in per_device}
         return max(times.values()), times
 
@@ -449,7 +437,8 @@ class OFPMModel:
         for c, unit in enumerate(self.units):
             for d in self.whole_devices:
                 m = self.mode_index[("W", d)]
-                t = sum(self.ctime(n, d, n.meta["rows"]) for n in unit.nodes)
+                t = sum(self.ctime(n, d, n.meta["rows"]) for n in unit.nodes) + self.cost.stage_weights_time(
+                    d, self.unit_params[c])
                 if c == 0 and d == self.cluster.source:    # the plan's first stage starts here
                     t += self.cost.stage_start_time(d)
                 self.arcs.append(Arc("whole", c, m, c + 1, m, t, device=d, mem={d: self.unit_params[c]}))
@@ -481,7 +470,7 @@ class OFPMModel:
                         if mode[0] == "P" and mode[1] != k and (j - i > self.max_resplit or
                                                                 abs(self.ks.index(mode[1]) - self.ks.index(k)) > 1):
                             continue
-                        span, _ = self._stage_cost(per_device, mode, out_bytes)
+                        span, _ = self._stage_cost(per_device, mode, out_bytes, params)
                         self.arcs.append(Arc("split", i, m0, j, m, span, slices=slices, mem=mem))
 
     def layout_owners(self, mode: tuple, rows: int) -> list[tuple[str, int, int]]:
