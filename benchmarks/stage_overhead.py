@@ -50,7 +50,7 @@ from edgepart.compiler.bundle import compile_plan  # noqa: E402
 from edgepart.compiler.cost.calibration import calibrate  # noqa: E402
 from edgepart.compiler.cost.calibration.host_speed import HostSpeedProbe  # noqa: E402
 from edgepart.compiler.cost.model import CostModel  # noqa: E402
-from edgepart.compiler.cost.simulator import simulate, stage_io_bytes  # noqa: E402
+from edgepart.compiler.cost.simulator import simulate, stage_io_bytes, stage_weight_bytes  # noqa: E402
 from edgepart.compiler.planning import baselines  # noqa: E402,F401 — registers the baselines
 from edgepart.compiler.planning.ofpm import solve_ofpm  # noqa: E402
 from edgepart.compiler.planning.registry import STRATEGIES  # noqa: E402
@@ -111,12 +111,18 @@ def time_in_workers(bundle, x, requests: int, cpu: int, probe, host_speed: float
     return out
 
 
-def stage_weight_bytes(gm, schedule) -> dict[tuple, float]:
-    """(device, stage) -> bytes of the parameters its nodes read (every slice reads all of a node's)."""
-    from edgepart.compiler.planning.ofpm import param_bytes
-    nodes = {n.name: n for n in gm.graph.nodes}
-    return {(dev, si): float(sum(param_bytes(gm, nodes[n]) for n in table if n in nodes))
-            for dev, stages in schedule.rows.items() for si, table in stages.items()}
+def plan_sums(rows: list[dict], key: str, columns: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per plan (model, strategy): x = [runs, Σ column ...] ÷ its measured sum, y = (measured − Σ layers) ÷ it —
+    the least-squares system of a plan's relative error (``columns``: per-run byte counts)."""
+    plans: dict[tuple, list[dict]] = {}
+    for r in rows:
+        plans.setdefault((r["model"], r["plan"]), []).append(r)
+    x, y = [], []
+    for sub in plans.values():
+        m = sum(r[key] for r in sub)
+        x.append([len(sub) / m] + [sum(r.get(c, 0.0) for r in sub) / m for c in columns])
+        y.append((m - sum(r["layers_s"] for r in sub)) / m)
+    return np.array(x), np.array(y)
 
 
 def fit3(rows: list[dict], key: str) -> list[float]:
@@ -124,15 +130,7 @@ def fit3(rows: list[dict], key: str) -> list[float]:
     fitted like :func:`fit` on the plans' sums with every coefficient >= 0 (scipy's non-negative least
     squares). Reported next to the two-term fit, not charged."""
     from scipy.optimize import nnls
-    plans: dict[tuple, list[dict]] = {}
-    for r in rows:
-        plans.setdefault((r["model"], r["plan"]), []).append(r)
-    x, y = [], []
-    for sub in plans.values():
-        m = sum(r[key] for r in sub)
-        x.append([len(sub) / m, sum(r["io_bytes"] for r in sub) / m, sum(r.get("weight_bytes", 0.0) for r in sub) / m])
-        y.append((m - sum(r["layers_s"] for r in sub)) / m)
-    x, y = np.array(x), np.array(y)
+    x, y = plan_sums(rows, key, ["io_bytes", "weight_bytes"])
     scale = np.maximum(x.max(axis=0), 1e-30)          # columns of µs and of bytes: solve on comparable scales
     coef, _ = nnls(x / scale, y)
     return [float(v) for v in coef / scale]
@@ -144,15 +142,7 @@ def fit(rows: list[dict], key: str, a_fixed: float | None = None) -> tuple[float
     is a plan's time, and a plan of hundreds of one-layer stages must not outweigh the plans of a few
     large ones. a, b >= 0 (a negative one is the noise of the layers' prediction; the other is refitted
     alone). ``a_fixed``: a is given (measured elsewhere), only b is fitted."""
-    plans: dict[tuple, list[dict]] = {}
-    for r in rows:
-        plans.setdefault((r["model"], r["plan"]), []).append(r)
-    x, y = [], []
-    for sub in plans.values():
-        m = sum(r[key] for r in sub)
-        x.append([len(sub) / m, sum(r["io_bytes"] for r in sub) / m])
-        y.append((m - sum(r["layers_s"] for r in sub)) / m)
-    x, y = np.array(x), np.array(y)
+    x, y = plan_sums(rows, key, ["io_bytes"])
     if a_fixed is not None:
         y = y - a_fixed * x[:, 0]
         return a_fixed, max(0.0, float((x[:, 1] @ y) / max(x[:, 1] @ x[:, 1], 1e-30)))
