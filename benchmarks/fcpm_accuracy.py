@@ -185,10 +185,13 @@ def build_units(configs, test_cids, layers, slices, regions, graphs, nets, regio
     return u
 
 
-def measure_all(units, loads, minutes, target_rse, rounds=("A", "B"), progress=True, phases=None, share="time"):
+def measure_all(units, loads, minutes, target_rse, rounds=("A", "B"), progress=True, phases=None, share="time",
+                heap_shuffle=True):
     """{round: {load: {key: Estimate as JSON}}}, every phase (of ``phases``) timed in every round at every load.
     ``share="time"``: each phase's time shared out equally among its units, no sample cap (short jobs take more
-    samples); ``"samples"``: one sample of every unit per pass, at most 40 (the runs of 2026-12-04/05)."""
+    samples); ``"samples"``: one sample of every unit per pass, at most 40 (the runs of 2026-12-04/05).
+    ``heap_shuffle``: a new heap layout before every visit (Harness.shuffle_heap; off in the runs before
+    2026-12-05 07:00 UTC)."""
     out = {r: {} for r in rounds}
     phases = {p: PHASES[p] / sum(PHASES[q] for q in phases or PHASES) for p in (phases or PHASES)}
     per = minutes * 60.0 / (len(loads) * len(rounds))
@@ -201,7 +204,7 @@ def measure_all(units, loads, minutes, target_rse, rounds=("A", "B"), progress=T
                         t0 = time.perf_counter()
                         h = Harness(target_rse=target_rse, min_samples=5, budget_s=per * part, sample_s=0.003,
                                     reference=True, max_samples=None if share == "time" else 40,
-                                    time_share=share == "time")
+                                    time_share=share == "time", shuffle_heap=heap_shuffle)
                         got = h.run(units[phase])
                         est.update({k: e.to_json() for k, e in got.items()})
                         for what, err in h.failures:
@@ -510,6 +513,9 @@ def main(argv=None):
     ap.add_argument("--share", choices=("time", "samples"), default="time",
                     help="how a phase's time is divided among its jobs: equal time, no sample cap (default), or one "
                          "sample per job per pass up to 40 (the runs of 2026-12-04/05)")
+    ap.add_argument("--no-heap-shuffle", action="store_true",
+                    help="keep the heap as the jobs before left it (the runs before 2026-12-05 07:00 UTC) instead of a "
+                         "new layout before every visit")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--profile-out", default=None, help="also write the FCPM fitted on the whole sweep here")
     ap.add_argument("--seed", type=int, default=0)
@@ -541,7 +547,7 @@ def main(argv=None):
         t0 = time.time()
         phases = a.phases.split(",") if a.phases else None
         meas, core = measure_all(units, loads, a.minutes, a.target_rse, progress=not a.no_progress, phases=phases,
-                                 share=a.share)
+                                 share=a.share, heap_shuffle=not a.no_heap_shuffle)
         t_meas = time.time() - t0
         if phases:                  # the other phases' jobs as saved before
             saved = json.loads(raw_path.read_text())
@@ -553,7 +559,8 @@ def main(argv=None):
                             mine[_key(k)] = e
             t_meas += saved["seconds"]
         raw_path.parent.mkdir(parents=True, exist_ok=True)
-        raw_path.write_text(json.dumps({"seconds": t_meas, "timing_cpu": core, "sizes": sizes(a), "share": a.share, "measurements": {
+        raw_path.write_text(json.dumps({"seconds": t_meas, "timing_cpu": core, "sizes": sizes(a), "share": a.share,
+                                        "heap_shuffle": not a.no_heap_shuffle, "measurements": {
             rd: {str(L): [[list(k), e] for k, e in est.items()] for L, est in by_load.items()}
             for rd, by_load in meas.items()}}))
         if a.measure_only:
@@ -580,7 +587,7 @@ def main(argv=None):
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     md = report(results, loads, prof, meta, a, len(configs), len(test_cids), len(layers), len(slices), len(regions),
-                len(graphs), len(nets), t_meas, ctx_fit, harness_stats, drift, short, saved_share(raw_path))
+                len(graphs), len(nets), t_meas, ctx_fit, harness_stats, drift, short, saved_harness(raw_path))
     print(md)
     write_keeping_analysis(out / f"fcpm_accuracy{sfx}.md", md)
     (out / f"fcpm_accuracy{sfx}.json").write_text(json.dumps(
@@ -663,16 +670,21 @@ def table_rows(results, loads, sets):
     return rows
 
 
-def saved_share(raw_path) -> str:
-    """How the saved measurements divided each phase's time ("samples": the 40-sample cap, files before --share)."""
+def saved_harness(raw_path) -> dict:
+    """How the saved measurements were taken: {"share": how each phase's time was divided ("samples": the
+    40-sample cap, files before --share), "heap_shuffle": a new heap layout before every visit (False in files
+    before it)}."""
     try:
-        return json.loads(Path(raw_path).read_text()).get("share", "samples")
+        saved = json.loads(Path(raw_path).read_text())
+        return {"share": saved.get("share", "samples"), "heap_shuffle": bool(saved.get("heap_shuffle", False))}
     except (OSError, ValueError):
-        return "?"
+        return {"share": "?", "heap_shuffle": None}
 
 
 def report(results, loads, prof, meta, a, n_cfg, n_test, n_layers, n_slices, n_regions, n_models, n_nets, t_meas,
-           ctx_fit, hstats, drift, short=None, share="time"):
+           ctx_fit, hstats, drift, short=None, harness=None):
+    harness = harness or {"share": "time", "heap_shuffle": True}
+    share = harness["share"]
     lines = ["# FCPM accuracy", "",
              f"Measured on this host ({os.cpu_count()} cores, {meta['processor'] or meta['machine']}, torch "
              f"{meta['torch']}) on {time.strftime('%Y-%m-%d')}, {t_meas / 60:.1f} min of timing in all "
@@ -688,6 +700,10 @@ def report(results, loads, prof, meta, a, n_cfg, n_test, n_layers, n_slices, n_r
              + ("the phase's time shared out equally among its units (a unit that has taken more than its share "
                 "sits out passes; no sample cap: short jobs take more samples; `--share time`). "
                 if share == "time" else "one sample of every unit per pass, at most 40 (`--share samples`). ")
+             + ("A new heap layout before every visit (`HeapShuffle`: half of a pool of 64 untouched blocks of "
+                "random size up to 4 MiB given back and taken again), so the tensors a visit allocates land "
+                "elsewhere each time and an estimate is a median over layouts. "
+                if harness.get("heap_shuffle") else "The heap as the jobs before left it (`--no-heap-shuffle`). ")
              + "Everything was timed in two rounds (A then B) at each load; "
              "**re-timing agreement** = share of a set's jobs whose A and B estimates agree within ±10 % — the "
              "harness's repeatability, and the ceiling of any model's ±10 % accuracy against them. Measured "

@@ -416,3 +416,37 @@ def test_a_long_stage_also_counts_its_opening_run_after_the_first_layer():
     short.build()
     calls.clear()
     assert short.visit(clock, target_s=0.001)[("s", 1)] == pytest.approx(0.010)
+
+
+class _Allocates(Isolated):
+    """A job whose every call allocates a fresh 64 KiB activation; records where each visit's landed."""
+
+    def __init__(self):
+        super().__init__("alloc", lambda: (lambda: torch.empty(16384)), max_burst=1)
+        self.addresses = []
+
+    def visit(self, clock, target_s):
+        self.addresses.append(torch.empty(16384).data_ptr())
+        return super().visit(clock, target_s)
+
+
+def test_heap_shuffle_moves_what_each_visit_allocates():
+    from edgepart.fcpm.harness import HeapShuffle
+    fixed, shuffled = _Allocates(), _Allocates()
+    Harness(target_rse=1e-9, min_samples=30, max_samples=30, budget_s=5, shuffle_heap=False).run([fixed])
+    Harness(target_rse=1e-9, min_samples=30, max_samples=30, budget_s=5).run([shuffled])
+    assert len(fixed.addresses) == len(shuffled.addresses) == 30
+    # left alone, the heap hands each visit's activation one of a few chunks again; shuffled, somewhere else
+    assert len(set(shuffled.addresses)) >= 10 > len(set(fixed.addresses[5:]))
+    a, b = HeapShuffle(blocks=8, max_bytes=1 << 16, seed=3), HeapShuffle(blocks=8, max_bytes=1 << 16, seed=3)
+    sizes = []
+    for h in (a, b):
+        h()
+        h()
+        sizes.append(sorted(t.numel() for t in h._pool))
+        assert 0 < h.held_bytes() <= 8 << 16
+        h.close()
+        assert h.held_bytes() == 0
+    assert sizes[0] == sizes[1]                        # deterministic in its seed
+    with pytest.raises(ValueError, match="block"):
+        HeapShuffle(blocks=0)

@@ -152,6 +152,12 @@ class Bundle:
                                                         self.onnx.get(d), backend) for d in self.devices}
         return self._programs[backend]
 
+    def release_programs(self) -> None:
+        """Drop the programs :meth:`programs` loaded (modules, ONNX Runtime sessions); the next call loads them
+        again. :func:`compile_plan` loads every program once to check it and then releases it, so a compiled
+        bundle holds its sources and weights, not a second copy of them in loaded form."""
+        self._programs = None
+
     def check_inputs(self, inputs: tuple) -> tuple:
         return check_inputs(self.manifest, inputs)
 
@@ -257,6 +263,8 @@ def compile_plan(gm: fx.GraphModule, plan: Plan, cluster: Cluster, model_name: s
                    else example_inputs(manifest))
         bundle = _with_onnx(bundle, export_devices(programs, exporting, example), backends)
         bundle.programs()         # the ONNX graphs load too
+    del programs
+    bundle.release_programs()     # checked, not kept: loaded, they hold every weight a second time
     return bundle
 
 

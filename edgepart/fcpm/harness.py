@@ -27,6 +27,15 @@ set on a busy host (issue #20). The harness removes the causes it can control:
   already at their target given back to the others): each unit gets the same time, so a short one
   takes many more samples, and ``max_samples=None`` drops the count cap altogether.
 
+* **many heap layouts** (``shuffle_heap``, on by default). Where a stage's activations land in the
+  heap decides part of a short layer's time (cache sets and 4 KiB aliasing between the tensors it
+  reads and writes), and the heap's state is whatever the jobs before left: the same stage timed
+  in two rounds of one process can shift all its short layers together, far beyond sampling
+  noise (``benchmarks/results/fcpm_accuracy.md``). A :class:`HeapShuffle` changes the heap before
+  every visit (blocks of random size taken and given back, untouched), so the tensors a visit
+  allocates land somewhere else each time and a job's estimate is its median over many layouts —
+  the figure a worker, which lands on one layout it cannot choose, should expect.
+
 Units are built lazily and in memory-bounded chunks (``max_bytes``: a VGG-16 classifier layer
 holds 400 MB); the passes interleave within a chunk. :func:`agreement` compares two runs of the
 harness (the re-timing agreement the accuracy benchmark reports as the harness's repeatability).
@@ -336,6 +345,43 @@ class Stage(Unit):
         return sample
 
 
+# --------------------------------------------------------------------------- heap layouts
+
+class HeapShuffle:
+    """A pool of ``blocks`` heap blocks of random size (64 bytes to ``max_bytes``) that :meth:`__call__`
+    partly renews: half the pool, chosen at random, is given back and taken again in new sizes. The tensors
+    allocated next (a stage's activations, a job's output) then come from a different part of the heap than
+    after the previous call. The blocks are never written (``torch.empty``): the pool costs address space,
+    not resident memory. Deterministic in ``seed``; :meth:`close` frees the pool."""
+
+    def __init__(self, blocks: int = 64, max_bytes: int = 4 << 20, seed: int = 0):
+        if blocks < 1 or max_bytes < 64:
+            raise ValueError(f"HeapShuffle needs at least one block of 64 bytes or more, got {blocks} × {max_bytes}")
+        import random
+        self.blocks, self.max_bytes = int(blocks), int(max_bytes)
+        self._rng = random.Random(seed)
+        self._pool: list[torch.Tensor | None] = [None] * self.blocks
+
+    def __call__(self) -> None:
+        for j in self._rng.sample(range(self.blocks), max(1, self.blocks // 2)):
+            self._pool[j] = None
+        for j, b in enumerate(self._pool):
+            if b is None:
+                # half the sizes log-uniform from 64 bytes (small freed chunks are taken too), half uniform
+                # (so are the large ones a stage's activations leave)
+                lo, hi = 16, self.max_bytes // 4
+                n = (self._rng.randint(lo, hi) if self._rng.random() < 0.5
+                     else int(math.exp(self._rng.uniform(math.log(lo), math.log(hi)))))
+                self._pool[j] = torch.empty(n, dtype=torch.float32)
+
+    def held_bytes(self) -> int:
+        """Bytes the pool holds now (address space; never touched)."""
+        return sum(4 * b.numel() for b in self._pool if b is not None)
+
+    def close(self) -> None:
+        self._pool = [None] * self.blocks
+
+
 # --------------------------------------------------------------------------- the harness
 
 @dataclass
@@ -362,6 +408,7 @@ class Harness:
     ref_every_s: float = 0.2               # ... before a visit once this much wall time has passed since the last
     reference_log: list = field(default_factory=list, init=False, repr=False)   # [(s since start, {kind: s})]
     failures: list = field(default_factory=list, init=False, repr=False)   # [(unit's first key, error)] left out
+    shuffle_heap: bool | HeapShuffle = True   # a new heap layout before every visit (True: the default HeapShuffle)
 
     def chunks(self, units: list[Unit]) -> list[list[Unit]]:
         out, cur, size = [], [], 0
@@ -391,6 +438,7 @@ class Harness:
         self.failures = []
         last_ref = [-math.inf]
         spent_of: dict[Any, float | None] = {}
+        shuffle = HeapShuffle() if self.shuffle_heap is True else (self.shuffle_heap or None)
 
         def time_reference(force: bool = False) -> None:
             now = time.perf_counter()
@@ -434,6 +482,8 @@ class Harness:
                             if spent.get(id(u), 0.0) > fair:
                                 continue
                         time_reference()
+                        if shuffle is not None:
+                            shuffle()
                         try:
                             c0 = self.clock()
                             got = u.visit(self.clock, self.sample_s)
@@ -456,6 +506,8 @@ class Harness:
                         spent_of[k] = spent.get(id(u))
                     u.release()
                 time_reference(force=True)      # closes the last samples' bracket
+        if shuffle is not None and self.shuffle_heap is True:
+            shuffle.close()
         out = {}
         for k, xs in samples.items():
             if not xs:

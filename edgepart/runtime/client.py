@@ -129,6 +129,7 @@ class _Link:
         # its silence since then, not since its last frame: a link that simply had nothing to
         # say (e.g. while the other workers were still deploying) is not dead.
         self.unanswered_since: float | None = None
+        self.next_ping = 0.0                    # when the heartbeat loop pings it next (monotonic s)
         self.ctrl: queue.Queue = queue.Queue()
         self.ctrl_lock = threading.Lock()       # one control exchange (deploy, stats) at a time
         self.bundles: set[str] = set()          # bundle ids deployed on this connection
@@ -158,6 +159,9 @@ class _Request:
         self.not_before = 0.0           # parked: not sent again on the plan it failed on before this (backoff)
         self.sent = self.t0             # when its current attempt was sent (perf_counter)
 
+
+# how often the heartbeat loop checks for silent workers and late requests (s; it pings every `heartbeat`)
+HEARTBEAT_TICK_S = 0.25
 
 # error codes after which a request may run again, on another plan (nothing of it was answered)
 RETRIABLE = {ErrorCode.PEER_DOWN.value, ErrorCode.REDEPLOYED.value, ErrorCode.TIMEOUT.value,
@@ -543,7 +547,12 @@ class Session:
         self._event("device_down", device=link.device, reason=reason, parked=len(victims))
 
     def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(self.heartbeat):
+        """Every ``heartbeat`` s a ping to each live worker; a worker whose oldest unanswered ping is more than
+        ``dead_after`` s old is declared dead. The loop looks more often than it pings (every
+        :data:`HEARTBEAT_TICK_S` at most), so a silent worker is found within ``heartbeat + dead_after +``
+        that tick, not up to a whole extra heartbeat later."""
+        tick = min(self.heartbeat, HEARTBEAT_TICK_S)
+        while not self._stop.wait(tick):
             now = time.monotonic()
             for link in list(self.links.values()):
                 if not link.alive:
@@ -555,6 +564,9 @@ class Session:
                 if link.unanswered_since is not None and now - link.unanswered_since > self.dead_after:
                     self._dead(link, f"no answer for {now - link.unanswered_since:.1f} s")
                     continue
+                if now < link.next_ping:
+                    continue
+                link.next_ping = now + self.heartbeat
                 try:
                     if link.unanswered_since is None:
                         link.unanswered_since = now
