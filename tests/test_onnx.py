@@ -326,10 +326,17 @@ def test_the_ort_sweep_keeps_exported_graphs_within_its_cap():
         calls.append(1)
         return real(fn, x)
     import unittest.mock as mock
-    with mock.patch.object(ort_timing, "_export", counting):
+    built = []
+    real_runner = ort_timing.Runner
+
+    def counting_runner(*a, **k):
+        built.append(1)
+        return real_runner(*a, **k)
+    with mock.patch.object(ort_timing, "_export", counting), mock.patch.object(ort_timing, "Runner", counting_runner):
         keep = ort_timing.ort_runner_factory()
         a, b = keep(info, 4, 1), keep(info, 4, 1)
         assert len(calls) == 1 and a is not b and a.model == b.model
+        assert len(built) == 1                  # a kept job builds no torch layer (nor its weights) again
         none = ort_timing.ort_runner_factory(cache_bytes=0)
         none(info, 4, 1)
         none(info, 4, 1)

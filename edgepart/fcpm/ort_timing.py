@@ -113,20 +113,23 @@ CACHE_BYTES = 1 << 30
 
 def ort_runner_factory(cache_bytes: int = CACHE_BYTES) -> Callable[[dict, int, int], OrtRunner]:
     """``(info, rows, seed) -> OrtRunner``, a new session each time (the caller drops it after timing),
-    from the exported graph kept since an earlier call with the same (seed, rows) while the kept
-    graphs fit in ``cache_bytes`` (the sweep times each job in several passes and load levels)."""
-    cache: dict[tuple[int, int], bytes] = {}
+    from the exported graph and input kept since an earlier call with the same (seed, rows) while what is
+    kept fits in ``cache_bytes`` (the sweep times each job in several passes and load levels). A kept job
+    builds no torch layer; a new one is made by :func:`ort_layer` (its torch weights dropped before the
+    session is made)."""
+    cache: dict[tuple[int, int], tuple[bytes, torch.Tensor]] = {}
     held = [0]
 
     def make(info: dict, rows: int, seed: int) -> OrtRunner:
         key = (seed, rows)
-        runner = Runner(info, rows, seed=seed)
         if key in cache:
-            return OrtRunner(None, runner._x, cache[key])
-        r = OrtRunner(runner.fn, runner._x)
-        if held[0] + len(r.model) <= cache_bytes:
-            cache[key] = r.model
-            held[0] += len(r.model)
+            model, x = cache[key]
+            return OrtRunner(None, x, model)
+        r, x = ort_layer(info, rows, seed=seed)
+        size = len(r.model) + x.numel() * x.element_size()
+        if held[0] + size <= cache_bytes:
+            cache[key] = (r.model, x)
+            held[0] += size
         return r
     return make
 
