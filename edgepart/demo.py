@@ -35,6 +35,7 @@ from edgepart import models
 from edgepart.compiler.backends import choose_backends
 from edgepart.compiler.cost.calibration import Calibration, calibrate
 from edgepart.compiler.cost.calibration.host_speed import HostSpeedProbe
+from edgepart.compiler.cost.model import ORT_WORKER_STAGE, StageOverhead
 from edgepart.compiler.cost.simulator import simulate_bundle
 from edgepart.compiler.inspect import plan_table
 from edgepart.passes import analyse
@@ -58,21 +59,35 @@ BACKENDS = ("torch", "onnxruntime")
 
 
 def demo_cluster(profile: Path | None, calibration: Calibration | None = None, backend: str | None = None,
-                 ort_profile: Path | None = None) -> dict:
+                 ort_profile: Path | None = None, stage: StageOverhead | None = None) -> dict:
     """The demo cluster; with a profile, every device's speed is relative to the profiled core, and
     with a calibration (measured just before) so are its memory speed, op types and layers.
     ``ort_profile``: every device's ONNX Runtime profile too; ``backend``: every device runs on it
-    (None: no ``backend:`` key, the compiler chooses)."""
+    (None: no ``backend:`` key, the compiler chooses); ``stage``: what each device spends per stage beyond
+    its layers (None: the cost model's defaults)."""
     if profile is None:
         devices = DEMO_CLUSTER["devices"]
     else:
         devices = [{**d, "profile": str(profile)} for d in DEMO_CLUSTER["devices"]]
+    if stage is not None:
+        devices = [{**d, **stage.device_keys(d["speed"])} for d in devices]
     if ort_profile is not None:
         devices = [{**d, "profiles": {"onnxruntime": str(ort_profile)}} for d in devices]
     if backend is not None:
         devices = [{**d, "backend": backend} for d in devices]
     described = {**DEMO_CLUSTER, "devices": devices}
     return described if calibration is None else calibration.apply(described)
+
+
+def _io_bytes(model, x0: torch.Tensor) -> int:
+    """Bytes of the model's input and output (what its one stage reads and leaves when run whole)."""
+    with torch.no_grad():
+        out = model(x0)
+    return 4 * (x0.numel() + sum(t.numel() for t in torch.utils._pytree.tree_leaves(out)))
+
+
+def _weight_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
 def chosen_backend(model, x0, cluster_description: dict) -> str:
@@ -160,10 +175,17 @@ def main(argv: list[str] | None = None) -> int:
         # of the rows): measure all of it on this model now and plan with it.
         # the model whole timed as the demo runs it, a host-speed probe before each request (it evicts
         # the caches; an ONNX Runtime program is 1.2x slower after it, see calibration.program)
+        # on ONNX Runtime each device is charged what a worker's stage costs beyond its layers (the testbed's
+        # in-worker fit), and the model timed whole has its one stage's share of that taken off
+        stage = ORT_WORKER_STAGE if backend == "onnxruntime" else None
         calibration = calibrate(model, (x0,), probe, backend=backend,
                                 profile=ort_profile if backend == "onnxruntime" else None,
-                                between=(lambda: probe.measure(0.1)) if backend == "onnxruntime" else None)
-    cluster = edgepart.Cluster.from_dict(demo_cluster(profile, calibration, backend, ort_profile))
+                                between=(lambda: probe.measure(0.1)) if backend == "onnxruntime" else None,
+                                stage_charge_s=stage.whole_model_s(_io_bytes(model, x0), _weight_bytes(model))
+                                if stage else 0.0)
+    else:
+        stage = None
+    cluster = edgepart.Cluster.from_dict(demo_cluster(profile, calibration, backend, ort_profile, stage))
     # the fastest device alone on the other backend, to compare with (its profile as it is: not calibrated)
     other = "torch" if backend == "onnxruntime" else "onnxruntime"
     other_cluster = edgepart.Cluster.from_dict(demo_cluster(profile, None, other, ort_profile)) \
@@ -175,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
               f"model whole {calibration.model_speed:.2f}; op types (× model) "
               + ", ".join(f"{f} {v:.2f}" for f, v in calibration.calibration.items())
               + f"; {len(calibration.node_calibration)} layers calibrated one by one, whole and sliced")
+    if stage is not None:
+        print(f"each stage a device runs is charged, beyond its layers: {stage.start_s * 1e6:.0f} µs + "
+              f"{stage.io_s_per_byte * 1e12:.0f} µs per MB in and out + {stage.weights_s_per_byte * 1e12:.0f} µs per "
+              "MB of weights its layers read, ÷ speed (ONNX Runtime in a worker, benchmarks/results/stage_overhead.md)")
     g = torch.Generator().manual_seed(1)
     inputs = [torch.randn(x0.shape, generator=g) for _ in range(args.requests)]
     with torch.no_grad():

@@ -280,3 +280,21 @@ def test_the_weights_a_stage_reads_are_charged_per_device_and_stage_when_the_clu
     whole = [(a.c0, a.device, a.cost) for a in free.arcs if a.kind == "whole"]
     whole_paid = [a.cost for a in paid.arcs if a.kind == "whole"]
     assert [c + 1000e-12 * free.unit_params[u] for u, _, c in whole] == pytest.approx(whole_paid)
+
+
+def test_stage_overhead_as_cluster_keys_charges_exactly_its_figures():
+    """StageOverhead (the in-worker fit the demo and the testbed plan with): its device keys, ÷ speed, make the
+    cost model charge exactly its start, bytes in and out and weight bytes; a model run whole is charged
+    ``whole_model_s`` on the profiled machine."""
+    from edgepart.cluster import Cluster
+    from edgepart.compiler.cost.model import ORT_WORKER_STAGE, CostModel, StageOverhead
+    o = StageOverhead(start_s=200e-6, io_s_per_byte=1e-10, weights_s_per_byte=3e-11)
+    assert o.device_keys(0.5) == pytest.approx({"stage_start_ms": 0.4, "stage_io_us_per_mb": 200.0,
+                                                "stage_weights_us_per_mb": 60.0})
+    cl = Cluster.from_dict({"source": "a", "devices": [{"name": "a", "speed": 0.5, **o.device_keys(0.5)}]})
+    cost = CostModel(cl)
+    assert cost.stage_start_time("a") == pytest.approx(400e-6)
+    assert cost.stage_io_time("a", 1e6) == pytest.approx(1e-10 * 1e6 / 0.5)
+    assert cost.stage_weights_time("a", 1e6) == pytest.approx(3e-11 * 1e6 / 0.5)
+    assert o.whole_model_s(1e6, 2e6) == pytest.approx(200e-6 + 1e-4 + 6e-5)
+    assert ORT_WORKER_STAGE.io_s_per_byte == 0.0 and ORT_WORKER_STAGE.weights_s_per_byte > 0

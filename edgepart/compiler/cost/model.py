@@ -11,6 +11,7 @@ FLOPs ÷ (its declared speed × REFERENCE_FLOPS) and the model says so.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Protocol
 
 from edgepart.cluster import Cluster
@@ -44,6 +45,37 @@ ORT_STAGE_S = 37e-6
 # benchmarks/stage_overhead.py on the testbed's plans run in one process, with the stage start above
 # (results/stage_overhead.md: 271 µs per MB; ONNX Runtime's profiler puts its reorders at 150–350).
 ORT_STAGE_IO_S_PER_BYTE = 0.271e-9
+
+
+@dataclass(frozen=True)
+class StageOverhead:
+    """What a device spends on each stage it runs beyond its layers, in seconds of the profiled machine:
+    ``start_s`` per (device, stage), ``io_s_per_byte`` per byte the stage reads from outside it and leaves for
+    after it, ``weights_s_per_byte`` per byte of weights its layers read. A cluster takes it per device as
+    :meth:`device_keys` (÷ the device's speed); a model calibrated whole takes :meth:`whole_model_s` off its
+    time, since the cost model charges its one stage that much."""
+    start_s: float
+    io_s_per_byte: float
+    weights_s_per_byte: float
+
+    def device_keys(self, speed: float) -> dict[str, float]:
+        """The cluster description's keys for a device of ``speed``: ``stage_start_ms``,
+        ``stage_io_us_per_mb``, ``stage_weights_us_per_mb``."""
+        return {"stage_start_ms": self.start_s * 1e3 / speed, "stage_io_us_per_mb": self.io_s_per_byte * 1e12 / speed,
+                "stage_weights_us_per_mb": self.weights_s_per_byte * 1e12 / speed}
+
+    def whole_model_s(self, io_bytes: float, weight_bytes: float) -> float:
+        """Seconds (profiled machine) charged to a model run whole as one stage."""
+        return self.start_s + self.io_s_per_byte * io_bytes + self.weights_s_per_byte * weight_bytes
+
+
+# The same in emulated workers on ONNX Runtime, fitted jointly by benchmarks/stage_overhead.py on the testbed's
+# plans (results/stage_overhead.md, non-negative three-term fit; 202 / 186 µs per stage, 0 per byte in and out,
+# 23 / 24 µs per MB of weights in two runs): where a worker runs a stage after waiting for its pieces, the
+# weights its layers read come from memory, and every device of a split stage reads each layer's weights
+# whole. The testbed (its latest fit) and the demo plan with it; the cost model's defaults are the in-process
+# figures above.
+ORT_WORKER_STAGE = StageOverhead(start_s=186e-6, io_s_per_byte=0.0, weights_s_per_byte=2.4e-11)
 _WINDOW_KINDS = ("conv2d", "max_pool2d", "avg_pool2d")
 
 # The convolution epilogues (passes.epilogue) a device on ONNX Runtime computes inside the convolution:
