@@ -57,7 +57,7 @@ from edgepart.compiler.bundle import compile_plan  # noqa: E402
 from edgepart.compiler.schedule import build_schedule  # noqa: E402
 from edgepart.compiler.cost.calibration import Calibration, calibrate  # noqa: E402
 from edgepart.compiler.cost.calibration.host_speed import HostSpeedProbe  # noqa: E402
-from edgepart.compiler.cost.model import CostModel, ort_stage_start  # noqa: E402
+from edgepart.compiler.cost.model import CostModel, StageOverhead, ort_stage_start, whole_model_bytes  # noqa: E402
 from edgepart.fcpm.model import DeviceProfile as FittedProfile  # noqa: E402
 from edgepart.compiler.planning.ofpm import solve_ofpm  # noqa: E402
 from edgepart.compiler.planning.registry import STRATEGIES  # noqa: E402
@@ -93,13 +93,7 @@ def make_cluster(mbps: float, profile: Path = PROFILE, calibration: Calibration 
     machine per byte a stage reads from outside it and leaves for after it (each device's
     ``stage_io_us_per_mb`` is it ÷ speed; None: the cost model's constant); ``stage_weights_s_per_byte``:
     the same per byte of weights a stage's layers read (``stage_weights_us_per_mb``; None: not charged)."""
-    def extra(s):
-        out = {} if stage_start_s is None else {"stage_start_ms": stage_start_s * 1e3 / s}
-        if stage_io_s_per_byte is not None:
-            out["stage_io_us_per_mb"] = stage_io_s_per_byte * 1e12 / s
-        if stage_weights_s_per_byte is not None:
-            out["stage_weights_us_per_mb"] = stage_weights_s_per_byte * 1e12 / s
-        return out
+    extra = StageOverhead(stage_start_s, stage_io_s_per_byte, stage_weights_s_per_byte).device_keys
     on = {} if backend is None else {"backend": backend, "profiles": {"onnxruntime": str(PROFILES["onnxruntime"])}}
     description = {
         "source": "phone",
@@ -283,10 +277,9 @@ def run(model_names, bands, n_requests, warmup, emu, time_limit, n_baselines, ro
                 # on ONNX Runtime: start + the input and output bytes) is taken off the model timed whole
                 charge = 0.0
                 if emu.get("stage_io_s_per_byte") is not None:
-                    io = 4 * (x0.numel() + sum(t.numel() for t in torch.utils._pytree.tree_leaves(refs[0])))
-                    weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-                    charge = (emu["stage_start_s"] + emu["stage_io_s_per_byte"] * io
-                              + (emu.get("stage_weights_s_per_byte") or 0.0) * weights)
+                    charge = StageOverhead(emu["stage_start_s"], emu["stage_io_s_per_byte"],
+                                           emu.get("stage_weights_s_per_byte")).whole_model_s(
+                        *whole_model_bytes(model, (x0,), refs[0]))
                 cal = calibrate(model, (x0,), emu["probe"], time_model=not emu.get("no_model_speed"),
                                 time_layers=not emu.get("no_node_calibration"), backend=backend,
                                 profile=PROFILES[backend], between=between, stage_charge_s=charge)

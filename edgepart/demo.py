@@ -35,7 +35,7 @@ from edgepart import models
 from edgepart.compiler.backends import choose_backends
 from edgepart.compiler.cost.calibration import Calibration, calibrate
 from edgepart.compiler.cost.calibration.host_speed import HostSpeedProbe
-from edgepart.compiler.cost.model import ORT_WORKER_STAGE, StageOverhead
+from edgepart.compiler.cost.model import ORT_WORKER_STAGE, StageOverhead, whole_model_bytes
 from edgepart.compiler.cost.simulator import simulate_bundle
 from edgepart.compiler.inspect import plan_table
 from edgepart.passes import analyse
@@ -77,17 +77,6 @@ def demo_cluster(profile: Path | None, calibration: Calibration | None = None, b
         devices = [{**d, "backend": backend} for d in devices]
     described = {**DEMO_CLUSTER, "devices": devices}
     return described if calibration is None else calibration.apply(described)
-
-
-def _io_bytes(model, x0: torch.Tensor) -> int:
-    """Bytes of the model's input and output (what its one stage reads and leaves when run whole)."""
-    with torch.no_grad():
-        out = model(x0)
-    return 4 * (x0.numel() + sum(t.numel() for t in torch.utils._pytree.tree_leaves(out)))
-
-
-def _weight_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
 def chosen_backend(model, x0, cluster_description: dict) -> str:
@@ -178,10 +167,12 @@ def main(argv: list[str] | None = None) -> int:
         # on ONNX Runtime each device is charged what a worker's stage costs beyond its layers (the testbed's
         # in-worker fit), and the model timed whole has its one stage's share of that taken off
         stage = ORT_WORKER_STAGE if backend == "onnxruntime" else None
+        with torch.no_grad():
+            stage_bytes = whole_model_bytes(model, (x0,), model(x0))
         calibration = calibrate(model, (x0,), probe, backend=backend,
                                 profile=ort_profile if backend == "onnxruntime" else None,
                                 between=(lambda: probe.measure(0.1)) if backend == "onnxruntime" else None,
-                                stage_charge_s=stage.whole_model_s(_io_bytes(model, x0), _weight_bytes(model))
+                                stage_charge_s=stage.whole_model_s(*stage_bytes)
                                 if stage else 0.0)
     else:
         stage = None

@@ -297,4 +297,10 @@ def test_stage_overhead_as_cluster_keys_charges_exactly_its_figures():
     assert cost.stage_io_time("a", 1e6) == pytest.approx(1e-10 * 1e6 / 0.5)
     assert cost.stage_weights_time("a", 1e6) == pytest.approx(3e-11 * 1e6 / 0.5)
     assert o.whole_model_s(1e6, 2e6) == pytest.approx(200e-6 + 1e-4 + 6e-5)
+    assert StageOverhead(start_s=1e-4).device_keys(0.5) == {"stage_start_ms": 0.2}     # the others: the defaults
+    assert StageOverhead(start_s=1e-4).whole_model_s(1e6, 2e6) == pytest.approx(1e-4)
+    import torch
+    from edgepart.compiler.cost.model import whole_model_bytes
+    lin = torch.nn.Linear(3, 2)
+    assert whole_model_bytes(lin, (torch.zeros(1, 3),), torch.zeros(1, 2)) == (4 * 5, 4 * 8)
     assert ORT_WORKER_STAGE.io_s_per_byte == 0.0 and ORT_WORKER_STAGE.weights_s_per_byte > 0

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -357,7 +358,6 @@ class HeapShuffle:
     def __init__(self, blocks: int = 64, max_bytes: int = 4 << 20, seed: int = 0):
         if blocks < 1 or max_bytes < 64:
             raise ValueError(f"HeapShuffle needs at least one block of 64 bytes or more, got {blocks} × {max_bytes}")
-        import random
         self.blocks, self.max_bytes = int(blocks), int(max_bytes)
         self._rng = random.Random(seed)
         self._pool: list[torch.Tensor | None] = [None] * self.blocks
@@ -506,8 +506,6 @@ class Harness:
                         spent_of[k] = spent.get(id(u))
                     u.release()
                 time_reference(force=True)      # closes the last samples' bracket
-        if shuffle is not None and self.shuffle_heap is True:
-            shuffle.close()
         out = {}
         for k, xs in samples.items():
             if not xs:

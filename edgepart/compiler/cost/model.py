@@ -51,22 +51,38 @@ ORT_STAGE_IO_S_PER_BYTE = 0.271e-9
 class StageOverhead:
     """What a device spends on each stage it runs beyond its layers, in seconds of the profiled machine:
     ``start_s`` per (device, stage), ``io_s_per_byte`` per byte the stage reads from outside it and leaves for
-    after it, ``weights_s_per_byte`` per byte of weights its layers read. A cluster takes it per device as
-    :meth:`device_keys` (÷ the device's speed); a model calibrated whole takes :meth:`whole_model_s` off its
-    time, since the cost model charges its one stage that much."""
-    start_s: float
-    io_s_per_byte: float
-    weights_s_per_byte: float
+    after it, ``weights_s_per_byte`` per byte of weights its layers read; None: the cost model's default for
+    that part. A cluster takes it per device as :meth:`device_keys` (÷ the device's speed); a model calibrated
+    whole takes :meth:`whole_model_s` off its time, since the cost model charges its one stage that much."""
+    start_s: float | None = None
+    io_s_per_byte: float | None = None
+    weights_s_per_byte: float | None = None
 
     def device_keys(self, speed: float) -> dict[str, float]:
-        """The cluster description's keys for a device of ``speed``: ``stage_start_ms``,
-        ``stage_io_us_per_mb``, ``stage_weights_us_per_mb``."""
-        return {"stage_start_ms": self.start_s * 1e3 / speed, "stage_io_us_per_mb": self.io_s_per_byte * 1e12 / speed,
-                "stage_weights_us_per_mb": self.weights_s_per_byte * 1e12 / speed}
+        """The cluster description's keys for a device of ``speed`` (those of the parts given):
+        ``stage_start_ms``, ``stage_io_us_per_mb``, ``stage_weights_us_per_mb``."""
+        out = {}
+        if self.start_s is not None:
+            out["stage_start_ms"] = self.start_s * 1e3 / speed
+        if self.io_s_per_byte is not None:
+            out["stage_io_us_per_mb"] = self.io_s_per_byte * 1e12 / speed
+        if self.weights_s_per_byte is not None:
+            out["stage_weights_us_per_mb"] = self.weights_s_per_byte * 1e12 / speed
+        return out
 
     def whole_model_s(self, io_bytes: float, weight_bytes: float) -> float:
-        """Seconds (profiled machine) charged to a model run whole as one stage."""
-        return self.start_s + self.io_s_per_byte * io_bytes + self.weights_s_per_byte * weight_bytes
+        """Seconds (profiled machine) the parts given charge a model run whole as one stage."""
+        return ((self.start_s or 0.0) + (self.io_s_per_byte or 0.0) * io_bytes
+                + (self.weights_s_per_byte or 0.0) * weight_bytes)
+
+
+def whole_model_bytes(model, inputs: tuple, output) -> tuple[int, int]:
+    """(bytes of the model's inputs and ``output``, bytes of its parameters and buffers): what its one stage
+    reads and leaves, and the weights its layers read, when it runs whole."""
+    from torch.utils._pytree import tree_leaves
+    io = sum(t.numel() * t.element_size() for t in tree_leaves((inputs, output)) if hasattr(t, "numel"))
+    weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    return int(io), int(weights)
 
 
 # The same in emulated workers on ONNX Runtime, fitted jointly by benchmarks/stage_overhead.py on the testbed's
