@@ -67,12 +67,42 @@ def meta_tensor_mib(model: str, devices: int) -> float:
     return sum(tensor_bytes(n.meta, seen) for n in bundle.graph.graph.nodes) / 2**20
 
 
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def loaded_programs_mib(model: str, devices: int, backend: str) -> tuple[float, float]:
+    """(RSS after compiling ``model`` with ONNX exports, MiB; what loading its programs on ``backend`` then adds):
+    what a compiled bundle held when it kept the programs it loaded to check itself."""
+    import gc
+    from edgepart.runtime.allocator import release_memory
+    m, inputs = models.get(model)
+    bundle = edgepart.compile(m, inputs, edgepart.Cluster.homogeneous(devices), strategy="even", name=model, onnx=True)
+    gc.collect()
+    release_memory()
+    before = rss_mib()
+    bundle.programs(None if backend == "torch" else backend)
+    gc.collect()
+    return before, rss_mib() - before
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("models", nargs="*", default=["vgg16"])
     ap.add_argument("--devices", type=int, default=4)
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--loaded", action="store_true",
+                    help="instead: what a compiled bundle's programs hold once loaded, on torch and on ONNX Runtime")
     args = ap.parse_args()
+    if args.loaded:
+        print("| model | RSS after compile (MiB) | loaded programs, torch (MiB) | loaded programs, onnxruntime (MiB) |")
+        print("|---|---|---|---|")
+        for model in args.models:
+            base, torch_mib = loaded_programs_mib(model, args.devices, "torch")
+            _, ort_mib = loaded_programs_mib(model, args.devices, "onnxruntime")
+            print(f"| {model} | {base:.0f} | +{torch_mib:.0f} | +{ort_mib:.0f} |", flush=True)
+        return
     print("| model | peak RSS per run (MiB) | tensors in bundle.graph meta (MiB) |")
     print("|---|---|---|")
     for model in args.models:
